@@ -1,0 +1,110 @@
+"""Stacked expert MLPs computed with a grouped GEMM, and their readable loop twin.
+
+Legend: E experts held here, N rows (expert-major), D model width, F expert width.
+Weights: w1_EDF [E, D, F] (SwiGLU: [E, D, 2F], gate then up), w2_EFD [E, F, D].
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped_mm needs it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # torch's CPU grouped_mm supports fp32/bf16/fp16 with 16-byte aligned row strides.
+    if a.dtype not in (torch.float32, torch.bfloat16, torch.float16) or b.dtype != a.dtype:
+        return False
+    item = a.element_size()
+    return (a.shape[1] * item) % 16 == 0 and (b.shape[2] * item) % 16 == 0
+
+
+def grouped_matmul(a_ND: torch.Tensor, b_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """out[rows of expert e] = a[rows of expert e] @ b[e]; rows are expert-major by ``counts``."""
+    if _grouped_mm_ok(a_ND, b_EDF):
+        offs = torch.cumsum(counts_E, 0).to(torch.int32)
+        return _ContiguousGrad.apply(F.grouped_mm(a_ND.contiguous(), b_EDF, offs=offs))
+    return loop_matmul(a_ND, b_EDF, counts_E)
+
+
+def loop_matmul(a_ND: torch.Tensor, b_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """The readable twin of ``grouped_matmul``: one matmul per expert."""
+    chunks = torch.split(a_ND, counts_E.tolist())
+    return torch.cat([chunk @ b_EDF[e] for e, chunk in enumerate(chunks)] + [a_ND.new_zeros(0, b_EDF.shape[2])])
+
+
+class Experts(nn.Module):
+    """``num_local`` expert MLPs; global expert index = ``first_expert + local index``."""
+
+    def __init__(self, num_local: int, d_model: int, d_ffn: int, activation: str = "gelu", *,
+                 first_expert: int = 0, bias: bool = False, init_std: float = 0.02,
+                 dtype: Optional[torch.dtype] = None, device=None):
+        super().__init__()
+        self.num_local, self.d_model, self.d_ffn = num_local, d_model, d_ffn
+        self.activation, self.first_expert = activation, first_expert
+        width = 2 * d_ffn if activation == "swiglu" else d_ffn
+        kw = dict(dtype=dtype, device=device)
+        self.w1 = nn.Parameter(torch.empty(num_local, d_model, width, **kw))
+        self.w2 = nn.Parameter(torch.empty(num_local, d_ffn, d_model, **kw))
+        self.b1 = nn.Parameter(torch.zeros(num_local, width, **kw)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(num_local, d_model, **kw)) if bias else None
+        self.init_std = init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w1, std=self.init_std)
+        # Output projection scaled down with width, as in GPT-2 style inits.
+        nn.init.normal_(self.w2, std=self.init_std / math.sqrt(2.0))
+        for b in (self.b1, self.b2):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return _ACTIVATIONS[self.activation](h)
+
+    def _bias(self, h: torch.Tensor, b: Optional[torch.Tensor], counts_E: torch.Tensor) -> torch.Tensor:
+        if b is None:
+            return h
+        return h + torch.repeat_interleave(b, counts_E, dim=0, output_size=h.shape[0])
+
+    def forward(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """rows[N, D] expert-major with counts[E] rows per local expert -> out[N, D]."""
+        return self._compute(rows_ND, counts_E, grouped_matmul)
+
+    def forward_loop(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Same as ``forward`` with one matmul per expert (the oracle)."""
+        return self._compute(rows_ND, counts_E, loop_matmul)
+
+    def _compute(self, rows_ND, counts_E, mm):
+        if rows_ND.shape[0] != int(counts_E.sum()):
+            raise ValueError(f"rows has {rows_ND.shape[0]} rows but counts sum to {int(counts_E.sum())}")
+        w1, w2 = self.w1.to(rows_ND.dtype), self.w2.to(rows_ND.dtype)
+        h = self._act(self._bias(mm(rows_ND, w1, counts_E), self.b1, counts_E))
+        return self._bias(mm(h, w2, counts_E), self.b2, counts_E)
+
+    def expert_mlp(self, e: int, x_TD: torch.Tensor) -> torch.Tensor:
+        """Local expert ``e`` applied to every row of x (dense oracle building block)."""
+        h = x_TD @ self.w1[e].to(x_TD.dtype)
+        if self.b1 is not None:
+            h = h + self.b1[e]
+        h = self._act(h) @ self.w2[e].to(x_TD.dtype)
+        return h if self.b2 is None else h + self.b2[e]

@@ -1,0 +1,150 @@
+"""``MoELayer``: router -> slots -> permute -> [exchange] -> experts -> [exchange] -> combine.
+
+Legend: T tokens, k choices, E experts (global), E_l experts on this rank, D width.
+
+``y, aux = layer(x, modality=None)`` for x[..., D]. ``aux`` maps each configured
+balancing loss to its value with the coefficient applied (add them to the training
+loss). The layer keeps its last step's statistics in ``layer.last_stats``; nothing
+is accumulated in module globals.
+
+Capacity is per rank: T is the number of tokens this rank's router sees.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import losses
+from .config import MoEConfig
+from .experts import Experts
+from .permute import permute, unpermute
+from .router import Router
+from .routing import validate_modality
+from .routing_types import Routing
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts FFN block (without the residual connection around it).
+
+    ``ep_group``: experts are split over its ranks (E divisible by its size), tokens
+    travel by all-to-all. ``dp_group``: the ranks that hold replicas of the router;
+    the aux-loss-free expert-bias update sums the load over it (default: ``ep_group``).
+    """
+
+    def __init__(self, config: MoEConfig, *, ep_group: Optional[dist.ProcessGroup] = None,
+                 dp_group: Optional[dist.ProcessGroup] = None, name: str = "moe",
+                 dtype: Optional[torch.dtype] = None, device=None):
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        self.config, self.name = config, name
+        self.ep_group = ep_group
+        self.dp_group = dp_group if dp_group is not None else ep_group
+        ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
+        ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
+        if config.num_experts % ep_size:
+            raise ValueError(f"MoEConfig.num_experts={config.num_experts} is not divisible by the "
+                             f"expert-parallel size {ep_size}; it must be a multiple of it")
+        self.ep_size = ep_size
+        self.num_local_experts = config.num_experts // ep_size
+        self.router = Router(config, name=name, dtype=dtype, device=device)
+        self.experts = Experts(self.num_local_experts, config.d_model, config.d_ffn, config.activation,
+                               first_expert=ep_rank * self.num_local_experts, bias=config.bias,
+                               init_std=config.init_std, dtype=dtype, device=device)
+        from parallel.grads import mark_expert_params
+        mark_expert_params(self.experts, ep_size)
+        self.dispatcher = None
+        if ep_group is not None:
+            from .dispatch import AllToAllDispatcher
+            self.dispatcher = AllToAllDispatcher(ep_group, num_experts=config.num_experts)
+        self.shared = (Experts(1, config.d_model, config.shared_expert_ffn, config.activation, bias=config.bias,
+                               init_std=config.init_std, dtype=dtype, device=device)
+                       if config.shared_expert_ffn else None)
+        self.residual_coef = (nn.Linear(config.d_model, 2, dtype=dtype, device=device)
+                              if config.residual_moe else None)
+        self.last_stats: Dict[str, object] = {}
+        self.last_routing: Optional[Routing] = None
+
+    # ----------------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor, modality: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self.name}: x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"{self.name}: x has dtype {x.dtype}; it must be a floating-point tensor")
+        if x.dim() < 1 or x.shape[-1] != self.config.d_model:
+            raise ValueError(f"{self.name}: x has shape {tuple(x.shape)}; its last dimension must be "
+                             f"d_model={self.config.d_model}")
+        if modality is None:
+            return None
+        if not isinstance(modality, torch.Tensor) or tuple(modality.shape) != tuple(x.shape[:-1]):
+            got = tuple(modality.shape) if isinstance(modality, torch.Tensor) else type(modality).__name__
+            raise ValueError(f"{self.name}: modality has shape {got}; it must be x.shape[:-1] = {tuple(x.shape[:-1])}")
+        flat = modality.reshape(-1)
+        validate_modality(flat, flat.shape[0], self.config.num_modalities)
+        return flat.long()
+
+    def _expert_compute(self, rows: torch.Tensor, rows_per_expert: torch.Tensor) -> torch.Tensor:
+        if self.dispatcher is None:
+            return self.experts(rows, rows_per_expert)
+        local_rows, local_counts, ctx = self.dispatcher.dispatch(rows, rows_per_expert)
+        return self.dispatcher.combine(self.experts(local_rows, local_counts), ctx)
+
+    def forward(self, x: torch.Tensor, modality: Optional[torch.Tensor] = None, *,
+                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """x[..., D] (modality[...] ids) -> (y[..., D], {loss name: coefficient * loss})."""
+        modality_T = self._check_input(x, modality)
+        cfg = self.config
+        x_TD = x.reshape(-1, cfg.d_model)
+        routing = self.router(x_TD, modality_T, generator=generator)
+        rows, plan = permute(x_TD, routing, backend=cfg.backend)
+        out_rows = self._expert_compute(rows, plan.rows_per_expert)
+        y_TD = unpermute(out_rows, plan, routing)
+        if self.shared is not None:
+            dense = self.shared(x_TD, torch.tensor([x_TD.shape[0]], device=x.device))
+            if self.residual_coef is not None:
+                coef = torch.softmax(self.residual_coef(x_TD).float(), dim=-1).to(x.dtype)
+                y_TD = y_TD * coef[:, :1] + dense * coef[:, 1:]
+            else:
+                y_TD = y_TD + dense
+        seq_len = x.shape[-2] if x.dim() >= 3 else None
+        aux = losses.aux_losses(routing, cfg.aux_losses, num_modalities=cfg.num_modalities,
+                                min_experts=cfg.limoe_min_experts, seq_len=seq_len)
+        if self.training and cfg.router.policy == "expert_bias" and not routing.skipped:
+            load = torch.bincount(routing.experts.reshape(-1), minlength=cfg.num_experts)
+            if self.dp_group is not None:
+                dist.all_reduce(load, group=self.dp_group)
+            self.router.update_expert_bias(load)
+        self.last_routing = routing
+        self.last_stats = self._stats(routing)
+        return y_TD.view(x.shape), aux
+
+    @torch.no_grad()
+    def _stats(self, routing: Routing) -> Dict[str, object]:
+        E, M = self.config.num_experts, self.config.num_modalities
+        p = routing.probs
+        entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean() if routing.num_tokens else p.new_zeros(())
+        stats: Dict[str, object] = {
+            "tokens_per_expert": routing.tokens_per_expert.detach().cpu(),
+            "dropped_fraction": routing.dropped_fraction(),
+            "router_entropy": float(entropy),
+            "capacity": routing.capacity,
+            "skipped": routing.skipped,
+        }
+        if routing.modality is not None:
+            kept_mod = routing.modality.unsqueeze(1).expand_as(routing.experts)[routing.kept]
+            idx = kept_mod * E + routing.experts[routing.kept]
+            stats["tokens_per_expert_by_modality"] = torch.bincount(idx, minlength=M * E).view(M, E).cpu()
+        if self.dispatcher is not None:
+            stats["bytes_sent"] = self.dispatcher.bytes_sent
+            stats["bytes_received"] = self.dispatcher.bytes_received
+        return stats
+
+    def extra_repr(self) -> str:
+        rc = self.config.router
+        return (f"name={self.name}, d_model={self.config.d_model}, d_ffn={self.config.d_ffn}, "
+                f"experts={self.config.num_experts} ({self.num_local_experts} local), policy={rc.policy}, "
+                f"k={rc.top_k}, capacity_factor={rc.capacity_factor}, drop_policy={rc.drop_policy}")
