@@ -1,0 +1,464 @@
+"""Synthetic image-caption pairs ("coloured shapes") for a LIMoE-style contrastive model.
+
+Each image shows one shape (circle, square, ...) in one saturated colour, at one
+size (small / large) and one position (left / right / top / bottom / center), on a
+dark background with a little noise. Its caption says the same in words, e.g.
+"a large red circle on the left". A fixed set of shape-colour combinations is held
+out of training: the ``"zeroshot"`` split shows only those, so a model that learnt
+"red" and "circle" separately can name a red circle it never saw.
+
+Everything is rasterised with numpy and fully determined by
+``(config.seed, split, index)``, whatever order items are read in.
+
+Legend: B = batch size, C = 3 colour channels, H = W = ``image_size``,
+L = text length in tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .tokenizer import ByteTokenizer
+
+__all__ = [
+    "SHAPES",
+    "COLOURS",
+    "SIZES",
+    "POSITIONS",
+    "SPLITS",
+    "ShapesConfig",
+    "ShapesDataset",
+    "ImageTextCollator",
+    "class_prompts",
+    "render_shape",
+    "caption_for",
+]
+
+# Shapes that can be drawn; the default config uses the first five.
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "diamond")
+
+# Saturated, well-separated RGB colours in [0, 1]; the default config uses the first five.
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.95, 0.10, 0.10),
+    "green": (0.10, 0.85, 0.15),
+    "blue": (0.15, 0.35, 1.00),
+    "yellow": (0.95, 0.90, 0.10),
+    "purple": (0.65, 0.15, 0.90),
+    "orange": (1.00, 0.55, 0.05),
+    "cyan": (0.10, 0.90, 0.90),
+    "white": (0.95, 0.95, 0.95),
+}
+
+# Shape "radius" as a fraction of the image side.
+SIZES: dict[str, float] = {"small": 0.17, "large": 0.28}
+
+# Shape centre (x, y) as fractions of the image side; y grows downwards.
+POSITIONS: dict[str, tuple[float, float]] = {
+    "left": (0.30, 0.50),
+    "right": (0.70, 0.50),
+    "top": (0.50, 0.30),
+    "bottom": (0.50, 0.70),
+    "center": (0.50, 0.50),
+}
+
+# How a position reads in a caption.
+_POSITION_PHRASES: dict[str, str] = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
+
+# Caption templates. Every template names the colour and the shape.
+_TEMPLATES: tuple[str, ...] = (
+    "a {size} {colour} {shape} {where}",
+    "{colour} {shape}, {size}, {where}",
+    "a {colour} {shape}",
+    "{size} {colour} {shape} {where}",
+    "a photo of a {size} {colour} {shape}",
+    "a {colour} {shape} {where}",
+)
+
+SPLITS: tuple[str, ...] = ("train", "val", "zeroshot")
+_SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
+
+_SUPERSAMPLE = 2  # sub-pixels per pixel side, for soft (anti-aliased) edges
+
+Combo = tuple[str, str]  # (shape, colour)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _names(field_name: str, value: Any, allowed: Sequence[str], *, minimum: int) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{field_name} must be a list or tuple of names, got {value!r}")
+    names = tuple(value)
+    for name in names:
+        if name not in allowed:
+            raise ValueError(
+                f"{field_name} contains {name!r}, which is not allowed; choose from {', '.join(map(repr, allowed))}"
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"{field_name}={list(names)!r} has duplicates; each name may appear once")
+    if len(names) < minimum:
+        raise ValueError(f"{field_name}={list(names)!r} is too short; it needs at least {minimum} names")
+    return names
+
+
+def _number(field_name: str, value: Any, lo: float, hi: float, *, hi_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{field_name} must be a number, got {value!r}")
+    bad = not math.isfinite(value) or value < lo or (value >= hi if hi_open else value > hi)
+    if bad:
+        rng = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
+        raise ValueError(f"{field_name}={value!r} is not allowed; it must be in {rng}")
+    return float(value)
+
+
+def _int_field(field_name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{field_name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{field_name}={value} is not allowed; it must be >= {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    """What the synthetic shapes look like and which combinations are held out.
+
+    Fields:
+      image_size: side of the square image in pixels (>= 8).
+      shapes / colours / sizes / positions: names drawn from ``SHAPES``, ``COLOURS``,
+        ``SIZES``, ``POSITIONS`` (at least 2 shapes and 2 colours).
+      heldout: explicit held-out ``(shape, colour)`` pairs, or None to pick them
+        from ``heldout_fraction`` and ``heldout_seed``.
+      heldout_fraction: share of all shape-colour combos held out when ``heldout``
+        is None, in [0, 1). When > 0 at least one combo per shape and per colour is
+        held out (so the zero-shot split tests every name), while every shape and
+        every colour still appears in training.
+      heldout_seed: picks which combos are held out (independent of ``seed``).
+      seed: seeds the pixels, positions and captions of every item.
+      noise: std of the Gaussian pixel noise, in [0, 0.5].
+      jitter: random shift of the centre, as a fraction of the image side, in [0, 0.1].
+    """
+
+    image_size: int = 32
+    shapes: tuple[str, ...] = SHAPES[:5]
+    colours: tuple[str, ...] = tuple(COLOURS)[:5]
+    sizes: tuple[str, ...] = tuple(SIZES)
+    positions: tuple[str, ...] = tuple(POSITIONS)
+    heldout: Optional[tuple[Combo, ...]] = None
+    heldout_fraction: float = 0.2
+    heldout_seed: int = 0
+    seed: int = 0
+    noise: float = 0.03
+    jitter: float = 0.02
+    _heldout: tuple[Combo, ...] = field(init=False, repr=False, compare=False, default=())
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
+        set_("image_size", _int_field("image_size", self.image_size, 8))
+        set_("shapes", _names("shapes", self.shapes, SHAPES, minimum=2))
+        set_("colours", _names("colours", self.colours, tuple(COLOURS), minimum=2))
+        set_("sizes", _names("sizes", self.sizes, tuple(SIZES), minimum=1))
+        set_("positions", _names("positions", self.positions, tuple(POSITIONS), minimum=1))
+        set_("heldout_fraction", _number("heldout_fraction", self.heldout_fraction, 0.0, 1.0, hi_open=True))
+        set_("heldout_seed", _int_field("heldout_seed", self.heldout_seed, 0))
+        set_("seed", _int_field("seed", self.seed, 0))
+        set_("noise", _number("noise", self.noise, 0.0, 0.5))
+        set_("jitter", _number("jitter", self.jitter, 0.0, 0.1))
+        if self.heldout is None:
+            held = self._pick_heldout()
+        else:
+            held = self._check_heldout(self.heldout)
+            set_("heldout", held)
+        set_("_heldout", held)
+
+    # -- held-out combos ------------------------------------------------------
+
+    def _check_heldout(self, heldout: Any) -> tuple[Combo, ...]:
+        if isinstance(heldout, str) or not isinstance(heldout, (list, tuple)):
+            raise TypeError(f"heldout must be a list of (shape, colour) pairs or None, got {heldout!r}")
+        pairs: list[Combo] = []
+        for item in heldout:
+            if isinstance(item, str) or not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise ValueError(f"heldout contains {item!r}; each entry must be a (shape, colour) pair")
+            shape, colour = item
+            if shape not in self.shapes:
+                raise ValueError(f"heldout contains shape {shape!r}, which is not in shapes={list(self.shapes)!r}")
+            if colour not in self.colours:
+                raise ValueError(
+                    f"heldout contains colour {colour!r}, which is not in colours={list(self.colours)!r}"
+                )
+            if (shape, colour) in pairs:
+                raise ValueError(f"heldout lists ({shape!r}, {colour!r}) twice")
+            pairs.append((shape, colour))
+        held = set(pairs)
+        for s in self.shapes:
+            if all((s, c) in held for c in self.colours):
+                raise ValueError(f"heldout holds out every colour of shape {s!r}; training must see each shape")
+        for c in self.colours:
+            if all((s, c) in held for s in self.shapes):
+                raise ValueError(f"heldout holds out every shape in colour {c!r}; training must see each colour")
+        # Keep the canonical (shape-major) order so class indices are stable.
+        return tuple(p for p in self.all_combos() if p in held)
+
+    def _pick_heldout(self) -> tuple[Combo, ...]:
+        """Deterministically choose ``round(fraction * S * C)`` combos (at least max(S, C)).
+
+        First a "diagonal" that covers every shape and every colour once
+        (shape ``i % S`` with colour ``i % C`` for i < max(S, C), on seeded
+        permutations), then seeded extra combos that leave every shape and colour
+        at least one training combo.
+        """
+        if self.heldout_fraction == 0.0:
+            return ()
+        n_s, n_c = len(self.shapes), len(self.colours)
+        rng = np.random.default_rng([self.heldout_seed, 7919])
+        shapes = [self.shapes[i] for i in rng.permutation(n_s)]
+        colours = [self.colours[i] for i in rng.permutation(n_c)]
+        held = {(shapes[i % n_s], colours[i % n_c]) for i in range(max(n_s, n_c))}
+        target = max(len(held), round(self.heldout_fraction * n_s * n_c))
+        candidates = [p for p in self.all_combos() if p not in held]
+        for k in rng.permutation(len(candidates)):
+            if len(held) >= target:
+                break
+            s, c = candidates[k]
+            shape_left = sum((s, c2) not in held for c2 in self.colours)
+            colour_left = sum((s2, c) not in held for s2 in self.shapes)
+            if shape_left > 1 and colour_left > 1:
+                held.add((s, c))
+        return tuple(p for p in self.all_combos() if p in held)
+
+    def all_combos(self) -> tuple[Combo, ...]:
+        """Every (shape, colour) pair, shape-major."""
+        return tuple((s, c) for s in self.shapes for c in self.colours)
+
+    def heldout_combos(self) -> tuple[Combo, ...]:
+        """The (shape, colour) pairs never shown in training (the zero-shot classes)."""
+        return self._heldout
+
+    def train_combos(self) -> tuple[Combo, ...]:
+        """The (shape, colour) pairs the train and val splits draw from."""
+        held = set(self._heldout)
+        return tuple(p for p in self.all_combos() if p not in held)
+
+    def combos_for(self, split: str) -> tuple[Combo, ...]:
+        """Combos a split draws from: train combos for "train"/"val", held-out for "zeroshot"."""
+        if split not in _SPLIT_IDS:
+            raise ValueError(f"split={split!r} is not allowed; choose one of {', '.join(map(repr, SPLITS))}")
+        return self.heldout_combos() if split == "zeroshot" else self.train_combos()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ShapesConfig":
+        """Build from a plain mapping (e.g. a YAML section); unknown keys raise ValueError."""
+        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ShapesConfig field(s) {unknown}; allowed: {sorted(known)}")
+        kw = dict(d)
+        if kw.get("heldout") is not None:
+            kw["heldout"] = tuple(tuple(p) for p in kw["heldout"])
+        return cls(**kw)
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def _mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    """Boolean inside-test of ``shape`` with "radius" r for offsets (dx, dy) from its centre."""
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        h = 0.82 * r
+        return (np.abs(dx) <= h) & (np.abs(dy) <= h)
+    if shape == "triangle":  # apex up, base below the centre
+        top, base = -r, 0.85 * r
+        half_width = r * (dy - top) / (base - top)
+        return (dy >= top) & (dy <= base) & (np.abs(dx) <= half_width)
+    if shape == "cross":
+        arm = 0.32 * r
+        return ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
+    if shape == "ring":
+        d2 = dx * dx + dy * dy
+        return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= 1.1 * r
+    raise ValueError(f"shape={shape!r} is not allowed; choose from {', '.join(map(repr, SHAPES))}")
+
+
+def render_shape(
+    shape: str,
+    colour: str,
+    size: str,
+    position: str,
+    *,
+    image_size: int = 32,
+    rng: Optional[np.random.Generator] = None,
+    noise: float = 0.0,
+    jitter: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one shape; returns ``(image float32[3, H, W] in [0, 1], coverage float32[H, W] in [0, 1])``.
+
+    ``coverage`` is the share of each pixel inside the shape (soft at the edges).
+    ``rng`` drives the background tint, centre jitter and pixel noise; without it the
+    drawing is noise-free and exactly centred.
+    """
+    if colour not in COLOURS:
+        raise ValueError(f"colour={colour!r} is not allowed; choose from {', '.join(map(repr, COLOURS))}")
+    if size not in SIZES:
+        raise ValueError(f"size={size!r} is not allowed; choose from {', '.join(map(repr, SIZES))}")
+    if position not in POSITIONS:
+        raise ValueError(f"position={position!r} is not allowed; choose from {', '.join(map(repr, POSITIONS))}")
+    n = image_size
+    cx, cy = POSITIONS[position]
+    r = SIZES[size]
+    background = np.full(3, 0.06, dtype=np.float32)
+    if rng is not None:
+        cx += rng.uniform(-jitter, jitter)
+        cy += rng.uniform(-jitter, jitter)
+        r *= rng.uniform(0.95, 1.05)
+        background = background + rng.uniform(0.0, 0.06, size=3).astype(np.float32)
+    # Sub-pixel centres in [0, 1] image units, then average sub-pixels per pixel.
+    m = n * _SUPERSAMPLE
+    coords = (np.arange(m, dtype=np.float32) + 0.5) / m
+    dy, dx = np.meshgrid(coords - cy, coords - cx, indexing="ij")
+    inside = _mask(shape, dx, dy, r).astype(np.float32)
+    coverage = inside.reshape(n, _SUPERSAMPLE, n, _SUPERSAMPLE).mean(axis=(1, 3))
+    rgb = np.asarray(COLOURS[colour], dtype=np.float32)
+    image = background[:, None, None] * (1.0 - coverage) + rgb[:, None, None] * coverage
+    if rng is not None and noise > 0:
+        image = image + rng.normal(0.0, noise, size=image.shape).astype(np.float32)
+    return np.clip(image, 0.0, 1.0).astype(np.float32), coverage
+
+
+def caption_for(shape: str, colour: str, size: str, position: str, template: int = 0) -> str:
+    """Caption text for one item, from template number ``template`` (0..5)."""
+    if not 0 <= template < len(_TEMPLATES):
+        raise ValueError(f"template={template} is not allowed; it must be in [0, {len(_TEMPLATES) - 1}]")
+    return _TEMPLATES[template].format(
+        shape=shape, colour=colour, size=size, where=_POSITION_PHRASES[position]
+    )
+
+
+def class_prompts(combos: Sequence[Combo]) -> list[str]:
+    """One prompt per (shape, colour) class, e.g. "a photo of a red circle"."""
+    return [f"a photo of a {colour} {shape}" for shape, colour in combos]
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class ShapesDataset(Dataset):
+    """Coloured-shape images with captions, deterministic per ``(config.seed, split, index)``.
+
+    Splits: ``"train"`` and ``"val"`` draw from ``config.train_combos()`` (different
+    item streams); ``"zeroshot"`` draws only from ``config.heldout_combos()``.
+
+    Each item is a dict:
+      image:   FloatTensor[3, H, W] in [0, 1]
+      caption: str (<= 48 UTF-8 bytes), naming colour and shape
+      shape:   str, colour: str
+      label:   int, index of (shape, colour) in ``self.classes``
+
+    ``self.classes`` is the split's combo list; ``class_prompts(self.classes)`` gives
+    one text per class for zero-shot classification.
+    """
+
+    def __init__(self, config: Optional[ShapesConfig] = None, split: str = "train", size: int = 10_000) -> None:
+        self.config = config if config is not None else ShapesConfig()
+        if not isinstance(self.config, ShapesConfig):
+            raise TypeError(f"config must be a ShapesConfig, got {type(self.config).__name__}")
+        self.classes: tuple[Combo, ...] = self.config.combos_for(split)  # validates split
+        self.split = split
+        self.size = _int_field("size", size, 1)
+        if not self.classes:
+            raise ValueError(
+                f"split={split!r} has no shape-colour combos (heldout_fraction={self.config.heldout_fraction}, "
+                f"heldout={self.config.heldout!r}); set heldout_fraction > 0 or list heldout combos"
+            )
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.config.seed, _SPLIT_IDS[self.split], index])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if isinstance(index, torch.Tensor):
+            index = int(index)
+        if not -self.size <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.split} split of size {self.size}")
+        index %= self.size
+        cfg = self.config
+        rng = self._rng(index)
+        label = int(rng.integers(len(self.classes)))
+        shape, colour = self.classes[label]
+        size = cfg.sizes[int(rng.integers(len(cfg.sizes)))]
+        position = cfg.positions[int(rng.integers(len(cfg.positions)))]
+        template = int(rng.integers(len(_TEMPLATES)))
+        image, _ = render_shape(
+            shape, colour, size, position, image_size=cfg.image_size, rng=rng, noise=cfg.noise, jitter=cfg.jitter
+        )
+        return {
+            "image": torch.from_numpy(image),
+            "caption": caption_for(shape, colour, size, position, template),
+            "shape": shape,
+            "colour": colour,
+            "label": label,
+        }
+
+    def prompts(self) -> list[str]:
+        """``class_prompts(self.classes)``: one text per class of this split."""
+        return class_prompts(self.classes)
+
+
+# --------------------------------------------------------------------------- collate
+
+
+class ImageTextCollator:
+    """Stack items (ShapesDataset or user data) into a batch, tokenising captions.
+
+    Output dict:
+      image:   FloatTensor[B, 3, H, W]
+      tokens:  LongTensor[B, L]  (ByteTokenizer ids, PAD-padded / truncated to L = text_length)
+      mask:    BoolTensor[B, L]  (True on real tokens)
+      label:   LongTensor[B]     (-1 where the item has no class)
+      caption, shape, colour: list[str] of length B
+    """
+
+    def __init__(
+        self,
+        text_length: int = 48,
+        *,
+        add_bos: bool = False,
+        add_eos: bool = True,
+        tokenizer: Optional[ByteTokenizer] = None,
+    ) -> None:
+        self.text_length = _int_field("text_length", text_length, 1)
+        self.add_bos = add_bos
+        self.add_eos = add_eos
+        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if not items:
+            raise ValueError("cannot collate an empty list of items")
+        captions = [it["caption"] for it in items]
+        enc = self.tokenizer.encode_batch(captions, self.text_length, add_bos=self.add_bos, add_eos=self.add_eos)
+        return {
+            "image": torch.stack([it["image"] for it in items]),
+            "tokens": enc.ids,
+            "mask": enc.mask,
+            "label": torch.tensor([int(it.get("label", -1)) for it in items], dtype=torch.long),
+            "caption": captions,
+            "shape": [it.get("shape", "") for it in items],
+            "colour": [it.get("colour", "") for it in items],
+        }
