@@ -73,8 +73,9 @@ def service_order(
     if drop_policy == "position":
         return _choice_major_order(torch.arange(T, device=device), k)
     if drop_policy == "bpr":
-        # V-MoE Batch Prioritized Routing: priority = the token's top-1 weight, descending.
-        priority = weights_TK[:, 0].detach() if k else torch.zeros(T, device=device)
+        # V-MoE Batch Prioritized Routing: priority = the router score of the token's top-1
+        # expert, descending (the score, not the renormalised weight, which is 1 when k=1).
+        priority = probs_TE.detach().gather(1, experts_TK[:, :1]).squeeze(1)
         return _choice_major_order(torch.sort(priority, descending=True, stable=True).indices, k)
     if drop_policy == "random":
         # DeepSpeed's Random Token Selection: a random priority per token.
