@@ -11,7 +11,6 @@ Capacity is per rank: T is the number of tokens this rank's router sees.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import torch

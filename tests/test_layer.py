@@ -1,0 +1,307 @@
+"""MoELayer against a dense oracle, permute/unpermute gradients, stats and bad input."""
+import pytest
+import torch
+
+import moe
+from moe.experts import Experts, grouped_matmul, loop_matmul
+from moe.ops import reference
+
+
+def dense_oracle(layer, x_TD, routing):
+    """Every expert on every token, mixed by the routing weights of the kept choices."""
+    E = layer.config.num_experts
+    all_out = torch.stack([layer.experts.expert_mlp(e, x_TD) for e in range(E)], dim=1)  # [T, E, D]
+    w = routing.weights * routing.kept
+    picked = all_out.gather(1, routing.experts.unsqueeze(-1).expand(-1, -1, x_TD.shape[1]))
+    return (picked * w.unsqueeze(-1).to(x_TD.dtype)).sum(1)
+
+
+CASES = [
+    dict(policy="topk", top_k=2),
+    dict(policy="topk", top_k=3, score="sigmoid"),
+    dict(policy="switch", top_k=1, jitter_eps=0.0),
+    dict(policy="gshard", top_k=2),
+    dict(policy="noisy_topk", top_k=2),
+    dict(policy="expert_bias", top_k=2, score="sigmoid"),
+    dict(policy="expert_choice", top_k=2),
+]
+
+
+@pytest.mark.parametrize("router", CASES, ids=lambda r: f"{r['policy']}-k{r['top_k']}")
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("cf", [None, 1.0])
+def test_layer_equals_dense_oracle(router, activation, cf):
+    torch.manual_seed(0)
+    cfg = moe.MoEConfig(d_model=16, d_ffn=32, num_experts=4, activation=activation,
+                        router=moe.RouterConfig(capacity_factor=cf, **router))
+    layer = moe.MoELayer(cfg)
+    x = torch.randn(3, 10, 16)
+    y, _ = layer(x, generator=torch.Generator().manual_seed(1))
+    r = layer.last_routing
+    if cf is None and router["policy"] != "expert_choice":
+        assert r.kept.equal(r.dispatched)
+    expected = dense_oracle(layer, x.reshape(-1, 16), r).view_as(x)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_gradients_match_dense_oracle():
+    torch.manual_seed(0)
+    cfg = moe.MoEConfig(d_model=16, d_ffn=32, num_experts=4, router=moe.RouterConfig(top_k=2, capacity_factor=1.0))
+    layer = moe.MoELayer(cfg)
+    x = torch.randn(24, 16, requires_grad=True)
+    y, _ = layer(x)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, layer.router.weight, layer.experts.w1, layer.experts.w2], g)
+    # Oracle: recompute the same routing decisions densely.
+    x2 = x.detach().clone().requires_grad_()
+    r = layer.last_routing
+    logits = x2 @ layer.router.weight.t()
+    w = torch.softmax(logits, -1).gather(1, r.experts)
+    w = w / w.sum(-1, keepdim=True)
+    r2 = moe.Routing(r.experts, w, r.probs, r.logits, r.dispatched, r.kept, r.positions,
+                     r.tokens_per_expert, r.capacity)
+    exp = dense_oracle(layer, x2, r2)
+    exp_grads = torch.autograd.grad(exp, [x2, layer.router.weight, layer.experts.w1, layer.experts.w2], g)
+    for a, b in zip(grads, exp_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_expert_and_residual_moe():
+    torch.manual_seed(0)
+    x = torch.randn(12, 16)
+    cfg = moe.MoEConfig(d_model=16, d_ffn=32, num_experts=4, shared_expert_ffn=24)
+    layer = moe.MoELayer(cfg)
+    y, _ = layer(x)
+    dense = layer.shared.expert_mlp(0, x)
+    torch.testing.assert_close(y, dense_oracle(layer, x, layer.last_routing) + dense, rtol=1e-5, atol=1e-6)
+    cfg = moe.MoEConfig(d_model=16, d_ffn=32, num_experts=4, shared_expert_ffn=24, residual_moe=True)
+    layer = moe.MoELayer(cfg)
+    y, _ = layer(x)
+    coef = torch.softmax(layer.residual_coef(x), -1)
+    exp = dense_oracle(layer, x, layer.last_routing) * coef[:, :1] + layer.shared.expert_mlp(0, x) * coef[:, 1:]
+    torch.testing.assert_close(y, exp, rtol=1e-5, atol=1e-6)
+
+
+def test_dropped_assignment_contributes_zero():
+    torch.manual_seed(0)
+    cfg = moe.MoEConfig(d_model=8, d_ffn=16, num_experts=2,
+                        router=moe.RouterConfig(top_k=1, capacity_factor=0.5))
+    layer = moe.MoELayer(cfg)
+    with torch.no_grad():
+        layer.router.weight.zero_()  # all ties -> expert 0; capacity 4 of 16 tokens
+    x = torch.randn(16, 8)
+    y, _ = layer(x)
+    kept = layer.last_routing.kept[:, 0]
+    assert int(kept.sum()) == 4 and kept[:4].all()
+    assert torch.count_nonzero(y[~kept]) == 0
+    assert layer.last_stats["dropped_fraction"] == pytest.approx(0.75)
+
+
+def test_grouped_matmul_equals_loop():
+    torch.manual_seed(0)
+    a = torch.randn(20, 16, requires_grad=True)
+    b = torch.randn(3, 16, 32, requires_grad=True)
+    counts = torch.tensor([5, 0, 15])
+    g = torch.randn(20, 32)
+    out = grouped_matmul(a, b, counts)
+    ga = torch.autograd.grad(out, [a, b], g)
+    ref = loop_matmul(a, b, counts)
+    gr = torch.autograd.grad(ref, [a, b], g)
+    torch.testing.assert_close(out, ref)
+    for x, y in zip(ga, gr):
+        torch.testing.assert_close(x, y)
+    # Backward also works with an expanded (stride-0) incoming gradient.
+    grouped_matmul(a, b, counts).sum().backward()
+    a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    loop_matmul(a2, b2, counts).sum().backward()
+    torch.testing.assert_close(a.grad, a2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+
+
+def test_experts_forward_equals_loop_twin():
+    torch.manual_seed(0)
+    ex = Experts(4, 16, 32, "swiglu", bias=True)
+    with torch.no_grad():
+        ex.b1.normal_()
+        ex.b2.normal_()
+    rows, counts = torch.randn(30, 16), torch.tensor([7, 0, 20, 3])
+    torch.testing.assert_close(ex(rows, counts), ex.forward_loop(rows, counts))
+    start = 0
+    out = ex(rows, counts)
+    for e, c in enumerate(counts.tolist()):
+        torch.testing.assert_close(out[start:start + c], ex.expert_mlp(e, rows[start:start + c]))
+        start += c
+
+
+def test_permute_unpermute_gradcheck_float64():
+    torch.manual_seed(0)
+    T, E, k, D = 9, 3, 2, 4
+    logits = torch.randn(T, E, dtype=torch.float64)
+    r = moe.route(logits, moe.RouterConfig(top_k=k, capacity_factor=0.7))
+    assert not r.kept.all()
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    rows, plan = moe.permute(x, r, backend="torch")
+    for t in range(T):
+        for j in range(k):
+            if r.kept[t, j]:
+                assert torch.equal(rows[plan.dest[t, j]], x[t])
+    torch.autograd.gradcheck(lambda x: moe.permute(x, r, backend="torch")[0], (x,))
+    w = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(plan.num_rows, D, dtype=torch.float64, requires_grad=True)
+
+    def f(rows, w):
+        return reference.unpermute_rows(rows, plan.dest, w)
+
+    torch.autograd.gradcheck(f, (rows, w))
+    y = f(rows, w)
+    for t in range(T):
+        exp = sum((w[t, j] * rows[plan.dest[t, j]] for j in range(k) if r.kept[t, j]), torch.zeros(D, dtype=torch.float64))
+        torch.testing.assert_close(y[t], exp)
+
+
+def test_padded_layout():
+    torch.manual_seed(0)
+    r = moe.route(torch.randn(10, 3), moe.RouterConfig(top_k=2, capacity_factor=1.0))
+    x = torch.randn(10, 4)
+    rows, plan = moe.permute(x, r, pad_to_capacity=True)
+    assert rows.shape == (3 * r.capacity, 4)
+    compact, cplan = moe.permute(x, r)
+    for e in range(3):
+        n = int(r.tokens_per_expert[e])
+        torch.testing.assert_close(rows[e * r.capacity:e * r.capacity + n], compact[cplan.offsets[e]:cplan.offsets[e] + n])
+        assert torch.count_nonzero(rows[e * r.capacity + n:(e + 1) * r.capacity]) == 0
+    torch.testing.assert_close(moe.unpermute(rows, plan, r), moe.unpermute(compact, cplan, r))
+    with pytest.raises(ValueError, match="dropless"):
+        moe.permute(x, moe.route(torch.randn(10, 3), moe.RouterConfig()), pad_to_capacity=True)
+
+
+def test_stats_per_modality_and_aux_losses():
+    torch.manual_seed(0)
+    cfg = moe.MoEConfig(d_model=8, d_ffn=16, num_experts=4, num_modalities=2, limoe_min_experts=2,
+                        router=moe.RouterConfig(top_k=1, drop_policy="bpr", capacity_factor=1.0),
+                        aux_losses={"load_balancing": 0.5, "limoe_local": 0.1, "limoe_global": 0.2, "z_loss": 1e-3})
+    layer = moe.MoELayer(cfg)
+    x = torch.randn(2, 6, 8)
+    modality = torch.tensor([[0] * 4 + [1] * 2] * 2)
+    y, aux = layer(x, modality)
+    assert set(aux) == {"load_balancing", "limoe_local", "limoe_global", "z_loss"}
+    r = layer.last_routing
+    torch.testing.assert_close(aux["load_balancing"],
+                               0.5 * moe.losses.load_balancing_loss(r.probs, r.experts, 4, modality=r.modality, num_modalities=2))
+    by_mod = layer.last_stats["tokens_per_expert_by_modality"]
+    assert by_mod.shape == (2, 4) and int(by_mod.sum()) == int(r.kept.sum())
+    assert torch.equal(by_mod.sum(0), layer.last_stats["tokens_per_expert"])
+    mflat = modality.reshape(-1)
+    for m in range(2):
+        exp = torch.bincount(r.experts[r.kept[:, 0] & (mflat == m), 0], minlength=4)
+        assert torch.equal(by_mod[m], exp)
+    p = r.probs.detach()
+    ent = float(-(p * p.log()).sum(-1).mean())
+    assert layer.last_stats["router_entropy"] == pytest.approx(ent, rel=1e-5)
+
+
+def test_expert_bias_update_lowers_overloaded_expert():
+    cfg = moe.MoEConfig(d_model=4, d_ffn=8, num_experts=4, aux_losses={},
+                        router=moe.RouterConfig(top_k=1, policy="expert_bias", expert_bias_rate=0.1))
+    layer = moe.MoELayer(cfg)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 10.0  # everything to expert 0
+    x = torch.zeros(8, 4)
+    x[:, 0] = 1.0
+    layer(x)
+    torch.testing.assert_close(layer.router.expert_bias, torch.tensor([-0.1, 0.1, 0.1, 0.1]))
+    assert layer.router.expert_bias.grad is None
+    layer.eval()
+    layer(x)  # no update in eval
+    torch.testing.assert_close(layer.router.expert_bias, torch.tensor([-0.1, 0.1, 0.1, 0.1]))
+
+
+def test_jitter_only_in_training():
+    cfg = moe.MoEConfig(d_model=8, d_ffn=16, num_experts=4,
+                        router=moe.RouterConfig(top_k=1, policy="switch", jitter_eps=0.1))
+    layer = moe.MoELayer(cfg)
+    x = torch.randn(5, 8)
+    l1 = layer.router.logits(x, torch.Generator().manual_seed(0))
+    l2 = layer.router.logits(x, torch.Generator().manual_seed(1))
+    assert not torch.allclose(l1, l2)
+    layer.eval()
+    torch.testing.assert_close(layer.router.logits(x), x @ layer.router.weight.t())
+
+
+def test_nonfinite_skip_passes_through_zero():
+    cfg = moe.MoEConfig(d_model=4, d_ffn=8, num_experts=2, router=moe.RouterConfig(top_k=1, on_nonfinite="skip"))
+    layer = moe.MoELayer(cfg, name="blk0")
+    x = torch.randn(3, 4)
+    x[1, 2] = float("inf")
+    y, aux = layer(x)
+    assert torch.count_nonzero(y) == 0 and layer.last_stats["skipped"]
+    assert all(float(v) == 0.0 for v in aux.values())
+    layer = moe.MoELayer(moe.MoEConfig(d_model=4, d_ffn=8, num_experts=2), name="blk0")
+    with pytest.raises(FloatingPointError, match="blk0"):
+        layer(x)
+
+
+def test_half_precision_input_keeps_dtype():
+    cfg = moe.MoEConfig(d_model=16, d_ffn=32, num_experts=4)
+    layer = moe.MoELayer(cfg).to(torch.bfloat16)
+    y, _ = layer(torch.randn(6, 16, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    assert layer.last_routing.probs.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(router=moe.RouterConfig(top_k=5)), "top_k=5"),
+    (dict(num_experts=0), "num_experts=0"),
+    (dict(activation="tanh"), "activation='tanh'"),
+    (dict(aux_losses={"nope": 1.0}), "nope"),
+    (dict(aux_losses={"z_loss": -1.0}), "z_loss"),
+    (dict(aux_losses={"load": 1.0}), "noisy_topk"),
+    (dict(backend="fpga"), "backend='fpga'"),
+    (dict(residual_moe=True), "shared_expert_ffn"),
+    (dict(limoe_min_experts=9), "limoe_min_experts"),
+])
+def test_bad_moe_config(kwargs, match):
+    base = dict(d_model=8, d_ffn=16, num_experts=4)
+    base.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        moe.MoEConfig(**base)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(top_k=0), "top_k=0"),
+    (dict(capacity_factor=0.0), "capacity_factor=0.0"),
+    (dict(capacity_factor=-1.0), "capacity_factor"),
+    (dict(eval_capacity_factor=0), "eval_capacity_factor"),
+    (dict(min_capacity=-1), "min_capacity=-1"),
+    (dict(policy="hash"), "policy='hash'"),
+    (dict(score="relu"), "score='relu'"),
+    (dict(drop_policy="lifo"), "drop_policy='lifo'"),
+    (dict(policy="switch", top_k=2), "switch"),
+    (dict(policy="gshard", top_k=1), "gshard"),
+    (dict(on_nonfinite="ignore"), "on_nonfinite"),
+])
+def test_bad_router_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        moe.RouterConfig(**kwargs)
+
+
+def test_bad_layer_input():
+    layer = moe.MoELayer(moe.MoEConfig(d_model=8, d_ffn=16, num_experts=4, num_modalities=2))
+    with pytest.raises(ValueError, match="d_model=8"):
+        layer(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="floating-point"):
+        layer(torch.ones(3, 8, dtype=torch.long))
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="modality has shape"):
+        layer(x, torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_modalities=2"):
+        layer(x, torch.full((2, 3), 2))
+    with pytest.raises(ValueError, match="num_modalities=2"):
+        layer(x, torch.full((2, 3), -1))
+    with pytest.raises(ValueError, match="integer"):
+        layer(x, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="top_k=3"):
+        moe.route(torch.randn(4, 2), moe.RouterConfig(top_k=3))
