@@ -1,0 +1,494 @@
+"""Expert-parallel exchange of routed rows: dispatch to the experts' ranks, combine back.
+
+Legend: N rows on this rank (expert-major over all experts); d row width (any
+trailing shape); E global experts; R expert-parallel group size; L = E // R local
+experts per rank; M rows received for the local experts; C chunks; for the
+hierarchical exchange R = Nn * G (Nn nodes, G ep ranks per node).
+
+Global expert ``g`` lives on ep rank ``g // L`` as its local expert ``g % L``.
+A dispatch is a list of *steps*: permutations of contiguous row blocks and uneven
+``all_to_all_single`` exchanges. Combine runs the same steps backwards (inverse
+permutation, exchange with the splits swapped), so combine(dispatch(rows)) puts
+every row back where it started. Both exchanges are differentiable: the backward
+of an all-to-all is the reverse all-to-all.
+
+Traffic statistics (``ExchangeStats``) count rows only, exactly: rows x row
+elements x itemsize, no padding and no count messages. Rows a rank keeps for its
+own experts ("self-sends") are *not* in ``bytes_sent`` / ``bytes_received``; they
+are counted separately in ``bytes_local``. Backward traffic is not counted.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+ExpertFn = Callable[[Tensor, Tensor], Tensor]  # (rows[M, d], counts[L]) -> out[M, d']
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def block_permutation(counts: Tensor, dims: Sequence[int]) -> Tensor:
+    """Index that reorders rows stored as contiguous blocks.
+
+    ``counts`` (any shape, integer, CPU) holds the row count of each block; rows are
+    stored block after block in row-major order of ``counts``' indices. Returns
+    LongTensor[sum(counts)] ``index`` such that ``rows[index]`` stores the same
+    blocks (each block's rows in their original order) in row-major order of
+    ``counts.permute(dims)``. Example: counts[R, L] with dims (1, 0) turns
+    "source-major" into "local-expert-major".
+    """
+    flat = counts.reshape(-1)
+    starts = torch.cumsum(flat, 0) - flat  # where each block starts now
+    new_counts = counts.permute(*dims).reshape(-1)
+    new_starts = starts.view(counts.shape).permute(*dims).reshape(-1)
+    out_starts = torch.cumsum(new_counts, 0) - new_counts  # where it starts after
+    total = int(flat.sum())
+    shift = torch.repeat_interleave(new_starts - out_starts, new_counts, output_size=total)
+    return torch.arange(total, dtype=torch.long) + shift
+
+
+def _is_identity(shape: Sequence[int], dims: Sequence[int]) -> bool:
+    """True if permuting axes ``dims`` of blocks shaped ``shape`` moves no block."""
+    moved = [d for d in dims if shape[d] > 1]
+    return moved == sorted(moved)
+
+
+def split_counts(counts_E: Tensor, num_chunks: int) -> Tensor:
+    """Split each expert's row count into ``num_chunks`` near-equal consecutive parts.
+
+    counts_E: LongTensor[E] -> LongTensor[E, C]; the first ``counts % C`` chunks of
+    an expert get one row more. Rows ``[0, part_0)`` of the expert go to chunk 0, etc.
+    """
+    base = counts_E // num_chunks
+    extra = (torch.arange(num_chunks) < (counts_E % num_chunks).unsqueeze(1)).long()
+    return base.unsqueeze(1) + extra
+
+
+def _group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _exchange_equal(t: Tensor, group) -> Tensor:
+    """Equal-split all-to-all along dim 0 (t[R, ...] -> [R, ...]; block i from rank i)."""
+    if _group_size(group) == 1:
+        return t.clone()
+    t = t.contiguous()
+    out = torch.empty_like(t)
+    dist.all_to_all_single(out, t, group=group)
+    return out
+
+
+class _Pending:
+    """An async all-to-all in flight: wait() before reading ``output``."""
+
+    def __init__(self, work, keep_alive: Tensor):
+        self.work, self.keep_alive = work, keep_alive
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = self.keep_alive = None
+
+
+class _AllToAll(torch.autograd.Function):
+    """Uneven all_to_all_single along dim 0 with autograd.
+
+    x[sum(in_splits), ...] -> out[sum(out_splits), ...]. With ``pending`` (a list)
+    the exchange is launched async and a ``_Pending`` is appended to it; the output
+    must not be read before it is waited on. Backward is the reverse exchange.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, out_splits, in_splits, pending):
+        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+        x = x.contiguous()
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        work = dist.all_to_all_single(
+            out, x, out_splits, in_splits, group=group, async_op=pending is not None
+        )
+        if pending is not None:
+            pending.append(_Pending(work, x))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_in = _AllToAll.apply(grad_out, ctx.group, ctx.in_splits, ctx.out_splits, None)
+        return grad_in, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+@dataclass
+class _Permute:
+    """rows -> rows[index] (index LongTensor[n] on the rows' device)."""
+
+    index: Tensor
+
+    def apply(self, x: Tensor, pending: Optional[list] = None) -> Tensor:
+        return x.index_select(0, self.index.to(x.device))
+
+    def reverse(self) -> "_Permute":
+        inverse = torch.empty_like(self.index)
+        inverse[self.index] = torch.arange(self.index.numel(), device=self.index.device)
+        return _Permute(inverse)
+
+
+@dataclass
+class _Exchange:
+    """An uneven all-to-all in ``group``; ``me`` is this rank's index in it."""
+
+    group: object
+    out_splits: list
+    in_splits: list
+    me: int
+
+    def apply(self, x: Tensor, pending: Optional[list] = None) -> Tensor:
+        return _AllToAll.apply(x, self.group, self.out_splits, self.in_splits, pending)
+
+    def reverse(self) -> "_Exchange":
+        return _Exchange(self.group, self.in_splits, self.out_splits, self.me)
+
+
+@dataclass
+class ExchangeStats:
+    """Rows and bytes one dispatch (or combine) moved, summed over its exchanges.
+
+    ``*_sent`` / ``*_received``: to / from other ranks; ``*_local``: rows a rank
+    sent to itself (never on the wire). A row crossing two hops (hierarchical)
+    counts once per hop.
+    """
+
+    rows_sent: int = 0
+    rows_received: int = 0
+    rows_local: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    bytes_local: int = 0
+
+    def add(self, step: _Exchange, row_bytes: int) -> None:
+        local = step.in_splits[step.me]
+        self.rows_sent += sum(step.in_splits) - local
+        self.rows_received += sum(step.out_splits) - step.out_splits[step.me]
+        self.rows_local += local
+        self.bytes_sent = self.rows_sent * row_bytes
+        self.bytes_received = self.rows_received * row_bytes
+        self.bytes_local = self.rows_local * row_bytes
+
+
+@dataclass
+class _Plan:
+    """How one batch of rows travels: steps, and the local counts at the end."""
+
+    steps: list
+    local_counts: Tensor  # LongTensor[L]
+    num_rows: int  # N, rows before dispatch
+    num_local_rows: int  # M, rows after dispatch
+
+    def reversed_steps(self) -> list:
+        return [s.reverse() for s in reversed(self.steps)]
+
+
+@dataclass
+class DispatchContext:
+    """What ``combine`` needs to undo a ``dispatch`` (opaque to callers)."""
+
+    plan: _Plan
+    stats: ExchangeStats = field(default_factory=ExchangeStats)
+
+
+def _row_bytes(x: Tensor) -> int:
+    return math.prod(x.shape[1:]) * x.element_size()
+
+
+def _run(steps: list, x: Tensor, stats: Optional[ExchangeStats]) -> Tensor:
+    """Apply ``steps`` to ``x`` synchronously, recording exchanges in ``stats``."""
+    for step in steps:
+        if stats is not None and isinstance(step, _Exchange):
+            stats.add(step, _row_bytes(x))
+        x = step.apply(x)
+    return x
+
+
+class _InFlight:
+    """Steps applied up to (and including) an async exchange; ``finish`` runs the rest."""
+
+    def __init__(self, steps: list, x: Tensor, stats: ExchangeStats):
+        self.stats, self.pending = stats, []
+        for i, step in enumerate(steps):
+            if isinstance(step, _Exchange):
+                stats.add(step, _row_bytes(x))
+                x = step.apply(x, self.pending)
+                self.rest = steps[i + 1 :]
+                break
+            x = step.apply(x)
+        else:
+            self.rest = []
+        self.x = x
+
+    def finish(self) -> Tensor:
+        for p in self.pending:
+            p.wait()
+        return _run(self.rest, self.x, self.stats)
+
+
+# ----------------------------------------------------------------------------- dispatchers
+
+
+class AllToAllDispatcher:
+    """Sends each routed row to the rank holding its expert and brings results back.
+
+    ``ep_group``: the expert-parallel process group (``None``: no expert
+    parallelism, everything stays local). ``num_experts`` (E) must be a multiple of
+    the group size R. ``num_chunks`` (C) is used by ``dispatch_compute_combine``.
+
+    After every call the dispatcher keeps ``dispatch_stats`` / ``combine_stats``
+    (``ExchangeStats``); ``bytes_sent``, ``bytes_received`` and ``bytes_local`` are
+    those of the last dispatch.
+    """
+
+    def __init__(self, ep_group, num_experts: int, *, num_chunks: int = 1):
+        self.group = ep_group
+        self.ep_size = _group_size(ep_group)
+        self.ep_rank = _group_rank(ep_group)
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+        if num_experts % self.ep_size != 0:
+            raise ValueError(
+                f"num_experts={num_experts} must be a multiple of the expert-parallel "
+                f"group size {self.ep_size}"
+            )
+        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
+            raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // self.ep_size
+        self.num_chunks = num_chunks
+        self.dispatch_stats = ExchangeStats()
+        self.combine_stats = ExchangeStats()
+
+    # -- stats of the last dispatch
+    @property
+    def bytes_sent(self) -> int:
+        return self.dispatch_stats.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self.dispatch_stats.bytes_received
+
+    @property
+    def bytes_local(self) -> int:
+        return self.dispatch_stats.bytes_local
+
+    # -- planning (subclasses change how rows travel)
+    def _plans(self, send_CRL: Tensor) -> list[_Plan]:
+        """Exchange counts and build one plan per chunk.
+
+        send_CRL: LongTensor[C, R, L] (CPU), rows this rank sends per chunk, dst
+        rank and local expert. All chunks' counts travel in one exchange.
+        """
+        C, R, L = send_CRL.shape
+        recv_RCL = _exchange_equal(send_CRL.transpose(0, 1), self.group)  # [src, C, L]
+        plans = []
+        for c in range(C):
+            send_RL, recv_RL = send_CRL[c], recv_RCL[:, c]
+            steps = []
+            if R > 1:
+                steps.append(_Exchange(self.group, recv_RL.sum(1).tolist(), send_RL.sum(1).tolist(), self.ep_rank))
+            if not _is_identity(recv_RL.shape, (1, 0)):
+                steps.append(_Permute(block_permutation(recv_RL, (1, 0))))
+            plans.append(_Plan(steps, recv_RL.sum(0), int(send_RL.sum()), int(recv_RL.sum())))
+        return plans
+
+    def _check(self, rows: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        """Validate inputs; return the counts as a CPU LongTensor[E]."""
+        if not isinstance(rows, Tensor) or rows.dim() < 1:
+            raise ValueError(f"rows must be a Tensor [N, d], got {type(rows).__name__}")
+        if tokens_per_expert.shape != (self.num_experts,) or tokens_per_expert.is_floating_point():
+            raise ValueError(
+                f"tokens_per_expert must be an integer tensor of shape ({self.num_experts},), got "
+                f"{tuple(tokens_per_expert.shape)} {tokens_per_expert.dtype}"
+            )
+        counts = tokens_per_expert.detach().to("cpu", torch.long)
+        if int(counts.sum()) != rows.shape[0] or bool((counts < 0).any()):
+            raise ValueError(
+                f"tokens_per_expert must be non-negative and sum to rows.shape[0]={rows.shape[0]}, "
+                f"got sum {int(counts.sum())}"
+            )
+        return counts
+
+    def _send_counts(self, counts_E: Tensor, num_chunks: int) -> Tensor:
+        return split_counts(counts_E, num_chunks).T.reshape(num_chunks, self.ep_size, self.num_local_experts)
+
+    # -- public API
+    def dispatch(self, rows: Tensor, tokens_per_expert: Tensor):
+        """Send rows to their experts' ranks.
+
+        rows[N, d]: expert-major over all E experts; tokens_per_expert: LongTensor[E].
+        Returns ``(local_rows[M, d], local_counts LongTensor[L], ctx)``: the rows of
+        this rank's L experts from every source rank, local-expert-major (local
+        expert 0 from src 0, src 1, ..., then local expert 1, ...), and their counts.
+        """
+        counts = self._check(rows, tokens_per_expert)
+        (plan,) = self._plans(self._send_counts(counts, 1))
+        ctx = DispatchContext(plan)
+        local_rows = _run(plan.steps, rows, ctx.stats)
+        self.dispatch_stats = ctx.stats
+        if self.ep_size == 1:
+            ctx.stats.add(_Exchange(None, [plan.num_rows], [plan.num_rows], 0), _row_bytes(rows))
+        return local_rows, plan.local_counts.to(tokens_per_expert.device), ctx
+
+    def combine(self, out: Tensor, ctx: DispatchContext) -> Tensor:
+        """Bring expert outputs back: out[M, d'] (ordered like ``local_rows``) ->
+        rows_back[N, d'] in the order of the ``rows`` given to ``dispatch``."""
+        if out.shape[0] != ctx.plan.num_local_rows:
+            raise ValueError(
+                f"combine: out must have the {ctx.plan.num_local_rows} rows dispatch returned, "
+                f"got {out.shape[0]}"
+            )
+        stats = ExchangeStats()
+        back = _run(ctx.plan.reversed_steps(), out, stats)
+        if self.ep_size == 1:
+            stats.add(_Exchange(None, [out.shape[0]], [out.shape[0]], 0), _row_bytes(out))
+        self.combine_stats = stats
+        return back
+
+    def dispatch_compute_combine(self, rows: Tensor, tokens_per_expert: Tensor, expert_fn: ExpertFn) -> Tensor:
+        """``combine(expert_fn(*dispatch(rows)))`` in ``num_chunks`` pipelined chunks.
+
+        Each expert's rows are split into C near-equal parts; chunk c holds part c
+        of every expert. The exchange of chunk c+1 and the combine of chunk c run
+        async while ``expert_fn(local_rows_c, local_counts_c)`` computes, so
+        communication overlaps compute (on GPUs; on CPU it is simply correct).
+        ``expert_fn`` must treat rows independently (true of expert FFNs); the
+        result equals the unchunked path. Backward exchanges are not overlapped.
+        """
+        counts = self._check(rows, tokens_per_expert)
+        C = self.num_chunks
+        parts_EC = split_counts(counts, C)
+        plans = self._plans(parts_EC.T.reshape(C, self.ep_size, self.num_local_experts))
+        # Gather rows chunk-major: blocks (expert, chunk) -> (chunk, expert).
+        to_chunks = _Permute(block_permutation(parts_EC, (1, 0)))
+        chunks = to_chunks.apply(rows).split(parts_EC.sum(0).tolist())
+        d_stats, c_stats = ExchangeStats(), ExchangeStats()
+        device = tokens_per_expert.device
+        outs, flight = [], _InFlight(plans[0].steps, chunks[0], d_stats)
+        for c in range(C):
+            local_rows = flight.finish()
+            if c + 1 < C:
+                flight = _InFlight(plans[c + 1].steps, chunks[c + 1], d_stats)
+            y = expert_fn(local_rows, plans[c].local_counts.to(device))
+            if y.shape[0] != local_rows.shape[0]:
+                raise ValueError(f"expert_fn returned {y.shape[0]} rows for {local_rows.shape[0]}")
+            outs.append(_InFlight(plans[c].reversed_steps(), y, c_stats))
+        back = torch.cat([o.finish() for o in outs])
+        self.dispatch_stats, self.combine_stats = d_stats, c_stats
+        if self.ep_size == 1:
+            d_stats.add(_Exchange(None, [rows.shape[0]], [rows.shape[0]], 0), _row_bytes(rows))
+            c_stats.add(_Exchange(None, [back.shape[0]], [back.shape[0]], 0), _row_bytes(back))
+        return to_chunks.reverse().apply(back)
+
+
+def new_node_groups(ep_groups_ranks: Sequence[Sequence[int]], ranks_per_node: int):
+    """Create the intra-node and inter-node groups of every ep group; return this rank's.
+
+    ``ep_groups_ranks``: the global ranks of *every* ep group in the job (e.g.
+    ``ParallelDims.group_ranks("ep")``), identical on all ranks; consecutive ep
+    ranks ``[n*G, (n+1)*G)`` share node n. Must be called on every rank (torch's
+    ``new_group`` rule); creates all groups in the same order everywhere. Returns
+    ``(intra_group, inter_group)`` for the calling rank (``(None, None)`` if it is
+    in no ep group).
+    """
+    me = dist.get_rank()
+    mine = (None, None)
+    for ranks in ep_groups_ranks:
+        ranks = list(ranks)
+        if ranks_per_node < 1 or len(ranks) % ranks_per_node != 0:
+            raise ValueError(
+                f"ranks_per_node={ranks_per_node} must be positive and divide the ep group size {len(ranks)}"
+            )
+        G = ranks_per_node
+        intra = [dist.new_group(ranks[n * G : (n + 1) * G]) for n in range(len(ranks) // G)]
+        inter = [dist.new_group(ranks[g::G]) for g in range(G)]
+        if me in ranks:
+            i = ranks.index(me)
+            mine = (intra[i // G], inter[i % G])
+    return mine
+
+
+class HierarchicalAllToAllDispatcher(AllToAllDispatcher):
+    """Two-hop exchange for multi-node expert parallelism; same results as the flat one.
+
+    The R = Nn * G ep ranks form Nn nodes of G consecutive ranks. Hop 1 (intra-node
+    all-to-all): rank (n, g) hands each node peer (n, g') the rows bound for local
+    index g' on *every* node. Hop 2 (inter-node all-to-all among ranks with the
+    same local index): (n, g') sends each node n' the rows for (n', g'). Every
+    rank thus talks to Nn - 1 remote peers with G-times larger messages instead
+    of R - G small ones; the slow inter-node links see the same bytes. (A
+    gather-to-one-leader variant moves the same data but funnels it through one
+    rank per node; this spreads it over all G.)
+
+    ``node_groups``: ``(intra_group, inter_group)`` from ``new_node_groups``; if
+    omitted, ``ep_group`` must span the whole world and the groups are created
+    here (so the constructor then has to run on every rank).
+    """
+
+    def __init__(self, ep_group, num_experts: int, ranks_per_node: int, *, num_chunks: int = 1, node_groups=None):
+        super().__init__(ep_group, num_experts, num_chunks=num_chunks)
+        if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int) or ranks_per_node < 1 \
+                or self.ep_size % ranks_per_node != 0:
+            raise ValueError(
+                f"ranks_per_node must be a positive int dividing the ep group size {self.ep_size}, "
+                f"got {ranks_per_node!r}"
+            )
+        self.ranks_per_node = ranks_per_node
+        self.num_nodes = self.ep_size // ranks_per_node
+        if node_groups is None:
+            if ep_group is None:
+                node_groups = (None, None)
+            elif self.ep_size != dist.get_world_size():
+                raise ValueError(
+                    "HierarchicalAllToAllDispatcher: ep_group is not the whole world, so pass "
+                    "node_groups=new_node_groups(<every ep group's ranks>, ranks_per_node), called on all ranks"
+                )
+            else:
+                node_groups = new_node_groups([dist.get_process_group_ranks(ep_group)], ranks_per_node)
+        self.intra_group, self.inter_group = node_groups
+        for name, group, size in (("intra", self.intra_group, ranks_per_node), ("inter", self.inter_group, self.num_nodes)):
+            if _group_size(group) != size:
+                raise ValueError(f"node_groups: {name}-node group has {_group_size(group)} ranks, expected {size}")
+
+    def _plans(self, send_CRL: Tensor) -> list[_Plan]:
+        C, R, L = send_CRL.shape
+        Nn, G = self.num_nodes, self.ranks_per_node
+        send = send_CRL.view(C, Nn, G, L)  # [C, dst node, dst local, L]
+        # Counts follow the rows' two hops (all chunks at once).
+        recv1 = _exchange_equal(send.permute(2, 0, 1, 3), self.intra_group)  # [src local, C, dst node, L]
+        recv2 = _exchange_equal(recv1.permute(2, 1, 0, 3), self.inter_group)  # [src node, C, src local, L]
+        intra_me, inter_me = _group_rank(self.intra_group), _group_rank(self.inter_group)
+        plans = []
+        for c in range(C):
+            s, r1, r2 = send[c], recv1[:, c], recv2[:, c]  # [Nn, G, L], [G, Nn, L], [Nn, G, L]
+            steps = []
+            if not _is_identity(s.shape, (1, 0, 2)):
+                steps.append(_Permute(block_permutation(s, (1, 0, 2))))  # -> [dst local, dst node, L]
+            if G > 1:
+                steps.append(_Exchange(self.intra_group, r1.sum((1, 2)).tolist(), s.sum((0, 2)).tolist(), intra_me))
+            if not _is_identity(r1.shape, (1, 0, 2)):
+                steps.append(_Permute(block_permutation(r1, (1, 0, 2))))  # -> [dst node, src local, L]
+            if Nn > 1:
+                steps.append(_Exchange(self.inter_group, r2.sum((1, 2)).tolist(), r1.sum((0, 2)).tolist(), inter_me))
+            r2_RL = r2.reshape(R, L)  # [src ep rank, L]
+            if not _is_identity(r2_RL.shape, (1, 0)):
+                steps.append(_Permute(block_permutation(r2_RL, (1, 0))))
+            plans.append(_Plan(steps, r2_RL.sum(0), int(s.sum()), int(r2.sum())))
+        return plans

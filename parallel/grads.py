@@ -1,0 +1,102 @@
+"""Marking expert parameters and averaging gradients over the right groups.
+
+Legend: P a parameter's element count; a bucket is the flat concatenation of
+several gradients of one dtype and device (at most ``bucket_numel`` elements).
+
+Dense (non-expert) parameters are replicated over the whole data-parallel group
+(``groups.dp_group``); an expert parameter only over the ranks holding the same
+expert shard (``groups.edp_group``). Expert parameters carry DeepSpeed's MoE
+markers (``param.allreduce = False``, ``param.group_name = "ep_size_<ep>"``) so
+DeepSpeed's ZeRO puts them in their own groups, and our own reduction finds them.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+EXPERT_GROUP_PREFIX = "ep_size_"
+
+
+def expert_group_name(ep_size: int) -> str:
+    """DeepSpeed's group name for expert parameters at expert-parallel size ``ep_size``."""
+    return f"{EXPERT_GROUP_PREFIX}{ep_size}"
+
+
+def mark_expert_params(module_or_params: Union[nn.Module, Iterable[nn.Parameter]], ep_size: int) -> list:
+    """Mark parameters as expert parameters (sharded over ``ep_size`` ranks).
+
+    Sets ``param.allreduce = False`` and ``param.group_name = "ep_size_<ep_size>"``
+    on every parameter of the module (or of the iterable) and returns them.
+    """
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"mark_expert_params: ep_size must be a positive int, got {ep_size!r}")
+    params = list(module_or_params.parameters() if isinstance(module_or_params, nn.Module) else module_or_params)
+    for p in params:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"mark_expert_params: expected parameters, got {type(p).__name__}")
+        p.allreduce = False
+        p.group_name = expert_group_name(ep_size)
+    return params
+
+
+def is_expert_param(param: torch.Tensor) -> bool:
+    """True if ``param`` was marked by ``mark_expert_params``."""
+    return getattr(param, "allreduce", True) is False
+
+
+def _average_(grads: list[torch.Tensor], group, bucket_numel: int) -> None:
+    """All-reduce-average ``grads`` in place over ``group``, a few flat buckets at a time."""
+    size = dist.get_world_size(group)
+    if size == 1 or not grads:
+        return
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        by_kind.setdefault((g.dtype, g.device), []).append(g)
+    for kind_grads in by_kind.values():
+        bucket, numel = [], 0
+        for g in kind_grads + [None]:  # None flushes the last bucket
+            if g is not None and (numel == 0 or numel + g.numel() <= bucket_numel):
+                bucket.append(g)
+                numel += g.numel()
+                continue
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat, group=group)
+            flat.div_(size)
+            offset = 0
+            for b in bucket:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+            if g is not None:
+                bucket, numel = [g], g.numel()
+
+
+def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Parameter]], groups, *, bucket_numel: int = 1 << 24) -> None:
+    """Average gradients in place: dense parameters over ``groups.dp_group``,
+    expert parameters over ``groups.edp_group`` (average = sum / group size).
+
+    Every parameter with ``requires_grad`` takes part; a missing ``.grad`` is
+    taken as zeros (and set), so all ranks reduce the same buckets even when an
+    expert received no tokens on some rank. Expert parameters must have been
+    marked for ``groups.dims.ep``.
+    """
+    params = list(model.parameters() if isinstance(model, nn.Module) else model)
+    expected = expert_group_name(groups.dims.ep)
+    dense, expert = [], []
+    for p in params:
+        if not p.requires_grad:
+            continue
+        if is_expert_param(p):
+            name = getattr(p, "group_name", None)
+            if name != expected:
+                raise ValueError(
+                    f"allreduce_gradients: expert parameter marked group_name={name!r}, but the "
+                    f"process groups have ep={groups.dims.ep} (expected {expected!r})"
+                )
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        (expert if is_expert_param(p) else dense).append(p.grad)
+    _average_(dense, groups.dp_group, bucket_numel)
+    _average_(expert, groups.edp_group, bucket_numel)
