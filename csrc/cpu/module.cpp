@@ -1,0 +1,37 @@
+// Python bindings of moe._C: the CPU kernels always, the CUDA kernels when built with them.
+// The torch.library custom ops in moe/ops/library.py call these functions.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+#ifdef MOE_WITH_CUDA
+namespace moe {
+void register_cuda_kernels(pybind11::module& m);  // csrc/cuda/bindings.cpp
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "MoE kernels: router top-k, slot assignment, permute, unpermute (CPU; CUDA when built)";
+  namespace py = pybind11;
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("router_topk_cpu", &moe::router_topk_cpu, nogil, py::arg("logits"), py::arg("k"),
+        py::arg("sigmoid"), py::arg("normalize"), py::arg("bias"));
+  m.def("router_topk_backward_cpu", &moe::router_topk_backward_cpu, nogil, py::arg("grad_weights"),
+        py::arg("grad_scores"), py::arg("grad_score_sums"), py::arg("scores"), py::arg("experts"),
+        py::arg("sigmoid"), py::arg("normalize"));
+  m.def("assign_slots_cpu", &moe::assign_slots_cpu, nogil, py::arg("experts"), py::arg("order"),
+        py::arg("dispatched"), py::arg("num_experts"), py::arg("capacity"));
+  m.def("permute_rows_cpu", &moe::permute_rows_cpu, nogil, py::arg("x"), py::arg("dest"), py::arg("num_rows"));
+  m.def("permute_rows_backward_cpu", &moe::permute_rows_backward_cpu, nogil, py::arg("grad_rows"),
+        py::arg("dest"));
+  m.def("unpermute_rows_cpu", &moe::unpermute_rows_cpu, nogil, py::arg("rows"), py::arg("dest"),
+        py::arg("weights"));
+  m.def("unpermute_rows_backward_cpu", &moe::unpermute_rows_backward_cpu, nogil, py::arg("grad_y"),
+        py::arg("rows"), py::arg("dest"), py::arg("weights"), py::arg("need_rows"), py::arg("need_weights"));
+#ifdef MOE_WITH_CUDA
+  m.attr("has_cuda") = true;
+  moe::register_cuda_kernels(m);
+#else
+  m.attr("has_cuda") = false;
+#endif
+}

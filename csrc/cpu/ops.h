@@ -1,0 +1,51 @@
+// CPU kernels of the MoE ops (router top-k, slot assignment, permute, unpermute).
+//
+// Legend: T tokens, k choices per token, E experts, N rows (permuted assignments),
+// D row width. A destination (dest) of -1 marks an assignment that is in no row.
+// Semantics match moe/ops/reference.py exactly; these are the fast twins.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+namespace moe {
+
+// logits[T,E] (any float dtype) -> {weights[T,k] f32, experts[T,k] i64, scores[T,E] f32,
+// counts[E] i64, score_sums[E] f32}. Ties go to the lower expert index.
+std::vector<at::Tensor> router_topk_cpu(const at::Tensor& logits, int64_t k, bool sigmoid,
+                                        bool normalize, const std::optional<at::Tensor>& bias);
+
+// Gradient of router_topk wrt the fp32 logits, from the gradients of weights[T,k],
+// scores[T,E] and score_sums[E] (each may be absent). Returns grad_logits[T,E] f32.
+at::Tensor router_topk_backward_cpu(const std::optional<at::Tensor>& grad_weights,
+                                    const std::optional<at::Tensor>& grad_scores,
+                                    const std::optional<at::Tensor>& grad_score_sums,
+                                    const at::Tensor& scores, const at::Tensor& experts,
+                                    bool sigmoid, bool normalize);
+
+// experts[T,k], order[N] (flat assignment indices in service order), dispatched[T,k]
+// -> {positions[T,k] (-1 where not kept), kept[T,k] bool, tokens_per_expert[E]}.
+// capacity < 0 means no capacity (dropless).
+std::vector<at::Tensor> assign_slots_cpu(const at::Tensor& experts, const at::Tensor& order,
+                                         const at::Tensor& dispatched, int64_t num_experts,
+                                         int64_t capacity);
+
+// rows[dest[t,j]] = x[t]; rows no assignment lands in are zero. Returns rows[num_rows,D].
+at::Tensor permute_rows_cpu(const at::Tensor& x, const at::Tensor& dest, int64_t num_rows);
+
+// grad_x[t] = sum_j grad_rows[dest[t,j]] (dest >= 0). Returns grad_x[T,D].
+at::Tensor permute_rows_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& dest);
+
+// y[t] = sum_j w[t,j] * rows[dest[t,j]], weights cast to the rows dtype first.
+at::Tensor unpermute_rows_cpu(const at::Tensor& rows, const at::Tensor& dest,
+                              const at::Tensor& weights);
+
+// {grad_rows[N,D] (rows dtype), grad_weights[T,k] (weights dtype)}; either may be
+// skipped (returned undefined) through the need_* flags.
+std::vector<at::Tensor> unpermute_rows_backward_cpu(const at::Tensor& grad_y, const at::Tensor& rows,
+                                                    const at::Tensor& dest, const at::Tensor& weights,
+                                                    bool need_rows, bool need_weights);
+
+}  // namespace moe
