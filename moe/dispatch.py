@@ -78,14 +78,18 @@ def _group_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
-def _exchange_equal(t: Tensor, group) -> Tensor:
-    """Equal-split all-to-all along dim 0 (t[R, ...] -> [R, ...]; block i from rank i)."""
+def _exchange_equal(t: Tensor, group, device: torch.device) -> Tensor:
+    """Equal-split all-to-all along dim 0 (t[R, ...] -> [R, ...]; block i from rank i).
+
+    Travels on ``device`` (the rows' device, which the group's backend handles);
+    returns a CPU tensor.
+    """
     if _group_size(group) == 1:
         return t.clone()
-    t = t.contiguous()
+    t = t.to(device).contiguous()
     out = torch.empty_like(t)
     dist.all_to_all_single(out, t, group=group)
-    return out
+    return out.cpu()
 
 
 class _Pending:
@@ -136,7 +140,7 @@ class _Permute:
     index: Tensor
 
     def apply(self, x: Tensor, pending: Optional[list] = None) -> Tensor:
-        return x.index_select(0, self.index.to(x.device))
+        return x.index_select(0, self.index)
 
     def reverse(self) -> "_Permute":
         inverse = torch.empty_like(self.index)
@@ -290,14 +294,15 @@ class AllToAllDispatcher:
         return self.dispatch_stats.bytes_local
 
     # -- planning (subclasses change how rows travel)
-    def _plans(self, send_CRL: Tensor) -> list[_Plan]:
+    def _plans(self, send_CRL: Tensor, device: torch.device) -> list[_Plan]:
         """Exchange counts and build one plan per chunk.
 
         send_CRL: LongTensor[C, R, L] (CPU), rows this rank sends per chunk, dst
-        rank and local expert. All chunks' counts travel in one exchange.
+        rank and local expert. All chunks' counts travel in one exchange (on
+        ``device``, the rows' device); permutation indices are put on ``device``.
         """
         C, R, L = send_CRL.shape
-        recv_RCL = _exchange_equal(send_CRL.transpose(0, 1), self.group)  # [src, C, L]
+        recv_RCL = _exchange_equal(send_CRL.transpose(0, 1), self.group, device)  # [src, C, L]
         plans = []
         for c in range(C):
             send_RL, recv_RL = send_CRL[c], recv_RCL[:, c]
@@ -305,7 +310,7 @@ class AllToAllDispatcher:
             if R > 1:
                 steps.append(_Exchange(self.group, recv_RL.sum(1).tolist(), send_RL.sum(1).tolist(), self.ep_rank))
             if not _is_identity(recv_RL.shape, (1, 0)):
-                steps.append(_Permute(block_permutation(recv_RL, (1, 0))))
+                steps.append(_Permute(block_permutation(recv_RL, (1, 0)).to(device)))
             plans.append(_Plan(steps, recv_RL.sum(0), int(send_RL.sum()), int(recv_RL.sum())))
         return plans
 
@@ -339,7 +344,7 @@ class AllToAllDispatcher:
         expert 0 from src 0, src 1, ..., then local expert 1, ...), and their counts.
         """
         counts = self._check(rows, tokens_per_expert)
-        (plan,) = self._plans(self._send_counts(counts, 1))
+        (plan,) = self._plans(self._send_counts(counts, 1), rows.device)
         ctx = DispatchContext(plan)
         local_rows = _run(plan.steps, rows, ctx.stats)
         self.dispatch_stats = ctx.stats
@@ -375,9 +380,9 @@ class AllToAllDispatcher:
         counts = self._check(rows, tokens_per_expert)
         C = self.num_chunks
         parts_EC = split_counts(counts, C)
-        plans = self._plans(parts_EC.T.reshape(C, self.ep_size, self.num_local_experts))
+        plans = self._plans(parts_EC.T.reshape(C, self.ep_size, self.num_local_experts), rows.device)
         # Gather rows chunk-major: blocks (expert, chunk) -> (chunk, expert).
-        to_chunks = _Permute(block_permutation(parts_EC, (1, 0)))
+        to_chunks = _Permute(block_permutation(parts_EC, (1, 0)).to(rows.device))
         chunks = to_chunks.apply(rows).split(parts_EC.sum(0).tolist())
         d_stats, c_stats = ExchangeStats(), ExchangeStats()
         device = tokens_per_expert.device
@@ -467,28 +472,28 @@ class HierarchicalAllToAllDispatcher(AllToAllDispatcher):
             if _group_size(group) != size:
                 raise ValueError(f"node_groups: {name}-node group has {_group_size(group)} ranks, expected {size}")
 
-    def _plans(self, send_CRL: Tensor) -> list[_Plan]:
+    def _plans(self, send_CRL: Tensor, device: torch.device) -> list[_Plan]:
         C, R, L = send_CRL.shape
         Nn, G = self.num_nodes, self.ranks_per_node
         send = send_CRL.view(C, Nn, G, L)  # [C, dst node, dst local, L]
         # Counts follow the rows' two hops (all chunks at once).
-        recv1 = _exchange_equal(send.permute(2, 0, 1, 3), self.intra_group)  # [src local, C, dst node, L]
-        recv2 = _exchange_equal(recv1.permute(2, 1, 0, 3), self.inter_group)  # [src node, C, src local, L]
+        recv1 = _exchange_equal(send.permute(2, 0, 1, 3), self.intra_group, device)  # [src local, C, dst node, L]
+        recv2 = _exchange_equal(recv1.permute(2, 1, 0, 3), self.inter_group, device)  # [src node, C, src local, L]
         intra_me, inter_me = _group_rank(self.intra_group), _group_rank(self.inter_group)
         plans = []
         for c in range(C):
             s, r1, r2 = send[c], recv1[:, c], recv2[:, c]  # [Nn, G, L], [G, Nn, L], [Nn, G, L]
             steps = []
             if not _is_identity(s.shape, (1, 0, 2)):
-                steps.append(_Permute(block_permutation(s, (1, 0, 2))))  # -> [dst local, dst node, L]
+                steps.append(_Permute(block_permutation(s, (1, 0, 2)).to(device)))  # -> [dst local, dst node, L]
             if G > 1:
                 steps.append(_Exchange(self.intra_group, r1.sum((1, 2)).tolist(), s.sum((0, 2)).tolist(), intra_me))
             if not _is_identity(r1.shape, (1, 0, 2)):
-                steps.append(_Permute(block_permutation(r1, (1, 0, 2))))  # -> [dst node, src local, L]
+                steps.append(_Permute(block_permutation(r1, (1, 0, 2)).to(device)))  # -> [dst node, src local, L]
             if Nn > 1:
                 steps.append(_Exchange(self.inter_group, r2.sum((1, 2)).tolist(), r1.sum((0, 2)).tolist(), inter_me))
             r2_RL = r2.reshape(R, L)  # [src ep rank, L]
             if not _is_identity(r2_RL.shape, (1, 0)):
-                steps.append(_Permute(block_permutation(r2_RL, (1, 0))))
+                steps.append(_Permute(block_permutation(r2_RL, (1, 0)).to(device)))
             plans.append(_Plan(steps, r2_RL.sum(0), int(s.sum()), int(r2.sum())))
         return plans
