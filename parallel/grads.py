@@ -47,10 +47,11 @@ def is_expert_param(param: torch.Tensor) -> bool:
     return getattr(param, "allreduce", True) is False
 
 
-def _average_(grads: list[torch.Tensor], group, bucket_numel: int) -> None:
-    """All-reduce-average ``grads`` in place over ``group``, a few flat buckets at a time."""
+def _average_(grads: list[torch.Tensor], group, bucket_numel: int, divisor: int) -> None:
+    """All-reduce-sum ``grads`` in place over ``group`` and divide by ``divisor``,
+    a few flat buckets at a time."""
     size = dist.get_world_size(group)
-    if size == 1 or not grads:
+    if not grads or (size == 1 and divisor == 1):
         return
     by_kind: dict[tuple, list[torch.Tensor]] = {}
     for g in grads:
@@ -63,8 +64,9 @@ def _average_(grads: list[torch.Tensor], group, bucket_numel: int) -> None:
                 numel += g.numel()
                 continue
             flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat, group=group)
-            flat.div_(size)
+            if size > 1:
+                dist.all_reduce(flat, group=group)
+            flat.div_(divisor)
             offset = 0
             for b in bucket:
                 b.copy_(flat[offset : offset + b.numel()].view_as(b))
@@ -74,8 +76,15 @@ def _average_(grads: list[torch.Tensor], group, bucket_numel: int) -> None:
 
 
 def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Parameter]], groups, *, bucket_numel: int = 1 << 24) -> None:
-    """Average gradients in place: dense parameters over ``groups.dp_group``,
-    expert parameters over ``groups.edp_group`` (average = sum / group size).
+    """Average gradients in place so that every parameter gets the gradient of the
+    mean of the data-parallel ranks' losses.
+
+    Dense parameters: sum over ``groups.dp_group`` / dp. Expert parameters: their
+    gradient already sums the contributions of every rank in the expert-parallel
+    group (the all-to-all backward brings them home), so they are summed over
+    ``groups.edp_group`` and divided by dp as well (= edp * ep): dividing by the
+    edp size alone would make expert gradients ep times too large. (With tensor
+    parallelism this assumes etp = tp, each token counted once per expert.)
 
     Every parameter with ``requires_grad`` takes part; a missing ``.grad`` is
     taken as zeros (and set), so all ranks reduce the same buckets even when an
@@ -98,5 +107,6 @@ def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Parameter]], groups,
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         (expert if is_expert_param(p) else dense).append(p.grad)
-    _average_(dense, groups.dp_group, bucket_numel)
-    _average_(expert, groups.edp_group, bucket_numel)
+    dp = groups.dims.dp
+    _average_(dense, groups.dp_group, bucket_numel, dp)
+    _average_(expert, groups.edp_group, bucket_numel, dp)

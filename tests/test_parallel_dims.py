@@ -87,7 +87,7 @@ def _check_groups(rank, world):
     local_rows, local_counts, ctx = disp.dispatch(rows, torch.tensor([1, 2]))
     assert torch.equal(disp.combine(local_rows * 2, ctx), rows * 2) and disp.bytes_sent == 0
 
-    # Gradients: dense params averaged over all 4 ranks, expert params over edp.
+    # Gradients: dense params averaged over all 4 ranks; expert params summed over edp, / dp.
     model = nn.ModuleDict({"dense": nn.Linear(3, 2), "expert": nn.Linear(3, 2, bias=False)})
     mark_expert_params(model["expert"], ep_size=2)
     assert is_expert_param(model["expert"].weight) and not is_expert_param(model["dense"].weight)
@@ -98,8 +98,9 @@ def _check_groups(rank, world):
     allreduce_gradients(model, groups, bucket_numel=4)  # small buckets: several flushes
     assert torch.all(model["dense"].weight.grad == (1 + 2 + 3 + 4) / 4)
     assert torch.all(model["dense"].bias.grad == 0)
-    edp_mean = sum(r + 1 for r in groups.group_ranks["edp"]) / 2
-    assert torch.all(model["expert"].weight.grad == edp_mean)
+    # Expert grads already hold the sum over their ep group, so: sum over edp / dp.
+    edp_sum = sum(r + 1 for r in groups.group_ranks["edp"])
+    assert torch.all(model["expert"].weight.grad == edp_sum / 4)
 
     wrong = nn.Linear(2, 2)
     mark_expert_params(wrong, ep_size=4)
