@@ -1,0 +1,32 @@
+"""The "cuda" backend: CUDA kernels from ``moe._C`` (built with a CUDA torch), via torch.library.
+
+Legend: T tokens, k choices per token, E experts, N rows, D width. Same signatures and
+results as ``moe.ops.reference`` on CUDA tensors; float32, float64, bfloat16 and float16
+rows with fp32 accumulation for the 16-bit types. A destination row may receive at most
+one assignment (not checked on the GPU: it would cost a device sync).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .library import OpSet
+
+_OPS = OpSet("cuda")
+router_topk = _OPS.router_topk
+assign_slots = _OPS.assign_slots
+permute_rows = _OPS.permute_rows
+unpermute_rows = _OPS.unpermute_rows
+
+__all__ = ["router_topk", "assign_slots", "permute_rows", "unpermute_rows", "unavailable_reason"]
+
+
+def unavailable_reason(device_type: Optional[str] = None) -> Optional[str]:
+    """None when the CUDA kernels were built into ``moe._C``, else what to build."""
+    try:
+        from moe import _C
+    except ImportError as exc:
+        return f"moe._C was not built ({exc}): run `pip install --no-build-isolation -e .` in the repository root"
+    if not getattr(_C, "has_cuda", False):
+        return ("moe._C was built without CUDA kernels: they need a CUDA build of torch and CUDA_HOME "
+                "at build time (and MOE_SKIP_CUDA unset); then rerun `pip install --no-build-isolation -e .`")
+    return None

@@ -1,0 +1,275 @@
+"""torch.library custom ops for the fast MoE kernels, with fake impls and autograd.
+
+Legend: T tokens, k choices per token, E experts, N rows (permuted assignments), D width.
+
+Every op takes a trailing ``impl`` string naming the kernel family that runs it:
+"cpp" (``moe._C`` CPU kernels), "cuda" (``moe._C`` CUDA kernels) or "triton"
+(``moe.kernels``). The ops are opaque to ``torch.compile``: the fake impls give the
+output shapes (data-dependent sizes such as ``num_rows`` come in as ints), so
+``torch.compile(fullgraph=True)`` traces straight through them.
+
+  moe::router_topk(logits[T,E], k, score, normalize, bias[E]?, impl)
+      -> weights[T,k] f32, experts[T,k] i64, scores[T,E] f32, counts[E] i64, score_sums[E] f32
+  moe::router_topk_backward(grad_weights?, grad_scores?, grad_score_sums?, scores, experts,
+      score, normalize, impl) -> grad_logits[T,E] f32
+  moe::assign_slots(experts[T,k], order[N], dispatched[T,k], num_experts, capacity?, impl)
+      -> positions[T,k], kept[T,k], tokens_per_expert[E]
+  moe::permute_rows(x[T,D], dest[T,k], num_rows, impl) -> rows[num_rows,D]
+  moe::permute_rows_backward(grad_rows[N,D], dest[T,k], impl) -> grad_x[T,D]
+  moe::unpermute_rows(rows[N,D], dest[T,k], weights[T,k], impl) -> y[T,D]
+  moe::unpermute_rows_backward(grad_y, rows, dest, weights, need_rows, need_weights, impl)
+      -> grad_rows[N,D] (or [0]), grad_weights[T,k] (or [0])
+
+Differentiable: permute_rows wrt x (and its backward wrt grad_rows, so double backward
+works), unpermute_rows wrt rows and weights, router_topk wrt logits through weights,
+scores and score_sums. ``OpSet(impl)`` wraps the ops with the signatures of
+``moe.ops.reference`` and checks user input there.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+IMPLS = ("cpp", "cuda", "triton")
+SCORES = ("softmax", "sigmoid")
+
+
+def _kernel(impl: str, name: str):
+    """The raw kernel ``name`` of the kernel family ``impl``."""
+    if impl == "cpp":
+        from moe import _C
+
+        return getattr(_C, name + "_cpu")
+    if impl == "cuda":
+        from moe import _C
+
+        if not getattr(_C, "has_cuda", False):
+            raise RuntimeError("moe._C was built without CUDA kernels: rebuild with a CUDA build of torch "
+                               "and CUDA_HOME set (`pip install --no-build-isolation -e .`)")
+        return getattr(_C, name + "_cuda")
+    if impl == "triton":
+        from moe import kernels
+
+        return getattr(kernels, name)
+    raise ValueError(f"impl={impl!r} is not allowed; choose one of {IMPLS}")
+
+
+def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+# ---------------------------------------------------------------- router_topk
+@torch.library.custom_op("moe::router_topk", mutates_args=())
+def _router_topk(logits: Tensor, k: int, score: str, normalize: bool, bias: Optional[Tensor],
+                 impl: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out = _kernel(impl, "router_topk")(logits, k, score == "sigmoid", normalize, bias)
+    return tuple(out)
+
+
+@_router_topk.register_fake
+def _(logits, k, score, normalize, bias, impl):
+    T, E = logits.shape
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    i64 = dict(dtype=torch.long, device=logits.device)
+    return (logits.new_empty((T, k), **f32), logits.new_empty((T, k), **i64), logits.new_empty((T, E), **f32),
+            logits.new_empty((E,), **i64), logits.new_empty((E,), **f32))
+
+
+@torch.library.custom_op("moe::router_topk_backward", mutates_args=())
+def _router_topk_backward(grad_weights: Optional[Tensor], grad_scores: Optional[Tensor],
+                          grad_score_sums: Optional[Tensor], scores: Tensor, experts: Tensor, score: str,
+                          normalize: bool, impl: str) -> Tensor:
+    return _kernel(impl, "router_topk_backward")(grad_weights, grad_scores, grad_score_sums, scores, experts,
+                                                 score == "sigmoid", normalize)
+
+
+@_router_topk_backward.register_fake
+def _(grad_weights, grad_scores, grad_score_sums, scores, experts, score, normalize, impl):
+    return scores.new_empty(scores.shape)
+
+
+def _router_setup(ctx, inputs, output):
+    logits, k, score, normalize, bias, impl = inputs
+    _, experts, scores, _, _ = output
+    ctx.save_for_backward(scores, experts)
+    ctx.score, ctx.normalize, ctx.impl, ctx.logits_dtype = score, normalize, impl, logits.dtype
+
+
+def _router_backward(ctx, grad_weights, grad_experts, grad_scores, grad_counts, grad_score_sums):
+    scores, experts = ctx.saved_tensors
+    grad = torch.ops.moe.router_topk_backward(grad_weights, grad_scores, grad_score_sums, scores, experts,
+                                              ctx.score, ctx.normalize, ctx.impl)
+    return grad.to(ctx.logits_dtype), None, None, None, None, None
+
+
+_router_topk.register_autograd(_router_backward, setup_context=_router_setup)
+
+
+# ---------------------------------------------------------------- assign_slots
+@torch.library.custom_op("moe::assign_slots", mutates_args=())
+def _assign_slots(experts: Tensor, order: Tensor, dispatched: Tensor, num_experts: int, capacity: Optional[int],
+                  impl: str) -> Tuple[Tensor, Tensor, Tensor]:
+    cap = -1 if capacity is None else capacity
+    return tuple(_kernel(impl, "assign_slots")(experts, order, dispatched, num_experts, cap))
+
+
+@_assign_slots.register_fake
+def _(experts, order, dispatched, num_experts, capacity, impl):
+    return (experts.new_empty(experts.shape, dtype=torch.long), experts.new_empty(experts.shape, dtype=torch.bool),
+            experts.new_empty((num_experts,), dtype=torch.long))
+
+
+# ---------------------------------------------------------------- permute_rows
+@torch.library.custom_op("moe::permute_rows", mutates_args=())
+def _permute_rows(x: Tensor, dest: Tensor, num_rows: int, impl: str) -> Tensor:
+    return _kernel(impl, "permute_rows")(x, dest, num_rows)
+
+
+@_permute_rows.register_fake
+def _(x, dest, num_rows, impl):
+    return x.new_empty((num_rows, x.shape[1]))
+
+
+@torch.library.custom_op("moe::permute_rows_backward", mutates_args=())
+def _permute_rows_backward(grad_rows: Tensor, dest: Tensor, impl: str) -> Tensor:
+    return _kernel(impl, "permute_rows_backward")(grad_rows, dest)
+
+
+@_permute_rows_backward.register_fake
+def _(grad_rows, dest, impl):
+    return grad_rows.new_empty((dest.shape[0], grad_rows.shape[1]))
+
+
+def _permute_setup(ctx, inputs, output):
+    _, dest, _, impl = inputs
+    ctx.save_for_backward(dest)
+    ctx.impl = impl
+
+
+def _permute_backward(ctx, grad_rows):
+    (dest,) = ctx.saved_tensors
+    return torch.ops.moe.permute_rows_backward(grad_rows.contiguous(), dest, ctx.impl), None, None, None
+
+
+def _permute_bwd_setup(ctx, inputs, output):
+    grad_rows, dest, impl = inputs
+    ctx.save_for_backward(dest)
+    ctx.impl, ctx.num_rows = impl, grad_rows.shape[0]
+
+
+def _permute_bwd_backward(ctx, grad_grad_x):
+    # permute_rows_backward is linear in grad_rows; its adjoint is permute_rows itself.
+    (dest,) = ctx.saved_tensors
+    return torch.ops.moe.permute_rows(grad_grad_x.contiguous(), dest, ctx.num_rows, ctx.impl), None, None
+
+
+_permute_rows.register_autograd(_permute_backward, setup_context=_permute_setup)
+_permute_rows_backward.register_autograd(_permute_bwd_backward, setup_context=_permute_bwd_setup)
+
+
+# ---------------------------------------------------------------- unpermute_rows
+@torch.library.custom_op("moe::unpermute_rows", mutates_args=())
+def _unpermute_rows(rows: Tensor, dest: Tensor, weights: Tensor, impl: str) -> Tensor:
+    return _kernel(impl, "unpermute_rows")(rows, dest, weights)
+
+
+@_unpermute_rows.register_fake
+def _(rows, dest, weights, impl):
+    return rows.new_empty((dest.shape[0], rows.shape[1]))
+
+
+@torch.library.custom_op("moe::unpermute_rows_backward", mutates_args=())
+def _unpermute_rows_backward(grad_y: Tensor, rows: Tensor, dest: Tensor, weights: Tensor, need_rows: bool,
+                             need_weights: bool, impl: str) -> Tuple[Tensor, Tensor]:
+    grad_rows, grad_weights = _kernel(impl, "unpermute_rows_backward")(grad_y, rows, dest, weights, need_rows,
+                                                                       need_weights)
+    return _empty_if_none(grad_rows, rows), _empty_if_none(grad_weights, weights)
+
+
+@_unpermute_rows_backward.register_fake
+def _(grad_y, rows, dest, weights, need_rows, need_weights, impl):
+    return (rows.new_empty(rows.shape if need_rows else (0,)),
+            weights.new_empty(weights.shape if need_weights else (0,)))
+
+
+def _unpermute_setup(ctx, inputs, output):
+    rows, dest, weights, impl = inputs
+    ctx.save_for_backward(rows, dest, weights)
+    ctx.impl = impl
+
+
+def _unpermute_backward(ctx, grad_y):
+    rows, dest, weights = ctx.saved_tensors
+    need_rows, _, need_weights, _ = ctx.needs_input_grad
+    if not (need_rows or need_weights):
+        return None, None, None, None
+    grad_rows, grad_weights = torch.ops.moe.unpermute_rows_backward(
+        grad_y.contiguous(), rows, dest, weights, need_rows, need_weights, ctx.impl)
+    return (grad_rows if need_rows else None), None, (grad_weights if need_weights else None), None
+
+
+_unpermute_rows.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+
+
+# ---------------------------------------------------------------- user-facing wrappers
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name}={value} is not allowed; it must be >= {minimum}")
+
+
+def _check_2d(name: str, t: Tensor, shape: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor of shape {shape}, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+class OpSet:
+    """The four MoE ops, with the signatures of ``moe.ops.reference``, run by ``impl``."""
+
+    def __init__(self, impl: str) -> None:
+        if impl not in IMPLS:
+            raise ValueError(f"impl={impl!r} is not allowed; choose one of {IMPLS}")
+        self.impl = impl
+
+    def router_topk(self, logits_TE: Tensor, k: int, score: str = "softmax", normalize: bool = True,
+                    bias_E: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """See ``moe.ops.reference.router_topk``."""
+        _check_2d("logits", logits_TE, "[T, E]")
+        if score not in SCORES:
+            raise ValueError(f"score={score!r} is not allowed; choose 'softmax' or 'sigmoid'")
+        _check_int("k", k, 1)
+        if k > logits_TE.shape[1]:
+            raise ValueError(f"k={k} is not allowed with E={logits_TE.shape[1]} experts; it must be in "
+                             f"[1, {logits_TE.shape[1]}]")
+        return torch.ops.moe.router_topk(logits_TE, k, score, bool(normalize), bias_E, self.impl)
+
+    def assign_slots(self, experts_TK: Tensor, order_N: Tensor, dispatched_TK: Tensor, num_experts: int,
+                     capacity: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+        """See ``moe.ops.reference.assign_slots``."""
+        _check_2d("experts", experts_TK, "[T, k]")
+        _check_int("num_experts", num_experts, 1)
+        if capacity is not None:
+            _check_int("capacity", capacity, 0)
+        return torch.ops.moe.assign_slots(experts_TK.long(), order_N.long(), dispatched_TK.bool(), num_experts,
+                                          capacity, self.impl)
+
+    def permute_rows(self, x_TD: Tensor, dest_TK: Tensor, num_rows: int) -> Tensor:
+        """See ``moe.ops.reference.permute_rows``."""
+        _check_2d("x", x_TD, "[T, D]")
+        _check_2d("dest", dest_TK, "[T, k]")
+        _check_int("num_rows", num_rows, 0)
+        return torch.ops.moe.permute_rows(x_TD, dest_TK.long(), num_rows, self.impl)
+
+    def unpermute_rows(self, rows_ND: Tensor, dest_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        """See ``moe.ops.reference.unpermute_rows``."""
+        _check_2d("rows", rows_ND, "[N, D]")
+        _check_2d("dest", dest_TK, "[T, k]")
+        if weights_TK.shape != dest_TK.shape:
+            raise ValueError(f"weights must have the shape of dest {tuple(dest_TK.shape)}, "
+                             f"got {tuple(weights_TK.shape)}")
+        return torch.ops.moe.unpermute_rows(rows_ND, dest_TK.long(), weights_TK, self.impl)

@@ -1,0 +1,94 @@
+"""Backend registry: which implementation of the MoE ops runs for a given device.
+
+A backend is a small object with the four ops of ``moe.ops.reference``
+(router_topk, assign_slots, permute_rows, unpermute_rows). ``auto`` picks the
+fastest available backend for the device type (cpu: cpp > torch; cuda: cuda >
+triton > torch); an explicitly requested backend that is not available raises a
+``RuntimeError`` saying what to build or install. Fallback is automatic only by
+device type, never silent on a missing fast kernel.
+
+Registered here: "torch" (``moe.ops.reference``), "cpp" (``moe._C`` CPU kernels),
+"cuda" (``moe._C`` CUDA kernels) and "triton" (``moe.kernels``; on CPU tensors only
+under ``TRITON_INTERPRET=1``, and never chosen by ``auto`` there).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import cpp, cuda, reference, triton
+
+
+def _always_available(device_type: Optional[str] = None) -> Optional[str]:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the four MoE ops.
+
+    name: the ``MoEConfig.backend`` value that selects it.
+    ops: module or namespace with router_topk, assign_slots, permute_rows, unpermute_rows.
+    device_types: device types it runs on when asked for by name.
+    priority: higher wins under "auto".
+    unavailable_reason: ``f(device_type) -> None`` when usable on that device type (or
+        in general for ``None``), else a message saying what to build or install.
+    auto_device_types: device types on which "auto" may choose it (default: device_types).
+    """
+
+    name: str
+    ops: object
+    device_types: Tuple[str, ...]
+    priority: int
+    unavailable_reason: Callable[[Optional[str]], Optional[str]] = _always_available
+    auto_device_types: Optional[Tuple[str, ...]] = None
+
+    def auto_for(self, device_type: str) -> bool:
+        allowed = self.device_types if self.auto_device_types is None else self.auto_device_types
+        return device_type in allowed
+
+
+_BACKENDS: Dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Add (or replace) a backend under ``backend.name``."""
+    _BACKENDS[backend.name] = backend
+
+
+def available_backends(device_type: Optional[str] = None) -> List[str]:
+    """Names of the usable backends, best first (only those ``auto`` may pick for ``device_type``)."""
+    ranked = sorted(_BACKENDS.values(), key=lambda b: -b.priority)
+    return [b.name for b in ranked
+            if (device_type is None or b.auto_for(device_type)) and b.unavailable_reason(device_type) is None]
+
+
+def get_backend(name: str, device) -> Backend:
+    """The backend called ``name`` for ``device`` ("auto": the best available one)."""
+    device_type = torch.device(device).type
+    if name == "auto":
+        names = available_backends(device_type)
+        if not names:
+            raise RuntimeError(f"no MoE op backend is available for device type {device_type!r}")
+        return _BACKENDS[names[0]]
+    if name not in _BACKENDS:
+        raise ValueError(f"backend={name!r} is not allowed; choose 'auto' or one of {sorted(_BACKENDS)}")
+    backend = _BACKENDS[name]
+    if device_type not in backend.device_types:
+        raise RuntimeError(f"backend={name!r} runs on device types {backend.device_types}, "
+                           f"not on {device_type!r}; use backend='auto' or one of "
+                           f"{[b for b in sorted(_BACKENDS) if device_type in _BACKENDS[b].device_types]}")
+    reason = backend.unavailable_reason(device_type)
+    if reason is not None:
+        raise RuntimeError(f"backend={name!r} is not available: {reason}")
+    return backend
+
+
+register_backend(Backend("torch", reference, ("cpu", "cuda", "meta"), priority=0))
+register_backend(Backend("cpp", cpp, ("cpu", "meta"), priority=10, unavailable_reason=cpp.unavailable_reason,
+                         auto_device_types=("cpu",)))
+register_backend(Backend("triton", triton, ("cuda", "cpu"), priority=20, unavailable_reason=triton.unavailable_reason,
+                         auto_device_types=("cuda",)))
+register_backend(Backend("cuda", cuda, ("cuda",), priority=30, unavailable_reason=cuda.unavailable_reason))
