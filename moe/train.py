@@ -1,0 +1,46 @@
+"""Train a MoE model from a YAML config.
+
+    python -m moe.train --config examples/configs/tiny_switch_lm.yaml --set train.steps=50
+    torchrun --standalone --nproc_per_node=4 -m moe.train --config examples/configs/tiny_limoe.yaml
+    srun python -m moe.train --config ...        # one task per rank, no torchrun
+
+``--set key.path=value`` (repeatable) overrides a config value; the value is read
+as YAML (``3``, ``1.0e-3``, ``true``, ``null``, ``[0.9, 0.99]``). ``--print-config``
+prints the validated config and exits. See ``moe/trainer/config.py`` for every key.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m moe.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.steps=20")
+    p.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    from moe.trainer.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    from moe.trainer.loop import run
+
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

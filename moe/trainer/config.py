@@ -1,0 +1,331 @@
+"""Training configuration: YAML validated into typed dataclasses.
+
+A config file has these sections (every one optional except ``task`` and
+``model``; ``python -m moe.train --print-config`` shows the defaults)::
+
+    task: limoe                # or {name: limoe}; "lm", or "package.module:function" for your own task
+    model: {preset: tiny_limoe}   # free-form, handed to the task builder
+    data: {}                      # free-form, handed to the task builder
+    parallel: {ep: 2, tp: 1, pp: 1, etp: 1, backend: auto}
+    optim: {lr: 1.0e-3, weight_decay: 0.01, betas: [0.9, 0.95], eps: 1.0e-8,
+            warmup_steps: 10, schedule: cosine, min_lr_ratio: 0.1, grad_clip: 1.0}
+    train: {steps: 100, batch_size: 16, seed: 0, log_every: 10, eval_every: 50,
+            eval_batches: null, checkpoint_every: 50, keep_checkpoints: 0,
+            out_dir: runs/x, resume: null, device: auto}
+    telemetry: {tensorboard: true, plots: true, gpu_stats: true, progress_bar: true}
+
+``load_config(path, overrides)`` reads the YAML, applies ``--set a.b=value``
+overrides (the value is parsed as YAML, so ``3``, ``0.5``, ``true``, ``null`` and
+``[0.9, 0.99]`` have their YAML types) and validates. Every problem raises
+``ConfigError`` (a ``ValueError``) naming the key path, the value it got and what
+is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import yaml
+
+BUILTIN_TASKS = ("limoe", "lm")
+_CUSTOM_TASK = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+SCHEDULES = ("cosine", "linear", "constant")
+BACKENDS = ("auto", "gloo", "nccl")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or out of range."""
+
+
+def _fail(path: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"config key '{path}': got {value!r} ({type(value).__name__}); {allowed}")
+
+
+# --------------------------------------------------------------------------------------
+# Sections. Field metadata: "check" is a (predicate, description of what is allowed).
+def _ge(n):
+    return (lambda v: v >= n, f"it must be >= {n}")
+
+
+def _gt(n):
+    return (lambda v: v > n, f"it must be > {n}")
+
+
+def _one_of(options):
+    return (lambda v: v in options, f"allowed values: {', '.join(map(repr, options))}")
+
+
+def _not_yet(what):
+    return (lambda v: v == 1, f"only 1 is allowed: {what} is not supported by moe.train yet")
+
+
+def _opt(default, check=None):
+    return field(default=default, metadata={"check": check} if check else {})
+
+
+@dataclass
+class TaskConfig:
+    """Which model and data to train: a built-in task or ``module:function``."""
+
+    name: str = ""
+
+    def validate(self, path: str) -> None:
+        if self.name not in BUILTIN_TASKS and not _CUSTOM_TASK.match(self.name):
+            _fail(f"{path}.name", self.name, f"allowed values: {', '.join(map(repr, BUILTIN_TASKS))}, "
+                  "or 'package.module:function' naming your own task builder")
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout; the data-parallel size is derived from the world size."""
+
+    ep: int = _opt(1, _ge(1))
+    # Room for tensor / pipeline / expert-tensor parallelism: not wired into the trainer yet.
+    tp: int = _opt(1, _not_yet("tensor parallelism"))
+    pp: int = _opt(1, _not_yet("pipeline parallelism"))
+    etp: int = _opt(1, _not_yet("expert tensor parallelism"))
+    backend: str = _opt("auto", _one_of(BACKENDS))
+
+    def validate(self, path: str) -> None:
+        pass
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a warmup + (cosine | linear | constant) learning-rate schedule."""
+
+    lr: float = _opt(1e-3, _gt(0.0))
+    weight_decay: float = _opt(0.01, _ge(0.0))
+    betas: Tuple[float, float] = (0.9, 0.95)
+    eps: float = _opt(1e-8, _gt(0.0))
+    warmup_steps: int = _opt(0, _ge(0))
+    schedule: str = _opt("cosine", _one_of(SCHEDULES))
+    min_lr_ratio: float = _opt(0.1, (lambda v: 0.0 <= v <= 1.0, "it must be in [0, 1]"))
+    grad_clip: Optional[float] = _opt(1.0, _ge(0.0))  # null or 0: no clipping
+
+    def validate(self, path: str) -> None:
+        for i, b in enumerate(self.betas):
+            if not 0.0 <= b < 1.0:
+                _fail(f"{path}.betas[{i}]", b, "each beta must be in [0, 1)")
+
+
+@dataclass
+class TrainLoopConfig:
+    """Steps, batch size per data-parallel rank, cadence of logs/evals/checkpoints."""
+
+    steps: int = _opt(100, _ge(1))
+    batch_size: int = _opt(8, _ge(1))  # per data-parallel rank
+    seed: int = _opt(0, _ge(0))
+    log_every: int = _opt(10, _ge(1))
+    eval_every: int = _opt(0, _ge(0))  # 0: only at the end
+    eval_batches: Optional[int] = _opt(None, _ge(1))  # null: the task's whole eval set
+    checkpoint_every: int = _opt(0, _ge(0))  # 0: only at the end
+    keep_checkpoints: int = _opt(0, _ge(0))  # 0: keep all
+    out_dir: str = "runs/default"
+    resume: Optional[str] = None  # null: start fresh; "auto": latest in out_dir if any; or a path
+    device: str = _opt("auto", _one_of(DEVICES))
+
+    def validate(self, path: str) -> None:
+        if not self.out_dir:
+            _fail(f"{path}.out_dir", self.out_dir, "it must be a non-empty directory path")
+        if self.resume is not None and not self.resume:
+            _fail(f"{path}.resume", self.resume, "use null (fresh start), 'auto' or a checkpoint path")
+
+
+@dataclass
+class TelemetryConfig:
+    """What the trainer records besides the progress line."""
+
+    tensorboard: bool = True
+    plots: bool = True
+    gpu_stats: bool = True
+    progress_bar: bool = True
+
+    def validate(self, path: str) -> None:
+        pass
+
+
+@dataclass
+class TrainConfig:
+    """The whole training job (see the module docstring for the YAML layout)."""
+
+    task: TaskConfig
+    model: Dict[str, Any]
+    data: Dict[str, Any] = field(default_factory=dict)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    def validate(self, path: str) -> None:
+        pass
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain-data form (what ``from_dict`` accepts); tuples become lists."""
+        def plain(v):
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return [plain(x) for x in v]
+            return v
+        return plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------
+# Generic, path-aware conversion of plain data into the dataclasses above.
+def _convert(path: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(path, value, args[0])
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(path, value, "it must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(path, value, "it must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                _fail(path, value, "it must be a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            _fail(path, value, "it must be a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(path, value, "it must be a string")
+        return value
+    if origin in (dict, Dict, Mapping):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            _fail(path, value, "it must be a mapping with string keys")
+        return dict(value)
+    if origin in (tuple, Tuple):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            _fail(path, value, f"it must be a list of {len(args)} values")
+        return tuple(_convert(f"{path}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    raise TypeError(f"internal: unsupported config type {tp!r} at {path}")
+
+
+def _build(cls, raw: Any, path: str):
+    if not isinstance(raw, dict):
+        _fail(path or "<root>", raw, f"it must be a mapping with keys {[f.name for f in dataclasses.fields(cls)]}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"'{path}'" if path else "the top level"
+        key = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        raise ConfigError(f"config key '{key}' is not known; allowed keys at {where}: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{path}.{name}" if path else name
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"config key '{key}' is required but missing")
+            continue
+        value = _convert(key, raw[name], hints[name])
+        check = f.metadata.get("check")
+        if check is not None and value is not None and not check[0](value):
+            _fail(key, value, check[1])
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    obj.validate(path)
+    return obj
+
+
+def from_dict(raw: Mapping[str, Any]) -> TrainConfig:
+    """Validate plain data (as read from YAML) into a ``TrainConfig``."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    raw = dict(raw)
+    if isinstance(raw.get("task"), str):  # shorthand `task: limoe`
+        raw["task"] = {"name": raw["task"]}
+    return _build(TrainConfig, raw, "")
+
+
+# --------------------------------------------------------------------------------------
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    """``"a.b=value"`` -> (["a", "b"], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value (e.g. train.steps=20)")
+    key, raw_value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(re.match(r"^[\w-]+$", p) for p in parts):
+        raise ConfigError(f"override {text!r}: key path {key!r} must be dot-separated names")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value {raw_value!r} is not valid YAML ({e})") from None
+    return parts, value
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Apply ``--set`` overrides to raw config data (in place; also returned).
+
+    Missing intermediate mappings are created (handy for the free-form ``model``
+    and ``data`` sections); unknown keys are then reported by validation.
+    """
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            if part == "task" and isinstance(node.get(part), str) and node is raw:
+                node[part] = {"name": node[part]}
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"override {text!r}: '{where}' is {child!r}, not a section, "
+                                  f"so it has no key '{parts[i + 1]}'")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = (),
+                base: Optional[Mapping[str, Any]] = None) -> TrainConfig:
+    """Read a YAML file (or start from ``base``), apply overrides, validate."""
+    raw: Dict[str, Any] = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, "
+                              f"got {type(loaded).__name__}")
+        raw.update(loaded)
+    raw = apply_overrides(_deep_copy(raw), overrides)
+    return from_dict(raw)
+
+
+def _deep_copy(v):
+    if isinstance(v, dict):
+        return {k: _deep_copy(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_deep_copy(x) for x in v]
+    return v

@@ -1,0 +1,271 @@
+"""Routing statistics, GPU counters and TensorBoard for the trainer.
+
+Legend: L MoE layers, E experts (global), M modalities.
+
+- ``RoutingRecorder`` hooks every MoE layer and adds up, between two ``reduce``
+  calls, what each forward routed: kept tokens per expert [E], kept tokens per
+  expert per modality [M, E] (when the task passes modality ids), dispatched and
+  kept assignments (drop rate), router entropy and all-to-all bytes. ``reduce``
+  sums those over the data-parallel group (every rank routes its own tokens, so
+  this is the job-wide count, expert-parallel ranks included) and returns one
+  ``LayerRouting`` per layer.
+- ``GPUMonitor`` reads utilisation, memory and power through NVML (nvidia-ml-py)
+  when this process trains on a CUDA GPU; elsewhere it is off and says so once.
+- ``ScalarWriter`` is TensorBoard on rank 0 (a no-op elsewhere or when disabled).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class LayerRouting:
+    """Job-wide routing counts of one MoE layer over an interval."""
+
+    name: str
+    tokens_per_expert: torch.Tensor  # LongTensor[E], kept assignments
+    by_modality: Optional[torch.Tensor]  # LongTensor[M, E] or None
+    dispatched: int
+    kept: int
+    entropy: float  # mean router entropy over the forwards seen
+    bytes_sent: int
+    forwards: int
+    tokens: int  # tokens the layer's routers saw (each counted once, whatever k)
+
+    @property
+    def drop_rate(self) -> float:
+        return 0.0 if self.dispatched == 0 else 1.0 - self.kept / self.dispatched
+
+    @property
+    def load(self) -> torch.Tensor:
+        """Fraction of kept assignments per expert [E] (zeros when nothing was routed)."""
+        total = self.tokens_per_expert.sum()
+        return self.tokens_per_expert.double() / total if total > 0 else self.tokens_per_expert.double()
+
+
+class _LayerAccumulator:
+    def __init__(self, num_experts: int, num_modalities: int):
+        self.E, self.M = num_experts, num_modalities
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens = torch.zeros(self.E, dtype=torch.float64)
+        self.by_mod = torch.zeros(self.M, self.E, dtype=torch.float64)
+        self.has_mod = 0.0
+        self.dispatched = self.kept = self.entropy = self.bytes = self.forwards = self.seen = 0.0
+
+    def add(self, layer) -> None:
+        stats, routing = layer.last_stats, layer.last_routing
+        if not stats:
+            return
+        self.tokens += stats["tokens_per_expert"].double()
+        by_mod = stats.get("tokens_per_expert_by_modality")
+        if by_mod is not None:
+            self.by_mod[: by_mod.shape[0]] += by_mod.double()
+            self.has_mod = 1.0
+        if routing is not None:
+            self.dispatched += float(routing.dispatched.sum())
+            self.kept += float(routing.kept.sum())
+            self.seen += routing.num_tokens
+        self.entropy += float(stats.get("router_entropy", 0.0))
+        self.bytes += float(stats.get("bytes_sent", 0))
+        self.forwards += 1
+
+    def pack(self) -> torch.Tensor:
+        scalars = torch.tensor([self.has_mod, self.dispatched, self.kept, self.entropy, self.bytes, self.forwards,
+                                self.seen], dtype=torch.float64)
+        return torch.cat([self.tokens, self.by_mod.reshape(-1), scalars])
+
+    def unpack(self, name: str, flat: torch.Tensor) -> LayerRouting:
+        E, M = self.E, self.M
+        tokens = flat[:E].round().long()
+        by_mod = flat[E: E + M * E].round().long().view(M, E)
+        has_mod, dispatched, kept, entropy, nbytes, forwards, seen = flat[E + M * E:].tolist()
+        return LayerRouting(name, tokens, by_mod if has_mod > 0 else None, int(round(dispatched)),
+                            int(round(kept)), entropy / forwards if forwards else 0.0, int(nbytes), int(forwards),
+                            int(round(seen)))
+
+
+class RoutingRecorder:
+    """Adds up each MoE layer's ``last_stats`` after every forward (see module doc)."""
+
+    def __init__(self, layers: Sequence[nn.Module], names: Optional[Sequence[str]] = None, *,
+                 training: Optional[bool] = None):
+        """``training``: count only forwards in train mode (True), eval mode (False) or both (None)."""
+        self.layers = list(layers)
+        self.training = training
+        self.names = list(names) if names is not None else [f"moe{i}" for i in range(len(self.layers))]
+        if len(self.names) != len(self.layers):
+            raise ValueError(f"RoutingRecorder: {len(self.names)} names for {len(self.layers)} layers")
+        self.acc = [_LayerAccumulator(l.config.num_experts, max(1, l.config.num_modalities)) for l in self.layers]
+        self.enabled = True
+        self._handles = [l.register_forward_hook(self._hook(i)) for i, l in enumerate(self.layers)]
+
+    def _hook(self, i: int):
+        def hook(module, args, output):
+            if self.enabled and (self.training is None or module.training == self.training):
+                self.acc[i].add(module)
+        return hook
+
+    def reset(self) -> None:
+        for a in self.acc:
+            a.reset()
+
+    def reduce(self, group=None, *, reset: bool = True) -> List[LayerRouting]:
+        """Sum every rank's counts over ``group`` (collective: all its ranks call it)."""
+        if not self.layers:
+            return []
+        packed = [a.pack() for a in self.acc]
+        flat = torch.cat(packed)
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            device = _collective_device(group)
+            buf = flat.to(device)
+            dist.all_reduce(buf, group=group)
+            flat = buf.cpu()
+        out, offset = [], 0
+        for name, a, p in zip(self.names, self.acc, packed):
+            out.append(a.unpack(name, flat[offset: offset + p.numel()]))
+            offset += p.numel()
+        if reset:
+            self.reset()
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _collective_device(group=None) -> torch.device:
+    """NCCL needs CUDA tensors; gloo takes CPU ones."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_mean(values: Dict[str, float], group=None) -> Dict[str, float]:
+    """Average a dict of floats over ``group`` (same keys on every rank, in any order)."""
+    if not values or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_collective_device(group))
+    dist.all_reduce(t, group=group)
+    t /= dist.get_world_size(group)
+    return dict(zip(keys, t.cpu().tolist()))
+
+
+# --------------------------------------------------------------------------------------
+class GPUMonitor:
+    """NVML counters of this process's GPU; ``available`` False on CPU (with ``reason``)."""
+
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.available, self.reason, self._handle, self._nvml = False, "", None, None
+        if not enabled:
+            self.reason = "disabled in the config (telemetry.gpu_stats: false)"
+            return
+        if device.type != "cuda":
+            self.reason = "training on CPU, no CUDA GPU in use"
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            # NVML counts physical GPUs; honour CUDA_VISIBLE_DEVICES when it lists plain indices.
+            visible = [v for v in __import__("os").environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+            if visible and all(v.strip().isdigit() for v in visible) and index < len(visible):
+                index = int(visible[index])
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._nvml = pynvml
+            self.available = True
+        except Exception as e:  # noqa: BLE001 - missing library / driver: telemetry just goes off
+            self.reason = f"NVML unavailable ({type(e).__name__}: {e})"
+
+    def read(self) -> Dict[str, float]:
+        """{gpu_util_pct, gpu_mem_used_gb, gpu_mem_total_gb, gpu_power_w} or {} when off."""
+        if not self.available:
+            return {}
+        n, h, out = self._nvml, self._handle, {}
+        try:
+            out["gpu_util_pct"] = float(n.nvmlDeviceGetUtilizationRates(h).gpu)
+            mem = n.nvmlDeviceGetMemoryInfo(h)
+            out["gpu_mem_used_gb"] = mem.used / 2**30
+            out["gpu_mem_total_gb"] = mem.total / 2**30
+            out["gpu_power_w"] = n.nvmlDeviceGetPowerUsage(h) / 1000.0
+        except Exception:  # noqa: BLE001 - a counter this GPU does not expose
+            pass
+        return out
+
+    def close(self) -> None:
+        if self.available:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:  # noqa: BLE001
+                pass
+            self.available = False
+
+
+# --------------------------------------------------------------------------------------
+class ScalarWriter:
+    """TensorBoard ``SummaryWriter`` on rank 0 when enabled; otherwise does nothing."""
+
+    def __init__(self, log_dir: str, enabled: bool):
+        self._w = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._w = SummaryWriter(log_dir=log_dir)
+
+    @property
+    def enabled(self) -> bool:
+        return self._w is not None
+
+    def scalars(self, prefix: str, values: Dict[str, float], step: int) -> None:
+        if self._w is None:
+            return
+        for k, v in values.items():
+            self._w.add_scalar(f"{prefix}/{k}" if prefix else k, float(v), step)
+
+    def routing(self, prefix: str, layers: Sequence[LayerRouting], step: int) -> None:
+        """Per layer: drop rate, router entropy, kept tokens and load fraction per expert."""
+        if self._w is None:
+            return
+        for lr in layers:
+            base = f"{prefix}/{lr.name}"
+            self._w.add_scalar(f"{base}/drop_rate", lr.drop_rate, step)
+            self._w.add_scalar(f"{base}/router_entropy", lr.entropy, step)
+            load = lr.load
+            for e in range(load.numel()):
+                self._w.add_scalar(f"{base}/tokens_per_expert/e{e:03d}", int(lr.tokens_per_expert[e]), step)
+            if load.numel():
+                self._w.add_scalar(f"{base}/max_load_over_mean", float(load.max() * load.numel()), step)
+            if lr.by_modality is not None:
+                for m in range(lr.by_modality.shape[0]):
+                    for e in range(lr.by_modality.shape[1]):
+                        self._w.add_scalar(f"{base}/tokens_by_modality/m{m}_e{e:03d}",
+                                           int(lr.by_modality[m, e]), step)
+
+    def image(self, tag: str, path: str, step: int) -> None:
+        if self._w is None:
+            return
+        try:
+            import matplotlib.image as mpimg
+
+            img = mpimg.imread(path)
+            self._w.add_image(tag, torch.from_numpy(img[..., :3].copy()).permute(2, 0, 1), step)
+        except Exception:  # noqa: BLE001 - the PNG on disk is what matters
+            pass
+
+    def flush(self) -> None:
+        if self._w is not None:
+            self._w.flush()
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
+            self._w = None

@@ -1,0 +1,234 @@
+"""Start the process group from whatever launched us: torchrun, srun, or nothing.
+
+Where the rank and world come from, in order:
+
+1. torchrun / ``torch.distributed.run`` (or any launcher that sets them): ``RANK``,
+   ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``.
+2. SLURM without torchrun (``srun python -m moe.train ...``, one task per rank):
+   ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``; the master is the first
+   host of ``SLURM_JOB_NODELIST`` (``scontrol show hostnames`` when available, else
+   our own parser), the port ``MASTER_PORT`` or one derived from ``SLURM_JOB_ID``.
+3. Neither: a single process (world 1) with an in-memory store.
+
+Backend: ``MOE_DIST_BACKEND`` (``gloo`` | ``nccl``) or the ``backend`` argument;
+``auto`` picks NCCL when CUDA is available, else gloo.
+
+``init_distributed()`` returns a ``DistContext``; ``ctx.close()`` destroys the
+process group only if this call created it, so the same code runs inside a test
+harness that already initialised one.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+class LaunchError(RuntimeError):
+    """The environment does not describe a consistent distributed launch."""
+
+
+# --------------------------------------------------------------------------------------
+# SLURM host lists: "node[01-03,07],gpu-a[1-2]-x" -> node01 node02 node03 node07 ...
+def _split_top_level(text: str) -> List[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth != 0:
+        raise LaunchError(f"unbalanced brackets in SLURM host list {text!r}")
+    parts.append(cur)
+    return [p for p in parts if p]
+
+
+def _expand_ranges(body: str) -> List[str]:
+    out = []
+    for item in body.split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item.strip())
+        if not m:
+            raise LaunchError(f"bad range {item!r} in SLURM host list")
+        lo, hi = m.group(1), m.group(2) or m.group(1)
+        width = len(lo)
+        out.extend(str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
+    return out
+
+
+def _expand_host(pattern: str) -> List[str]:
+    m = re.search(r"\[([^\[\]]*)\]", pattern)
+    if not m:
+        return [pattern]
+    head, tail = pattern[: m.start()], pattern[m.end():]
+    return [h for v in _expand_ranges(m.group(1)) for h in _expand_host(head + v + tail)]
+
+
+def expand_hostlist(nodelist: str) -> List[str]:
+    """Every host of a SLURM host list expression, in order (our own parser)."""
+    return [h for part in _split_top_level(nodelist.strip()) for h in _expand_host(part)]
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``scontrol show hostnames`` when present)."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                                 text=True, timeout=20, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    hosts = expand_hostlist(nodelist)
+    if not hosts:
+        raise LaunchError(f"SLURM node list {nodelist!r} names no host")
+    return hosts[0]
+
+
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits: rank, world size, local rank, master address, source."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: Optional[str]
+    master_port: Optional[int]
+    source: str  # "torchrun" | "slurm" | "single"
+
+
+def _int_env(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise LaunchError(f"environment variable {name}={env[name]!r} must be an integer") from None
+
+
+def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
+    """Read the launcher's environment (``os.environ`` by default)."""
+    env = os.environ if env is None else env
+    if "RANK" in env or "WORLD_SIZE" in env:
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+        world = _int_env(env, "WORLD_SIZE") if "WORLD_SIZE" in env else None
+        if missing and world != 1:
+            raise LaunchError(f"torchrun-style launch is missing {', '.join(missing)} in the environment")
+        rank = _int_env(env, "RANK") if "RANK" in env else 0
+        world = world or 1
+        if not 0 <= rank < world:
+            raise LaunchError(f"RANK={rank} is outside [0, WORLD_SIZE={world})")
+        return LaunchEnv(rank, world, _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+                         env.get("MASTER_ADDR"), int(env["MASTER_PORT"]) if "MASTER_PORT" in env else None,
+                         "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = _int_env(env, "SLURM_PROCID"), _int_env(env, "SLURM_NTASKS")
+        local = _int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if world > 1 and not nodelist:
+            raise LaunchError("SLURM launch without SLURM_JOB_NODELIST / SLURM_NODELIST: cannot find the master host")
+        addr = env.get("MASTER_ADDR") or (first_host(nodelist) if nodelist else "127.0.0.1")
+        if "MASTER_PORT" in env:
+            port = _int_env(env, "MASTER_PORT")
+        else:  # the same on every task of the job, different between jobs
+            port = 20000 + (_int_env(env, "SLURM_JOB_ID") % 20000 if "SLURM_JOB_ID" in env else 9500)
+        return LaunchEnv(rank, world, local, addr, port, "slurm")
+    return LaunchEnv(0, 1, 0, None, None, "single")
+
+
+def pick_backend(backend: str = "auto") -> str:
+    """``MOE_DIST_BACKEND`` wins over the argument; ``auto``: NCCL with CUDA, else gloo."""
+    backend = os.environ.get("MOE_DIST_BACKEND", "") or backend
+    if backend not in BACKENDS:
+        raise LaunchError(f"distributed backend {backend!r} is not allowed; choose one of {BACKENDS} "
+                          "(argument or MOE_DIST_BACKEND)")
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise LaunchError("backend 'nccl' needs CUDA GPUs, and torch sees none; use gloo on CPU")
+    return backend
+
+
+@dataclass
+class DistContext:
+    """The process group this process trains in (see ``init_distributed``)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    source: str
+    device: torch.device
+    owns_group: bool
+
+    def close(self) -> None:
+        """Destroy the process group if ``init_distributed`` created it (idempotent)."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_group = False
+
+
+def _pick_device(device: str, local_rank: int) -> torch.device:
+    if device not in ("auto", "cpu", "cuda"):
+        raise LaunchError(f"device {device!r} is not allowed; choose auto, cpu or cuda")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise LaunchError("device 'cuda' was asked for, but torch sees no CUDA GPU")
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def init_distributed(backend: str = "auto", *, device: str = "auto",
+                     timeout_s: float = 1800.0) -> DistContext:
+    """Initialise ``torch.distributed`` from the environment (or reuse a live group).
+
+    Returns a ``DistContext`` with this process's rank, the backend and the device
+    to train on (``cuda:LOCAL_RANK`` with CUDA unless ``device='cpu'``).
+    """
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        dev = _pick_device(device, local)
+        return DistContext(rank, world, local, dist.get_backend(), "existing", dev, owns_group=False)
+    launch = detect_launch()
+    dev = _pick_device(device, launch.local_rank)
+    name = pick_backend(backend)
+    if name == "nccl" and dev.type != "cuda":
+        name = "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    if launch.source == "single":
+        store = dist.HashStore()
+        dist.init_process_group(name, store=store, rank=0, world_size=1, timeout=timeout)
+    elif launch.source == "torchrun" and launch.world_size == 1 and not launch.master_addr:
+        dist.init_process_group(name, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        os.environ["MASTER_ADDR"] = launch.master_addr or "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(launch.master_port)
+        dist.init_process_group(name, init_method="env://", rank=launch.rank,
+                                world_size=launch.world_size, timeout=timeout)
+    return DistContext(launch.rank, launch.world_size, launch.local_rank, name, launch.source, dev,
+                       owns_group=True)
+
+
+def build_groups(ep: int = 1, *, tp: int = 1, pp: int = 1, etp: int = 1):
+    """``ParallelDims.from_world(world, ep=...)`` then ``.build()`` on a live process group."""
+    from .dims import ParallelDims
+
+    if not dist.is_initialized():
+        raise LaunchError("build_groups: call init_distributed() first")
+    dims = ParallelDims.from_world(dist.get_world_size(), ep=ep, tp=tp, pp=pp, etp=etp)
+    return dims.build()
