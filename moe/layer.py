@@ -19,6 +19,7 @@ from torch import nn
 
 from . import losses
 from .config import MoEConfig
+from .dispatch import AllToAllDispatcher
 from .experts import Experts
 from .permute import permute, unpermute
 from .router import Router
@@ -30,17 +31,27 @@ class MoELayer(nn.Module):
     """A Mixture-of-Experts FFN block (without the residual connection around it).
 
     ``ep_group``: experts are split over its ranks (E divisible by its size), tokens
-    travel by all-to-all. ``dp_group``: the ranks that hold replicas of the router;
+    travel by all-to-all. ``dispatcher``: a ready ``moe.dispatch.AllToAllDispatcher``
+    (or ``HierarchicalAllToAllDispatcher``) for that group, to choose chunked
+    overlap (``num_chunks > 1``) or the two-hop multi-node exchange; by default a
+    flat one is built. ``dp_group``: the ranks that hold replicas of the router;
     the aux-loss-free expert-bias update sums the load over it (default: ``ep_group``).
     """
 
     def __init__(self, config: MoEConfig, *, ep_group: Optional[dist.ProcessGroup] = None,
-                 dp_group: Optional[dist.ProcessGroup] = None, name: str = "moe",
+                 dp_group: Optional[dist.ProcessGroup] = None, dispatcher=None, name: str = "moe",
                  dtype: Optional[torch.dtype] = None, device=None):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
         self.config, self.name = config, name
+        if dispatcher is not None:
+            if ep_group is not None and dispatcher.group is not ep_group:
+                raise ValueError(f"{name}: dispatcher was built for another process group than ep_group")
+            if dispatcher.num_experts != config.num_experts:
+                raise ValueError(f"{name}: dispatcher has num_experts={dispatcher.num_experts}, "
+                                 f"the layer MoEConfig.num_experts={config.num_experts}; they must match")
+            ep_group = dispatcher.group
         self.ep_group = ep_group
         self.dp_group = dp_group if dp_group is not None else ep_group
         ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
@@ -56,9 +67,8 @@ class MoELayer(nn.Module):
                                init_std=config.init_std, dtype=dtype, device=device)
         from parallel.grads import mark_expert_params
         mark_expert_params(self.experts, ep_size)
-        self.dispatcher = None
-        if ep_group is not None:
-            from .dispatch import AllToAllDispatcher
+        self.dispatcher = dispatcher
+        if dispatcher is None and ep_group is not None:
             self.dispatcher = AllToAllDispatcher(ep_group, num_experts=config.num_experts)
         self.shared = (Experts(1, config.d_model, config.shared_expert_ffn, config.activation, bias=config.bias,
                                init_std=config.init_std, dtype=dtype, device=device)
@@ -89,6 +99,8 @@ class MoELayer(nn.Module):
     def _expert_compute(self, rows: torch.Tensor, rows_per_expert: torch.Tensor) -> torch.Tensor:
         if self.dispatcher is None:
             return self.experts(rows, rows_per_expert)
+        if self.dispatcher.num_chunks > 1:  # exchange of chunk c+1 overlaps compute of chunk c
+            return self.dispatcher.dispatch_compute_combine(rows, rows_per_expert, self.experts)
         local_rows, local_counts, ctx = self.dispatcher.dispatch(rows, rows_per_expert)
         return self.dispatcher.combine(self.experts(local_rows, local_counts), ctx)
 
