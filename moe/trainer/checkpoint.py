@@ -32,10 +32,12 @@ created as zeros before loading so DCP has tensors to read into.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -155,6 +157,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every save/load without a process group; that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"{_PREFIX}{step:08d}")
 
@@ -196,7 +206,9 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: Optional[
         if os.path.exists(tmp):  # leftover from a crash during an earlier save
             shutil.rmtree(tmp)
     _barrier()
-    dcp.save(full_state_dict(model, optimizer, step), checkpoint_id=tmp, process_group=process_group)
+    with _quiet_single_process():
+        dcp.save(full_state_dict(model, optimizer, step), checkpoint_id=tmp, process_group=process_group,
+                 no_dist=not dist.is_initialized())
     _barrier()
     if _rank() == 0:
         info = {"step": int(step), "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -266,5 +278,6 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
     path = resolve_checkpoint(path)
     sd = full_state_dict(model, optimizer, 0)
     _check_against(path, sd)
-    dcp.load(sd, checkpoint_id=path, process_group=process_group)
+    with _quiet_single_process():
+        dcp.load(sd, checkpoint_id=path, process_group=process_group, no_dist=not dist.is_initialized())
     return int(sd["trainer.step"])
