@@ -302,7 +302,7 @@ class Trainer:
                 self.log(f"GPU telemetry off: {gpu.reason}")
             self.maybe_resume()
             result.checkpoint = ckpt.latest_checkpoint(self.ckpt_root) if tcfg.resume else None
-            if self.is_main and cfg.telemetry.progress_bar:
+            if self.is_main and cfg.telemetry.progress_bar and sys.stderr.isatty():
                 from tqdm import tqdm
 
                 bar = tqdm(total=tcfg.steps, initial=self.step, desc="train", dynamic_ncols=True,
@@ -417,12 +417,12 @@ class Trainer:
         if self.cfg.telemetry.plots and result.history:
             result.plots.append(plots.plot_history(result.history, os.path.join(self.plot_dir, "history.png"),
                                                    title=f"{self.cfg.task.name}"))
-        self.log(f"checkpoint: {result.checkpoint}")
+        self.log(f"checkpoint: {os.path.abspath(result.checkpoint)}")
         if result.plots:
             self.log(f"plots: {os.path.abspath(self.plot_dir)} (latest: {os.path.basename(result.plots[-1])}"
                      + (f", {os.path.basename(result.plots[-2])}" if len(result.plots) > 1 else "") + ")")
         if self.cfg.telemetry.tensorboard:
-            self.log(f"tensorboard: tensorboard --logdir {os.path.join(self.out_dir, 'tb')}")
+            self.log(f"tensorboard: tensorboard --logdir {os.path.abspath(os.path.join(self.out_dir, 'tb'))}")
         acc = result.final_metrics.get("zero_shot_accuracy")
         if acc is not None:
             self.log(f"zero-shot accuracy: {acc:.2f}")

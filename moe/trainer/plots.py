@@ -43,8 +43,9 @@ def plot_modality_routing(by_layer: Dict[str, torch.Tensor], path: str, *, step:
     if not by_layer:
         raise ValueError("plot_modality_routing: no layers with per-modality counts to plot")
     names = list(by_layer)
-    fig, axes = plt.subplots(len(names), 1, figsize=(max(6.0, 0.45 * max(c.shape[1] for c in by_layer.values()) + 2),
-                                                      2.3 * len(names) + 0.6), squeeze=False)
+    width = max(6.0, 0.45 * max(c.shape[1] for c in by_layer.values()) + 2)
+    fig, axes = plt.subplots(len(names), 1, figsize=(width, 2.6 * len(names) + 0.8), squeeze=False,
+                             layout="constrained")
     for ax, name in zip(axes[:, 0], names):
         counts = by_layer[name].double()  # [M, E]
         M, E = counts.shape
@@ -64,11 +65,12 @@ def plot_modality_routing(by_layer: Dict[str, torch.Tensor], path: str, *, step:
         ax.set_xticklabels([f"e{int(e)}\n{100 * float(share[e]):.0f}%" for e in order], fontsize=7)
         ax.set_ylim(0, 1)
         ax.set_ylabel("token fraction")
-        ax.set_title(f"{name}: modality mix per expert (share of all tokens under each expert)", fontsize=9)
+        ax.set_title(name, fontsize=9, loc="left")
         idle = int((per_expert == 0).sum())
         if idle:
             ax.text(0.99, 0.95, f"{idle} idle", transform=ax.transAxes, ha="right", va="top", fontsize=8)
-    axes[0, 0].legend(loc="upper right", fontsize=8, ncol=M)
+    axes[-1, 0].set_xlabel("expert (and its share of all kept tokens), most image-heavy first", fontsize=8)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", fontsize=8, ncol=M)
     head = title or "Expert routing by modality"
     fig.suptitle(head + (f" (step {step})" if step is not None else ""), fontsize=11)
     return _save(fig, path)
@@ -85,7 +87,7 @@ def plot_expert_load(by_layer: Dict[str, torch.Tensor], path: str, *, step: Opti
         c = by_layer[n].double()
         rows.append((c / c.sum().clamp_min(1)).tolist())
     E = len(rows[0])
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * E + 2.5), 0.45 * len(names) + 1.6))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * E + 2.5), 0.45 * len(names) + 1.6), layout="constrained")
     im = ax.imshow(rows, aspect="auto", cmap="viridis", vmin=0.0)
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels(names, fontsize=8)
@@ -108,7 +110,7 @@ def plot_history(history: List[Dict[str, float]], path: str, *, title: str = "")
             if k.startswith("eval/"):
                 evals.setdefault(k[5:], []).append((h["step"], v))
     panels = 1 + len(evals)
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.2), squeeze=False, layout="constrained")
     ax = axes[0, 0]
     if train:
         ax.plot(*zip(*train), color=_COLOURS[1])

@@ -1,0 +1,139 @@
+"""Training config: YAML -> dataclasses, --set overrides, clear errors; launch env parsing."""
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from moe.trainer.config import ConfigError, TrainConfig, apply_overrides, from_dict, load_config, parse_override
+from parallel.launch import LaunchError, detect_launch, expand_hostlist, first_host
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = {"task": "lm", "model": {"preset": "tiny_switch"}}
+
+
+def cfg_with(**sections) -> TrainConfig:
+    raw = {**BASE, **sections}
+    return from_dict(raw)
+
+
+def test_defaults_and_shorthand():
+    cfg = cfg_with()
+    assert cfg.task.name == "lm" and cfg.model == {"preset": "tiny_switch"} and cfg.data == {}
+    assert cfg.parallel.ep == 1 and cfg.optim.schedule == "cosine" and cfg.optim.betas == (0.9, 0.95)
+    assert cfg.train.resume is None and cfg.telemetry.tensorboard is True
+    assert from_dict({**BASE, "task": {"name": "limoe"}}).task.name == "limoe"
+    assert cfg_with(task="my.pkg:build").task.name == "my.pkg:build"
+    assert from_dict(cfg.to_dict()) == cfg  # round trip through plain data
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "examples/configs/*.yaml"))))
+def test_example_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.task.name in ("limoe", "lm") and "preset" in cfg.model
+    if os.path.basename(path) == "tiny_limoe.yaml":
+        assert cfg.parallel.ep == 2 and cfg.model["preset"] == "tiny_limoe"
+
+
+def test_overrides_are_yaml_typed(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("task: lm\nmodel: {preset: tiny_switch}\ntrain: {steps: 10}\n")
+    cfg = load_config(p, ["train.steps=20", "optim.lr=3e-4", "optim.betas=[0.8, 0.9]", "train.resume=auto",
+                          "telemetry.plots=false", "optim.grad_clip=null", "model.moe.num_experts=4",
+                          "data.max_bytes=1000", "task=limoe", "parallel.ep=2"])
+    assert cfg.train.steps == 20 and cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.train.resume == "auto" and cfg.telemetry.plots is False and cfg.optim.grad_clip is None
+    assert cfg.model == {"preset": "tiny_switch", "moe": {"num_experts": 4}} and cfg.data == {"max_bytes": 1000}
+    assert cfg.task.name == "limoe" and cfg.parallel.ep == 2
+    assert load_config(p, ["task.name=lm"]).task.name == "lm"  # through the `task: lm` shorthand
+    assert parse_override("a.b=") == (["a", "b"], None)
+    raw = apply_overrides({}, ["x.y.z=1"])
+    assert raw == {"x": {"y": {"z": 1}}}
+
+
+@pytest.mark.parametrize("sections, match", [
+    ({"train": {"stepz": 3}}, r"config key 'train.stepz' is not known; allowed keys at 'train': steps, batch_size"),
+    ({"trian": {}}, r"config key 'trian' is not known; allowed keys at the top level: task, model"),
+    ({"train": {"steps": 0}}, r"'train.steps': got 0 \(int\); it must be >= 1"),
+    ({"train": {"steps": "ten"}}, r"'train.steps': got 'ten' \(str\); it must be an integer"),
+    ({"train": {"steps": 2.5}}, r"'train.steps': got 2.5 \(float\); it must be an integer"),
+    ({"train": {"batch_size": True}}, r"'train.batch_size': got True \(bool\); it must be an integer"),
+    ({"optim": {"lr": -1.0}}, r"'optim.lr': got -1.0 \(float\); it must be > 0"),
+    ({"optim": {"lr": "fast"}}, r"'optim.lr': got 'fast' \(str\); it must be a number"),
+    ({"optim": {"schedule": "step"}}, r"'optim.schedule': got 'step' \(str\); allowed values: 'cosine', 'linear'"),
+    ({"optim": {"betas": [0.9]}}, r"'optim.betas': got \[0.9\] \(list\); it must be a list of 2 values"),
+    ({"optim": {"betas": [0.9, 1.5]}}, r"'optim.betas\[1\]': got 1.5 \(float\); each beta must be in \[0, 1\)"),
+    ({"optim": {"min_lr_ratio": 2.0}}, r"'optim.min_lr_ratio': got 2.0 \(float\); it must be in \[0, 1\]"),
+    ({"parallel": {"ep": 0}}, r"'parallel.ep': got 0 \(int\); it must be >= 1"),
+    ({"parallel": {"tp": 2}}, r"'parallel.tp': got 2 \(int\); only 1 is allowed: tensor parallelism is not"),
+    ({"parallel": {"backend": "mpi"}}, r"'parallel.backend': got 'mpi' \(str\); allowed values: 'auto', 'gloo'"),
+    ({"telemetry": {"plots": "yes"}}, r"'telemetry.plots': got 'yes' \(str\); it must be true or false"),
+    ({"train": {"device": "tpu"}}, r"'train.device': got 'tpu' \(str\); allowed values: 'auto', 'cpu', 'cuda'"),
+    ({"train": {"resume": ""}}, r"'train.resume': got '' \(str\); use null"),
+    ({"task": "vision"}, r"'task.name': got 'vision' \(str\); allowed values: 'limoe', 'lm', or 'package"),
+    ({"model": [1, 2]}, r"'model': got \[1, 2\] \(list\); it must be a mapping with string keys"),
+    ({"train": 5}, r"'train': got 5 \(int\); it must be a mapping with keys"),
+])
+def test_bad_values_name_the_key(sections, match):
+    with pytest.raises(ConfigError, match=match):
+        cfg_with(**sections)
+
+
+def test_missing_required_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config key 'model' is required but missing"):
+        from_dict({"task": "lm"})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of sections, got list"):
+        load_config(bad)
+
+
+def test_bad_overrides():
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        load_config(None, ["train.steps"], base=BASE)
+    with pytest.raises(ConfigError, match=r"'train.steps' is 10, not a section, so it has no key 'x'"):
+        load_config(None, ["train.steps=10", "train.steps.x=1"], base=BASE)
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(None, ["train.steps=[1"], base=BASE)
+    with pytest.raises(ConfigError, match="'train.steps': got -3"):
+        load_config(None, ["train.steps=-3"], base=BASE)
+
+
+def test_float_strings_without_dot_are_numbers():
+    # YAML 1.1 reads 3e-4 as a string; the trainer takes it as the number it means
+    assert cfg_with(optim={"lr": "3e-4"}).optim.lr == pytest.approx(3e-4)
+
+
+# --------------------------------------------------------------------------------------
+def test_hostlist_parser():
+    assert expand_hostlist("localhost") == ["localhost"]
+    assert expand_hostlist("node[01-03,07],gpu5") == ["node01", "node02", "node03", "node07", "gpu5"]
+    assert expand_hostlist("rack[1-2]-n[8-9]") == ["rack1-n8", "rack1-n9", "rack2-n8", "rack2-n9"]
+    assert first_host("cn[0099-0101]") == "cn0099"
+    with pytest.raises(LaunchError, match="unbalanced brackets"):
+        expand_hostlist("node[1-2")
+
+
+def test_detect_launch_sources():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "29500"}
+    got = detect_launch(env)
+    assert (got.rank, got.world_size, got.local_rank, got.master_addr, got.master_port, got.source) == \
+        (3, 4, 1, "h0", 29500, "torchrun")
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234",
+             "SLURM_JOB_NODELIST": "zz-node[3-6]"}
+    got = detect_launch(slurm)
+    assert (got.rank, got.world_size, got.local_rank, got.master_addr, got.source) == (5, 8, 1, "zz-node3", "slurm")
+    assert got.master_port == detect_launch(slurm).master_port == 20000 + 1234
+    assert detect_launch({}).source == "single" and detect_launch({}).world_size == 1
+    with pytest.raises(LaunchError, match="missing MASTER_ADDR, MASTER_PORT"):
+        detect_launch({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(LaunchError, match="RANK=4 is outside"):
+        detect_launch({**env, "RANK": "4"})
+    with pytest.raises(LaunchError, match="SLURM_NTASKS='x' must be an integer"):
+        detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "x"})
