@@ -86,8 +86,20 @@ class Experts(nn.Module):
             return h
         return h + torch.repeat_interleave(b, counts_E, dim=0, output_size=h.shape[0])
 
-    def forward(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """rows[N, D] expert-major with counts[E] rows per local expert -> out[N, D]."""
+    def forward(self, rows_ND: torch.Tensor, counts_E: torch.Tensor, *,
+                padded_capacity: Optional[int] = None) -> torch.Tensor:
+        """rows[N, D] expert-major with counts[E] rows per local expert -> out[N, D].
+
+        ``padded_capacity=C``: every expert owns exactly C rows (N = E*C, the padded
+        layout); one batched matmul then serves all experts with static shapes.
+        """
+        if padded_capacity is not None:
+            E, C = self.num_local, padded_capacity
+
+            def padded_mm(a, b, counts):
+                return torch.bmm(a.view(E, C, a.shape[1]), b).view(E * C, b.shape[2])
+
+            return self._compute(rows_ND, counts_E, padded_mm)
         return self._compute(rows_ND, counts_E, grouped_matmul)
 
     def forward_loop(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -95,7 +107,7 @@ class Experts(nn.Module):
         return self._compute(rows_ND, counts_E, loop_matmul)
 
     def _compute(self, rows_ND, counts_E, mm):
-        if rows_ND.shape[0] != int(counts_E.sum()):
+        if not torch.compiler.is_compiling() and rows_ND.shape[0] != int(counts_E.sum()):
             raise ValueError(f"rows has {rows_ND.shape[0]} rows but counts sum to {int(counts_E.sum())}")
         w1, w2 = self.w1.to(rows_ND.dtype), self.w2.to(rows_ND.dtype)
         h = self._act(self._bias(mm(rows_ND, w1, counts_E), self.b1, counts_E))

@@ -8,6 +8,11 @@ loss). The layer keeps its last step's statistics in ``layer.last_stats``; nothi
 is accumulated in module globals.
 
 Capacity is per rank: T is the number of tokens this rank's router sees.
+
+``torch.compile(layer, fullgraph=True)`` traces the forward when a capacity is set
+(without expert parallelism): expert buffers are then padded to the capacity, so
+every shape is static, and the host-side checks (non-finite logits, modality id
+range) are skipped inside the graph. Dropless routing has data-dependent shapes.
 """
 from __future__ import annotations
 
@@ -75,8 +80,8 @@ class MoELayer(nn.Module):
                        if config.shared_expert_ffn else None)
         self.residual_coef = (nn.Linear(config.d_model, 2, dtype=dtype, device=device)
                               if config.residual_moe else None)
-        self.last_stats: Dict[str, object] = {}
         self.last_routing: Optional[Routing] = None
+        self._last_bytes = (0, 0)
 
     # ----------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor, modality: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -96,9 +101,10 @@ class MoELayer(nn.Module):
         validate_modality(flat, flat.shape[0], self.config.num_modalities)
         return flat.long()
 
-    def _expert_compute(self, rows: torch.Tensor, rows_per_expert: torch.Tensor) -> torch.Tensor:
+    def _expert_compute(self, rows: torch.Tensor, rows_per_expert: torch.Tensor,
+                        padded_capacity: Optional[int] = None) -> torch.Tensor:
         if self.dispatcher is None:
-            return self.experts(rows, rows_per_expert)
+            return self.experts(rows, rows_per_expert, padded_capacity=padded_capacity)
         if self.dispatcher.num_chunks > 1:  # exchange of chunk c+1 overlaps compute of chunk c
             return self.dispatcher.dispatch_compute_combine(rows, rows_per_expert, self.experts)
         local_rows, local_counts, ctx = self.dispatcher.dispatch(rows, rows_per_expert)
@@ -111,11 +117,13 @@ class MoELayer(nn.Module):
         cfg = self.config
         x_TD = x.reshape(-1, cfg.d_model)
         routing = self.router(x_TD, modality_T, generator=generator)
-        rows, plan = permute(x_TD, routing, backend=cfg.backend)
-        out_rows = self._expert_compute(rows, plan.rows_per_expert)
+        # Under torch.compile with a capacity, expert buffers are padded to it: static shapes.
+        pad = routing.capacity is not None and torch.compiler.is_compiling()
+        rows, plan = permute(x_TD, routing, pad_to_capacity=pad, backend=cfg.backend)
+        out_rows = self._expert_compute(rows, plan.rows_per_expert, plan.padded_capacity)
         y_TD = unpermute(out_rows, plan, routing)
         if self.shared is not None:
-            dense = self.shared(x_TD, torch.tensor([x_TD.shape[0]], device=x.device))
+            dense = self.shared.expert_mlp(0, x_TD)
             if self.residual_coef is not None:
                 coef = torch.softmax(self.residual_coef(x_TD).float(), dim=-1).to(x.dtype)
                 y_TD = y_TD * coef[:, :1] + dense * coef[:, 1:]
@@ -130,8 +138,20 @@ class MoELayer(nn.Module):
                 dist.all_reduce(load, group=self.dp_group)
             self.router.update_expert_bias(load)
         self.last_routing = routing
-        self.last_stats = self._stats(routing)
+        if self.dispatcher is not None:
+            self._last_bytes = (self.dispatcher.bytes_sent, self.dispatcher.bytes_received)
         return y_TD.view(x.shape), aux
+
+    @property
+    def last_stats(self) -> Dict[str, object]:
+        """Statistics of the last forward, computed when read (no host sync per step).
+
+        tokens_per_expert LongTensor[E] (kept, this rank), dropped_fraction, router_entropy
+        (mean per-token entropy of the router distribution), capacity, skipped, and
+        tokens_per_expert_by_modality LongTensor[M, E] when a modality was given,
+        bytes_sent / bytes_received under expert parallelism. Empty before the first call.
+        """
+        return {} if self.last_routing is None else self._stats(self.last_routing)
 
     @torch.no_grad()
     def _stats(self, routing: Routing) -> Dict[str, object]:
@@ -150,8 +170,7 @@ class MoELayer(nn.Module):
             idx = kept_mod * E + routing.experts[routing.kept]
             stats["tokens_per_expert_by_modality"] = torch.bincount(idx, minlength=M * E).view(M, E).cpu()
         if self.dispatcher is not None:
-            stats["bytes_sent"] = self.dispatcher.bytes_sent
-            stats["bytes_received"] = self.dispatcher.bytes_received
+            stats["bytes_sent"], stats["bytes_received"] = self._last_bytes
         return stats
 
     def extra_repr(self) -> str:

@@ -82,6 +82,11 @@ def _check_scores(name: str, x) -> torch.Tensor:
     return x
 
 
+def _tracing() -> bool:
+    """True under torch.compile: data-dependent host checks are skipped there."""
+    return torch.compiler.is_compiling()
+
+
 def _check_int(name: str, value, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
@@ -98,7 +103,7 @@ def _check_experts(experts, num_tokens: int, num_experts: int) -> None:
                          f"got shape {tuple(experts.shape)}")
     if experts.is_floating_point() or experts.is_complex() or experts.dtype == torch.bool:
         raise ValueError(f"experts must be an integer tensor; got dtype {experts.dtype}")
-    if experts.numel() and (int(experts.min()) < 0 or int(experts.max()) >= num_experts):
+    if experts.numel() and not _tracing() and (int(experts.min()) < 0 or int(experts.max()) >= num_experts):
         raise ValueError(f"experts has ids in [{int(experts.min())}, {int(experts.max())}]; "
                          f"allowed ids are [0, num_experts={num_experts})")
 
@@ -120,7 +125,7 @@ def _check_modality(modality, num_tokens: int, num_modalities) -> None:
         raise ValueError(f"modality must have shape [T] = [{num_tokens}]; got shape {tuple(modality.shape)}")
     if modality.is_floating_point() or modality.is_complex() or modality.dtype == torch.bool:
         raise ValueError(f"modality must be an integer tensor; got dtype {modality.dtype}")
-    if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= num_modalities):
+    if modality.numel() and not _tracing() and (int(modality.min()) < 0 or int(modality.max()) >= num_modalities):
         raise ValueError(f"modality has ids in [{int(modality.min())}, {int(modality.max())}]; "
                          f"allowed ids are [0, num_modalities={num_modalities})")
 

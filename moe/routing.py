@@ -49,7 +49,7 @@ def validate_modality(modality: Optional[torch.Tensor], num_tokens: int, num_mod
         raise ValueError(f"modality has dtype {modality.dtype}; it must be an integer tensor of modality ids")
     if modality.dim() != 1 or modality.shape[0] != num_tokens:
         raise ValueError(f"modality has shape {tuple(modality.shape)}; it must have one id per token, shape ({num_tokens},)")
-    if num_modalities is not None and num_tokens and (int(modality.min()) < 0 or int(modality.max()) >= num_modalities):
+    if num_modalities is not None and num_tokens and not torch.compiler.is_compiling() and (int(modality.min()) < 0 or int(modality.max()) >= num_modalities):
         raise ValueError(f"modality ids range over [{int(modality.min())}, {int(modality.max())}]; "
                          f"allowed ids are 0..{num_modalities - 1} (num_modalities={num_modalities})")
 
@@ -180,7 +180,9 @@ def route(
     validate_modality(modality, T, num_modalities=None)
     logits = logits.float()
     capacity = cfg.capacity_for(T, E, training)
-    if not bool(torch.isfinite(logits).all()):
+    # A host-side check (one sync); under torch.compile it is skipped: there a
+    # data-dependent raise cannot be part of the graph.
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
         if cfg.on_nonfinite == "error":
             bad = int((~torch.isfinite(logits)).any(dim=1).sum())
             raise FloatingPointError(f"{name}: router logits are not finite for {bad} of {T} tokens "
