@@ -162,6 +162,10 @@ def make_task(cfg: TrainConfig, groups, device: torch.device, task_builder: Opti
     return task_builder(name, dict(cfg.model), dict(cfg.data), groups=groups, device=str(device))
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
 def _layer_names(model: nn.Module, layers: List[nn.Module]) -> List[str]:
     qualified = {id(m): n for n, m in model.named_modules()}
     return [qualified.get(id(l), f"moe{i}") or f"moe{i}" for i, l in enumerate(layers)]
@@ -281,8 +285,8 @@ class Trainer:
         n_exp = sum(p.numel() for p in self.model.parameters() if is_expert_param(p))
         dims = self.groups.dims.sizes() if self.groups is not None else {"dp": 1, "ep": 1, "edp": 1}
         layout = ", ".join(f"{k}={dims[k]}" for k in ("dp", "ep", "edp"))
-        return (f"task {self.cfg.task.name}: {len(self.train_rec.layers)} MoE layers, params on this rank "
-                f"{n_all / 1e6:.2f}M ({n_exp / 1e6:.2f}M expert); world {self.world} ({layout}); "
+        return (f"task {self.cfg.task.name}: {len(self.train_rec.layers)} MoE layer(s), params on this rank "
+                f"{_count(n_all)} ({_count(n_exp)} in experts); world {self.world} ({layout}); "
                 f"device {self.device}; batch {self.cfg.train.batch_size}/rank; steps {self.cfg.train.steps}")
 
     def fit(self) -> TrainResult:
@@ -334,8 +338,9 @@ class Trainer:
                                                batch_size=tcfg.batch_size, seed=tcfg.seed,
                                                start_step=self.step))
         window: Dict[str, float] = {}
-        window_steps, t0 = 0, time.perf_counter()
+        window_steps, busy = 0, 0.0  # busy: seconds spent in training steps (evals/saves excluded)
         while self.step < tcfg.steps:
+            t0 = time.perf_counter()
             torch.manual_seed(step_seed(tcfg.seed, self.step, self.rank))
             try:
                 batch = next(batches)
@@ -356,6 +361,9 @@ class Trainer:
                 allreduce_gradients(self.model, self.groups)
             grad_norm = clip_gradients(self.model, cfg.optim.grad_clip, self.groups)
             self.optimizer.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            busy += time.perf_counter() - t0
             self.step += 1
             result.losses.append(value)
             window_steps += 1
@@ -364,9 +372,8 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             if self.step % tcfg.log_every == 0 or self.step == tcfg.steps:
-                elapsed = time.perf_counter() - t0
-                self._log_window(result, writer, gpu, bar, window, window_steps, elapsed, lr)
-                window, window_steps, t0 = {}, 0, time.perf_counter()
+                self._log_window(result, writer, gpu, bar, window, window_steps, busy, lr)
+                window, window_steps, busy = {}, 0, 0.0
             if tcfg.eval_every and self.step % tcfg.eval_every == 0 and self.step < tcfg.steps:
                 self.evaluate(writer, result)
             if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
