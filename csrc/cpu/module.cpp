@@ -1,6 +1,6 @@
 // Python bindings of moe._C: the CPU kernels always, the CUDA kernels when built with them.
 // The torch.library custom ops in moe/ops/library.py call these functions.
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include "ops.h"
 
@@ -8,6 +8,10 @@
 namespace moe {
 void register_cuda_kernels(pybind11::module& m);  // csrc/cuda/bindings.cpp
 }
+#endif
+
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
