@@ -23,6 +23,7 @@ import moe
 from moe.trainer import checkpoint as ckpt
 from moe.trainer.config import from_dict
 from moe.trainer.loop import Trainer, lr_at, run
+from moe.trainer.telemetry import RoutingRecorder
 from tests.distributed import free_port, run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,8 +175,16 @@ def _four_ranks(rank, world, out_dir):
     result = trainer.fit()
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     first = trainer.model.moe.experts.first_expert
-    return {"losses": result.losses, "params": params, "first_expert": first,
-            "metrics": result.final_metrics, "plots": result.plots, "ckpt": result.checkpoint}
+    # routing telemetry is summed over every rank (EP ranks included)
+    rec = RoutingRecorder(trainer.task.moe_layers(), training=False)
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.task.evaluate()
+    (routing,) = rec.reduce(trainer.groups.dp_group)
+    local = trainer.model.moe.last_stats
+    return {"losses": result.losses, "params": params, "first_expert": first, "routing": routing,
+            "local_tokens": local["tokens_per_expert"], "metrics": result.final_metrics,
+            "plots": result.plots, "ckpt": result.checkpoint}
 
 
 def test_four_processes_expert_parallel(tmp_path):
@@ -194,6 +203,11 @@ def test_four_processes_expert_parallel(tmp_path):
     assert out[0]["metrics"] == out[1]["metrics"]
     assert out[0]["plots"] and os.path.isfile(out[0]["plots"][-1]) and not out[1]["plots"]
     assert out[0]["ckpt"].endswith("step_00000004")
+    routing = out[0]["routing"]
+    assert routing.tokens == 4 * 16 * SEQ and routing.forwards == 4
+    assert torch.equal(routing.tokens_per_expert, sum(o["local_tokens"] for o in out))
+    assert torch.equal(routing.by_modality.sum(0), routing.tokens_per_expert)
+    assert int(routing.tokens_per_expert.sum()) == routing.kept <= routing.dispatched == 4 * 16 * SEQ * 2
 
 
 def test_crash_keeps_last_checkpoint_and_destroys_group(tmp_path):

@@ -304,8 +304,7 @@ class Trainer:
             self.log(self._describe())
             if not gpu.available:
                 self.log(f"GPU telemetry off: {gpu.reason}")
-            self.maybe_resume()
-            result.checkpoint = ckpt.latest_checkpoint(self.ckpt_root) if tcfg.resume else None
+            result.checkpoint = self.maybe_resume()
             if self.is_main and cfg.telemetry.progress_bar and sys.stderr.isatty():
                 from tqdm import tqdm
 
@@ -316,7 +315,8 @@ class Trainer:
                 bar.close()
                 bar = None
             result.final_metrics = self.evaluate(writer, result)
-            if result.checkpoint is None or not result.checkpoint.endswith(f"{self.step:08d}"):
+            here = os.path.abspath(ckpt.step_dir(self.ckpt_root, self.step))
+            if result.checkpoint is None or os.path.abspath(result.checkpoint) != here:
                 result.checkpoint = self.save()
             result.step = self.step
             if self.is_main:

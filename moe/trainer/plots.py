@@ -110,16 +110,21 @@ def plot_history(history: List[Dict[str, float]], path: str, *, title: str = "")
             if k.startswith("eval/"):
                 evals.setdefault(k[5:], []).append((h["step"], v))
     panels = 1 + len(evals)
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.2), squeeze=False, layout="constrained")
-    ax = axes[0, 0]
+    cols = min(3, panels)
+    rows = -(-panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False, layout="constrained")
+    flat = list(axes.reshape(-1))
+    ax = flat[0]
     if train:
         ax.plot(*zip(*train), color=_COLOURS[1])
     ax.set_title("train loss", fontsize=10)
     ax.set_xlabel("step")
-    for ax, (k, pts) in zip(axes[0, 1:], sorted(evals.items())):
+    for ax, (k, pts) in zip(flat[1:], sorted(evals.items())):
         ax.plot(*zip(*pts), marker="o", color=_COLOURS[0])
         ax.set_title(f"eval {k}", fontsize=10)
         ax.set_xlabel("step")
+    for ax in flat[panels:]:
+        ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, path)
