@@ -146,3 +146,39 @@ def test_mismatched_model_gives_clear_error(tmp_path):
         ckpt.load_checkpoint(path, big.model)
     with pytest.raises(ckpt.CheckpointError, match="neither a checkpoint directory"):
         ckpt.load_checkpoint(str(tmp_path / "nothing"), small.model)
+
+
+# --------------------------------------------------------------------------------------
+# The same with a real task (the byte-level Switch LM), where moe.tasks is present.
+def _lm_config(out_dir, ep, steps):
+    from moe.trainer.config import from_dict
+
+    return from_dict({
+        "task": "lm", "model": {"preset": "tiny_switch", "n_layers": 2, "max_seq_len": 64},
+        "data": {"max_bytes": 100_000, "eval_batches": 2, "eval_batch_size": 4},
+        "parallel": {"ep": ep}, "optim": {"lr": 3e-3, "warmup_steps": 0},
+        "train": {"steps": steps, "batch_size": 4, "log_every": 1, "out_dir": str(out_dir)},
+        "telemetry": {"tensorboard": False, "plots": False},
+    })
+
+
+def _lm_ep2(rank, world, out_dir):
+    trainer = trainer_in_group(_lm_config(out_dir, 2, 2))
+    result = trainer.fit()
+    return result.final_metrics, result.checkpoint
+
+
+def test_real_lm_task_reshards_ep2_to_ep1(tmp_path):
+    pytest.importorskip("moe.tasks")
+    out = run_distributed(_lm_ep2, 2, str(tmp_path / "ep2"), timeout=180)
+    (metrics, path), (metrics1, _) = out
+    assert metrics == metrics1
+    from moe.tasks import build_task
+
+    cfg = _lm_config(tmp_path / "ep1", 1, 2)
+    task = build_task("lm", cfg.model, cfg.data)
+    assert ckpt.load_checkpoint(path, task.model) == 2
+    task.model.eval()
+    with torch.no_grad():
+        again = task.evaluate()
+    assert again["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)
