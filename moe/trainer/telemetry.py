@@ -3,7 +3,8 @@
 Legend: L MoE layers, E experts (global), M modalities.
 
 - ``RoutingRecorder`` hooks every MoE layer and adds up, between two ``reduce``
-  calls, what each forward routed: kept tokens per expert [E], kept tokens per
+  calls, what each forward routed (read from ``layer.last_routing``, on its device,
+  so there is no host sync per step): kept tokens per expert [E], kept tokens per
   expert per modality [M, E] (when the task passes modality ids), dispatched and
   kept assignments (drop rate), router entropy and all-to-all bytes. ``reduce``
   sums those over the data-parallel group (every rank routes its own tokens, so
@@ -49,50 +50,64 @@ class LayerRouting:
 
 
 class _LayerAccumulator:
+    """Running sums for one layer. Device-side counts stay on the routing's device
+    (no host sync per forward); host-known numbers (token counts, bytes) are ints."""
+
     def __init__(self, num_experts: int, num_modalities: int):
         self.E, self.M = num_experts, num_modalities
         self.reset()
 
     def reset(self) -> None:
-        self.tokens = torch.zeros(self.E, dtype=torch.float64)
-        self.by_mod = torch.zeros(self.M, self.E, dtype=torch.float64)
-        self.has_mod = 0.0
-        self.dispatched = self.kept = self.entropy = self.bytes = self.forwards = self.seen = 0.0
+        # [E kept per expert | M*E kept per (modality, expert) | dispatched, kept, entropy sum]
+        self.sums: Optional[torch.Tensor] = None
+        self.has_mod = False
+        self.bytes = self.forwards = self.seen = 0
 
+    @torch.no_grad()
     def add(self, layer) -> None:
-        stats, routing = layer.last_stats, layer.last_routing
-        if not stats:
+        routing = layer.last_routing
+        if routing is None:
             return
-        self.tokens += stats["tokens_per_expert"].double()
-        by_mod = stats.get("tokens_per_expert_by_modality")
-        if by_mod is not None:
-            self.by_mod[: by_mod.shape[0]] += by_mod.double()
-            self.has_mod = 1.0
-        if routing is not None:
-            self.dispatched += float(routing.dispatched.sum())
-            self.kept += float(routing.kept.sum())
-            self.seen += routing.num_tokens
-        self.entropy += float(stats.get("router_entropy", 0.0))
-        self.bytes += float(stats.get("bytes_sent", 0))
+        E, M = self.E, self.M
+        if self.sums is None:
+            self.sums = torch.zeros(E + M * E + 3, dtype=torch.float64, device=routing.experts.device)
+        s = self.sums
+        s[:E] += routing.tokens_per_expert.to(s.device, torch.float64)
+        kept = routing.kept
+        if routing.modality is not None and routing.num_tokens:
+            mod = routing.modality.unsqueeze(1).expand_as(routing.experts)[kept]
+            idx = mod * E + routing.experts[kept]
+            s[E: E + M * E] += torch.bincount(idx, minlength=M * E)[: M * E].to(s.device, torch.float64)
+            self.has_mod = True
+        s[E + M * E] += routing.dispatched.sum()
+        s[E + M * E + 1] += kept.sum()
+        if routing.num_tokens:
+            p = routing.probs.float()
+            s[E + M * E + 2] += -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
+        dispatcher = getattr(layer, "dispatcher", None)
+        if dispatcher is not None:
+            self.bytes += int(getattr(dispatcher, "bytes_sent", 0))
         self.forwards += 1
+        self.seen += routing.num_tokens
 
     def pack(self) -> torch.Tensor:
-        scalars = torch.tensor([self.has_mod, self.dispatched, self.kept, self.entropy, self.bytes, self.forwards,
-                                self.seen], dtype=torch.float64)
-        return torch.cat([self.tokens, self.by_mod.reshape(-1), scalars])
+        E, M = self.E, self.M
+        sums = self.sums.cpu() if self.sums is not None else torch.zeros(E + M * E + 3, dtype=torch.float64)
+        host = torch.tensor([float(self.has_mod), self.bytes, self.forwards, self.seen], dtype=torch.float64)
+        return torch.cat([sums, host])
 
     def unpack(self, name: str, flat: torch.Tensor) -> LayerRouting:
         E, M = self.E, self.M
         tokens = flat[:E].round().long()
         by_mod = flat[E: E + M * E].round().long().view(M, E)
-        has_mod, dispatched, kept, entropy, nbytes, forwards, seen = flat[E + M * E:].tolist()
+        dispatched, kept, entropy, has_mod, nbytes, forwards, seen = flat[E + M * E:].tolist()
         return LayerRouting(name, tokens, by_mod if has_mod > 0 else None, int(round(dispatched)),
                             int(round(kept)), entropy / forwards if forwards else 0.0, int(nbytes), int(forwards),
                             int(round(seen)))
 
 
 class RoutingRecorder:
-    """Adds up each MoE layer's ``last_stats`` after every forward (see module doc)."""
+    """Adds up each MoE layer's routing after every forward (see module doc)."""
 
     def __init__(self, layers: Sequence[nn.Module], names: Optional[Sequence[str]] = None, *,
                  training: Optional[bool] = None):
