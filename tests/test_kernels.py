@@ -390,14 +390,16 @@ def test_opcheck_custom_ops():
         torch.library.opcheck(op, args)
 
 
-def test_compile_fullgraph_pipeline():
+@pytest.mark.parametrize("compile_backend,dynamic", [("aot_eager", False), ("aot_eager", True), ("inductor", False)])
+def test_compile_fullgraph_pipeline(compile_backend, dynamic):
     """router_topk -> assign_slots -> permute -> expert -> unpermute, fixed capacity, fullgraph."""
     if not _cpp_built():
         pytest.fail(registry.cpp.unavailable_reason())
     ops = get_backend("cpp", "cpu").ops
-    T, E, k, D, C = 16, 4, 2, 8, 6
+    E, k, D, C = 4, 2, 8, 6
 
     def pipeline(x, w_router, w_expert):
+        T = x.shape[0]
         weights, experts, _, _, _ = ops.router_topk(x @ w_router, k, "softmax", True)
         order = torch.arange(T * k, device=x.device)
         dispatched = torch.ones(T, k, dtype=torch.bool, device=x.device)
@@ -408,17 +410,18 @@ def test_compile_fullgraph_pipeline():
         return ops.unpermute_rows(torch.relu(hidden), dest, weights)
 
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(T, D, generator=gen, requires_grad=True)
     w_router = torch.randn(D, E, generator=gen, requires_grad=True)
     w_expert = torch.randn(E, D, D, generator=gen, requires_grad=True)
-    compiled = torch.compile(pipeline, fullgraph=True, backend="aot_eager")
-    eager_y = pipeline(x, w_router, w_expert)
-    y = compiled(x, w_router, w_expert)
-    torch.testing.assert_close(y, eager_y)
-    g_eager = torch.autograd.grad(eager_y.square().sum(), (x, w_router, w_expert))
-    g = torch.autograd.grad(y.square().sum(), (x, w_router, w_expert))
-    for a, b in zip(g, g_eager):
-        torch.testing.assert_close(a, b)
+    compiled = torch.compile(pipeline, fullgraph=True, backend=compile_backend, dynamic=dynamic)
+    for T in ((16, 24) if dynamic else (16,)):
+        x = torch.randn(T, D, generator=gen, requires_grad=True)
+        eager_y = pipeline(x, w_router, w_expert)
+        y = compiled(x, w_router, w_expert)
+        torch.testing.assert_close(y, eager_y)
+        g_eager = torch.autograd.grad(eager_y.square().sum(), (x, w_router, w_expert))
+        g = torch.autograd.grad(y.square().sum(), (x, w_router, w_expert))
+        for a, b in zip(g, g_eager):
+            torch.testing.assert_close(a, b)
 
 
 # ---------------------------------------------------------------- registry

@@ -7,7 +7,7 @@ Legend: T tokens, d width, E experts, k choices per token.
     python tools/bench_kernels.py --device cuda --T 16384 --d 1024 --E 64 --k 2 8
 
 For each (T, d, E, k) and backend it times, forward and backward (median of --repeats
-after --warmup runs): router_topk (logits[T,E] -> weights, scores), assign_slots
+after --warmup runs; --stat min for a loaded machine): router_topk (logits[T,E] -> weights, scores), assign_slots
 (forward only: integer outputs, capacity factor 1.25), permute_rows, unpermute_rows,
 and "permute+unpermute" (the token round trip of an MoE layer, with gradients wrt x and
 the weights). Speedups are against the "torch" reference in the same process. Results
@@ -41,7 +41,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+STAT = {"median": statistics.median, "min": min}
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, stat: str) -> float:
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -51,7 +54,7 @@ def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repe
         fn()
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return STAT[stat](times)
 
 
 def _inputs(T: int, d: int, E: int, k: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -104,8 +107,8 @@ def _cases(ops, data, T: int, d: int, E: int, k: int):
             "permute+unpermute": round_trip}
 
 
-def _time_case(forward, device, warmup, repeats) -> Tuple[float, Optional[float]]:
-    fwd_ms = _median_ms(forward, device, warmup, repeats)
+def _time_case(forward, device, warmup, repeats, stat) -> Tuple[float, Optional[float]]:
+    fwd_ms = _time_ms(forward, device, warmup, repeats, stat)
     probe = forward()
     if probe is None:
         return fwd_ms, None
@@ -115,7 +118,7 @@ def _time_case(forward, device, warmup, repeats) -> Tuple[float, Optional[float]
     def backward():
         torch.autograd.grad(outputs, inputs, grads, retain_graph=True)
 
-    return fwd_ms, _median_ms(backward, device, warmup, repeats)
+    return fwd_ms, _time_ms(backward, device, warmup, repeats, stat)
 
 
 def run(args) -> List[Dict]:
@@ -140,7 +143,7 @@ def run(args) -> List[Dict]:
                             ops = get_backend(name, device).ops
                             cases = _cases(ops, data, T, d, E, k)
                             for op in args.ops:
-                                fwd, bwd = _time_case(cases[op], device, args.warmup, args.repeats)
+                                fwd, bwd = _time_case(cases[op], device, args.warmup, args.repeats, args.stat)
                                 total = fwd + (bwd or 0.0)
                                 if name == "torch":
                                     base[op] = total
@@ -179,6 +182,13 @@ def machine() -> str:
             f"python {platform.python_version()}")
 
 
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -192,6 +202,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--stat", default="median", choices=sorted(STAT),
+                   help="summary of the repeats (min is steadier on a shared, loaded machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU runs")
     p.add_argument("--max-rows-bytes", type=float, default=2.5e9, help="skip shapes whose rows[T*k, d] exceed this")
     p.add_argument("--quick", action="store_true",
                    help="only the headline shape T=16384, d=1024, E=64, k=2")
@@ -203,9 +216,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
     print(f"command: python tools/bench_kernels.py {' '.join(sys.argv[1:] if argv is None else argv)}")
-    print(f"dtype: {args.dtype}; median of {args.repeats} after {args.warmup} warmup\n")
+    print(f"dtype: {args.dtype}; {args.stat} of {args.repeats} after {args.warmup} warmup; "
+          f"load average before: {_loadavg()}\n")
     print(table(run(args)))
 
 
