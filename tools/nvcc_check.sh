@@ -47,7 +47,10 @@ shopt -s nullglob
 echo "nvcc_check: $("$NVCC" --version | tail -1), arch $ARCH"
 for src in csrc/cuda/*.cu; do
   start=$SECONDS
-  if "$NVCC" -std=c++17 -O3 -arch="$ARCH" -Icsrc/cuda "${TORCH_INC[@]}" -c "$src" -o "$OUT/$(basename "$src").o"; then
+  # The half/bfloat16 macros are the ones torch.utils.cpp_extension passes to nvcc.
+  if "$NVCC" -std=c++17 -O3 -arch="$ARCH" -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+      -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ -Icsrc/cuda "${TORCH_INC[@]}" \
+      -c "$src" -o "$OUT/$(basename "$src").o"; then
     echo "  ok    $src ($((SECONDS - start))s)"
   else
     echo "  FAIL  $src"
