@@ -424,6 +424,31 @@ def test_compile_fullgraph_pipeline(compile_backend, dynamic):
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("policy,capacity_factor", [("topk", None), ("topk", 1.0), ("switch", 1.25),
+                                                     ("expert_bias", None)])
+def test_moe_layer_cpp_backend_equals_torch_backend(policy, capacity_factor):
+    """The whole layer gives the same output, aux losses and gradients with either backend."""
+    if not _cpp_built():
+        pytest.fail(registry.cpp.unavailable_reason())
+    moe = pytest.importorskip("moe")
+    top_k = 1 if policy == "switch" else 2
+    results = []
+    for backend in ("cpp", "torch"):
+        torch.manual_seed(0)
+        cfg = moe.MoEConfig(d_model=12, d_ffn=16, num_experts=4, backend=backend,
+                            router=moe.RouterConfig(top_k=top_k, policy=policy, capacity_factor=capacity_factor))
+        layer = moe.MoELayer(cfg)
+        x = torch.randn(2, 15, 12, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y, aux = layer(x)
+        loss = y.square().sum() + sum(aux.values())
+        grads = torch.autograd.grad(loss, [x] + [p for p in layer.parameters() if p.requires_grad])
+        results.append((y, [aux[name] for name in sorted(aux)], grads))
+    (y, aux, grads), (y_ref, aux_ref, grads_ref) = results
+    torch.testing.assert_close(y, y_ref)
+    for a, b in zip(aux + list(grads), aux_ref + list(grads_ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- registry
 def test_registry_auto_picks_cpp_on_cpu():
     if not _cpp_built():
