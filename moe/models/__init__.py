@@ -1,0 +1,32 @@
+"""Models built on ``moe.MoELayer``: the MoE transformer, a byte-level LM and LIMoE.
+
+- ``TransformerConfig`` / ``MoESettings`` / ``Transformer`` / ``Block``: pre-LN blocks
+  whose FFN is a dense MLP or an MoE layer every ``moe_every`` blocks.
+- ``LMConfig`` / ``LanguageModel``: decoder-only LM over ``moe.data`` bytes.
+- ``LIMoEConfig`` / ``LIMoEModel``: one shared tower for images and text, trained
+  with a CLIP loss; ``zero_shot_accuracy``.
+- ``presets``: named configs (``switch``, ``gshard``, ``tiny_limoe``, each with a
+  ``*_dense`` equal-active-FLOPs twin); ``active_ffn_flops_per_token``.
+"""
+from .limoe import IMAGE, TEXT, LIMoEConfig, LIMoEModel, contrastive_loss, zero_shot_accuracy
+from .lm import LanguageModel, LMConfig, lm_loss
+from .presets import PRESETS, preset, preset_names, resolve_model_config
+from .transformer import (
+    MLP,
+    Attention,
+    Block,
+    MoESettings,
+    Transformer,
+    TransformerConfig,
+    active_ffn_flops_per_token,
+    attention_mask,
+    dense_equivalent,
+    init_weights,
+)
+
+__all__ = [
+    "IMAGE", "TEXT", "LIMoEConfig", "LIMoEModel", "contrastive_loss", "zero_shot_accuracy",
+    "LanguageModel", "LMConfig", "lm_loss", "PRESETS", "preset", "preset_names", "resolve_model_config",
+    "MLP", "Attention", "Block", "MoESettings", "Transformer", "TransformerConfig",
+    "active_ffn_flops_per_token", "attention_mask", "dense_equivalent", "init_weights",
+]

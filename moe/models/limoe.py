@@ -1,0 +1,327 @@
+"""LIMoE: one shared (MoE) transformer tower for images and text, trained contrastively.
+
+Legend: B batch, C channels, H = W image side, p patch side, P = (H/p)^2 patches,
+L text length, D model width, K shared embedding width, T tokens routed by an
+MoE layer (all image patches + the real text tokens of the batch).
+
+Images are cut into patches by a strided conv (ViT), text bytes are embedded;
+each gets learned positions and a learned modality embedding (image=0, text=1).
+Both go through the SAME blocks. In every block attention runs per sequence
+within its modality (text with a key-padding mask), while the FFN sees all image
+tokens and all real text tokens of the batch as ONE token set with modality ids,
+so an MoE layer routes them together: BPR priorities, capacity and the
+per-modality LIMoE losses (``limoe_local``, ``limoe_global``, per-modality
+``load_balancing``) are computed over both modalities, as in Mustafa et al.
+2022. Padding text tokens never reach the FFN (they keep their residual value and
+are masked out as attention keys), so they do not change routing, capacity or the
+losses, and the text embedding does not depend on how much padding there is.
+
+Embeddings: image = mean of the patch outputs, text = mean of the real-token
+outputs (after the final LayerNorm), each linearly projected to K and
+L2-normalised. Contrastive loss (CLIP):
+``logits = exp(logit_scale) * u v^T``, ``loss = (CE(logits, arange) + CE(logits^T, arange)) / 2``,
+``exp(logit_scale)`` starts at ``1/0.07`` and is clamped to at most 100.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import load_balancing_loss
+from ..data.tokenizer import VOCAB_SIZE, ByteTokenizer
+from .transformer import (
+    Transformer,
+    TransformerConfig,
+    _check_keys,
+    _float,
+    _int,
+    config_from_dict,
+    dense_equivalent,
+    init_weights,
+    sum_aux,
+)
+
+__all__ = ["LIMoEConfig", "LIMoEModel", "contrastive_loss", "zero_shot_accuracy", "IMAGE", "TEXT"]
+
+IMAGE, TEXT = 0, 1
+
+
+@dataclass(frozen=True)
+class LIMoEConfig:
+    """The one-tower image-text model.
+
+    Fields:
+      transformer: the shared tower (``causal`` forced False, ``num_modalities`` forced 2).
+      image_size, patch_size (must divide image_size), in_channels: the ViT patchifier.
+      text_length: L, the fixed (padded) caption length in byte tokens; vocab_size: V.
+      embed_dim: K, the shared embedding width.
+      logit_scale_init: initial ``exp(logit_scale)`` (CLIP: 1/0.07); logit_scale_max: its clamp (100).
+      joint_load_balancing: coefficient of a Switch load-balancing loss over the image
+        AND text tokens of each MoE layer together (logged as ``load_balancing_joint``).
+        The layer's own ``load_balancing`` is per modality (each modality spread over
+        all experts); the joint one only asks the TOTAL load to be even, which leaves
+        room for image and text experts (LIMoE applies its classic balancing losses
+        to the whole batch and its entropy losses per modality).
+      gather_negatives: with a data-parallel group of size > 1, compute the contrastive
+        loss against the embeddings of the WHOLE global batch (all-gather with autograd,
+        as CLIP does); otherwise each rank uses its local batch only.
+      init_seed: weights depend only on it and parameter names (not on the EP layout).
+    """
+
+    transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(num_modalities=2))
+    image_size: int = 32
+    patch_size: int = 8
+    in_channels: int = 3
+    text_length: int = 48
+    vocab_size: int = VOCAB_SIZE
+    embed_dim: int = 64
+    logit_scale_init: float = 1.0 / 0.07
+    logit_scale_max: float = 100.0
+    joint_load_balancing: float = 0.0
+    gather_negatives: bool = True
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.transformer, TransformerConfig):
+            raise TypeError(f"transformer must be a TransformerConfig, got {type(self.transformer).__name__}")
+        t = self.transformer
+        if t.causal or t.num_modalities != 2:
+            object.__setattr__(self, "transformer", replace(t, causal=False, num_modalities=2))
+        _int("image_size", self.image_size, 1)
+        _int("patch_size", self.patch_size, 1)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size={self.patch_size} is not allowed with image_size={self.image_size}; "
+                             "it must divide image_size")
+        _int("in_channels", self.in_channels, 1)
+        _int("text_length", self.text_length, 1)
+        _int("vocab_size", self.vocab_size, 2)
+        _int("embed_dim", self.embed_dim, 1)
+        _float("logit_scale_max", self.logit_scale_max, 0.0, math.inf, lo_open=True, hi_open=True)
+        _float("logit_scale_init", self.logit_scale_init, 0.0, self.logit_scale_max, lo_open=True)
+        _float("joint_load_balancing", self.joint_load_balancing, 0.0, math.inf, hi_open=True)
+        if not isinstance(self.gather_negatives, bool):
+            raise TypeError(f"gather_negatives must be a bool, got {self.gather_negatives!r}")
+        _int("init_seed", self.init_seed, 0)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LIMoEConfig":
+        """From a flat YAML mapping: transformer fields and LIMoE fields side by side."""
+        own = [f.name for f in fields(cls) if f.name != "transformer"]
+        t_keys = [f.name for f in fields(TransformerConfig)]
+        _check_keys("model", d, own + t_keys)
+        t = config_from_dict(TransformerConfig, {k: v for k, v in d.items() if k in t_keys},
+                             extra={"causal": False, "num_modalities": 2})
+        return cls(transformer=t, **{k: v for k, v in d.items() if k in own})
+
+    def dense_baseline(self) -> "LIMoEConfig":
+        """Same model with every MoE block replaced by a dense MLP of equal active FLOPs."""
+        return replace(self, transformer=dense_equivalent(self.transformer))
+
+
+def contrastive_loss(u_BK: torch.Tensor, v_BK: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """CLIP loss for matched rows: ``(CE(s u v^T, arange) + CE(s v u^T, arange)) / 2`` (fp32)."""
+    logits = (u_BK.float() @ v_BK.float().t()) * scale
+    target = torch.arange(u_BK.shape[0], device=u_BK.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+class LIMoEModel(nn.Module):
+    """``u, v, aux = model(images, tokens, mask)``: L2-normalised embeddings u[B, K], v[B, K]."""
+
+    def __init__(self, cfg: LIMoEConfig, *, ep_group=None, dp_group=None):
+        super().__init__()
+        if not isinstance(cfg, LIMoEConfig):
+            raise TypeError(f"cfg must be a LIMoEConfig, got {type(cfg).__name__}")
+        self.config, self.dp_group = cfg, dp_group
+        D = cfg.transformer.d_model
+        self.patch_embed = nn.Conv2d(cfg.in_channels, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.image_pos_embed = nn.Parameter(torch.zeros(cfg.num_patches, D))
+        self.tok_embed = nn.Embedding(cfg.vocab_size, D)
+        self.text_pos_embed = nn.Parameter(torch.zeros(cfg.text_length, D))
+        self.modality_embed = nn.Embedding(2, D)
+        self.transformer = Transformer(cfg.transformer, ep_group=ep_group, dp_group=dp_group, prefix="blocks")
+        self.image_proj = nn.Linear(D, cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(D, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+        self.tokenizer = ByteTokenizer()
+        init_weights(self, cfg.init_seed, std=cfg.transformer.init_std, n_layers=cfg.transformer.n_layers)
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def blocks(self):
+        return self.transformer.blocks
+
+    def moe_layers(self) -> list:
+        return self.transformer.moe_layers()
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped to ``logit_scale_max``."""
+        return self.logit_scale.clamp(max=math.log(self.config.logit_scale_max)).exp()
+
+    def tokenize(self, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> (ids[B, L], mask[B, L]) as ``ImageTextCollator`` does (EOS appended, right padding)."""
+        enc = self.tokenizer.encode_batch(list(texts), self.config.text_length, add_eos=True)
+        device = self.logit_scale.device
+        return enc.ids.to(device), enc.mask.to(device)
+
+    def _embed_images(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if images_BCHW.dim() != 4 or tuple(images_BCHW.shape[1:]) != (cfg.in_channels, cfg.image_size, cfg.image_size):
+            raise ValueError(f"images must have shape [B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}], "
+                             f"got {tuple(images_BCHW.shape)}")
+        x = self.patch_embed(images_BCHW.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # [B, P, D]
+        return x + self.image_pos_embed + self.modality_embed.weight[IMAGE]
+
+    def _embed_text(self, tokens_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if tokens_BL.dim() != 2 or tokens_BL.shape[1] > cfg.text_length:
+            raise ValueError(f"tokens must have shape [B, L] with L <= text_length={cfg.text_length}, "
+                             f"got {tuple(tokens_BL.shape)}")
+        if mask_BL is None or tuple(mask_BL.shape) != tuple(tokens_BL.shape):
+            raise ValueError(f"mask must be a bool tensor of the tokens' shape {tuple(tokens_BL.shape)}")
+        if not bool(mask_BL.any(1).all()):
+            raise ValueError("every text row needs at least one real token (mask row all False)")
+        L = tokens_BL.shape[1]
+        return self.tok_embed(tokens_BL) + self.text_pos_embed[:L] + self.modality_embed.weight[TEXT]
+
+    def encode_tokens(self, images: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None,
+                      mask: Optional[torch.Tensor] = None
+                      ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Dict[str, torch.Tensor]]:
+        """Run the shared tower on images[B_i, C, H, W] and/or text tokens[B_t, L] (mask[B_t, L]).
+
+        Returns (image outputs[B_i, P, D] or None, text outputs[B_t, L, D] or None, aux).
+        The MoE FFN of each block gets ``cat(image tokens, real text tokens)`` [T, D]
+        with modality ids [T] (0 image, 1 text).
+        """
+        if images is None and tokens is None:
+            raise ValueError("give images, tokens or both")
+        x_img = self._embed_images(images) if images is not None else None
+        real = None
+        if tokens is not None:
+            real = mask.to(torch.bool)
+            x_txt = self._embed_text(tokens, real)
+            txt_mask = real[:, None, None, :]  # [B, 1, 1, L]: keys that may be attended
+        else:
+            x_txt = None
+        aux: Dict[str, torch.Tensor] = {}
+        for block in self.transformer.blocks:
+            parts, mods = [], []
+            if x_img is not None:
+                x_img = block.attend(x_img)
+                parts.append(x_img.reshape(-1, x_img.shape[-1]))
+                mods.append(torch.full((parts[-1].shape[0],), IMAGE, dtype=torch.long, device=x_img.device))
+            if x_txt is not None:
+                x_txt = block.attend(x_txt, txt_mask)
+                parts.append(x_txt[real])
+                mods.append(torch.full((parts[-1].shape[0],), TEXT, dtype=torch.long, device=x_txt.device))
+            y_TD, a = block.feed_forward(torch.cat(parts) if len(parts) > 1 else parts[0],
+                                         torch.cat(mods) if len(mods) > 1 else mods[0])
+            sum_aux(aux, a)
+            if block.is_moe and self.config.joint_load_balancing > 0:
+                sum_aux(aux, {"load_balancing_joint": self._joint_balance(block.moe)})
+            n_img = 0
+            if x_img is not None:
+                n_img = x_img.shape[0] * x_img.shape[1]
+                x_img = y_TD[:n_img].view_as(x_img)
+            if x_txt is not None:
+                x_txt = x_txt.masked_scatter(real[..., None], y_TD[n_img:])
+        ln = self.transformer.ln_f
+        return (ln(x_img) if x_img is not None else None, ln(x_txt) if x_txt is not None else None, aux)
+
+    def _joint_balance(self, layer) -> torch.Tensor:
+        r = layer.last_routing
+        if r.skipped:
+            return torch.zeros((), device=r.probs.device)
+        probs = r.probs / r.probs.sum(-1, keepdim=True).clamp_min(1e-30)
+        return self.config.joint_load_balancing * load_balancing_loss(probs, r.experts, r.num_experts)
+
+    def _pool_project(self, img_BPD, txt_BLD, real_BL):
+        u = v = None
+        if img_BPD is not None:
+            u = F.normalize(self.image_proj(img_BPD.mean(1)).float(), dim=-1)
+        if txt_BLD is not None:
+            w = real_BL.to(txt_BLD.dtype)[..., None]
+            pooled = (txt_BLD * w).sum(1) / w.sum(1)
+            v = F.normalize(self.text_proj(pooled).float(), dim=-1)
+        return u, v
+
+    # ------------------------------------------------------------------ API
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        """images[B, C, H, W], tokens[B, L], mask[B, L] -> (u[B, K], v[B, K], aux), rows L2-normalised, fp32."""
+        img, txt, aux = self.encode_tokens(images, tokens, mask)
+        u, v = self._pool_project(img, txt, mask.to(torch.bool))
+        return u, v, aux
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images[B, C, H, W] -> u[B, K] (an image-only forward; aux discarded)."""
+        img, _, _ = self.encode_tokens(images=images)
+        return self._pool_project(img, None, None)[0]
+
+    def encode_text(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tokens[B, L], mask[B, L] -> v[B, K] (a text-only forward; aux discarded)."""
+        _, txt, _ = self.encode_tokens(tokens=tokens, mask=mask)
+        return self._pool_project(None, txt, mask.to(torch.bool))[1]
+
+    def contrastive_loss(self, u_BK: torch.Tensor, v_BK: torch.Tensor) -> torch.Tensor:
+        """CLIP loss with the learned temperature; over the global batch when gathering negatives.
+
+        With ``gather_negatives`` and a data-parallel group of size W > 1 (every rank
+        holding the same local batch size b), rank r scores its b rows against all
+        W*b columns: ``(CE(s u_r V^T, r*b + arange) + CE(s v_r U^T, r*b + arange)) / 2``.
+        The all-gather's backward sums the gradients, so after the usual data-parallel
+        gradient averaging the update equals that of the single-process loss on the
+        global batch.
+        """
+        scale = self.scale()
+        group = self.dp_group
+        if not (self.config.gather_negatives and group is not None and dist.is_initialized()
+                and dist.get_world_size(group) > 1):
+            return contrastive_loss(u_BK, v_BK, scale)
+        from torch.distributed.nn.functional import all_gather
+
+        u_all = torch.cat(all_gather(u_BK.contiguous(), group=group))
+        v_all = torch.cat(all_gather(v_BK.contiguous(), group=group))
+        b = u_BK.shape[0]
+        target = dist.get_rank(group) * b + torch.arange(b, device=u_BK.device)
+        li = F.cross_entropy((u_BK.float() @ v_all.float().t()) * scale, target)
+        lt = F.cross_entropy((v_BK.float() @ u_all.float().t()) * scale, target)
+        return 0.5 * (li + lt)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model: LIMoEModel, images: torch.Tensor, labels: torch.Tensor, prompts: Sequence[str],
+                       *, batch_size: int = 256) -> float:
+    """Share of images[N, C, H, W] whose closest prompt embedding is prompts[labels[n]].
+
+    One caption per class (``prompts[c]`` for class c); a prediction is the argmax of
+    ``u v^T`` over the classes. Runs in eval mode and restores the previous mode.
+    """
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty; give one caption per class")
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in length")
+    was_training = model.training
+    model.eval()
+    try:
+        ids, mask = model.tokenize(prompts)
+        v = model.encode_text(ids, mask)                                        # [C, K]
+        device = v.device
+        correct = 0
+        for start in range(0, images.shape[0], batch_size):
+            u = model.encode_image(images[start:start + batch_size].to(device))  # [b, K]
+            pred = (u @ v.t()).argmax(-1).cpu()
+            correct += int((pred == labels[start:start + batch_size].cpu()).sum())
+    finally:
+        model.train(was_training)
+    return correct / max(1, images.shape[0])

@@ -1,0 +1,112 @@
+"""Decoder-only byte-level language model on the MoE transformer.
+
+Legend: B batch, L sequence length, D model width, V vocabulary (259 bytes + specials).
+
+``logits, aux = model(ids)``; ``loss = lm_loss(logits, targets) + sum(aux.values())``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.tokenizer import VOCAB_SIZE
+from .transformer import (
+    TransformerConfig,
+    Transformer,
+    _check_keys,
+    _int,
+    config_from_dict,
+    dense_equivalent,
+    init_weights,
+)
+
+__all__ = ["LMConfig", "LanguageModel", "lm_loss"]
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """A decoder-only LM: a causal ``TransformerConfig`` plus embeddings.
+
+    Fields: ``transformer`` (``causal`` is forced to True), ``vocab_size`` (V),
+    ``max_seq_len`` (learned positions), ``tie_embeddings`` (output head = token
+    embedding), ``init_seed`` (weights depend only on it and parameter names).
+    """
+
+    transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(causal=True))
+    vocab_size: int = VOCAB_SIZE
+    max_seq_len: int = 128
+    tie_embeddings: bool = True
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.transformer, TransformerConfig):
+            raise TypeError(f"transformer must be a TransformerConfig, got {type(self.transformer).__name__}")
+        if not self.transformer.causal:
+            object.__setattr__(self, "transformer", replace(self.transformer, causal=True))
+        if self.transformer.num_modalities != 1:
+            raise ValueError(f"num_modalities={self.transformer.num_modalities} is not allowed for an LM; it must be 1")
+        _int("vocab_size", self.vocab_size, 2)
+        _int("max_seq_len", self.max_seq_len, 1)
+        if not isinstance(self.tie_embeddings, bool):
+            raise TypeError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        _int("init_seed", self.init_seed, 0)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LMConfig":
+        """From a flat YAML mapping: transformer fields and LM fields side by side.
+
+        ``{"d_model": 128, "n_layers": 4, "moe_every": 2, "moe": {...}, "max_seq_len": 128}``
+        """
+        own = [f.name for f in fields(cls) if f.name != "transformer"]
+        t_keys = [f.name for f in fields(TransformerConfig)]
+        _check_keys("model", d, own + t_keys)
+        t = config_from_dict(TransformerConfig, {k: v for k, v in d.items() if k in t_keys},
+                             extra={"causal": True})
+        return cls(transformer=t, **{k: v for k, v in d.items() if k in own})
+
+    def dense_baseline(self) -> "LMConfig":
+        """Same LM with every MoE block replaced by a dense MLP of equal active FLOPs."""
+        return replace(self, transformer=dense_equivalent(self.transformer))
+
+
+class LanguageModel(nn.Module):
+    """ids[B, L] -> (logits[B, L, V], aux); MoE layers named ``blocks.<i>.moe``."""
+
+    def __init__(self, cfg: LMConfig, *, ep_group=None, dp_group=None):
+        super().__init__()
+        if not isinstance(cfg, LMConfig):
+            raise TypeError(f"cfg must be an LMConfig, got {type(cfg).__name__}")
+        self.config = cfg
+        D = cfg.transformer.d_model
+        self.tok_embed = nn.Embedding(cfg.vocab_size, D)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.max_seq_len, D))
+        self.transformer = Transformer(cfg.transformer, ep_group=ep_group, dp_group=dp_group, prefix="blocks")
+        self.head = None if cfg.tie_embeddings else nn.Linear(D, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.init_seed, std=cfg.transformer.init_std, n_layers=cfg.transformer.n_layers)
+
+    @property
+    def blocks(self):
+        return self.transformer.blocks
+
+    def moe_layers(self) -> list:
+        return self.transformer.moe_layers()
+
+    def forward(self, ids_BL: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        if ids_BL.dim() != 2 or ids_BL.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"ids must be an integer tensor [B, L], got {tuple(ids_BL.shape)} {ids_BL.dtype}")
+        B, L = ids_BL.shape
+        if L > self.config.max_seq_len:
+            raise ValueError(f"sequence length {L} exceeds max_seq_len={self.config.max_seq_len}")
+        x = self.tok_embed(ids_BL) + self.pos_embed[:L]
+        h, aux = self.transformer(x)
+        weight = self.tok_embed.weight if self.head is None else self.head.weight
+        return h @ weight.t(), aux
+
+
+def lm_loss(logits_BLV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy (nats per token) in fp32."""
+    return F.cross_entropy(logits_BLV.float().reshape(-1, logits_BLV.shape[-1]), targets_BL.reshape(-1))

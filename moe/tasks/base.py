@@ -1,0 +1,104 @@
+"""The contract between a training task and the trainer.
+
+A task owns its model and data. The trainer only calls:
+
+- ``task.train_batches(dp_rank=, dp_size=, batch_size=, seed=, start_step=)``: an
+  endless iterator of batch dicts (tensors already on the task's device). The
+  batch at step s on data-parallel rank r depends only on ``(seed, s, r, dp_size)``
+  (and ``batch_size``), so a resumed run passes ``start_step`` and continues the
+  very same stream.
+- ``task.loss(batch) -> (total, logs)``: ``total`` = task loss + the sum of every MoE
+  aux loss (already weighted by its coefficient); ``logs`` maps ``"loss"``,
+  ``"task_loss"`` and each aux-loss name (summed over layers) to floats.
+- ``task.evaluate(max_batches=None) -> {name: float}``: deterministic; every rank
+  calls it (an expert-parallel forward needs all ranks of the EP group) and it runs
+  on the local model. LM: ``val_loss``, ``perplexity``; LIMoE:
+  ``zero_shot_accuracy``, ``val_contrastive_loss`` (+ a few extra keys).
+- ``task.moe_layers()``: the model's ``moe.MoELayer`` s, for telemetry.
+
+``build_task(name, model_cfg, data_cfg, groups=None, device="cpu")`` builds one from
+plain YAML dicts; unknown keys raise ``ValueError`` naming the key and the allowed
+ones. ``groups`` (a ``parallel.ProcessGroups``, or anything with ``ep_group`` and
+``dp_group`` attributes) supplies the groups handed to every MoE layer.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, Mapping, Optional, Protocol, Tuple, runtime_checkable
+
+import numpy as np
+import torch
+
+__all__ = ["Task", "build_task", "TASK_NAMES", "batch_rng", "check_keys", "loss_logs"]
+
+TASK_NAMES = ("limoe", "lm")
+
+
+@runtime_checkable
+class Task(Protocol):
+    model: torch.nn.Module
+
+    def train_batches(self, *, dp_rank: int, dp_size: int, batch_size: int, seed: int,
+                      start_step: int = 0) -> Iterator[dict]: ...
+
+    def loss(self, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]: ...
+
+    def evaluate(self, *, max_batches: Optional[int] = None) -> Dict[str, float]: ...
+
+    def moe_layers(self) -> list: ...
+
+
+def check_keys(what: str, d: Mapping[str, Any], allowed) -> None:
+    """Raise ValueError naming the unknown keys of ``d`` and the allowed ones."""
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{what} must be a mapping (a YAML section), got {type(d).__name__}: {d!r}")
+    unknown = sorted(k for k in d if k not in allowed)
+    if unknown:
+        raise ValueError(f"unknown {what} key(s) {unknown}; allowed keys: {sorted(allowed)}")
+
+
+def check_stream_args(dp_rank: int, dp_size: int, batch_size: int, seed: int, start_step: int) -> None:
+    for name, value, lo in (("dp_size", dp_size, 1), ("batch_size", batch_size, 1), ("seed", seed, 0),
+                            ("start_step", start_step, 0), ("dp_rank", dp_rank, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"{name}={value!r} is not allowed; it must be an int >= {lo}")
+    if dp_rank >= dp_size:
+        raise ValueError(f"dp_rank={dp_rank} is not allowed with dp_size={dp_size}; it must be in [0, {dp_size})")
+
+
+def batch_rng(seed: int, step: int, dp_rank: int, dp_size: int, salt: int) -> np.random.Generator:
+    """The generator of one batch: a function of (seed, step, rank, dp_size) only."""
+    return np.random.default_rng([salt, seed, step, dp_rank, dp_size])
+
+
+def loss_logs(task_loss: torch.Tensor, aux: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """``total = task_loss + sum(aux)`` and the float logs ``{"loss", "task_loss", <aux names>}``."""
+    total = task_loss
+    logs: Dict[str, float] = {"task_loss": float(task_loss.detach())}
+    for name, value in aux.items():
+        total = total + value
+        logs[name] = float(value.detach())
+    logs["loss"] = float(total.detach())
+    return total, logs
+
+
+def build_task(name: str, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], *, groups=None,
+               device="cpu") -> Task:
+    """Build task ``name`` ("limoe" | "lm") from the ``model`` and ``data`` YAML sections.
+
+    ``model_cfg`` may name a preset: ``{"preset": "tiny_limoe", "n_layers": 2}``.
+    ``groups``: None (single process) or an object with ``ep_group`` and ``dp_group``.
+    """
+    if name not in TASK_NAMES:
+        raise ValueError(f"task name={name!r} is not allowed; choose one of {', '.join(map(repr, TASK_NAMES))}")
+    if groups is not None and not (hasattr(groups, "ep_group") and hasattr(groups, "dp_group")):
+        raise TypeError(f"groups must have ep_group and dp_group attributes (parallel.ProcessGroups), "
+                        f"got {type(groups).__name__}")
+    if model_cfg is None:
+        model_cfg = {}
+    if data_cfg is None:
+        data_cfg = {}
+    if name == "lm":
+        from .lm import LMTask
+        return LMTask.from_dicts(model_cfg, data_cfg, groups=groups, device=device)
+    from .limoe import LIMoETask
+    return LIMoETask.from_dicts(model_cfg, data_cfg, groups=groups, device=device)

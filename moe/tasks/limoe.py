@@ -1,0 +1,204 @@
+"""LIMoE image-text contrastive task (built-in coloured shapes, or user JSONL captions).
+
+Legend: B batch size, C = 3, H = W image side, L text length.
+
+data section (all optional)::
+
+    source: shapes            # or a JSONL file of {"image": ..., "caption": ...} lines
+    shapes: {}                # ShapesConfig fields (image_size must match the model)
+    image_root: null          # JSONL: folder the image paths are relative to
+    val_jsonl: null           # JSONL: validation captions (zero-shot needs labels or shape/colour)
+    prompts: null             # JSONL: one caption per class label for zero-shot
+    zeroshot_size: 500        # evaluation images of held-out combos
+    val_size: 256             # validation pairs for the contrastive loss
+    eval_batch_size: 128
+
+A batch is ``{"image": FloatTensor[B, C, H, W], "tokens": LongTensor[B, L],
+"mask": BoolTensor[B, L]}``.
+
+Zero-shot evaluation on shapes: images of the HELD-OUT shape-colour combos (never
+seen in training), classified among the held-out classes' prompts
+(``ShapesDataset("zeroshot").prompts()``, e.g. "a photo of a red circle"); that is
+``zero_shot_accuracy``. ``zero_shot_accuracy_all`` classifies the same images among
+ALL shape-colour prompts (train and held-out classes), a harder test: it fails if
+the model names a seen combo instead. ``zero_shot_classes`` is the candidate count.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import torch
+
+from ..data.shapes import ImageTextCollator, ShapesConfig, ShapesDataset, class_prompts
+from ..models.limoe import LIMoEConfig, LIMoEModel, contrastive_loss, zero_shot_accuracy
+from ..models.presets import resolve_model_config
+from .base import batch_rng, check_keys, check_stream_args, loss_logs
+
+__all__ = ["LIMoEDataConfig", "LIMoETask"]
+
+_SALT = 0x4C494D  # keeps LIMoE batch streams apart from other tasks' streams with the same seed
+_TRAIN_SIZE = 2 ** 31 - 1  # shapes train items are drawn from this many (all distinct, rendered on demand)
+
+
+@dataclass(frozen=True)
+class LIMoEDataConfig:
+    """The ``data`` section of a LIMoE job (see the module docstring)."""
+
+    source: str = "shapes"
+    shapes: Optional[Mapping[str, Any]] = None
+    image_root: Optional[str] = None
+    val_jsonl: Optional[str] = None
+    prompts: Optional[List[str]] = None
+    zeroshot_size: int = 500
+    val_size: int = 256
+    eval_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source:
+            raise ValueError(f"data.source={self.source!r} is not allowed; use 'shapes' or a JSONL path")
+        for name in ("zeroshot_size", "val_size", "eval_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"data.{name}={v!r} is not allowed; it must be an int >= 1")
+        if self.source != "shapes" and self.shapes:
+            raise ValueError("data.shapes is only allowed with data.source='shapes'")
+        if self.source == "shapes" and (self.image_root or self.val_jsonl or self.prompts):
+            raise ValueError("data.image_root / val_jsonl / prompts are only allowed with a JSONL data.source")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LIMoEDataConfig":
+        check_keys("data", d, [f.name for f in fields(cls)])
+        return cls(**d)
+
+
+class LIMoETask:
+    """Contrastive image-text training of a ``LIMoEModel``; see ``moe.tasks.base.Task``."""
+
+    def __init__(self, model_config: LIMoEConfig, data_config: LIMoEDataConfig, *, groups=None, device="cpu"):
+        self.model_config, self.data_config = model_config, data_config
+        self.device = torch.device(device)
+        self.model = LIMoEModel(model_config, ep_group=getattr(groups, "ep_group", None),
+                                dp_group=getattr(groups, "dp_group", None)).to(self.device)
+        self.collate = ImageTextCollator(model_config.text_length)
+        self._eval_cache: Optional[dict] = None
+        if data_config.source == "shapes":
+            shapes = ShapesConfig.from_dict(dict(data_config.shapes or {}))
+            if shapes.image_size != model_config.image_size:
+                raise ValueError(f"data.shapes.image_size={shapes.image_size} does not match model "
+                                 f"image_size={model_config.image_size}; they must be equal")
+            self.shapes_config = shapes
+            self.train_set = ShapesDataset(shapes, "train", size=_TRAIN_SIZE)
+        else:
+            from ..data.user import ImageCaptionDataset
+            self.shapes_config = None
+            self.train_set = ImageCaptionDataset(data_config.source, data_config.image_root,
+                                                 image_size=model_config.image_size)
+
+    @classmethod
+    def from_dicts(cls, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], *, groups=None,
+                   device="cpu") -> "LIMoETask":
+        model = LIMoEConfig.from_dict(resolve_model_config(model_cfg, task="limoe"))
+        return cls(model, LIMoEDataConfig.from_dict(data_cfg), groups=groups, device=device)
+
+    def moe_layers(self) -> list:
+        return self.model.moe_layers()
+
+    # ------------------------------------------------------------------ data
+    def _to_device(self, batch: dict) -> Dict[str, torch.Tensor]:
+        return {k: batch[k].to(self.device) for k in ("image", "tokens", "mask")}
+
+    def batch_at(self, step: int, *, dp_rank: int, dp_size: int, batch_size: int, seed: int) -> Dict[str, torch.Tensor]:
+        """The batch of ``step`` on ``dp_rank``: B training pairs chosen by (seed, step, rank, dp_size)."""
+        rng = batch_rng(seed, step, dp_rank, dp_size, _SALT)
+        idx = rng.integers(0, len(self.train_set), size=batch_size)
+        return self._to_device(self.collate([self.train_set[int(i)] for i in idx]))
+
+    def train_batches(self, *, dp_rank: int, dp_size: int, batch_size: int, seed: int,
+                      start_step: int = 0) -> Iterator[dict]:
+        check_stream_args(dp_rank, dp_size, batch_size, seed, start_step)
+        step = start_step
+        while True:
+            yield self.batch_at(step, dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size, seed=seed)
+            step += 1
+
+    def loss(self, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+        u, v, aux = self.model(batch["image"], batch["tokens"], batch["mask"])
+        total, logs = loss_logs(self.model.contrastive_loss(u, v), aux)
+        logs["logit_scale"] = float(self.model.scale().detach())
+        return total, logs
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_sets(self) -> dict:
+        """Rendered once: zero-shot images/labels/prompts and validation pairs."""
+        if self._eval_cache is not None:
+            return self._eval_cache
+        dc = self.data_config
+        out: dict = {}
+        if self.shapes_config is not None:
+            zs = ShapesDataset(self.shapes_config, "zeroshot", size=dc.zeroshot_size)
+            items = [zs[i] for i in range(len(zs))]
+            out["zs_images"] = torch.stack([it["image"] for it in items])
+            out["zs_labels"] = torch.tensor([it["label"] for it in items])
+            out["zs_prompts"] = zs.prompts()
+            all_combos = list(self.shapes_config.all_combos())
+            out["zs_labels_all"] = torch.tensor([all_combos.index((it["shape"], it["colour"])) for it in items])
+            out["zs_prompts_all"] = class_prompts(all_combos)
+            val = ShapesDataset(self.shapes_config, "val", size=dc.val_size)
+            out["val"] = [val[i] for i in range(len(val))]
+        else:
+            from ..data.user import ImageCaptionDataset
+            if dc.val_jsonl is None:
+                out["val"] = []
+            else:
+                val = ImageCaptionDataset(dc.val_jsonl, dc.image_root, image_size=self.model_config.image_size)
+                out["val"] = [val[i] for i in range(min(len(val), dc.val_size))]
+            items = out["val"]
+            if dc.prompts is not None and items and all(0 <= it["label"] < len(dc.prompts) for it in items):
+                out["zs_prompts"] = list(dc.prompts)
+                out["zs_labels"] = torch.tensor([it["label"] for it in items])
+            elif items and all(it["shape"] and it["colour"] for it in items):
+                classes = sorted({(it["shape"], it["colour"]) for it in items})
+                out["zs_prompts"] = class_prompts(classes)
+                out["zs_labels"] = torch.tensor([classes.index((it["shape"], it["colour"])) for it in items])
+            if "zs_labels" in out:
+                out["zs_images"] = torch.stack([it["image"] for it in items])
+        self._eval_cache = out
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, *, max_batches: Optional[int] = None) -> Dict[str, float]:
+        """Zero-shot accuracy on held-out combos and the validation contrastive loss (eval mode)."""
+        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                        or max_batches < 1):
+            raise ValueError(f"max_batches={max_batches!r} is not allowed; it must be an int >= 1 or None")
+        sets = self._eval_sets()
+        bs = self.data_config.eval_batch_size
+        limit = None if max_batches is None else max_batches * bs
+        out: Dict[str, float] = {}
+        was_training = self.model.training
+        try:
+            if "zs_images" in sets:
+                images, labels = sets["zs_images"][:limit], sets["zs_labels"][:limit]
+                out["zero_shot_accuracy"] = zero_shot_accuracy(self.model, images, labels, sets["zs_prompts"],
+                                                               batch_size=bs)
+                out["zero_shot_classes"] = float(len(sets["zs_prompts"]))
+                if "zs_labels_all" in sets:
+                    out["zero_shot_accuracy_all"] = zero_shot_accuracy(
+                        self.model, images, sets["zs_labels_all"][:limit], sets["zs_prompts_all"], batch_size=bs)
+            else:
+                out["zero_shot_accuracy"] = float("nan")
+            self.model.eval()
+            items = sets["val"][:limit]
+            losses, weights = [], []
+            for start in range(0, len(items), bs):
+                b = self._to_device(self.collate(items[start:start + bs]))
+                u, v, _ = self.model(b["image"], b["tokens"], b["mask"])
+                losses.append(float(contrastive_loss(u, v, self.model.scale())))
+                weights.append(b["image"].shape[0])
+            out["val_contrastive_loss"] = (sum(l * w for l, w in zip(losses, weights)) / sum(weights)
+                                           if weights else float("nan"))
+        finally:
+            self.model.train(was_training)
+        return out

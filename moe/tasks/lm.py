@@ -1,0 +1,155 @@
+"""Byte-level language modelling task (stdlib source corpus or user text files).
+
+Legend: B batch size, S sequence length.
+
+data section (all optional)::
+
+    source: stdlib            # or a .txt file, a folder of .txt files, or a list of them
+    max_bytes: 2000000        # corpus budget (None: everything)
+    val_fraction: 0.05        # share of 8 KiB blocks held out for validation
+    block_size: 8192
+    split_seed: 0             # which blocks are validation
+    seq_len: null             # default: the model's max_seq_len
+    eval_batch_size: 16
+    eval_batches: 16          # default cap on evaluation batches
+
+A batch is ``{"tokens": LongTensor[B, S], "targets": LongTensor[B, S]}``: random
+windows of the training bytes, targets shifted by one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
+
+import torch
+
+from ..data.text import load_corpus
+from ..models.lm import LanguageModel, LMConfig, lm_loss
+from ..models.presets import resolve_model_config
+from .base import batch_rng, check_keys, check_stream_args, loss_logs
+
+__all__ = ["LMDataConfig", "LMTask"]
+
+_SALT = 0x4C4D  # keeps LM batch streams apart from other tasks' streams with the same seed
+
+
+@dataclass(frozen=True)
+class LMDataConfig:
+    """The ``data`` section of an LM job (see the module docstring)."""
+
+    source: Union[str, list] = "stdlib"
+    max_bytes: Optional[int] = 2_000_000
+    val_fraction: float = 0.05
+    block_size: int = 8192
+    split_seed: int = 0
+    seq_len: Optional[int] = None
+    eval_batch_size: int = 16
+    eval_batches: int = 16
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, (str, list, tuple)) or (isinstance(self.source, (list, tuple))
+                                                              and not self.source):
+            raise ValueError(f"data.source={self.source!r} is not allowed; use 'stdlib', a path or a list of paths")
+        for name, lo in (("block_size", 1), ("split_seed", 0), ("eval_batch_size", 1), ("eval_batches", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"data.{name}={v!r} is not allowed; it must be an int >= {lo}")
+        for name in ("max_bytes", "seq_len"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"data.{name}={v!r} is not allowed; it must be an int >= 1 or null")
+        v = self.val_fraction
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise ValueError(f"data.val_fraction={v!r} is not allowed; it must be in (0, 1)")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LMDataConfig":
+        check_keys("data", d, [f.name for f in fields(cls)])
+        return cls(**d)
+
+
+class LMTask:
+    """Next-byte prediction with an MoE (or dense) decoder; see ``moe.tasks.base.Task``."""
+
+    def __init__(self, model_config: LMConfig, data_config: LMDataConfig, *, groups=None, device="cpu"):
+        self.model_config, self.data_config = model_config, data_config
+        self.device = torch.device(device)
+        ep = getattr(groups, "ep_group", None)
+        dp = getattr(groups, "dp_group", None)
+        self.model = LanguageModel(model_config, ep_group=ep, dp_group=dp).to(self.device)
+        self.seq_len = data_config.seq_len or model_config.max_seq_len
+        if self.seq_len > model_config.max_seq_len:
+            raise ValueError(f"data.seq_len={self.seq_len} is not allowed; it must be <= model max_seq_len="
+                             f"{model_config.max_seq_len}")
+        source = data_config.source
+        self.corpus = load_corpus(source if isinstance(source, str) else list(source),
+                                  max_bytes=data_config.max_bytes, val_fraction=data_config.val_fraction,
+                                  block_size=data_config.block_size, seed=data_config.split_seed)
+        for split in ("train", "val"):
+            n = getattr(self.corpus, split).numel()
+            if n < self.seq_len + 1:
+                raise ValueError(f"the {split} split has {n} bytes, fewer than seq_len + 1 = {self.seq_len + 1}; "
+                                 "add text, lower data.seq_len or change data.val_fraction")
+
+    @classmethod
+    def from_dicts(cls, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], *, groups=None,
+                   device="cpu") -> "LMTask":
+        model = LMConfig.from_dict(resolve_model_config(model_cfg, task="lm"))
+        return cls(model, LMDataConfig.from_dict(data_cfg), groups=groups, device=device)
+
+    def moe_layers(self) -> list:
+        return self.model.moe_layers()
+
+    # ------------------------------------------------------------------ data
+    def _windows(self, tokens: torch.Tensor, starts: torch.Tensor) -> Dict[str, torch.Tensor]:
+        idx = starts[:, None] + torch.arange(self.seq_len + 1)[None, :]
+        win = tokens[idx].long()
+        return {"tokens": win[:, :-1].to(self.device), "targets": win[:, 1:].to(self.device)}
+
+    def batch_at(self, step: int, *, dp_rank: int, dp_size: int, batch_size: int, seed: int) -> Dict[str, torch.Tensor]:
+        """The batch of ``step`` on ``dp_rank``: B random training windows."""
+        n_starts = self.corpus.train.numel() - self.seq_len
+        rng = batch_rng(seed, step, dp_rank, dp_size, _SALT)
+        starts = torch.from_numpy(rng.integers(0, n_starts, size=batch_size))
+        return self._windows(self.corpus.train, starts)
+
+    def train_batches(self, *, dp_rank: int, dp_size: int, batch_size: int, seed: int,
+                      start_step: int = 0) -> Iterator[dict]:
+        check_stream_args(dp_rank, dp_size, batch_size, seed, start_step)
+        step = start_step
+        while True:
+            yield self.batch_at(step, dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size, seed=seed)
+            step += 1
+
+    # ------------------------------------------------------------------ loss / eval
+    def loss(self, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+        logits, aux = self.model(batch["tokens"])
+        return loss_logs(lm_loss(logits, batch["targets"]), aux)
+
+    @torch.no_grad()
+    def evaluate(self, *, max_batches: Optional[int] = None) -> Dict[str, float]:
+        """Mean next-byte loss over fixed, non-overlapping validation windows (eval mode)."""
+        dc = self.data_config
+        n_batches = dc.eval_batches if max_batches is None else max_batches
+        if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
+            raise ValueError(f"max_batches={max_batches!r} is not allowed; it must be an int >= 1 or None")
+        val = self.corpus.val
+        starts = torch.arange(0, val.numel() - self.seq_len, self.seq_len)
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        try:
+            for b in range(n_batches):
+                chunk = starts[b * dc.eval_batch_size:(b + 1) * dc.eval_batch_size]
+                if chunk.numel() == 0:
+                    break
+                batch = self._windows(val, chunk)
+                logits, _ = self.model(batch["tokens"])
+                total += float(lm_loss(logits, batch["targets"])) * batch["targets"].numel()
+                count += batch["targets"].numel()
+        finally:
+            self.model.train(was_training)
+        val_loss = total / count
+        return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0)),
+                "val_bits_per_byte": val_loss / math.log(2)}
