@@ -1,0 +1,285 @@
+"""Models: configs, shapes, masking, padding, the LIMoE token set, contrastive loss, FLOPs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moe
+from moe.data.tokenizer import PAD, VOCAB_SIZE
+from moe.experts import Experts
+from moe.models import (
+    LIMoEConfig,
+    LIMoEModel,
+    LMConfig,
+    LanguageModel,
+    MoESettings,
+    PRESETS,
+    TransformerConfig,
+    active_ffn_flops_per_token,
+    contrastive_loss,
+    init_weights,
+    preset,
+    resolve_model_config,
+    zero_shot_accuracy,
+)
+
+torch.set_num_threads(1)
+
+DROPLESS = {"policy": "topk", "top_k": 2, "capacity_factor": None}
+
+
+def small_lm(router=DROPLESS, **kw) -> LanguageModel:
+    cfg = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ffn": 32, "max_seq_len": 16, "moe_every": 2,
+           "moe": {"num_experts": 4, "router": router}}
+    cfg.update(kw)
+    return LanguageModel(LMConfig.from_dict(cfg))
+
+
+def small_limoe(router=DROPLESS, **kw) -> LIMoEModel:
+    cfg = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ffn": 32, "moe_every": 1,
+           "moe": {"num_experts": 4, "router": router,
+                   "aux_losses": {"load_balancing": 0.01, "limoe_local": 0.1, "limoe_global": 0.1},
+                   "limoe_min_experts": 2.0},
+           "image_size": 16, "patch_size": 8, "text_length": 12, "embed_dim": 16}
+    cfg.update(kw)
+    return LIMoEModel(LIMoEConfig.from_dict(cfg))
+
+
+def text_batch(B=3, L=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([3, L, 6, 1, 9][:B])
+    ids = torch.randint(0, 256, (B, L), generator=g)
+    mask = torch.arange(L)[None, :] < lengths[:, None]
+    return ids.masked_fill(~mask, PAD), mask
+
+
+# ------------------------------------------------------------------ configs
+
+@pytest.mark.parametrize("kw, words", [
+    ({"n_heads": 3}, ["n_heads=3", "divide d_model"]),
+    ({"moe_every": 1, "moe": None}, ["moe_every=1", "moe"]),
+    ({"activation": "tanh"}, ["activation='tanh'", "'gelu'"]),
+    ({"d_model": 0}, ["d_model=0", ">= 1"]),
+    ({"dropout": 1.5}, ["dropout=1.5"]),
+    ({"moe_every": 9}, ["moe_every=9", "n_layers=4"]),
+])
+def test_transformer_config_errors_name_field_value_and_allowed(kw, words):
+    with pytest.raises(ValueError) as err:
+        TransformerConfig(**{"d_model": 16, "n_layers": 4, "n_heads": 2, **kw})
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_from_dict_rejects_unknown_keys_by_name():
+    with pytest.raises(ValueError, match=r"unknown model key\(s\) \['d_modle'\].*allowed keys.*'d_model'"):
+        LMConfig.from_dict({"d_modle": 32})
+    with pytest.raises(ValueError, match=r"unknown model.moe key\(s\) \['experts'\].*'num_experts'"):
+        LMConfig.from_dict({"moe_every": 2, "moe": {"experts": 4}})
+    with pytest.raises(ValueError, match=r"unknown model.moe.router key\(s\) \['k'\].*'top_k'"):
+        LIMoEConfig.from_dict({"moe_every": 2, "moe": {"router": {"k": 1}}})
+    with pytest.raises(ValueError, match="patch_size=5"):
+        LIMoEConfig.from_dict({"image_size": 32, "patch_size": 5})
+    with pytest.raises(ValueError, match="policy='bogus'"):
+        MoESettings.from_dict({"router": {"policy": "bogus"}})
+
+
+def test_presets_build_and_overrides_merge():
+    cfg = resolve_model_config({"preset": "tiny_limoe", "n_layers": 2, "moe": {"router": {"capacity_factor": 2.0}}})
+    assert cfg["n_layers"] == 2 and cfg["moe"]["router"]["capacity_factor"] == 2.0
+    assert cfg["moe"]["router"]["drop_policy"] == "bpr"  # merged, not replaced
+    cfg = resolve_model_config({"preset": "tiny_limoe", "moe": {"aux_losses": {"z_loss": 0.1}}})
+    assert cfg["moe"]["aux_losses"] == {"z_loss": 0.1}  # a loss set replaces the preset's
+    with pytest.raises(ValueError, match="preset='nope'.*'tiny_limoe'"):
+        resolve_model_config({"preset": "nope"})
+    with pytest.raises(ValueError, match="'lm' preset, not allowed for task 'limoe'"):
+        resolve_model_config({"preset": "tiny_switch"}, task="limoe")
+    assert PRESETS["switch"]["moe"]["router"] == {"policy": "switch", "top_k": 1, "capacity_factor": 1.25,
+                                                  "drop_policy": "position"}
+    assert PRESETS["gshard"]["moe"]["router"]["policy"] == "gshard"
+    assert PRESETS["gshard"]["moe"]["router"]["capacity_factor"] == 2.0
+
+
+# ------------------------------------------------------------------ FLOPs of the dense twins
+
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if not n.endswith("_dense")))
+def test_dense_baseline_has_equal_active_ffn_flops(name):
+    cls = LIMoEConfig if PRESETS[name]["task"] == "limoe" else LMConfig
+    sparse = cls.from_dict(preset(name))
+    twin = cls.from_dict(preset(name + "_dense"))
+    assert active_ffn_flops_per_token(sparse) == active_ffn_flops_per_token(twin)
+    assert active_ffn_flops_per_token(sparse.dense_baseline()) == active_ffn_flops_per_token(sparse)
+    t = sparse.transformer
+    k, f = t.moe.router.top_k, t.moe.d_ffn or t.d_ffn
+    per_layer = [2 * 2 * t.d_model * (k * f if t.is_moe_layer(i) else t.d_ffn) for i in range(t.n_layers)]
+    assert active_ffn_flops_per_token(sparse) == sum(per_layer)  # 2 matmuls, 2 FLOPs per MAC
+    assert twin.transformer.moe.num_experts == 1 and twin.transformer.ffn_width(1) == k * f
+    assert not any(twin.transformer.is_moe_layer(i) for i in range(t.n_layers))
+
+
+def test_dense_twin_model_has_no_moe_layers_and_same_shapes():
+    sparse_cfg = LMConfig.from_dict({"d_model": 16, "n_layers": 2, "n_heads": 2, "d_ffn": 8, "max_seq_len": 8,
+                                     "moe_every": 1, "moe": {"num_experts": 4, "router": {"top_k": 2}}})
+    dense = LanguageModel(sparse_cfg.dense_baseline())
+    assert dense.moe_layers() == []
+    assert dense.blocks[0].mlp.w_in.out_features == 16
+    logits, aux = dense(torch.zeros(2, 8, dtype=torch.long))
+    assert logits.shape == (2, 8, VOCAB_SIZE) and aux == {}
+
+
+# ------------------------------------------------------------------ LM
+
+def test_lm_shapes_dtypes_names_and_aux():
+    model = small_lm(router={"policy": "switch", "top_k": 1, "capacity_factor": 1.25})
+    ids = torch.randint(0, VOCAB_SIZE, (3, 16))
+    logits, aux = model(ids)
+    assert logits.shape == (3, 16, VOCAB_SIZE) and logits.dtype == torch.float32
+    assert set(aux) == {"load_balancing"} and aux["load_balancing"].dim() == 0
+    assert [m.name for m in model.moe_layers()] == ["blocks.1.moe"]
+    names = dict(model.named_modules())
+    assert names["transformer.blocks.1.moe"] is model.moe_layers()[0]
+    assert isinstance(names["transformer.blocks.0.mlp"], torch.nn.Module)
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("router", [DROPLESS, {"policy": "switch", "top_k": 1, "capacity_factor": None}])
+def test_lm_is_causal(router):
+    # Dropless routing: with a capacity, a future token can take a past token's slot.
+    model = small_lm(router=router).eval()
+    ids = torch.randint(0, 256, (2, 16))
+    changed = ids.clone()
+    changed[:, 10:] = torch.randint(0, 256, (2, 6))
+    a, _ = model(ids)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_init_depends_only_on_seed_and_global_expert_index():
+    a, b = small_lm(init_seed=3), small_lm(init_seed=3)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+    c = small_lm(init_seed=4)
+    assert not torch.equal(a.tok_embed.weight, c.tok_embed.weight)
+
+    class Holder(torch.nn.Module):
+        def __init__(self, experts):
+            super().__init__()
+            self.experts = experts
+
+    full = Holder(Experts(4, 8, 16))
+    half = Holder(Experts(2, 8, 16, first_expert=2))  # what rank 1 of EP=2 holds
+    init_weights(full, 7)
+    init_weights(half, 7)
+    assert torch.equal(full.experts.w1[2:], half.experts.w1)
+    assert torch.equal(full.experts.w2[2:], half.experts.w2)
+
+
+# ------------------------------------------------------------------ LIMoE
+
+def test_limoe_shapes_norms_and_scale():
+    model = small_limoe()
+    images = torch.rand(3, 3, 16, 16)
+    ids, mask = text_batch()
+    u, v, aux = model(images, ids, mask)
+    assert u.shape == v.shape == (3, 16) and u.dtype == v.dtype == torch.float32
+    torch.testing.assert_close(u.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(3))
+    assert set(aux) == {"load_balancing", "limoe_local", "limoe_global"}
+    assert math.isclose(float(model.scale().detach()), 1 / 0.07, rel_tol=1e-5)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert math.isclose(float(model.scale().detach()), 100.0, rel_tol=1e-5)  # clamped
+    with pytest.raises(ValueError, match=r"images must have shape \[B, 3, 16, 16\]"):
+        model(torch.rand(3, 3, 8, 8), ids, mask)
+
+
+def test_limoe_moe_layers_see_both_modalities_and_no_padding():
+    model = small_limoe()
+    seen = []
+    for layer in model.moe_layers():
+        layer.register_forward_pre_hook(lambda mod, args: seen.append((args[0].shape[0], args[1].clone())))
+    images = torch.rand(3, 3, 16, 16)
+    ids, mask = text_batch()
+    model(images, ids, mask)
+    assert len(seen) == 2
+    n_img = 3 * 4  # 3 images x 4 patches
+    for rows, modality in seen:
+        assert rows == n_img + int(mask.sum())  # every real text token, no padding
+        assert modality.shape == (rows,)
+        assert int((modality == 0).sum()) == n_img and int((modality == 1).sum()) == int(mask.sum())
+    stats = model.moe_layers()[0].last_stats["tokens_per_expert_by_modality"]
+    assert stats.shape == (2, 4) and int(stats[1].sum()) == 2 * int(mask.sum())  # top-2, dropless
+
+
+@pytest.mark.parametrize("router", [DROPLESS, {"policy": "topk", "top_k": 1, "capacity_factor": 1.0,
+                                              "drop_policy": "bpr"}])
+def test_text_embedding_is_padding_invariant(router):
+    # Padding never reaches the MoE: same routing, capacity and output whatever the padding.
+    model = small_limoe(router=router)
+    ids, mask = text_batch(B=5)
+    rows = [0, 2, 3, 4]  # lengths 3, 6, 1, 9: all fit in 9 positions
+    ids, mask = ids[rows], mask[rows]
+    short = 9
+    v_full = model.encode_text(ids, mask)
+    v_short = model.encode_text(ids[:, :short], mask[:, :short])
+    torch.testing.assert_close(v_full, v_short, rtol=1e-5, atol=1e-6)
+    noisy = ids.masked_fill(~mask, 65)  # whatever sits in padded slots is ignored
+    torch.testing.assert_close(model.encode_text(noisy, mask), v_full, rtol=1e-5, atol=1e-6)
+
+
+def test_contrastive_loss_matches_hand_loop():
+    g = torch.Generator().manual_seed(0)
+    u = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    v = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    scale = 7.5
+    total = 0.0
+    for i in range(5):
+        row = [scale * float(u[i] @ v[j]) for j in range(5)]
+        col = [scale * float(v[i] @ u[j]) for j in range(5)]
+        total += -row[i] + math.log(sum(math.exp(x) for x in row))
+        total += -col[i] + math.log(sum(math.exp(x) for x in col))
+    expected = total / (2 * 5)
+    assert math.isclose(float(contrastive_loss(u, v, scale)), expected, rel_tol=1e-5)
+    model = small_limoe()
+    assert math.isclose(float(model.contrastive_loss(u, v)), float(contrastive_loss(u, v, 1 / 0.07)), rel_tol=1e-5)
+
+
+def test_zero_shot_accuracy_matches_manual_argmax():
+    model = small_limoe().eval()
+    prompts = ["a red circle", "a blue square", "a green cross"]
+    images = torch.rand(7, 3, 16, 16)
+    ids, mask = model.tokenize(prompts)
+    with torch.no_grad():
+        pred = (model.encode_image(images) @ model.encode_text(ids, mask).t()).argmax(-1)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    expected = float((pred == labels).float().mean())
+    model.train()
+    assert zero_shot_accuracy(model, images, labels, prompts, batch_size=3) == pytest.approx(expected)
+    assert model.training  # mode restored
+    assert zero_shot_accuracy(model, images, pred, prompts) == 1.0
+
+
+def test_limoe_dense_twin_and_tiny_preset_build():
+    cfg = LIMoEConfig.from_dict(preset("tiny_limoe"))
+    assert cfg.transformer.num_modalities == 2 and not cfg.transformer.causal
+    assert cfg.transformer.moe.router.drop_policy == "bpr" and cfg.transformer.moe.router.capacity_factor == 1.0
+    dense = LIMoEModel(LIMoEConfig.from_dict(preset("tiny_limoe_dense")))
+    assert dense.moe_layers() == []
+    ids, mask = text_batch(L=48)
+    u, v, aux = dense(torch.rand(3, 3, 32, 32), ids, mask)
+    assert u.shape == (3, 64) and aux == {}
+
+
+def test_joint_load_balancing_is_logged_and_matches_the_loss_function():
+    model = small_limoe(joint_load_balancing=0.5)
+    ids, mask = text_batch()
+    _, _, aux = model(torch.rand(3, 3, 16, 16), ids, mask)
+    expected = 0.0
+    for layer in model.moe_layers():
+        r = layer.last_routing
+        expected += 0.5 * float(moe.losses.load_balancing_loss(r.probs, r.experts, 4))
+    assert math.isclose(float(aux["load_balancing_joint"]), expected, rel_tol=1e-5)

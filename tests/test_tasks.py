@@ -1,0 +1,171 @@
+"""Tasks: YAML-dict validation, deterministic per-rank batch streams, loss logs, eval, learning."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moe.tasks import Task, build_task
+from tests.distributed import run_distributed
+
+torch.set_num_threads(1)
+
+LIMOE_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ffn": 32, "moe_every": 2,
+               "moe": {"num_experts": 4, "router": {"policy": "topk", "top_k": 1, "capacity_factor": 1.0,
+                                                    "drop_policy": "bpr", "normalize_weights": False},
+                       "aux_losses": {"load_balancing": 0.01, "limoe_local": 0.01, "limoe_global": 0.01},
+                       "limoe_min_experts": 2.0},
+               "image_size": 16, "patch_size": 8, "text_length": 48, "embed_dim": 16}
+LIMOE_DATA = {"shapes": {"image_size": 16}, "zeroshot_size": 20, "val_size": 16, "eval_batch_size": 8}
+LM_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ffn": 32, "max_seq_len": 32, "moe_every": 2,
+            "moe": {"num_experts": 4, "router": {"policy": "switch", "top_k": 1, "capacity_factor": 1.25}}}
+LM_DATA = {"max_bytes": 60_000, "block_size": 4096, "eval_batch_size": 4, "eval_batches": 2}
+
+
+@pytest.fixture(scope="module")
+def limoe_task():
+    torch.manual_seed(0)
+    return build_task("limoe", LIMOE_MODEL, LIMOE_DATA)
+
+
+@pytest.fixture(scope="module")
+def lm_task():
+    torch.manual_seed(0)
+    return build_task("lm", LM_MODEL, LM_DATA)
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ validation
+
+def test_build_task_rejects_bad_names_and_keys():
+    with pytest.raises(ValueError, match="task name='vit' is not allowed; choose one of 'limoe', 'lm'"):
+        build_task("vit", {}, {})
+    with pytest.raises(ValueError, match=r"unknown data key\(s\) \['sorce'\]; allowed keys: .*'source'"):
+        build_task("lm", LM_MODEL, {"sorce": "stdlib"})
+    with pytest.raises(ValueError, match=r"unknown model key\(s\) \['layers'\]; allowed keys: .*'n_layers'"):
+        build_task("lm", {**LM_MODEL, "layers": 3}, LM_DATA)
+    with pytest.raises(ValueError, match=r"unknown ShapesConfig field\(s\) \['colors'\]"):
+        build_task("limoe", LIMOE_MODEL, {"shapes": {"colors": ["red"]}})
+    with pytest.raises(ValueError, match="image_size=32 does not match model image_size=16"):
+        build_task("limoe", LIMOE_MODEL, {"shapes": {"image_size": 32}})
+    with pytest.raises(ValueError, match="'limoe' preset, not allowed for task 'lm'"):
+        build_task("lm", {"preset": "tiny_limoe"}, LM_DATA)
+    with pytest.raises(ValueError, match="data.val_fraction=0"):
+        build_task("lm", LM_MODEL, {**LM_DATA, "val_fraction": 0})
+    with pytest.raises(TypeError, match="ep_group and dp_group"):
+        build_task("lm", LM_MODEL, LM_DATA, groups=object())
+
+
+def test_tasks_follow_the_protocol(limoe_task, lm_task):
+    for task in (limoe_task, lm_task):
+        assert isinstance(task, Task)
+        assert [m.name for m in task.moe_layers()] == ["blocks.1.moe"]
+
+
+# ------------------------------------------------------------------ batch streams
+
+@pytest.mark.parametrize("which", ["limoe", "lm"])
+def test_batches_deterministic_per_seed_step_rank(which, limoe_task, lm_task):
+    task = limoe_task if which == "limoe" else lm_task
+
+    def stream(rank, seed=1, start=0, n=3, dp=2):
+        it = task.train_batches(dp_rank=rank, dp_size=dp, batch_size=4, seed=seed, start_step=start)
+        return [next(it) for _ in range(n)]
+
+    r0, r0_again, r1 = stream(0), stream(0), stream(1)
+    assert all(_equal(a, b) for a, b in zip(r0, r0_again))
+    assert not any(_equal(a, b) for a, b in zip(r0, r1))          # ranks differ
+    assert not _equal(r0[0], r0[1])                               # steps differ
+    assert not _equal(r0[0], stream(0, seed=2)[0])                # seeds differ
+    assert _equal(stream(0, start=2, n=1)[0], r0[2])              # resume continues the stream
+    with pytest.raises(ValueError, match="dp_rank=2 is not allowed with dp_size=2"):
+        next(task.train_batches(dp_rank=2, dp_size=2, batch_size=4, seed=0))
+
+
+def test_batch_contents(limoe_task, lm_task):
+    b = next(limoe_task.train_batches(dp_rank=0, dp_size=1, batch_size=4, seed=0))
+    assert b["image"].shape == (4, 3, 16, 16) and b["tokens"].shape == b["mask"].shape == (4, 48)
+    assert b["mask"].dtype == torch.bool and bool(b["mask"].any(1).all())
+    b = next(lm_task.train_batches(dp_rank=0, dp_size=1, batch_size=4, seed=0))
+    assert b["tokens"].shape == b["targets"].shape == (4, 32)
+    assert torch.equal(b["tokens"][:, 1:], b["targets"][:, :-1])
+
+
+# ------------------------------------------------------------------ loss and eval
+
+@pytest.mark.parametrize("which", ["limoe", "lm"])
+def test_loss_is_task_plus_aux_and_logs_floats(which, limoe_task, lm_task):
+    task = limoe_task if which == "limoe" else lm_task
+    batch = next(task.train_batches(dp_rank=0, dp_size=1, batch_size=4, seed=0))
+    total, logs = task.loss(batch)
+    assert total.dim() == 0 and total.requires_grad
+    assert all(isinstance(v, float) for v in logs.values())
+    aux = set(task.moe_layers()[0].config.aux_losses)
+    assert aux <= set(logs)
+    assert math.isclose(logs["loss"], logs["task_loss"] + sum(logs[k] for k in aux), rel_tol=1e-5)
+
+
+def test_evaluate_keys_and_determinism(limoe_task, lm_task):
+    ev = limoe_task.evaluate()
+    assert {"zero_shot_accuracy", "val_contrastive_loss", "zero_shot_accuracy_all"} <= set(ev)
+    assert ev["zero_shot_classes"] == 5.0 and 0.0 <= ev["zero_shot_accuracy"] <= 1.0
+    assert limoe_task.evaluate() == ev
+    assert limoe_task.model.training
+    ev = lm_task.evaluate(max_batches=1)
+    assert set(ev) >= {"val_loss", "perplexity"}
+    assert math.isclose(ev["perplexity"], math.exp(ev["val_loss"]), rel_tol=1e-9)
+    assert lm_task.evaluate(max_batches=1) == ev
+
+
+@pytest.mark.parametrize("which", ["limoe", "lm"])
+def test_a_few_optimizer_steps_reduce_the_loss(which):
+    torch.manual_seed(0)
+    task = build_task(which, LIMOE_MODEL if which == "limoe" else LM_MODEL,
+                      LIMOE_DATA if which == "limoe" else LM_DATA)
+    batch = next(task.train_batches(dp_rank=0, dp_size=1, batch_size=8, seed=0))
+    opt = torch.optim.Adam(task.model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(12):
+        loss, logs = task.loss(batch)
+        first = logs["task_loss"] if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert task.loss(batch)[1]["task_loss"] < 0.8 * first
+
+
+# ------------------------------------------------------------------ expert + data parallel
+
+DROPLESS_MODEL = {**LIMOE_MODEL, "moe": {**LIMOE_MODEL["moe"], "router": {"policy": "topk", "top_k": 2,
+                                                                          "capacity_factor": None}}}
+
+
+def _ep_limoe(rank, world):
+    from parallel.dims import ParallelDims
+
+    groups = ParallelDims.from_world(world, ep=world).build()
+    task = build_task("limoe", DROPLESS_MODEL, LIMOE_DATA, groups=groups)
+    batch = next(task.train_batches(dp_rank=rank, dp_size=world, batch_size=4, seed=3))
+    loss, logs = task.loss(batch)
+    loss.backward()
+    ev = task.evaluate(max_batches=1)
+    return logs["task_loss"], ev, float(task.model.logit_scale.grad)
+
+
+def test_expert_parallel_task_matches_single_process_on_the_global_batch():
+    results = run_distributed(_ep_limoe, 2, timeout=120)
+    single = build_task("limoe", DROPLESS_MODEL, LIMOE_DATA)
+    batches = [next(single.train_batches(dp_rank=r, dp_size=2, batch_size=4, seed=3)) for r in range(2)]
+    glob = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    _, logs = single.loss(glob)
+    # gathered negatives: the mean of the ranks' losses is the global-batch loss
+    assert math.isclose((results[0][0] + results[1][0]) / 2, logs["task_loss"], rel_tol=1e-4)
+    ev = single.evaluate(max_batches=1)
+    for _, ev_rank, _ in results:
+        assert ev_rank.keys() == ev.keys()
+        for k in ev:
+            assert math.isclose(ev_rank[k], ev[k], rel_tol=1e-4, abs_tol=1e-6), k
