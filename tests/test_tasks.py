@@ -150,10 +150,11 @@ def _ep_limoe(rank, world):
     groups = ParallelDims.from_world(world, ep=world).build()
     task = build_task("limoe", DROPLESS_MODEL, LIMOE_DATA, groups=groups)
     batch = next(task.train_batches(dp_rank=rank, dp_size=world, batch_size=4, seed=3))
-    loss, logs = task.loss(batch)
-    loss.backward()
+    _, logs = task.loss(batch)
+    u, v, _ = task.model(batch["image"], batch["tokens"], batch["mask"])
+    task.model.contrastive_loss(u, v).backward()
     ev = task.evaluate(max_batches=1)
-    return logs["task_loss"], ev, float(task.model.logit_scale.grad)
+    return logs["task_loss"], ev, task.model.logit_scale.grad.clone(), task.model.image_proj.weight.grad.clone()
 
 
 def test_expert_parallel_task_matches_single_process_on_the_global_batch():
@@ -162,10 +163,57 @@ def test_expert_parallel_task_matches_single_process_on_the_global_batch():
     batches = [next(single.train_batches(dp_rank=r, dp_size=2, batch_size=4, seed=3)) for r in range(2)]
     glob = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
     _, logs = single.loss(glob)
-    # gathered negatives: the mean of the ranks' losses is the global-batch loss
+    # gathered negatives: the mean of the ranks' losses is the global-batch loss ...
     assert math.isclose((results[0][0] + results[1][0]) / 2, logs["task_loss"], rel_tol=1e-4)
+    # ... and the data-parallel mean of their gradients is the global-batch gradient
+    u, v, _ = single.model(glob["image"], glob["tokens"], glob["mask"])
+    single.model.contrastive_loss(u, v).backward()
+    torch.testing.assert_close((results[0][2] + results[1][2]) / 2, single.model.logit_scale.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close((results[0][3] + results[1][3]) / 2, single.model.image_proj.weight.grad,
+                               rtol=1e-4, atol=1e-6)
     ev = single.evaluate(max_batches=1)
-    for _, ev_rank, _ in results:
+    for _, ev_rank, _, _ in results:
         assert ev_rank.keys() == ev.keys()
         for k in ev:
             assert math.isclose(ev_rank[k], ev[k], rel_tol=1e-4, abs_tol=1e-6), k
+
+
+# ------------------------------------------------------------------ user data
+
+def _write_jsonl(folder, n=6):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    colours = {"red": (230, 20, 20), "blue": (20, 40, 230)}
+    lines = []
+    for i in range(n):
+        colour = "red" if i % 2 == 0 else "blue"
+        Image.fromarray(np.full((20, 20, 3), colours[colour], dtype=np.uint8)).save(folder / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": f"a {colour} square", "shape": "square",
+                                 "colour": colour}))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "data.jsonl"
+
+
+def test_user_jsonl_source_trains_and_evaluates(tmp_path):
+    path = str(_write_jsonl(tmp_path))
+    task = build_task("limoe", LIMOE_MODEL, {"source": path, "val_jsonl": path, "eval_batch_size": 4})
+    batch = next(task.train_batches(dp_rank=0, dp_size=1, batch_size=3, seed=0))
+    assert batch["image"].shape == (3, 3, 16, 16)  # resized to the model's image size
+    total, _ = task.loss(batch)
+    assert torch.isfinite(total)
+    ev = task.evaluate()
+    assert ev["zero_shot_classes"] == 2.0 and 0.0 <= ev["zero_shot_accuracy"] <= 1.0
+    assert math.isfinite(ev["val_contrastive_loss"])
+    with pytest.raises(ValueError, match="only allowed with data.source='shapes'"):
+        build_task("limoe", LIMOE_MODEL, {"source": path, "shapes": {"image_size": 16}})
+    with pytest.raises(FileNotFoundError):
+        build_task("lm", LM_MODEL, {"source": str(tmp_path / "missing.txt")})
+
+
+def test_lm_on_user_text_files(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world, " * 800)
+    task = build_task("lm", LM_MODEL, {"source": str(tmp_path), "block_size": 1024, "eval_batches": 1})
+    assert math.isfinite(task.evaluate()["val_loss"])

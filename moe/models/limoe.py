@@ -135,6 +135,24 @@ def contrastive_loss(u_BK: torch.Tensor, v_BK: torch.Tensor, scale: torch.Tensor
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
+class _GatherRows(torch.autograd.Function):
+    """x[b, K] on every rank of ``group`` -> cat over ranks [W*b, K]; backward: the sum over
+    ranks of the gradient w.r.t. this rank's rows (every rank's loss used them)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+
+
 class LIMoEModel(nn.Module):
     """``u, v, aux = model(images, tokens, mask)``: L2-normalised embeddings u[B, K], v[B, K]."""
 
@@ -288,10 +306,8 @@ class LIMoEModel(nn.Module):
         if not (self.config.gather_negatives and group is not None and dist.is_initialized()
                 and dist.get_world_size(group) > 1):
             return contrastive_loss(u_BK, v_BK, scale)
-        from torch.distributed.nn.functional import all_gather
-
-        u_all = torch.cat(all_gather(u_BK.contiguous(), group=group))
-        v_all = torch.cat(all_gather(v_BK.contiguous(), group=group))
+        u_all = _GatherRows.apply(u_BK, group)
+        v_all = _GatherRows.apply(v_BK, group)
         b = u_BK.shape[0]
         target = dist.get_rank(group) * b + torch.arange(b, device=u_BK.device)
         li = F.cross_entropy((u_BK.float() @ v_all.float().t()) * scale, target)

@@ -9,10 +9,34 @@ expert; a top-2 preset's twin MLP is twice an expert's width), so
   capacity factor 1.25, load-balancing loss 0.01.
 - ``gshard`` / ``tiny_gshard``: GShard LM: top-2 ``gshard`` policy (random 2nd
   expert), capacity factor 2.0, load-balancing loss 0.01.
-- ``tiny_limoe``: LIMoE one-tower image-text model for the built-in shapes data,
-  BPR at capacity factor 1.0 with the LIMoE local / thresholded global entropy
-  losses; tuned to reach >= 90% zero-shot accuracy in a few CPU minutes (the
-  numbers are in the docstring of ``TINY_LIMOE``).
+- ``tiny_limoe``: LIMoE one-tower image-text model for the built-in shapes data
+  (32x32 images, patch 8, captions <= 48 bytes): d_model 64, 4 layers, MoE every
+  2nd layer with 8 experts, GShard top-2 routing with BPR at capacity factor 1.0,
+  LIMoE local / thresholded global entropy losses per modality plus a Switch
+  load-balancing loss over both modalities together.
+
+Measured (tiny_limoe, built-in shapes data with default ShapesConfig, AdamW lr 1e-3,
+wd 0.05, betas (0.9, 0.98), warmup 50, cosine to 1000 steps, global batch 64, clip 1.0;
+see ``TINY_LIMOE_TRAINING``):
+
+- one process, 2 threads: 1000 steps in ~90 s; zero-shot accuracy on the 5
+  held-out shape-colour combos 99.6% at step 250 (22 s), 100% at step 1000;
+  seeds 0-3 all end at 100% (among ALL 25 class prompts: 73-89%).
+  Train-mode drop rate at cf 1.0 over the last 100 steps <= 0.16% per layer
+  (<= 0.27% when the router sees only 16 image-text pairs, as an EP rank does).
+- 4 processes (EP 2, DP 4, 16 pairs per rank, negatives gathered over DP) on 2
+  cores: 1000 steps in ~150 s; zero-shot 93% at step 250 (38 s), 100% from step
+  500; drops 0.0% / 0.4%.
+- Expert specialisation (tokens of the last 100 steps; image tokens are ~36% of
+  all): in each MoE layer some experts are mostly image (69-86% image tokens) and
+  others mostly text (88-96% text).
+- The equal-FLOPs dense twin ``tiny_limoe_dense`` (same seed, 1000 steps): 90%
+  zero-shot, validation contrastive loss 1.86 vs 0.96 for the MoE.
+
+Tiny LM presets on the stdlib corpus (seq 128, batch 32, Adam lr 2e-3, cosine, 1000
+steps, 1 thread), validation loss in nats/byte, MoE vs its equal-FLOPs dense twin:
+``tiny_gshard`` 1.949 vs 2.057, ``tiny_switch`` 2.065 vs 2.079 (400 steps: 2.417 vs
+2.453 and 2.440 vs 2.459).
 
 ``resolve_model_config(d)`` expands ``{"preset": name, **overrides}`` (nested
 ``moe`` / ``router`` sections are merged key by key; an ``aux_losses`` override
@@ -44,14 +68,14 @@ _GSHARD_MOE = lambda E, F: {  # noqa: E731
 
 TINY_LIMOE: Dict[str, Any] = {
     "task": "limoe",
-    "d_model": 96,
+    "d_model": 64,
     "n_layers": 4,
     "n_heads": 4,
-    "d_ffn": 192,
+    "d_ffn": 128,
     "moe_every": 2,
     "moe": {
         "num_experts": 8,
-        "d_ffn": 192,
+        "d_ffn": 128,
         # GShard top-2 (2nd expert dispatched with probability 2 * g2), BPR, capacity 2T/E
         # (cf 1.0); eval capacity T (cf 4 = E/k): dropless.
         "router": {"policy": "gshard", "top_k": 2, "capacity_factor": 1.0, "eval_capacity_factor": 4.0,
@@ -59,7 +83,7 @@ TINY_LIMOE: Dict[str, Any] = {
         # Per modality: confident routing (local entropy) and >= ~4 experts per modality
         # (thresholded global entropy). The per-modality Switch loss is off: it would spread
         # EACH modality over all experts and forbid image / text experts.
-        "aux_losses": {"limoe_local": 0.3, "limoe_global": 0.2},
+        "aux_losses": {"limoe_local": 0.1, "limoe_global": 0.2},
         "limoe_min_experts": 4.0,
     },
     # Switch loss over image + text tokens together: balances the total load.
@@ -69,7 +93,7 @@ TINY_LIMOE: Dict[str, Any] = {
     "text_length": 48,
     "embed_dim": 64,
 }
-"""Tiny LIMoE, tuned on 2 CPU cores (see ``TINY_LIMOE_TRAINING`` and the module docstring)."""
+"""Tiny LIMoE, tuned on 2 CPU cores (measured numbers in the module docstring)."""
 
 # Training settings the tiny LIMoE preset was tuned with (single process).
 TINY_LIMOE_TRAINING: Dict[str, Any] = {
