@@ -158,6 +158,16 @@ def test_lm_is_causal(router):
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
+def test_lm_sequence_level_aux_sees_whole_sequences():
+    model = small_lm(moe={"num_experts": 4, "router": DROPLESS, "aux_losses": {"sequence_aux": 1.0}})
+    ids = torch.randint(0, 256, (3, 16))
+    _, aux = model(ids)
+    r = model.moe_layers()[0].last_routing
+    per_seq = [moe.losses.load_balancing_loss(r.probs[i * 16:(i + 1) * 16], r.experts[i * 16:(i + 1) * 16], 4)
+               for i in range(3)]
+    torch.testing.assert_close(aux["sequence_aux"].detach(), torch.stack(per_seq).mean().detach())
+
+
 def test_init_depends_only_on_seed_and_global_expert_index():
     a, b = small_lm(init_seed=3), small_lm(init_seed=3)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):

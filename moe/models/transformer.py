@@ -366,15 +366,19 @@ class Block(nn.Module):
         """Residual attention half: x[B, L, D] -> x + attn(ln1(x)); mask as for ``Attention``."""
         return x_BLD + self.drop(self.attn(self.ln1(x_BLD), mask, causal=self.causal))
 
-    def feed_forward(self, x_TD: torch.Tensor, modality_T: Optional[torch.Tensor] = None
+    def feed_forward(self, x: torch.Tensor, modality: Optional[torch.Tensor] = None
                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Residual FFN half on a token set: x[T, D] (modality[T]) -> (x + ffn(ln2(x)), aux)."""
-        h = self.ln2(x_TD)
+        """Residual FFN half on a token set: x[..., D] (modality[...]) -> (x + ffn(ln2(x)), aux).
+
+        x is [T, D] for a flat token set (LIMoE, padded text) or [B, L, D] for whole
+        sequences (then the MoE layer's sequence-level losses see L as the sequence length).
+        """
+        h = self.ln2(x)
         if self.is_moe:
-            y, aux = self.moe(h, modality_T)
+            y, aux = self.moe(h, modality)
         else:
             y, aux = self.mlp(h), {}
-        return x_TD + self.drop(y), aux
+        return x + self.drop(y), aux
 
     def forward(self, x_BLD: torch.Tensor, *, key_padding_mask: Optional[torch.Tensor] = None,
                 modality: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -386,8 +390,7 @@ class Block(nn.Module):
         mask = attention_mask(key_padding_mask, self.causal, L, x_BLD.device) if key_padding_mask is not None else None
         x = self.attend(x_BLD, mask)
         if key_padding_mask is None:
-            y, aux = self.feed_forward(x.reshape(B * L, D), None if modality is None else modality.reshape(-1))
-            return y.view(B, L, D), aux
+            return self.feed_forward(x, modality)
         real = key_padding_mask.to(torch.bool)
         y, aux = self.feed_forward(x[real], None if modality is None else modality[real])
         return x.masked_scatter(real[..., None], y), aux
