@@ -35,10 +35,16 @@ def _save(fig, path: str) -> str:
 
 
 def plot_modality_routing(by_layer: Dict[str, torch.Tensor], path: str, *, step: Optional[int] = None,
-                          modality_names: Sequence[str] = MODALITY_NAMES, title: str = "") -> str:
+                          modality_names: Sequence[str] = MODALITY_NAMES, title: str = "",
+                          normalize_modalities: bool = True) -> str:
     """Stacked bars of each expert's per-modality token fraction, one panel per layer.
 
-    ``by_layer`` maps a layer name to its kept-token counts [M, E]. Returns ``path``.
+    ``by_layer`` maps a layer name to its kept-token counts [M, E]. With
+    ``normalize_modalities`` (default) each modality's counts are first divided by
+    that modality's total, so a bar reads the same whatever the batch's image/text
+    mix (an eval set with few text prompts would otherwise paint every expert as an
+    image expert); an even bar means the expert serves both modalities alike.
+    Returns ``path``.
     """
     if not by_layer:
         raise ValueError("plot_modality_routing: no layers with per-modality counts to plot")
@@ -50,7 +56,8 @@ def plot_modality_routing(by_layer: Dict[str, torch.Tensor], path: str, *, step:
         counts = by_layer[name].double()  # [M, E]
         M, E = counts.shape
         per_expert = counts.sum(0)
-        frac = counts / per_expert.clamp_min(1)
+        mixed = counts / counts.sum(1, keepdim=True).clamp_min(1) if normalize_modalities else counts
+        frac = mixed / mixed.sum(0).clamp_min(1e-30)
         order = torch.argsort(frac[0], descending=True, stable=True) if M > 1 else torch.arange(E)
         share = per_expert / per_expert.sum().clamp_min(1)
         bottom = torch.zeros(E, dtype=torch.float64)
@@ -64,7 +71,7 @@ def plot_modality_routing(by_layer: Dict[str, torch.Tensor], path: str, *, step:
         ax.set_xticks(xs)
         ax.set_xticklabels([f"e{int(e)}\n{100 * float(share[e]):.0f}%" for e in order], fontsize=7)
         ax.set_ylim(0, 1)
-        ax.set_ylabel("token fraction")
+        ax.set_ylabel("modality share" if normalize_modalities else "token fraction")
         ax.set_title(name, fontsize=9, loc="left")
         idle = int((per_expert == 0).sum())
         if idle:
