@@ -108,11 +108,14 @@ ROUTERS = {
 }
 
 
-@pytest.mark.parametrize("world, ep", [(2, 2), (4, 4), (4, 2)], ids=["w2-ep2", "w4-ep4", "w4-ep2xedp2"])
-@pytest.mark.parametrize("router", list(ROUTERS), ids=list(ROUTERS))
+# Every router at world 2; at world 4 (ep=4, and ep=2 x edp=2) the capacity cases, plus
+# dropless top-1 and top-2 once each.
+CASES = ([(2, 2, r) for r in ROUTERS] + [(4, ep, r) for ep in (4, 2) for r in ("top2-cap", "bpr-cap")]
+         + [(4, 2, "top1"), (4, 4, "top2")])
+
+
+@pytest.mark.parametrize("world, ep, router", CASES, ids=[f"w{w}-ep{e}-{r}" for w, e, r in CASES])
 def test_ep_layer_equals_single_process(world, ep, router):
-    if world == 4 and router in ("top1", "top2"):
-        pytest.skip("covered at world 2 and by the capacity cases at world 4")
     tokens = [12, 7, 16, 9][:world]
     sent = run_distributed(_ep_matches_single, world, ep, ROUTERS[router], tokens, 3, None, timeout=120)
     # What one rank sends, others receive: totals agree.
