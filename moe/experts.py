@@ -65,6 +65,8 @@ class Experts(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(num_local, width, **kw)) if bias else None
         self.b2 = nn.Parameter(torch.zeros(num_local, d_model, **kw)) if bias else None
         self.init_std = init_std
+        # False: ``forward`` runs one matmul per expert (the readable twin; for benchmarks).
+        self.grouped_gemm = True
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -100,7 +102,7 @@ class Experts(nn.Module):
                 return torch.bmm(a.view(E, C, a.shape[1]), b).view(E * C, b.shape[2])
 
             return self._compute(rows_ND, counts_E, padded_mm)
-        return self._compute(rows_ND, counts_E, grouped_matmul)
+        return self._compute(rows_ND, counts_E, grouped_matmul if self.grouped_gemm else loop_matmul)
 
     def forward_loop(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Same as ``forward`` with one matmul per expert (the oracle)."""
