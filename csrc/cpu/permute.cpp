@@ -24,6 +24,32 @@ inline acc_t dot_row(const scalar_t* a, const scalar_t* b, int64_t D) {
   return dot;
 }
 
+// out[t] = sum_j w[t, j] * rows[dest[t, j]] over each token's valid (>= 0) destinations,
+// accumulated in acc_t; without kWeighted every w[t, j] is 1 and wp is not read.
+template <typename scalar_t, typename acc_t, bool kWeighted>
+inline void combine_rows(const scalar_t* rows, const int64_t* dp, const acc_t* wp, scalar_t* out, int64_t T,
+                         int64_t k, int64_t D) {
+  at::parallel_for(0, T, row_grain(D * k), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(D);
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t d = dp[t * k + j];
+        if (d < 0) continue;
+        const scalar_t* row = rows + d * D;
+        if constexpr (kWeighted) {
+          const acc_t wj = wp[t * k + j];
+          for (int64_t c = 0; c < D; ++c) acc[c] += wj * static_cast<acc_t>(row[c]);
+        } else {
+          for (int64_t c = 0; c < D; ++c) acc[c] += static_cast<acc_t>(row[c]);
+        }
+      }
+      scalar_t* o = out + t * D;
+      for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+    }
+  });
+}
+
 }  // namespace
 
 at::Tensor permute_rows_cpu(const at::Tensor& x_in, const at::Tensor& dest_in, int64_t num_rows) {
@@ -68,22 +94,7 @@ at::Tensor permute_rows_backward_cpu(const at::Tensor& grad_rows_in, const at::T
   at::Tensor grad_x = at::empty({T, D}, g.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "permute_rows_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    scalar_t* out = grad_x.data_ptr<scalar_t>();
-    at::parallel_for(0, T, row_grain(D * k), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(D);
-      for (int64_t t = begin; t < end; ++t) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t d = dp[t * k + j];
-          if (d < 0) continue;
-          const scalar_t* row = gp + d * D;
-          for (int64_t c = 0; c < D; ++c) acc[c] += static_cast<acc_t>(row[c]);
-        }
-        scalar_t* o = out + t * D;
-        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(acc[c]);
-      }
-    });
+    combine_rows<scalar_t, acc_t, false>(g.data_ptr<scalar_t>(), dp, nullptr, grad_x.data_ptr<scalar_t>(), T, k, D);
   });
   return grad_x;
 }
@@ -110,24 +121,8 @@ at::Tensor unpermute_rows_cpu(const at::Tensor& rows_in, const at::Tensor& dest_
   at::Tensor y = at::empty({T, D}, rows.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "unpermute_rows_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* rp = rows.data_ptr<scalar_t>();
-    const acc_t* wp = w.data_ptr<acc_t>();
-    scalar_t* out = y.data_ptr<scalar_t>();
-    at::parallel_for(0, T, row_grain(D * k), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(D);
-      for (int64_t t = begin; t < end; ++t) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t d = dp[t * k + j];
-          if (d < 0) continue;
-          const acc_t wj = wp[t * k + j];
-          const scalar_t* row = rp + d * D;
-          for (int64_t c = 0; c < D; ++c) acc[c] += wj * static_cast<acc_t>(row[c]);
-        }
-        scalar_t* o = out + t * D;
-        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(acc[c]);
-      }
-    });
+    combine_rows<scalar_t, acc_t, true>(rows.data_ptr<scalar_t>(), dp, w.data_ptr<acc_t>(), y.data_ptr<scalar_t>(), T,
+                                        k, D);
   });
   return y;
 }
