@@ -4,20 +4,14 @@ Legend: T tokens, k choices per token, E experts, N rows, D width. Same signatur
 results as ``moe.ops.reference`` on CUDA tensors; float32, float64, bfloat16 and float16
 rows with fp32 accumulation for the 16-bit types. A destination row may receive at most
 one assignment (not checked on the GPU: it would cost a device sync).
+The ops themselves are ``moe.ops.library.OpSet("cuda")`` (the registry builds it); this module
+says whether they can run.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-from .library import OpSet
-
-_OPS = OpSet("cuda")
-router_topk = _OPS.router_topk
-assign_slots = _OPS.assign_slots
-permute_rows = _OPS.permute_rows
-unpermute_rows = _OPS.unpermute_rows
-
-__all__ = ["router_topk", "assign_slots", "permute_rows", "unpermute_rows", "unavailable_reason"]
+__all__ = ["unavailable_reason"]
 
 
 def unavailable_reason(device_type: Optional[str] = None) -> Optional[str]:

@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import cpp, cuda, reference, triton
+from .library import OpSet
 
 
 def _always_available(device_type: Optional[str] = None) -> Optional[str]:
@@ -87,8 +88,8 @@ def get_backend(name: str, device) -> Backend:
 
 
 register_backend(Backend("torch", reference, ("cpu", "cuda", "meta"), priority=0))
-register_backend(Backend("cpp", cpp, ("cpu", "meta"), priority=10, unavailable_reason=cpp.unavailable_reason,
-                         auto_device_types=("cpu",)))
-register_backend(Backend("triton", triton, ("cuda", "cpu"), priority=20, unavailable_reason=triton.unavailable_reason,
-                         auto_device_types=("cuda",)))
-register_backend(Backend("cuda", cuda, ("cuda",), priority=30, unavailable_reason=cuda.unavailable_reason))
+register_backend(Backend("cpp", OpSet("cpp"), ("cpu", "meta"), priority=10,
+                         unavailable_reason=cpp.unavailable_reason, auto_device_types=("cpu",)))
+register_backend(Backend("triton", OpSet("triton"), ("cuda", "cpu"), priority=20,
+                         unavailable_reason=triton.unavailable_reason, auto_device_types=("cuda",)))
+register_backend(Backend("cuda", OpSet("cuda"), ("cuda",), priority=30, unavailable_reason=cuda.unavailable_reason))

@@ -4,6 +4,8 @@ Legend: T tokens, k choices per token, E experts, N rows, D width. Same signatur
 results as ``moe.ops.reference``. Runs on CUDA tensors; on CPU tensors only under the
 Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is how
 the kernels are tested without a GPU. triton itself is imported lazily, on first use.
+The ops themselves are ``moe.ops.library.OpSet("triton")`` (the registry builds it); this module
+says whether they can run.
 """
 from __future__ import annotations
 
@@ -11,15 +13,7 @@ import importlib.util
 import os
 from typing import Optional
 
-from .library import OpSet
-
-_OPS = OpSet("triton")
-router_topk = _OPS.router_topk
-assign_slots = _OPS.assign_slots
-permute_rows = _OPS.permute_rows
-unpermute_rows = _OPS.unpermute_rows
-
-__all__ = ["router_topk", "assign_slots", "permute_rows", "unpermute_rows", "unavailable_reason"]
+__all__ = ["unavailable_reason"]
 
 
 def unavailable_reason(device_type: Optional[str] = None) -> Optional[str]:
