@@ -38,6 +38,7 @@ from ..data.tokenizer import VOCAB_SIZE, ByteTokenizer
 from .transformer import (
     Transformer,
     TransformerConfig,
+    TransformerModel,
     _check_keys,
     _float,
     _int,
@@ -153,7 +154,7 @@ class _GatherRows(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
 
 
-class LIMoEModel(nn.Module):
+class LIMoEModel(TransformerModel):
     """``u, v, aux = model(images, tokens, mask)``: L2-normalised embeddings u[B, K], v[B, K]."""
 
     def __init__(self, cfg: LIMoEConfig, *, ep_group=None, dp_group=None):
@@ -175,13 +176,6 @@ class LIMoEModel(nn.Module):
         init_weights(self, cfg.init_seed, std=cfg.transformer.init_std, n_layers=cfg.transformer.n_layers)
 
     # ------------------------------------------------------------------ pieces
-    @property
-    def blocks(self):
-        return self.transformer.blocks
-
-    def moe_layers(self) -> list:
-        return self.transformer.moe_layers()
-
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped to ``logit_scale_max``."""
         return self.logit_scale.clamp(max=math.log(self.config.logit_scale_max)).exp()

@@ -17,6 +17,7 @@ from ..data.tokenizer import VOCAB_SIZE
 from .transformer import (
     TransformerConfig,
     Transformer,
+    TransformerModel,
     _check_keys,
     _int,
     config_from_dict,
@@ -73,7 +74,7 @@ class LMConfig:
         return replace(self, transformer=dense_equivalent(self.transformer))
 
 
-class LanguageModel(nn.Module):
+class LanguageModel(TransformerModel):
     """ids[B, L] -> (logits[B, L, V], aux); MoE layers named ``blocks.<i>.moe``."""
 
     def __init__(self, cfg: LMConfig, *, ep_group=None, dp_group=None):
@@ -87,13 +88,6 @@ class LanguageModel(nn.Module):
         self.transformer = Transformer(cfg.transformer, ep_group=ep_group, dp_group=dp_group, prefix="blocks")
         self.head = None if cfg.tie_embeddings else nn.Linear(D, cfg.vocab_size, bias=False)
         init_weights(self, cfg.init_seed, std=cfg.transformer.init_std, n_layers=cfg.transformer.n_layers)
-
-    @property
-    def blocks(self):
-        return self.transformer.blocks
-
-    def moe_layers(self) -> list:
-        return self.transformer.moe_layers()
 
     def forward(self, ids_BL: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         if ids_BL.dim() != 2 or ids_BL.dtype not in (torch.long, torch.int32, torch.int64):

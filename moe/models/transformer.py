@@ -41,6 +41,7 @@ __all__ = [
     "Attention",
     "Block",
     "Transformer",
+    "TransformerModel",
     "attention_mask",
     "active_ffn_flops_per_token",
     "dense_equivalent",
@@ -426,6 +427,19 @@ class Transformer(nn.Module):
             x_BLD, a = block(x_BLD, key_padding_mask=key_padding_mask, modality=modality)
             sum_aux(aux, a)
         return self.ln_f(x_BLD), aux
+
+
+class TransformerModel(nn.Module):
+    """A model built around ``self.transformer`` (a ``Transformer``): its blocks and MoE layers."""
+
+    transformer: Transformer
+
+    @property
+    def blocks(self):
+        return self.transformer.blocks
+
+    def moe_layers(self) -> list:
+        return self.transformer.moe_layers()
 
 
 # ----------------------------------------------------------------------------- deterministic init
