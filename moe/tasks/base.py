@@ -23,12 +23,15 @@ ones. ``groups`` (a ``parallel.ProcessGroups``, or anything with ``ep_group`` an
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any, Dict, Iterator, Mapping, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 import torch
 
-__all__ = ["Task", "build_task", "TASK_NAMES", "batch_rng", "check_keys", "loss_logs"]
+from ..models.presets import resolve_model_config
+
+__all__ = ["Task", "ModelTask", "DataConfig", "build_task", "TASK_NAMES", "batch_rng", "check_keys", "loss_logs"]
 
 TASK_NAMES = ("limoe", "lm")
 
@@ -54,6 +57,41 @@ def check_keys(what: str, d: Mapping[str, Any], allowed) -> None:
     unknown = sorted(k for k in d if k not in allowed)
     if unknown:
         raise ValueError(f"unknown {what} key(s) {unknown}; allowed keys: {sorted(allowed)}")
+
+
+class DataConfig:
+    """Base of a task's ``data`` section dataclass: ``from_dict`` rejects unknown keys."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        check_keys("data", d, [f.name for f in fields(cls)])
+        return cls(**d)
+
+
+class ModelTask:
+    """What the built-in tasks share: their configs, device and model, ``from_dicts`` and ``moe_layers``.
+
+    A subclass sets ``name`` (its preset task), ``config_cls``, ``data_config_cls`` and ``model_cls``.
+    """
+
+    name: str
+    config_cls: type
+    data_config_cls: type
+    model_cls: type
+
+    def __init__(self, model_config, data_config, *, groups=None, device="cpu"):
+        self.model_config, self.data_config = model_config, data_config
+        self.device = torch.device(device)
+        self.model = self.model_cls(model_config, ep_group=getattr(groups, "ep_group", None),
+                                    dp_group=getattr(groups, "dp_group", None)).to(self.device)
+
+    @classmethod
+    def from_dicts(cls, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], *, groups=None, device="cpu"):
+        model = cls.config_cls.from_dict(resolve_model_config(model_cfg, task=cls.name))
+        return cls(model, cls.data_config_cls.from_dict(data_cfg), groups=groups, device=device)
+
+    def moe_layers(self) -> list:
+        return self.model.moe_layers()
 
 
 def check_stream_args(dp_rank: int, dp_size: int, batch_size: int, seed: int, start_step: int) -> None:

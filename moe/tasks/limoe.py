@@ -26,15 +26,14 @@ the model names a seen combo instead. ``zero_shot_classes`` is the candidate cou
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
 from ..data.shapes import ImageTextCollator, ShapesConfig, ShapesDataset, class_prompts
 from ..models.limoe import LIMoEConfig, LIMoEModel, contrastive_loss, zero_shot_accuracy
-from ..models.presets import resolve_model_config
-from .base import batch_rng, check_keys, check_stream_args, loss_logs
+from .base import DataConfig, ModelTask, batch_rng, check_stream_args, loss_logs
 
 __all__ = ["LIMoEDataConfig", "LIMoETask"]
 
@@ -43,7 +42,7 @@ _TRAIN_SIZE = 2 ** 31 - 1  # shapes train items are drawn from this many (all di
 
 
 @dataclass(frozen=True)
-class LIMoEDataConfig:
+class LIMoEDataConfig(DataConfig):
     """The ``data`` section of a LIMoE job (see the module docstring)."""
 
     source: str = "shapes"
@@ -67,20 +66,14 @@ class LIMoEDataConfig:
         if self.source == "shapes" and (self.image_root or self.val_jsonl or self.prompts):
             raise ValueError("data.image_root / val_jsonl / prompts are only allowed with a JSONL data.source")
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LIMoEDataConfig":
-        check_keys("data", d, [f.name for f in fields(cls)])
-        return cls(**d)
 
-
-class LIMoETask:
+class LIMoETask(ModelTask):
     """Contrastive image-text training of a ``LIMoEModel``; see ``moe.tasks.base.Task``."""
 
+    name, config_cls, data_config_cls, model_cls = "limoe", LIMoEConfig, LIMoEDataConfig, LIMoEModel
+
     def __init__(self, model_config: LIMoEConfig, data_config: LIMoEDataConfig, *, groups=None, device="cpu"):
-        self.model_config, self.data_config = model_config, data_config
-        self.device = torch.device(device)
-        self.model = LIMoEModel(model_config, ep_group=getattr(groups, "ep_group", None),
-                                dp_group=getattr(groups, "dp_group", None)).to(self.device)
+        super().__init__(model_config, data_config, groups=groups, device=device)
         self.collate = ImageTextCollator(model_config.text_length)
         self._eval_cache: Optional[dict] = None
         if data_config.source == "shapes":
@@ -95,15 +88,6 @@ class LIMoETask:
             self.shapes_config = None
             self.train_set = ImageCaptionDataset(data_config.source, data_config.image_root,
                                                  image_size=model_config.image_size)
-
-    @classmethod
-    def from_dicts(cls, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], *, groups=None,
-                   device="cpu") -> "LIMoETask":
-        model = LIMoEConfig.from_dict(resolve_model_config(model_cfg, task="limoe"))
-        return cls(model, LIMoEDataConfig.from_dict(data_cfg), groups=groups, device=device)
-
-    def moe_layers(self) -> list:
-        return self.model.moe_layers()
 
     # ------------------------------------------------------------------ data
     def _to_device(self, batch: dict) -> Dict[str, torch.Tensor]:

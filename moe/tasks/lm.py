@@ -19,15 +19,14 @@ windows of the training bytes, targets shifted by one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
 from ..data.text import load_corpus
 from ..models.lm import LanguageModel, LMConfig, lm_loss
-from ..models.presets import resolve_model_config
-from .base import batch_rng, check_keys, check_stream_args, loss_logs
+from .base import DataConfig, ModelTask, batch_rng, check_stream_args, loss_logs
 
 __all__ = ["LMDataConfig", "LMTask"]
 
@@ -35,7 +34,7 @@ _SALT = 0x4C4D  # keeps LM batch streams apart from other tasks' streams with th
 
 
 @dataclass(frozen=True)
-class LMDataConfig:
+class LMDataConfig(DataConfig):
     """The ``data`` section of an LM job (see the module docstring)."""
 
     source: Union[str, list] = "stdlib"
@@ -63,21 +62,14 @@ class LMDataConfig:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
             raise ValueError(f"data.val_fraction={v!r} is not allowed; it must be in (0, 1)")
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LMDataConfig":
-        check_keys("data", d, [f.name for f in fields(cls)])
-        return cls(**d)
 
-
-class LMTask:
+class LMTask(ModelTask):
     """Next-byte prediction with an MoE (or dense) decoder; see ``moe.tasks.base.Task``."""
 
+    name, config_cls, data_config_cls, model_cls = "lm", LMConfig, LMDataConfig, LanguageModel
+
     def __init__(self, model_config: LMConfig, data_config: LMDataConfig, *, groups=None, device="cpu"):
-        self.model_config, self.data_config = model_config, data_config
-        self.device = torch.device(device)
-        ep = getattr(groups, "ep_group", None)
-        dp = getattr(groups, "dp_group", None)
-        self.model = LanguageModel(model_config, ep_group=ep, dp_group=dp).to(self.device)
+        super().__init__(model_config, data_config, groups=groups, device=device)
         self.seq_len = data_config.seq_len or model_config.max_seq_len
         if self.seq_len > model_config.max_seq_len:
             raise ValueError(f"data.seq_len={self.seq_len} is not allowed; it must be <= model max_seq_len="
@@ -91,15 +83,6 @@ class LMTask:
             if n < self.seq_len + 1:
                 raise ValueError(f"the {split} split has {n} bytes, fewer than seq_len + 1 = {self.seq_len + 1}; "
                                  "add text, lower data.seq_len or change data.val_fraction")
-
-    @classmethod
-    def from_dicts(cls, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], *, groups=None,
-                   device="cpu") -> "LMTask":
-        model = LMConfig.from_dict(resolve_model_config(model_cfg, task="lm"))
-        return cls(model, LMDataConfig.from_dict(data_cfg), groups=groups, device=device)
-
-    def moe_layers(self) -> list:
-        return self.model.moe_layers()
 
     # ------------------------------------------------------------------ data
     def _windows(self, tokens: torch.Tensor, starts: torch.Tensor) -> Dict[str, torch.Tensor]:
