@@ -3,8 +3,7 @@
 Legend: T tokens, k choices per token, E experts, N rows, D width. Same signatures and
 results as ``moe.ops.reference``; float32, float64, bfloat16 and float16 rows (fp32
 accumulation for the 16-bit types). A destination row may receive at most one assignment.
-The ops themselves are ``moe.ops.library.OpSet("cpp")`` (the registry builds it); this module
-says whether they can run.
+Its ops are ``OpSet("cpp")`` (``moe.ops.library``); this module says when they can run.
 """
 from __future__ import annotations
 

@@ -4,8 +4,7 @@ Legend: T tokens, k choices per token, E experts, N rows, D width. Same signatur
 results as ``moe.ops.reference``. Runs on CUDA tensors; on CPU tensors only under the
 Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is how
 the kernels are tested without a GPU. triton itself is imported lazily, on first use.
-The ops themselves are ``moe.ops.library.OpSet("triton")`` (the registry builds it); this module
-says whether they can run.
+Its ops are ``OpSet("triton")`` (``moe.ops.library``); this module says when they can run.
 """
 from __future__ import annotations
 

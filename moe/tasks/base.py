@@ -71,7 +71,8 @@ class DataConfig:
 class ModelTask:
     """What the built-in tasks share: their configs, device and model, ``from_dicts`` and ``moe_layers``.
 
-    A subclass sets ``name`` (its preset task), ``config_cls``, ``data_config_cls`` and ``model_cls``.
+    A subclass sets ``name`` (its preset task), ``config_cls``, ``data_config_cls`` and ``model_cls``,
+    and defines ``batch_at(step, *, dp_rank, dp_size, batch_size, seed)``.
     """
 
     name: str
@@ -92,6 +93,15 @@ class ModelTask:
 
     def moe_layers(self) -> list:
         return self.model.moe_layers()
+
+    def train_batches(self, *, dp_rank: int, dp_size: int, batch_size: int, seed: int,
+                      start_step: int = 0) -> Iterator[dict]:
+        """``self.batch_at(step, ...)`` for step = start_step, start_step + 1, ..."""
+        check_stream_args(dp_rank, dp_size, batch_size, seed, start_step)
+        step = start_step
+        while True:
+            yield self.batch_at(step, dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size, seed=seed)
+            step += 1
 
 
 def check_stream_args(dp_rank: int, dp_size: int, batch_size: int, seed: int, start_step: int) -> None:

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from ..data.shapes import ImageTextCollator, ShapesConfig, ShapesDataset, class_prompts
 from ..models.limoe import LIMoEConfig, LIMoEModel, contrastive_loss, zero_shot_accuracy
-from .base import DataConfig, ModelTask, batch_rng, check_stream_args, loss_logs
+from .base import DataConfig, ModelTask, batch_rng, loss_logs
 
 __all__ = ["LIMoEDataConfig", "LIMoETask"]
 
@@ -98,14 +98,6 @@ class LIMoETask(ModelTask):
         rng = batch_rng(seed, step, dp_rank, dp_size, _SALT)
         idx = rng.integers(0, len(self.train_set), size=batch_size)
         return self._to_device(self.collate([self.train_set[int(i)] for i in idx]))
-
-    def train_batches(self, *, dp_rank: int, dp_size: int, batch_size: int, seed: int,
-                      start_step: int = 0) -> Iterator[dict]:
-        check_stream_args(dp_rank, dp_size, batch_size, seed, start_step)
-        step = start_step
-        while True:
-            yield self.batch_at(step, dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size, seed=seed)
-            step += 1
 
     def loss(self, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
         u, v, aux = self.model(batch["image"], batch["tokens"], batch["mask"])

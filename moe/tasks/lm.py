@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
 from ..data.text import load_corpus
 from ..models.lm import LanguageModel, LMConfig, lm_loss
-from .base import DataConfig, ModelTask, batch_rng, check_stream_args, loss_logs
+from .base import DataConfig, ModelTask, batch_rng, loss_logs
 
 __all__ = ["LMDataConfig", "LMTask"]
 
@@ -96,14 +96,6 @@ class LMTask(ModelTask):
         rng = batch_rng(seed, step, dp_rank, dp_size, _SALT)
         starts = torch.from_numpy(rng.integers(0, n_starts, size=batch_size))
         return self._windows(self.corpus.train, starts)
-
-    def train_batches(self, *, dp_rank: int, dp_size: int, batch_size: int, seed: int,
-                      start_step: int = 0) -> Iterator[dict]:
-        check_stream_args(dp_rank, dp_size, batch_size, seed, start_step)
-        step = start_step
-        while True:
-            yield self.batch_at(step, dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size, seed=seed)
-            step += 1
 
     # ------------------------------------------------------------------ loss / eval
     def loss(self, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
