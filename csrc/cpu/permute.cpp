@@ -50,6 +50,16 @@ inline void combine_rows(const scalar_t* rows, const int64_t* dp, const acc_t* w
   });
 }
 
+// rows[N, D] a floating CPU tensor called name, dest[T, k] a CPU destination map.
+inline void check_rows_dest(const at::Tensor& rows, const char* name, const at::Tensor& dest) {
+  check_cpu(rows, name);
+  check_dim(rows, 2, name, "[N, D]");
+  check_float(rows, name);
+  check_cpu(dest, "dest");
+  check_dim(dest, 2, "dest", "[T, k]");
+  check_dest(dest, dest.size(0));
+}
+
 }  // namespace
 
 at::Tensor permute_rows_cpu(const at::Tensor& x_in, const at::Tensor& dest_in, int64_t num_rows) {
@@ -80,12 +90,7 @@ at::Tensor permute_rows_cpu(const at::Tensor& x_in, const at::Tensor& dest_in, i
 }
 
 at::Tensor permute_rows_backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& dest_in) {
-  check_cpu(grad_rows_in, "grad_rows");
-  check_dim(grad_rows_in, 2, "grad_rows", "[N, D]");
-  check_float(grad_rows_in, "grad_rows");
-  check_cpu(dest_in, "dest");
-  check_dim(dest_in, 2, "dest", "[T, k]");
-  check_dest(dest_in, dest_in.size(0));
+  check_rows_dest(grad_rows_in, "grad_rows", dest_in);
   const at::Tensor g = grad_rows_in.contiguous();
   const at::Tensor dest = dest_in.contiguous();
   const int64_t T = dest.size(0), k = dest.size(1), N = g.size(0), D = g.size(1);
@@ -101,12 +106,7 @@ at::Tensor permute_rows_backward_cpu(const at::Tensor& grad_rows_in, const at::T
 
 at::Tensor unpermute_rows_cpu(const at::Tensor& rows_in, const at::Tensor& dest_in,
                               const at::Tensor& weights_in) {
-  check_cpu(rows_in, "rows");
-  check_dim(rows_in, 2, "rows", "[N, D]");
-  check_float(rows_in, "rows");
-  check_cpu(dest_in, "dest");
-  check_dim(dest_in, 2, "dest", "[T, k]");
-  check_dest(dest_in, dest_in.size(0));
+  check_rows_dest(rows_in, "rows", dest_in);
   check_cpu(weights_in, "weights");
   TORCH_CHECK_VALUE(weights_in.sizes() == dest_in.sizes(), "weights must have the shape of dest ",
                     dest_in.sizes(), ", got ", weights_in.sizes());
@@ -131,12 +131,7 @@ std::vector<at::Tensor> unpermute_rows_backward_cpu(const at::Tensor& grad_y_in,
                                                     const at::Tensor& dest_in, const at::Tensor& weights_in,
                                                     bool need_rows, bool need_weights) {
   check_cpu(grad_y_in, "grad_y");
-  check_cpu(rows_in, "rows");
-  check_dim(rows_in, 2, "rows", "[N, D]");
-  check_float(rows_in, "rows");
-  check_cpu(dest_in, "dest");
-  check_dim(dest_in, 2, "dest", "[T, k]");
-  check_dest(dest_in, dest_in.size(0));
+  check_rows_dest(rows_in, "rows", dest_in);
   const at::Tensor dest = dest_in.contiguous();
   const int64_t T = dest.size(0), k = dest.size(1), N = rows_in.size(0), D = rows_in.size(1);
   TORCH_CHECK_VALUE(grad_y_in.dim() == 2 && grad_y_in.size(0) == T && grad_y_in.size(1) == D,
