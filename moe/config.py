@@ -32,6 +32,15 @@ def _choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
 
 
+def check_keys(what: str, d: Mapping, allowed) -> None:
+    """Raise ValueError naming the unknown keys of the YAML section ``d`` and the allowed ones."""
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{what} must be a mapping (a YAML section), got {type(d).__name__}: {d!r}")
+    unknown = sorted(k for k in d if k not in allowed)
+    if unknown:
+        raise ValueError(f"unknown {what} key(s) {unknown}; allowed keys: {sorted(allowed)}")
+
+
 def _int(name: str, value, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")

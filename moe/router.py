@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import MoEConfig
-from .routing import route
+from .routing import rng_device, route
 from .routing_types import Routing
 
 
@@ -36,7 +36,7 @@ class Router(nn.Module):
         x = x_TD.float()
         eps = self.config.router.jitter_eps
         if self.training and eps > 0:
-            u = torch.rand(x.shape, generator=generator, device="cpu" if generator is None else generator.device)
+            u = torch.rand(x.shape, generator=generator, device=rng_device(generator))
             x = x * (1.0 - eps + 2.0 * eps * u.to(x.device))
         return x @ self.weight.float().t()
 

@@ -54,6 +54,14 @@ def validate_modality(modality: Optional[torch.Tensor], num_tokens: int, num_mod
                          f"allowed ids are 0..{num_modalities - 1} (num_modalities={num_modalities})")
 
 
+def rng_device(generator: Optional[torch.Generator]) -> str:
+    """Where random numbers are drawn: the generator's device, else the default CPU RNG.
+
+    Drawing there (and moving the result) keeps a seeded run reproducible on any device.
+    """
+    return "cpu" if generator is None else generator.device
+
+
 def _choice_major_order(token_order_T: torch.Tensor, k: int) -> torch.Tensor:
     """Flat assignment indices t*k+j: all first choices in token order, then all second choices, ..."""
     j = torch.arange(k, device=token_order_T.device).unsqueeze(1)
@@ -62,7 +70,6 @@ def _choice_major_order(token_order_T: torch.Tensor, k: int) -> torch.Tensor:
 
 def service_order(
     drop_policy: str,
-    weights_TK: torch.Tensor,
     probs_TE: torch.Tensor,
     experts_TK: torch.Tensor,
     generator: Optional[torch.Generator] = None,
@@ -79,7 +86,7 @@ def service_order(
         return _choice_major_order(torch.sort(priority, descending=True, stable=True).indices, k)
     if drop_policy == "random":
         # DeepSpeed's Random Token Selection: a random priority per token.
-        perm = torch.randperm(T, generator=generator, device="cpu" if generator is None else generator.device)
+        perm = torch.randperm(T, generator=generator, device=rng_device(generator))
         return _choice_major_order(perm.to(device), k)
     if drop_policy == "probs":
         # Each expert keeps its highest-probability assignments (Megatron's default):
@@ -94,7 +101,7 @@ def _noisy_topk(logits, noise_logits, k, training, generator):
     std = torch.nn.functional.softplus(noise_logits.float())
     if training:
         noise = torch.randn(logits.shape, generator=generator, dtype=logits.dtype,
-                            device="cpu" if generator is None else generator.device).to(logits.device)
+                            device=rng_device(generator)).to(logits.device)
         h = logits + noise * std
     else:
         h = logits
@@ -213,10 +220,10 @@ def route(
 
     dispatched = torch.ones_like(experts, dtype=torch.bool)
     if cfg.policy == "gshard" and training and T:
-        u = torch.rand(T, generator=generator, device="cpu" if generator is None else generator.device)
+        u = torch.rand(T, generator=generator, device=rng_device(generator))
         dispatched[:, 1] = u.to(logits.device) < 2.0 * weights[:, 1].detach()
 
-    order = service_order(cfg.drop_policy, weights, probs, experts, generator)
+    order = service_order(cfg.drop_policy, probs, experts, generator)
     positions, kept, tokens_per_expert = ops.assign_slots(experts, order, dispatched, E, capacity)
     return Routing(experts, weights, probs, logits, dispatched, kept, positions,
                    tokens_per_expert, capacity, modality, load)

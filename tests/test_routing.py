@@ -246,10 +246,10 @@ def test_slot_assignment_matches_naive_loop(policy, capacity):
     T, E, k = 25, 4, 2
     logits = torch.randn(T, E)
     logits[:10, 2] += 3  # make one expert overflow
-    weights, experts, probs, _, _ = reference.router_topk(logits, k, "softmax", True)
+    _, experts, probs, _, _ = reference.router_topk(logits, k, "softmax", True)
     dispatched = torch.rand(T, k) < 0.85
     dispatched[:, 0] = True
-    order = service_order(policy, weights, probs, experts)
+    order = service_order(policy, probs, experts)
     pos, kept, tpe = reference.assign_slots(experts, order, dispatched, E, capacity)
     if policy == "position":
         keys = {(t, j): (j, t) for t in range(T) for j in range(k)}

@@ -35,11 +35,11 @@ from torch import nn
 
 from ..losses import load_balancing_loss
 from ..data.tokenizer import VOCAB_SIZE, ByteTokenizer
+from ..config import check_keys
 from .transformer import (
     Transformer,
     TransformerConfig,
     TransformerModel,
-    _check_keys,
     _float,
     _int,
     config_from_dict,
@@ -119,7 +119,7 @@ class LIMoEConfig:
         """From a flat YAML mapping: transformer fields and LIMoE fields side by side."""
         own = [f.name for f in fields(cls) if f.name != "transformer"]
         t_keys = [f.name for f in fields(TransformerConfig)]
-        _check_keys("model", d, own + t_keys)
+        check_keys("model", d, own + t_keys)
         t = config_from_dict(TransformerConfig, {k: v for k, v in d.items() if k in t_keys},
                              extra={"causal": False, "num_modalities": 2})
         return cls(transformer=t, **{k: v for k, v in d.items() if k in own})

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.tokenizer import VOCAB_SIZE
+from ..config import check_keys
 from .transformer import (
     TransformerConfig,
     Transformer,
     TransformerModel,
-    _check_keys,
     _int,
     config_from_dict,
     dense_equivalent,
@@ -64,7 +64,7 @@ class LMConfig:
         """
         own = [f.name for f in fields(cls) if f.name != "transformer"]
         t_keys = [f.name for f in fields(TransformerConfig)]
-        _check_keys("model", d, own + t_keys)
+        check_keys("model", d, own + t_keys)
         t = config_from_dict(TransformerConfig, {k: v for k, v in d.items() if k in t_keys},
                              extra={"causal": True})
         return cls(transformer=t, **{k: v for k, v in d.items() if k in own})

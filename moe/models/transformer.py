@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ACTIVATIONS, AUX_LOSS_NAMES, BACKENDS, MoEConfig, RouterConfig
+from ..config import ACTIVATIONS, AUX_LOSS_NAMES, BACKENDS, MoEConfig, RouterConfig, _choice, check_keys
 from ..experts import Experts
 from ..layer import MoELayer
 
@@ -70,19 +70,6 @@ def _float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False
         rng = ("(" if lo_open else "[") + f"{lo}, {hi}" + (")" if hi_open else "]")
         raise ValueError(f"{name}={value!r} is not allowed; it must be in {rng}")
     return float(value)
-
-
-def _choice(name: str, value: Any, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
-
-
-def _check_keys(what: str, d: Mapping[str, Any], allowed) -> None:
-    if not isinstance(d, Mapping):
-        raise TypeError(f"{what} must be a mapping (a YAML section), got {type(d).__name__}: {d!r}")
-    unknown = sorted(k for k in d if k not in allowed)
-    if unknown:
-        raise ValueError(f"unknown {what} key(s) {unknown}; allowed keys: {sorted(allowed)}")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -133,12 +120,12 @@ class MoESettings:
     def from_dict(cls, d: Mapping[str, Any]) -> "MoESettings":
         """From a YAML mapping; ``router`` may be a mapping of ``RouterConfig`` fields."""
         allowed = [f.name for f in fields(cls)]
-        _check_keys("model.moe", d, allowed)
+        check_keys("model.moe", d, allowed)
         kw = dict(d)
         router = kw.get("router")
         if isinstance(router, Mapping):
             router_allowed = [f.name for f in fields(RouterConfig)]
-            _check_keys("model.moe.router", router, router_allowed)
+            check_keys("model.moe.router", router, router_allowed)
             kw["router"] = RouterConfig(**router)
         return cls(**kw)
 
@@ -242,7 +229,7 @@ def config_from_dict(cls, d: Mapping[str, Any], *, what: str = "model", extra: O
     are forced (e.g. ``causal=True`` for a decoder).
     """
     allowed = [f.name for f in fields(cls)]
-    _check_keys(what, d, allowed)
+    check_keys(what, d, allowed)
     kw = dict(d)
     if isinstance(kw.get("moe"), Mapping):
         kw["moe"] = MoESettings.from_dict(kw["moe"])

@@ -29,6 +29,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Protocol, Tuple, runt
 import numpy as np
 import torch
 
+from ..config import check_keys
 from ..models.presets import resolve_model_config
 
 __all__ = ["Task", "ModelTask", "DataConfig", "build_task", "TASK_NAMES", "batch_rng", "check_keys", "loss_logs"]
@@ -48,15 +49,6 @@ class Task(Protocol):
     def evaluate(self, *, max_batches: Optional[int] = None) -> Dict[str, float]: ...
 
     def moe_layers(self) -> list: ...
-
-
-def check_keys(what: str, d: Mapping[str, Any], allowed) -> None:
-    """Raise ValueError naming the unknown keys of ``d`` and the allowed ones."""
-    if not isinstance(d, Mapping):
-        raise TypeError(f"{what} must be a mapping (a YAML section), got {type(d).__name__}: {d!r}")
-    unknown = sorted(k for k in d if k not in allowed)
-    if unknown:
-        raise ValueError(f"unknown {what} key(s) {unknown}; allowed keys: {sorted(allowed)}")
 
 
 class DataConfig:
