@@ -9,8 +9,8 @@ import torch.distributed.checkpoint as dcp
 
 from moe.trainer import checkpoint as ckpt
 from moe.trainer.loop import run
-from tests.distributed import run_distributed
-from tests.test_trainer import ToyTask, toy_config, trainer_in_group
+from tests.helpers.distributed import run_distributed
+from tests.helpers.toy import ToyTask, toy_config, trainer_in_group
 
 
 def _params(model):
@@ -47,7 +47,7 @@ def test_resume_equals_uninterrupted_single_process(tmp_path):
     assert a.endswith("step_00000006") and b.endswith("step_00000006")
     # parameters and optimizer state are identical too
     ta, tb = ToyTask({"num_experts": 4}, {}), ToyTask({"num_experts": 4}, {})
-    from moe.trainer.loop import build_optimizer
+    from moe.trainer.optim import build_optimizer
     cfg = toy_config("unused").optim
     oa, ob = build_optimizer(ta.model, cfg), build_optimizer(tb.model, cfg)
     assert ckpt.load_checkpoint(a, ta.model, oa) == 6 and ckpt.load_checkpoint(b, tb.model, ob) == 6

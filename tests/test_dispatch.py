@@ -17,7 +17,7 @@ from moe.dispatch import (
     new_node_groups,
     split_counts,
 )
-from tests.distributed import run_distributed
+from tests.helpers.distributed import run_distributed
 
 D = 5  # row width
 SCENARIOS = ("random", "nothing_to_peer", "one_expert", "empty_rank", "all_empty", "single_rows")

@@ -13,7 +13,7 @@ import moe
 from moe.dispatch import AllToAllDispatcher, HierarchicalAllToAllDispatcher, new_node_groups
 from parallel.dims import ParallelDims
 from parallel.grads import allreduce_gradients
-from tests.distributed import run_distributed
+from tests.helpers.distributed import run_distributed
 
 D, F, E = 8, 16, 4
 AUX = {"load_balancing": 0.1, "z_loss": 0.01}

@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel import ParallelDims, allreduce_gradients, is_expert_param, mark_expert_params
-from tests.distributed import run_distributed
+from tests.helpers.distributed import run_distributed
 
 
 def test_derived_sizes_and_from_world():

@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from tests.distributed import free_port
-from tests.test_trainer import toy_config
+from tests.helpers.distributed import free_port
+from tests.helpers.toy import toy_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBATCH = os.path.join(ROOT, "examples", "slurm", "train.sbatch")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moe.tasks import Task, build_task
-from tests.distributed import run_distributed
+from tests.helpers.distributed import run_distributed
 
 torch.set_num_threads(1)
 

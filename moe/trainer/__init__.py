@@ -9,7 +9,8 @@ Run it with ``python -m moe.train --config CONFIG.yaml [--set key.path=value ...
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, model_state_dict,
                          save_checkpoint)
 from .config import ConfigError, TrainConfig, apply_overrides, from_dict, load_config
-from .loop import Trainer, TrainResult, lr_at, run
+from .loop import Trainer, TrainResult, run
+from .optim import build_optimizer, lr_at
 
 __all__ = [
     "CheckpointError", "ConfigError", "TrainConfig", "TrainResult", "Trainer", "apply_overrides",

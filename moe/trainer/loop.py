@@ -37,7 +37,8 @@ from parallel.grads import allreduce_gradients, is_expert_param
 
 from . import checkpoint as ckpt
 from . import plots
-from .config import OptimConfig, TrainConfig
+from .config import TrainConfig
+from .optim import build_optimizer, lr_at
 from .telemetry import GPUMonitor, LayerRouting, RoutingRecorder, ScalarWriter, all_reduce_mean
 
 
@@ -55,32 +56,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------
-def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the schedule."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    span = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, max(0.0, (step - cfg.warmup_steps) / span))
-    floor = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "linear":
-        return floor + (cfg.lr - floor) * (1.0 - progress)
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (>= 2 dims), none on biases, norms and scalars."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-
-
 def global_grad_norm(model: nn.Module, groups) -> torch.Tensor:
     """L2 norm of the whole model's gradient after reduction (call after allreduce_gradients).
 
