@@ -82,6 +82,12 @@ class MoELayer(nn.Module):
                               if config.residual_moe else None)
         self.last_routing: Optional[Routing] = None
         self._last_bytes = (0, 0)
+        # Expert-bias policy: the load of the training forwards since the last update. With
+        # ``defer_expert_bias_update`` False (library use) every forward updates the bias; a
+        # trainer sets it True and calls ``apply_expert_bias_update()`` once per optimizer step,
+        # so the update sees the load of the whole global batch (all micro-batches, all dp ranks).
+        self.defer_expert_bias_update = False
+        self._pending_load: Optional[torch.Tensor] = None
 
     # ----------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor, modality: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -134,13 +140,29 @@ class MoELayer(nn.Module):
                                 min_experts=cfg.limoe_min_experts, seq_len=seq_len)
         if self.training and cfg.router.policy == "expert_bias" and not routing.skipped:
             load = torch.bincount(routing.experts.reshape(-1), minlength=cfg.num_experts)
-            if self.dp_group is not None:
-                dist.all_reduce(load, group=self.dp_group)
-            self.router.update_expert_bias(load)
+            self._pending_load = load if self._pending_load is None else self._pending_load + load
+            if not self.defer_expert_bias_update:
+                self.apply_expert_bias_update()
         self.last_routing = routing
         if self.dispatcher is not None:
             self._last_bytes = (self.dispatcher.bytes_sent, self.dispatcher.bytes_received)
         return y_TD.view(x.shape), aux
+
+    def apply_expert_bias_update(self) -> None:
+        """Update the expert bias from the load summed since the last update, over ``dp_group``.
+
+        Collective over ``dp_group`` when the policy is ``expert_bias``: every replica calls it,
+        also one that routed nothing since the last update. A no-op for other policies.
+        """
+        if self.config.router.policy != "expert_bias":
+            return
+        load = self._pending_load
+        if load is None:
+            load = torch.zeros(self.config.num_experts, dtype=torch.long, device=self.router.weight.device)
+        if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
+            dist.all_reduce(load, group=self.dp_group)
+        self._pending_load = None
+        self.router.update_expert_bias(load)  # a zero load changes nothing: sign(0 - 0) = 0
 
     @property
     def last_stats(self) -> Dict[str, object]:
@@ -155,20 +177,16 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def _stats(self, routing: Routing) -> Dict[str, object]:
-        E, M = self.config.num_experts, self.config.num_modalities
-        p = routing.probs
-        entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean() if routing.num_tokens else p.new_zeros(())
         stats: Dict[str, object] = {
             "tokens_per_expert": routing.tokens_per_expert.detach().cpu(),
             "dropped_fraction": routing.dropped_fraction(),
-            "router_entropy": float(entropy),
+            "router_entropy": float(routing.entropy()),
             "capacity": routing.capacity,
             "skipped": routing.skipped,
         }
-        if routing.modality is not None:
-            kept_mod = routing.modality.unsqueeze(1).expand_as(routing.experts)[routing.kept]
-            idx = kept_mod * E + routing.experts[routing.kept]
-            stats["tokens_per_expert_by_modality"] = torch.bincount(idx, minlength=M * E).view(M, E).cpu()
+        by_modality = routing.tokens_by_modality(self.config.num_modalities)
+        if by_modality is not None:
+            stats["tokens_per_expert_by_modality"] = by_modality.cpu()
         if self.dispatcher is not None:
             stats["bytes_sent"], stats["bytes_received"] = self._last_bytes
         return stats

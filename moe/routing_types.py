@@ -56,6 +56,25 @@ class Routing:
     def top_k(self) -> int:
         return self.experts.shape[1]
 
+    def entropy(self) -> torch.Tensor:
+        """Mean per-token entropy (nats) of the router distribution, a 0-d fp32 tensor (0 for T = 0)."""
+        if self.num_tokens == 0:
+            return self.probs.new_zeros((), dtype=torch.float32)
+        p = self.probs.float()
+        return -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
+
+    def tokens_by_modality(self, num_modalities: int) -> Optional[torch.Tensor]:
+        """Kept assignments per (modality, expert), LongTensor[M, E] on the routing's device.
+
+        None when no modality ids were given; rows sum to ``tokens_per_expert``.
+        """
+        if self.modality is None:
+            return None
+        E = self.num_experts
+        kept_mod = self.modality.unsqueeze(1).expand_as(self.experts)[self.kept]
+        idx = kept_mod * E + self.experts[self.kept]
+        return torch.bincount(idx, minlength=num_modalities * E)[: num_modalities * E].view(num_modalities, E)
+
     def dropped_fraction(self) -> float:
         """Fraction of dispatched assignments that capacity dropped (0.0 when none dispatched)."""
         n = int(self.dispatched.sum())

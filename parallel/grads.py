@@ -110,3 +110,54 @@ def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Parameter]], groups,
     dp = groups.dims.dp
     _average_(dense, groups.dp_group, bucket_numel, dp)
     _average_(expert, groups.edp_group, bucket_numel, dp)
+
+
+def global_grad_norm(model: Union[nn.Module, Iterable[nn.Parameter]], groups) -> torch.Tensor:
+    """L2 norm (fp64, 0-d) of the whole model's gradient, each parameter counted once.
+
+    Call after ``allreduce_gradients``: dense gradients are then equal on every rank
+    and counted once; each expert-parallel rank holds other experts, so the squared
+    norms of expert gradients are summed over ``groups.ep_group`` (replicas over edp
+    hold equal expert gradients and are not summed again).
+    """
+    params = [p for p in (model.parameters() if isinstance(model, nn.Module) else model) if p.grad is not None]
+    if not params:
+        return torch.zeros((), dtype=torch.float64)
+    device = params[0].grad.device
+    dense = torch.zeros((), dtype=torch.float64, device=device)
+    expert = torch.zeros((), dtype=torch.float64, device=device)
+    for p in params:
+        sq = p.grad.detach().double().pow(2).sum()
+        if is_expert_param(p):
+            expert += sq
+        else:
+            dense += sq
+    if groups.dims.ep > 1:
+        dist.all_reduce(expert, group=groups.ep_group)
+    return (dense + expert).sqrt()
+
+
+def clip_gradients(model: nn.Module, max_norm, groups) -> float:
+    """Scale every gradient by ``max_norm / norm`` when the global norm exceeds ``max_norm``.
+
+    ``max_norm`` None or 0: no clipping. Returns the global norm before clipping
+    (the same float on every rank).
+    """
+    norm = float(global_grad_norm(model, groups))
+    if max_norm and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm
+
+
+@torch.no_grad()
+def sync_replicas(model: nn.Module, groups) -> None:
+    """Make replicas bit-identical: dense tensors from the first rank of the dp group,
+    expert tensors from the first rank of the edp group."""
+    for p in list(model.parameters()) + list(model.buffers()):
+        name = "edp" if is_expert_param(p) else "dp"
+        ranks = groups.group_ranks[name]
+        if len(ranks) > 1:
+            dist.broadcast(p.data, src=ranks[0], group=getattr(groups, f"{name}_group"))

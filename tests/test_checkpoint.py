@@ -157,7 +157,7 @@ def _lm_config(out_dir, ep, steps):
         "task": "lm", "model": {"preset": "tiny_switch", "n_layers": 2, "max_seq_len": 64},
         "data": {"max_bytes": 100_000, "eval_batches": 2, "eval_batch_size": 4},
         "parallel": {"ep": ep}, "optim": {"lr": 3e-3, "warmup_steps": 0},
-        "train": {"steps": steps, "batch_size": 4, "log_every": 1, "out_dir": str(out_dir)},
+        "train": {"steps": steps, "global_batch_size": 8, "micro_batch_size": 4, "log_every": 1, "out_dir": str(out_dir)},
         "telemetry": {"tensorboard": False, "plots": False},
     })
 

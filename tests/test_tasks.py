@@ -69,28 +69,27 @@ def test_tasks_follow_the_protocol(limoe_task, lm_task):
 # ------------------------------------------------------------------ batch streams
 
 @pytest.mark.parametrize("which", ["limoe", "lm"])
-def test_batches_deterministic_per_seed_step_rank(which, limoe_task, lm_task):
+def test_sample_j_of_step_s_depends_on_seed_step_and_j_only(which, limoe_task, lm_task):
     task = limoe_task if which == "limoe" else lm_task
-
-    def stream(rank, seed=1, start=0, n=3, dp=2):
-        it = task.train_batches(dp_rank=rank, dp_size=dp, batch_size=4, seed=seed, start_step=start)
-        return [next(it) for _ in range(n)]
-
-    r0, r0_again, r1 = stream(0), stream(0), stream(1)
-    assert all(_equal(a, b) for a, b in zip(r0, r0_again))
-    assert not any(_equal(a, b) for a, b in zip(r0, r1))          # ranks differ
-    assert not _equal(r0[0], r0[1])                               # steps differ
-    assert not _equal(r0[0], stream(0, seed=2)[0])                # seeds differ
-    assert _equal(stream(0, start=2, n=1)[0], r0[2])              # resume continues the stream
-    with pytest.raises(ValueError, match="dp_rank=2 is not allowed with dp_size=2"):
-        next(task.train_batches(dp_rank=2, dp_size=2, batch_size=4, seed=0))
+    whole = task.micro_batch(3, 0, 8, seed=1)
+    # any cut of the global batch into slices gives the same samples (layout invariance)
+    for cut in ((0, 4), (4, 4), (2, 3), (7, 1)):
+        part = task.micro_batch(3, cut[0], cut[1], seed=1)
+        assert _equal(part, {k: v[cut[0]:cut[0] + cut[1]] for k, v in whole.items()}), cut
+    assert _equal(task.micro_batch(3, 0, 8, seed=1), whole)                    # deterministic
+    assert not _equal(task.micro_batch(4, 0, 8, seed=1), whole)                # steps differ
+    assert not _equal(task.micro_batch(3, 0, 8, seed=2), whole)                # seeds differ
+    assert not _equal(task.micro_batch(3, 0, 4, seed=1), task.micro_batch(3, 4, 4, seed=1))  # samples differ
+    for bad, match in (((3, -1, 4), "start=-1"), ((3, 0, 0), "count=0"), ((-1, 0, 4), "step=-1")):
+        with pytest.raises(ValueError, match=match):
+            task.micro_batch(*bad, seed=1)
 
 
 def test_batch_contents(limoe_task, lm_task):
-    b = next(limoe_task.train_batches(dp_rank=0, dp_size=1, batch_size=4, seed=0))
+    b = limoe_task.micro_batch(0, 0, 4, seed=0)
     assert b["image"].shape == (4, 3, 16, 16) and b["tokens"].shape == b["mask"].shape == (4, 48)
     assert b["mask"].dtype == torch.bool and bool(b["mask"].any(1).all())
-    b = next(lm_task.train_batches(dp_rank=0, dp_size=1, batch_size=4, seed=0))
+    b = lm_task.micro_batch(0, 0, 4, seed=0)
     assert b["tokens"].shape == b["targets"].shape == (4, 32)
     assert torch.equal(b["tokens"][:, 1:], b["targets"][:, :-1])
 
@@ -100,7 +99,7 @@ def test_batch_contents(limoe_task, lm_task):
 @pytest.mark.parametrize("which", ["limoe", "lm"])
 def test_loss_is_task_plus_aux_and_logs_floats(which, limoe_task, lm_task):
     task = limoe_task if which == "limoe" else lm_task
-    batch = next(task.train_batches(dp_rank=0, dp_size=1, batch_size=4, seed=0))
+    batch = task.micro_batch(0, 0, 4, seed=0)
     total, logs = task.loss(batch)
     assert total.dim() == 0 and total.requires_grad
     assert all(isinstance(v, float) for v in logs.values())
@@ -126,7 +125,7 @@ def test_a_few_optimizer_steps_reduce_the_loss(which):
     torch.manual_seed(0)
     task = build_task(which, LIMOE_MODEL if which == "limoe" else LM_MODEL,
                       LIMOE_DATA if which == "limoe" else LM_DATA)
-    batch = next(task.train_batches(dp_rank=0, dp_size=1, batch_size=8, seed=0))
+    batch = task.micro_batch(0, 0, 8, seed=0)
     opt = torch.optim.Adam(task.model.parameters(), lr=3e-3)
     first = None
     for _ in range(12):
@@ -149,7 +148,7 @@ def _ep_limoe(rank, world):
 
     groups = ParallelDims.from_world(world, ep=world).build()
     task = build_task("limoe", DROPLESS_MODEL, LIMOE_DATA, groups=groups)
-    batch = next(task.train_batches(dp_rank=rank, dp_size=world, batch_size=4, seed=3))
+    batch = task.micro_batch(0, 4 * rank, 4, seed=3)
     _, logs = task.loss(batch)
     u, v, _ = task.model(batch["image"], batch["tokens"], batch["mask"])
     task.model.contrastive_loss(u, v).backward()
@@ -160,7 +159,7 @@ def _ep_limoe(rank, world):
 def test_expert_parallel_task_matches_single_process_on_the_global_batch():
     results = run_distributed(_ep_limoe, 2, timeout=120)
     single = build_task("limoe", DROPLESS_MODEL, LIMOE_DATA)
-    batches = [next(single.train_batches(dp_rank=r, dp_size=2, batch_size=4, seed=3)) for r in range(2)]
+    batches = [single.micro_batch(0, 4 * r, 4, seed=3) for r in range(2)]
     glob = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
     _, logs = single.loss(glob)
     # gathered negatives: the mean of the ranks' losses is the global-batch loss ...
@@ -200,7 +199,7 @@ def _write_jsonl(folder, n=6):
 def test_user_jsonl_source_trains_and_evaluates(tmp_path):
     path = str(_write_jsonl(tmp_path))
     task = build_task("limoe", LIMOE_MODEL, {"source": path, "val_jsonl": path, "eval_batch_size": 4})
-    batch = next(task.train_batches(dp_rank=0, dp_size=1, batch_size=3, seed=0))
+    batch = task.micro_batch(0, 0, 3, seed=0)
     assert batch["image"].shape == (3, 3, 16, 16)  # resized to the model's image size
     total, _ = task.loss(batch)
     assert torch.isfinite(total)

@@ -73,7 +73,8 @@ def test_deterministic_given_seed(tmp_path):
 
 
 def _four_ranks(rank, world, out_dir):
-    cfg = toy_config(out_dir, parallel={"ep": 2}, train={"steps": 4, "eval_every": 2, "checkpoint_every": 0},
+    cfg = toy_config(out_dir, parallel={"ep": 2}, train={"steps": 4, "global_batch_size": 16, "eval_every": 2,
+                                                         "checkpoint_every": 0},
                      telemetry={"plots": True})
     trainer = trainer_in_group(cfg)
     result = trainer.fit()

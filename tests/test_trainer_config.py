@@ -53,12 +53,16 @@ def test_overrides_are_yaml_typed(tmp_path):
 
 
 @pytest.mark.parametrize("sections, match", [
-    ({"train": {"stepz": 3}}, r"config key 'train.stepz' is not known; allowed keys at 'train': steps, batch_size"),
+    ({"train": {"stepz": 3}}, r"config key 'train.stepz' is not known; allowed keys at 'train': steps, global_batch_size, micro_batch_size"),
     ({"trian": {}}, r"config key 'trian' is not known; allowed keys at the top level: task, model"),
     ({"train": {"steps": 0}}, r"'train.steps': got 0 \(int\); it must be >= 1"),
     ({"train": {"steps": "ten"}}, r"'train.steps': got 'ten' \(str\); it must be an integer"),
     ({"train": {"steps": 2.5}}, r"'train.steps': got 2.5 \(float\); it must be an integer"),
-    ({"train": {"batch_size": True}}, r"'train.batch_size': got True \(bool\); it must be an integer"),
+    ({"train": {"global_batch_size": True}}, r"'train.global_batch_size': got True \(bool\); it must be an integer"),
+    ({"train": {"batch_size": 8}}, r"'train.batch_size' \(got 8\) was replaced: set 'train.global_batch_size' .*"
+                                   r"'train.micro_batch_size'"),
+    ({"train": {"global_batch_size": 12, "micro_batch_size": 5}},
+     r"'train.micro_batch_size': got 5 \(int\); it must divide train.global_batch_size=12"),
     ({"optim": {"lr": -1.0}}, r"'optim.lr': got -1.0 \(float\); it must be > 0"),
     ({"optim": {"lr": "fast"}}, r"'optim.lr': got 'fast' \(str\); it must be a number"),
     ({"optim": {"schedule": "step"}}, r"'optim.schedule': got 'step' \(str\); allowed values: 'cosine', 'linear'"),

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import load_balancing_loss
+from ..modes import eval_mode
 from ..data.tokenizer import VOCAB_SIZE, ByteTokenizer
 from ..config import check_keys
 from .transformer import (
@@ -321,9 +322,7 @@ def zero_shot_accuracy(model: LIMoEModel, images: torch.Tensor, labels: torch.Te
         raise ValueError("prompts is empty; give one caption per class")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in length")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         ids, mask = model.tokenize(prompts)
         v = model.encode_text(ids, mask)                                        # [C, K]
         device = v.device
@@ -332,6 +331,4 @@ def zero_shot_accuracy(model: LIMoEModel, images: torch.Tensor, labels: torch.Te
             u = model.encode_image(images[start:start + batch_size].to(device))  # [b, K]
             pred = (u @ v.t()).argmax(-1).cpu()
             correct += int((pred == labels[start:start + batch_size].cpu()).sum())
-    finally:
-        model.train(was_training)
     return correct / max(1, images.shape[0])

@@ -2,11 +2,13 @@
 
 A task owns its model and data. The trainer only calls:
 
-- ``task.train_batches(dp_rank=, dp_size=, batch_size=, seed=, start_step=)``: an
-  endless iterator of batch dicts (tensors already on the task's device). The
-  batch at step s on data-parallel rank r depends only on ``(seed, s, r, dp_size)``
-  (and ``batch_size``), so a resumed run passes ``start_step`` and continues the
-  very same stream.
+- ``task.micro_batch(step, start, count, *, seed)``: a batch dict (tensors already
+  on the task's device) holding samples ``start .. start + count - 1`` of the GLOBAL
+  batch of optimizer step ``step``. Sample j of step s depends only on
+  ``(seed, s, j)``: not on the rank, the data-parallel size or the micro-batch size,
+  so every layout trains on the same global batch (the trainer gives each
+  data-parallel rank its contiguous slice, cut into micro-batches), and a resumed
+  run continues the very same stream.
 - ``task.loss(batch) -> (total, logs)``: ``total`` = task loss + the sum of every MoE
   aux loss (already weighted by its coefficient); ``logs`` maps ``"loss"``,
   ``"task_loss"`` and each aux-loss name (summed over layers) to floats.
@@ -24,7 +26,7 @@ ones. ``groups`` (a ``parallel.ProcessGroups``, or anything with ``ep_group`` an
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any, Dict, Iterator, Mapping, Optional, Protocol, Tuple, runtime_checkable
+from typing import Any, Dict, Mapping, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ import torch
 from ..config import check_keys
 from ..models.presets import resolve_model_config
 
-__all__ = ["Task", "ModelTask", "DataConfig", "build_task", "TASK_NAMES", "batch_rng", "check_keys", "loss_logs"]
+__all__ = ["Task", "ModelTask", "DataConfig", "build_task", "TASK_NAMES", "sample_rng", "check_keys", "loss_logs"]
 
 TASK_NAMES = ("limoe", "lm")
 
@@ -41,8 +43,7 @@ TASK_NAMES = ("limoe", "lm")
 class Task(Protocol):
     model: torch.nn.Module
 
-    def train_batches(self, *, dp_rank: int, dp_size: int, batch_size: int, seed: int,
-                      start_step: int = 0) -> Iterator[dict]: ...
+    def micro_batch(self, step: int, start: int, count: int, *, seed: int) -> dict: ...
 
     def loss(self, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]: ...
 
@@ -64,7 +65,8 @@ class ModelTask:
     """What the built-in tasks share: their configs, device and model, ``from_dicts`` and ``moe_layers``.
 
     A subclass sets ``name`` (its preset task), ``config_cls``, ``data_config_cls`` and ``model_cls``,
-    and defines ``batch_at(step, *, dp_rank, dp_size, batch_size, seed)``.
+    and defines ``make_batch(step, indices, *, seed)``: the batch of those sample indices of
+    step ``step``'s global batch, each drawn with ``sample_rng(seed, step, index, salt)``.
     """
 
     name: str
@@ -86,28 +88,22 @@ class ModelTask:
     def moe_layers(self) -> list:
         return self.model.moe_layers()
 
-    def train_batches(self, *, dp_rank: int, dp_size: int, batch_size: int, seed: int,
-                      start_step: int = 0) -> Iterator[dict]:
-        """``self.batch_at(step, ...)`` for step = start_step, start_step + 1, ..."""
-        check_stream_args(dp_rank, dp_size, batch_size, seed, start_step)
-        step = start_step
-        while True:
-            yield self.batch_at(step, dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size, seed=seed)
-            step += 1
+    def micro_batch(self, step: int, start: int, count: int, *, seed: int) -> dict:
+        """Samples ``start .. start + count - 1`` of the global batch of ``step`` (see ``Task``)."""
+        check_micro_batch_args(step, start, count, seed)
+        return self.make_batch(step, range(start, start + count), seed=seed)
 
 
-def check_stream_args(dp_rank: int, dp_size: int, batch_size: int, seed: int, start_step: int) -> None:
-    for name, value, lo in (("dp_size", dp_size, 1), ("batch_size", batch_size, 1), ("seed", seed, 0),
-                            ("start_step", start_step, 0), ("dp_rank", dp_rank, 0)):
+def check_micro_batch_args(step: int, start: int, count: int, seed: int) -> None:
+    for name, value, lo in (("step", step, 0), ("start", start, 0), ("count", count, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
             raise ValueError(f"{name}={value!r} is not allowed; it must be an int >= {lo}")
-    if dp_rank >= dp_size:
-        raise ValueError(f"dp_rank={dp_rank} is not allowed with dp_size={dp_size}; it must be in [0, {dp_size})")
 
 
-def batch_rng(seed: int, step: int, dp_rank: int, dp_size: int, salt: int) -> np.random.Generator:
-    """The generator of one batch: a function of (seed, step, rank, dp_size) only."""
-    return np.random.default_rng([salt, seed, step, dp_rank, dp_size])
+def sample_rng(seed: int, step: int, index: int, salt: int) -> np.random.Generator:
+    """The generator of sample ``index`` of step ``step``'s global batch: a function of
+    (seed, step, index) only (``salt`` keeps different tasks' streams apart)."""
+    return np.random.default_rng([salt, seed, step, index])
 
 
 def loss_logs(task_loss: torch.Tensor, aux: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:

@@ -32,8 +32,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from ..data.shapes import ImageTextCollator, ShapesConfig, ShapesDataset, class_prompts
+from ..modes import eval_mode
 from ..models.limoe import LIMoEConfig, LIMoEModel, contrastive_loss, zero_shot_accuracy
-from .base import DataConfig, ModelTask, batch_rng, loss_logs
+from .base import DataConfig, ModelTask, loss_logs, sample_rng
 
 __all__ = ["LIMoEDataConfig", "LIMoETask"]
 
@@ -93,11 +94,11 @@ class LIMoETask(ModelTask):
     def _to_device(self, batch: dict) -> Dict[str, torch.Tensor]:
         return {k: batch[k].to(self.device) for k in ("image", "tokens", "mask")}
 
-    def batch_at(self, step: int, *, dp_rank: int, dp_size: int, batch_size: int, seed: int) -> Dict[str, torch.Tensor]:
-        """The batch of ``step`` on ``dp_rank``: B training pairs chosen by (seed, step, rank, dp_size)."""
-        rng = batch_rng(seed, step, dp_rank, dp_size, _SALT)
-        idx = rng.integers(0, len(self.train_set), size=batch_size)
-        return self._to_device(self.collate([self.train_set[int(i)] for i in idx]))
+    def make_batch(self, step: int, indices: range, *, seed: int) -> Dict[str, torch.Tensor]:
+        """Training pairs of samples ``indices`` of step ``step``: a random item of the train set each."""
+        n = len(self.train_set)
+        items = [self.train_set[int(sample_rng(seed, step, j, _SALT).integers(0, n))] for j in indices]
+        return self._to_device(self.collate(items))
 
     def loss(self, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
         u, v, aux = self.model(batch["image"], batch["tokens"], batch["mask"])
@@ -153,8 +154,7 @@ class LIMoETask(ModelTask):
         bs = self.data_config.eval_batch_size
         limit = None if max_batches is None else max_batches * bs
         out: Dict[str, float] = {}
-        was_training = self.model.training
-        try:
+        with eval_mode(self.model):
             if "zs_images" in sets:
                 images, labels = sets["zs_images"][:limit], sets["zs_labels"][:limit]
                 out["zero_shot_accuracy"] = zero_shot_accuracy(self.model, images, labels, sets["zs_prompts"],
@@ -165,7 +165,6 @@ class LIMoETask(ModelTask):
                         self.model, images, sets["zs_labels_all"][:limit], sets["zs_prompts_all"], batch_size=bs)
             else:
                 out["zero_shot_accuracy"] = float("nan")
-            self.model.eval()
             items = sets["val"][:limit]
             losses, weights = [], []
             for start in range(0, len(items), bs):
@@ -175,6 +174,4 @@ class LIMoETask(ModelTask):
                 weights.append(b["image"].shape[0])
             out["val_contrastive_loss"] = (sum(l * w for l, w in zip(losses, weights)) / sum(weights)
                                            if weights else float("nan"))
-        finally:
-            self.model.train(was_training)
         return out

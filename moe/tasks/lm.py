@@ -25,8 +25,9 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from ..data.text import load_corpus
+from ..modes import eval_mode
 from ..models.lm import LanguageModel, LMConfig, lm_loss
-from .base import DataConfig, ModelTask, batch_rng, loss_logs
+from .base import DataConfig, ModelTask, loss_logs, sample_rng
 
 __all__ = ["LMDataConfig", "LMTask"]
 
@@ -90,11 +91,11 @@ class LMTask(ModelTask):
         win = tokens[idx].long()
         return {"tokens": win[:, :-1].to(self.device), "targets": win[:, 1:].to(self.device)}
 
-    def batch_at(self, step: int, *, dp_rank: int, dp_size: int, batch_size: int, seed: int) -> Dict[str, torch.Tensor]:
-        """The batch of ``step`` on ``dp_rank``: B random training windows."""
+    def make_batch(self, step: int, indices: range, *, seed: int) -> Dict[str, torch.Tensor]:
+        """Training windows of samples ``indices`` of step ``step``: a random start for each."""
         n_starts = self.corpus.train.numel() - self.seq_len
-        rng = batch_rng(seed, step, dp_rank, dp_size, _SALT)
-        starts = torch.from_numpy(rng.integers(0, n_starts, size=batch_size))
+        starts = torch.tensor([int(sample_rng(seed, step, j, _SALT).integers(0, n_starts)) for j in indices],
+                              dtype=torch.long)
         return self._windows(self.corpus.train, starts)
 
     # ------------------------------------------------------------------ loss / eval
@@ -111,10 +112,8 @@ class LMTask(ModelTask):
             raise ValueError(f"max_batches={max_batches!r} is not allowed; it must be an int >= 1 or None")
         val = self.corpus.val
         starts = torch.arange(0, val.numel() - self.seq_len, self.seq_len)
-        was_training = self.model.training
-        self.model.eval()
         total, count = 0.0, 0
-        try:
+        with eval_mode(self.model):
             for b in range(n_batches):
                 chunk = starts[b * dc.eval_batch_size:(b + 1) * dc.eval_batch_size]
                 if chunk.numel() == 0:
@@ -123,8 +122,6 @@ class LMTask(ModelTask):
                 logits, _ = self.model(batch["tokens"])
                 total += float(lm_loss(logits, batch["targets"])) * batch["targets"].numel()
                 count += batch["targets"].numel()
-        finally:
-            self.model.train(was_training)
         val_loss = total / count
         return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0)),
                 "val_bits_per_byte": val_loss / math.log(2)}

@@ -9,7 +9,7 @@ A config file has these sections (every one optional except ``task`` and
     parallel: {ep: 2, tp: 1, pp: 1, etp: 1, backend: auto}
     optim: {lr: 1.0e-3, weight_decay: 0.01, betas: [0.9, 0.95], eps: 1.0e-8,
             warmup_steps: 10, schedule: cosine, min_lr_ratio: 0.1, grad_clip: 1.0}
-    train: {steps: 100, batch_size: 16, seed: 0, log_every: 10, eval_every: 50,
+    train: {steps: 100, global_batch_size: 16, micro_batch_size: null, seed: 0, log_every: 10, eval_every: 50,
             eval_batches: null, checkpoint_every: 50, keep_checkpoints: 0,
             out_dir: runs/x, resume: null, device: auto}
     telemetry: {tensorboard: true, plots: true, gpu_stats: true, progress_bar: true}
@@ -117,10 +117,20 @@ class OptimConfig:
 
 @dataclass
 class TrainLoopConfig:
-    """Steps, batch size per data-parallel rank, cadence of logs/evals/checkpoints."""
+    """Steps, the global batch and its micro-batches, cadence of logs/evals/checkpoints.
+
+    ``global_batch_size``: samples per optimizer step, over all data-parallel ranks.
+    ``micro_batch_size``: samples per rank per forward (the routing group: capacity,
+    drops and balancing losses are computed per micro-batch); null = the whole rank's
+    share, ``global_batch_size / dp``. Gradient accumulation steps =
+    ``global_batch_size / (micro_batch_size * dp)``, checked when the job starts and
+    the data-parallel size is known. The same two numbers train the same model on any
+    layout (see README, "Layout invariance").
+    """
 
     steps: int = _opt(100, _ge(1))
-    batch_size: int = _opt(8, _ge(1))  # per data-parallel rank
+    global_batch_size: int = _opt(16, _ge(1))
+    micro_batch_size: Optional[int] = _opt(None, _ge(1))
     seed: int = _opt(0, _ge(0))
     log_every: int = _opt(10, _ge(1))
     eval_every: int = _opt(0, _ge(0))  # 0: only at the end
@@ -132,6 +142,9 @@ class TrainLoopConfig:
     device: str = _opt("auto", _one_of(DEVICES))
 
     def validate(self, path: str) -> None:
+        if self.micro_batch_size is not None and self.global_batch_size % self.micro_batch_size:
+            _fail(f"{path}.micro_batch_size", self.micro_batch_size,
+                  f"it must divide train.global_batch_size={self.global_batch_size}")
         if not self.out_dir:
             _fail(f"{path}.out_dir", self.out_dir, "it must be a non-empty directory path")
         if self.resume is not None and not self.resume:
@@ -258,6 +271,11 @@ def from_dict(raw: Mapping[str, Any]) -> TrainConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
     raw = dict(raw)
+    if isinstance(raw.get("train"), Mapping) and "batch_size" in raw["train"]:
+        raise ConfigError(f"config key 'train.batch_size' (got {raw['train']['batch_size']!r}) was replaced: set "
+                          "'train.global_batch_size' (samples per optimizer step, all data-parallel ranks together) "
+                          "and optionally 'train.micro_batch_size' (samples per rank per forward; the old per-rank "
+                          "batch_size B on dp ranks is global_batch_size = B * dp, micro_batch_size = B)")
     if isinstance(raw.get("task"), str):  # shorthand `task: limoe`
         raw["task"] = {"name": raw["task"]}
     return _build(TrainConfig, raw, "")

@@ -135,3 +135,16 @@ def plot_history(history: List[Dict[str, float]], path: str, *, title: str = "")
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, path)
+
+
+def plot_routing(routing: Sequence, plot_dir: str, step: int, *, title: str = "") -> Optional[str]:
+    """The routing figure of an eval: by modality when the layers saw modality ids, else the load heatmap.
+
+    ``routing``: ``moe.trainer.telemetry.LayerRouting`` per MoE layer. Returns the PNG path.
+    """
+    by_mod = {r.name: r.by_modality for r in routing if r.by_modality is not None}
+    if by_mod and any(int(c.sum()) > 0 for c in by_mod.values()):
+        path = os.path.join(plot_dir, f"routing_by_modality_step_{step:08d}.png")
+        return plot_modality_routing(by_mod, path, step=step, title=f"{title}: eval routing by modality")
+    counts = {r.name: r.tokens_per_expert for r in routing}
+    return plot_expert_load(counts, os.path.join(plot_dir, f"expert_load_step_{step:08d}.png"), step=step)

@@ -12,7 +12,9 @@ Legend: L MoE layers, E experts (global), M modalities.
   ``LayerRouting`` per layer.
 - ``GPUMonitor`` reads utilisation, memory and power through NVML (nvidia-ml-py)
   when this process trains on a CUDA GPU; elsewhere it is off and says so once.
-- ``ScalarWriter`` is TensorBoard on rank 0 (a no-op elsewhere or when disabled).
+- ``all_reduce_mean`` averages logged floats over a group.
+
+Where the numbers go (JSONL, TensorBoard, the console) is ``moe.trainer.sinks``.
 """
 from __future__ import annotations
 
@@ -73,17 +75,13 @@ class _LayerAccumulator:
             self.sums = torch.zeros(E + M * E + 3, dtype=torch.float64, device=routing.experts.device)
         s = self.sums
         s[:E] += routing.tokens_per_expert.to(s.device, torch.float64)
-        kept = routing.kept
-        if routing.modality is not None and routing.num_tokens:
-            mod = routing.modality.unsqueeze(1).expand_as(routing.experts)[kept]
-            idx = mod * E + routing.experts[kept]
-            s[E: E + M * E] += torch.bincount(idx, minlength=M * E)[: M * E].to(s.device, torch.float64)
+        by_modality = routing.tokens_by_modality(M)
+        if by_modality is not None:
+            s[E: E + M * E] += by_modality.reshape(-1).to(s.device, torch.float64)
             self.has_mod = True
         s[E + M * E] += routing.dispatched.sum()
-        s[E + M * E + 1] += kept.sum()
-        if routing.num_tokens:
-            p = routing.probs.float()
-            s[E + M * E + 2] += -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
+        s[E + M * E + 1] += routing.kept.sum()
+        s[E + M * E + 2] += routing.entropy().to(s.device, torch.float64)
         dispatcher = getattr(layer, "dispatcher", None)
         if dispatcher is not None:
             self.bytes += int(getattr(dispatcher, "bytes_sent", 0))
@@ -223,64 +221,3 @@ class GPUMonitor:
             except Exception:  # noqa: BLE001
                 pass
             self.available = False
-
-
-# --------------------------------------------------------------------------------------
-class ScalarWriter:
-    """TensorBoard ``SummaryWriter`` on rank 0 when enabled; otherwise does nothing."""
-
-    def __init__(self, log_dir: str, enabled: bool):
-        self._w = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._w = SummaryWriter(log_dir=log_dir)
-
-    @property
-    def enabled(self) -> bool:
-        return self._w is not None
-
-    def scalars(self, prefix: str, values: Dict[str, float], step: int) -> None:
-        if self._w is None:
-            return
-        for k, v in values.items():
-            self._w.add_scalar(f"{prefix}/{k}" if prefix else k, float(v), step)
-
-    def routing(self, prefix: str, layers: Sequence[LayerRouting], step: int) -> None:
-        """Per layer: drop rate, router entropy, kept tokens and load fraction per expert."""
-        if self._w is None:
-            return
-        for lr in layers:
-            base = f"{prefix}/{lr.name}"
-            self._w.add_scalar(f"{base}/drop_rate", lr.drop_rate, step)
-            self._w.add_scalar(f"{base}/router_entropy", lr.entropy, step)
-            load = lr.load
-            for e in range(load.numel()):
-                self._w.add_scalar(f"{base}/tokens_per_expert/e{e:03d}", int(lr.tokens_per_expert[e]), step)
-            if load.numel():
-                self._w.add_scalar(f"{base}/max_load_over_mean", float(load.max() * load.numel()), step)
-            if lr.by_modality is not None:
-                for m in range(lr.by_modality.shape[0]):
-                    for e in range(lr.by_modality.shape[1]):
-                        self._w.add_scalar(f"{base}/tokens_by_modality/m{m}_e{e:03d}",
-                                           int(lr.by_modality[m, e]), step)
-
-    def image(self, tag: str, path: str, step: int) -> None:
-        if self._w is None:
-            return
-        try:
-            import matplotlib.image as mpimg
-
-            img = mpimg.imread(path)
-            self._w.add_image(tag, torch.from_numpy(img[..., :3].copy()).permute(2, 0, 1), step)
-        except Exception:  # noqa: BLE001 - the PNG on disk is what matters
-            pass
-
-    def flush(self) -> None:
-        if self._w is not None:
-            self._w.flush()
-
-    def close(self) -> None:
-        if self._w is not None:
-            self._w.close()
-            self._w = None

@@ -6,8 +6,6 @@ per step. Configs name it as ``task: tests.helpers.toy:build_toy_task``.
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import nn
 
@@ -53,10 +51,11 @@ class ToyTask:
         y = torch.sin(2 * x @ self.w_true) * (1 - 2 * modality)
         return {"x": x, "modality": modality, "y": y}
 
-    def train_batches(self, *, dp_rank, dp_size, batch_size, seed, start_step=0):
-        for step in itertools.count(start_step):
-            g = torch.Generator().manual_seed(seed * 100_003 + step * 101 + dp_rank)
-            yield {**self._batch(g, batch_size), "step": step}
+    def micro_batch(self, step, start, count, *, seed):
+        """Samples start..start+count-1 of step's global batch; sample j depends on (seed, step, j) only."""
+        parts = [self._batch(torch.Generator().manual_seed(seed * 100_003 + step * 1009 + j), 1)
+                 for j in range(start, start + count)]
+        return {**{k: torch.cat([p[k] for p in parts]) for k in parts[0]}, "step": step}
 
     def loss(self, batch):
         if self.fail_at is not None and batch["step"] == self.fail_at:
@@ -90,7 +89,7 @@ def toy_config(out_dir, **sections):
         "model": {"num_experts": 4},
         "parallel": {"ep": 1},
         "optim": {"lr": 3e-3, "warmup_steps": 2, "schedule": "cosine", "grad_clip": 1.0},
-        "train": {"steps": 6, "batch_size": 4, "seed": 3, "log_every": 2, "eval_every": 3,
+        "train": {"steps": 6, "global_batch_size": 4, "seed": 3, "log_every": 2, "eval_every": 3,
                   "checkpoint_every": 3, "out_dir": str(out_dir)},
         "telemetry": {"tensorboard": False, "plots": False},
     }

@@ -1,0 +1,62 @@
+"""The seam between the training loop and the parallel engines.
+
+The loop calls only an engine's verbs, whatever the layout underneath:
+
+- ``forward_backward(num_micro, loss_fn)``: zero the gradients, run ``loss_fn(m)`` for
+  the step's micro-batches m = 0..num_micro-1 on this rank, back-propagate each loss
+  divided by ``num_micro``, and leave the reduced gradient of the global-batch mean
+  loss in ``.grad``; returns each micro-batch's logs.
+- ``clip_grad_norm(max_norm)``: the global gradient norm (every parameter counted once,
+  whichever rank holds it), after clipping to ``max_norm`` when it is exceeded.
+- ``step(lr)``: one optimizer step at learning rate ``lr``.
+- ``model`` / ``optimizer``: what checkpoints save and load.
+
+``ReplicatedEngine`` is data + expert parallelism with a replicated optimizer (ZeRO
+stage 0): dense gradients averaged over the data-parallel group, expert gradients
+over the expert-data-parallel group (``parallel.grads``). Other engines (ZeRO,
+pipelining) implement the same verbs.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .grads import allreduce_gradients, clip_gradients, sync_replicas
+
+LossFn = Callable[[int], Tuple[torch.Tensor, Dict[str, float]]]
+
+
+class ReplicatedEngine:
+    """Replicated parameters and optimizer over the data-parallel ranks (see the module doc).
+
+    ``model``: the rank's model (expert parameters marked by ``parallel.grads``);
+    ``groups``: its ``parallel.ProcessGroups`` (world-1 groups for one process);
+    ``make_optimizer``: builds the optimizer for the model's parameters.
+    """
+
+    def __init__(self, model: nn.Module, groups, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]):
+        self.model, self.groups = model, groups
+        sync_replicas(model, groups)
+        self.optimizer = make_optimizer(model)
+
+    def forward_backward(self, num_micro: int, loss_fn: LossFn) -> List[Dict[str, float]]:
+        if isinstance(num_micro, bool) or not isinstance(num_micro, int) or num_micro < 1:
+            raise ValueError(f"num_micro={num_micro!r} is not allowed; it must be an int >= 1")
+        self.optimizer.zero_grad(set_to_none=True)
+        logs = []
+        for m in range(num_micro):
+            loss, micro_logs = loss_fn(m)
+            (loss / num_micro).backward()
+            logs.append(micro_logs)
+        allreduce_gradients(self.model, self.groups)
+        return logs
+
+    def clip_grad_norm(self, max_norm: Optional[float]) -> float:
+        return clip_gradients(self.model, max_norm, self.groups)
+
+    def step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
