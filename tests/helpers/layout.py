@@ -1,0 +1,108 @@
+"""The layout oracle: run one config under N processes through ``python -m moe.train`` and compare.
+
+``run_layout(config, nproc, out_dir, overrides=[...])`` writes the config as YAML,
+runs it (one process directly, several under ``torch.distributed.run`` on
+loopback), and returns a ``LayoutRun``: the per-step ``train/*`` metrics from
+``metrics.jsonl`` (``log_every`` is forced to 1) and the final parameters, loaded
+from the run's last checkpoint into a single-process model (experts gathered by
+their global index), so runs of any layout compare tensor by tensor.
+
+``assert_same_training(a, b, rtol)``: the same steps, ``train/loss`` equal at
+every step within ``rtol`` (relative), and every parameter equal within ``rtol``
+in relative L2 norm. Every later parallelism test (tensor, pipeline, ZeRO) uses
+these two functions with its own layouts.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Sequence
+
+import torch
+import yaml
+
+from .distributed import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass
+class LayoutRun:
+    nproc: int
+    overrides: List[str]
+    metrics: List[Dict[str, float]]  # one row per step: {"step": s, "train/loss": ..., ...}
+    params: Dict[str, torch.Tensor]  # final parameters of the whole model (all experts)
+    stdout: str
+
+    def losses(self) -> List[float]:
+        return [row["train/loss"] for row in self.metrics]
+
+    def describe(self) -> str:
+        return f"{self.nproc} process(es) {' '.join(self.overrides)}".strip()
+
+
+def _final_params(cfg_dict: Mapping, run_dir: str) -> Dict[str, torch.Tensor]:
+    from moe.trainer import checkpoint as ckpt
+    from moe.trainer.config import from_dict
+    from moe.trainer.setup import make_task
+
+    cfg = from_dict(copy.deepcopy(dict(cfg_dict)))
+    path = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    if path is None:
+        raise AssertionError(f"the run in {run_dir} wrote no checkpoint")
+    task = make_task(cfg, None, torch.device("cpu"))  # no groups: one process holds every expert
+    ckpt.load_checkpoint(path, task.model)
+    return {n: p.detach().clone() for n, p in task.model.named_parameters()}
+
+
+def run_layout(config: Mapping, nproc: int, out_dir, *, overrides: Sequence[str] = (), timeout: float = 300
+               ) -> LayoutRun:
+    """Run ``config`` (a plain dict as YAML holds it) on ``nproc`` processes with ``--set`` overrides."""
+    out_dir = str(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    run_dir = os.path.join(out_dir, "run")
+    raw = copy.deepcopy(dict(config))
+    raw.setdefault("train", {}).update({"out_dir": run_dir, "log_every": 1})
+    raw.setdefault("telemetry", {}).update({"tensorboard": False, "plots": False, "progress_bar": False,
+                                            "gpu_stats": False})
+    path = os.path.join(out_dir, "config.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f, sort_keys=False)
+    launcher = [sys.executable, "-m", "moe.train"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}", "-m", "moe.train"]
+    cmd = launcher + ["--config", path] + [a for o in overrides for a in ("--set", o)]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    from moe.trainer.config import apply_overrides
+
+    effective = apply_overrides(copy.deepcopy(raw), list(overrides))
+    return LayoutRun(nproc, list(overrides), [r for r in rows if "train/loss" in r],
+                     _final_params(effective, run_dir), proc.stdout)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / max(||b||, tiny), in float64."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def assert_same_training(run: LayoutRun, oracle: LayoutRun, *, rtol: float = 1e-4) -> None:
+    """``run`` logged the same ``train/loss`` at every step and ended with the same parameters as ``oracle``."""
+    what = f"{run.describe()} vs {oracle.describe()}"
+    assert [r["step"] for r in run.metrics] == [r["step"] for r in oracle.metrics], what
+    for a, b in zip(run.metrics, oracle.metrics):
+        rel = abs(a["train/loss"] - b["train/loss"]) / max(abs(b["train/loss"]), 1e-30)
+        assert rel <= rtol, f"{what}: step {a['step']} train/loss {a['train/loss']!r} vs {b['train/loss']!r} (rel {rel:.2e})"
+    assert run.params.keys() == oracle.params.keys(), what
+    worst = max(oracle.params, key=lambda n: relative_error(run.params[n], oracle.params[n]))
+    err = relative_error(run.params[worst], oracle.params[worst])
+    assert err <= rtol, f"{what}: parameter {worst} differs by {err:.2e} (relative L2)"
