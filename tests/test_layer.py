@@ -298,6 +298,53 @@ def test_jitter_only_in_training():
     torch.testing.assert_close(layer.router.logits(x), x @ layer.router.weight.t())
 
 
+def _jitter_router(eps, weight):
+    E, D = weight.shape
+    cfg = moe.MoEConfig(d_model=D, d_ffn=4, num_experts=E,
+                        router=moe.RouterConfig(top_k=1, policy="switch", jitter_eps=eps))
+    layer = moe.MoELayer(cfg)
+    with torch.no_grad():
+        layer.router.weight.copy_(weight)
+    return layer
+
+
+def test_jitter_multiplier_is_uniform_in_one_plus_minus_eps():
+    """Switch jitter multiplies each input element by m ~ U(1 - eps, 1 + eps), independently."""
+    eps, T, D = 0.5, 4000, 8
+    router = _jitter_router(eps, torch.eye(D)).router  # W = I, x = 1: the logits are m itself
+    m = router.logits(torch.ones(T, D), torch.Generator().manual_seed(3))
+    assert m.shape == (T, D)
+    assert float(m.min()) >= 1 - eps and float(m.max()) <= 1 + eps
+    assert float(m.min()) < 1 - eps + 0.01 and float(m.max()) > 1 + eps - 0.01
+    assert abs(float(m.mean()) - 1.0) < 0.01
+    # Uniform: each tenth of the interval holds about a tenth of the draws.
+    hist = torch.histc(m, bins=10, min=1 - eps, max=1 + eps) / m.numel()
+    torch.testing.assert_close(hist, torch.full((10,), 0.1), rtol=0, atol=0.01)
+    # Variance of U(a, b) is (b - a)^2 / 12.
+    assert abs(float(m.var()) - (2 * eps) ** 2 / 12) < 0.005
+    # One multiplier per element, not per token.
+    assert float(m.std(dim=1).min()) > 0
+
+
+def test_jitter_logits_equal_jittered_input_times_weight():
+    eps, T, D = 0.3, 40, 8
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(4))
+    W = torch.randn(D, D, generator=torch.Generator().manual_seed(5))
+    m = _jitter_router(eps, torch.eye(D)).router.logits(torch.ones(T, D), torch.Generator().manual_seed(6))
+    layer = _jitter_router(eps, W)
+    expected = (x * m) @ W.t()
+    torch.testing.assert_close(layer.router.logits(x, torch.Generator().manual_seed(6)), expected)
+    layer(x, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(layer.last_routing.logits, expected)
+    # No jitter in eval mode, nor with eps = 0.
+    layer.eval()
+    torch.testing.assert_close(layer.router.logits(x, torch.Generator().manual_seed(6)), x @ W.t(), rtol=0, atol=0)
+    layer(x, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(layer.last_routing.logits, x @ W.t(), rtol=0, atol=0)
+    plain = _jitter_router(0.0, W)
+    torch.testing.assert_close(plain.router.logits(x, torch.Generator().manual_seed(6)), x @ W.t(), rtol=0, atol=0)
+
+
 def test_nonfinite_skip_passes_through_zero():
     cfg = moe.MoEConfig(d_model=4, d_ffn=8, num_experts=2, router=moe.RouterConfig(top_k=1, on_nonfinite="skip"))
     layer = moe.MoELayer(cfg, name="blk0")
