@@ -366,6 +366,43 @@ def test_half_precision_input_keeps_dtype():
     assert layer.last_routing.probs.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_half_precision_matches_fp32_by_value(dtype, activation):
+    """A half-precision layer equals an fp32 layer holding the same (rounded) parameters, run on the
+    same (upcast) input: the router works in fp32, so its probs, weights, choices and aux losses agree
+    to fp32 round-off; the expert MLPs and the mixing run in ``dtype``, so the output agrees within a
+    few roundings to ``dtype``. Each of h, act(h), an expert output, the weighted combine and the
+    shared-expert sum is rounded once (relative error <= eps/2 each): 5 * eps/2 of the output's scale.
+    """
+    torch.manual_seed(0)
+    cfg = moe.MoEConfig(d_model=16, d_ffn=32, num_experts=4, activation=activation, init_std=0.2,
+                        shared_expert_ffn=8, aux_losses={"load_balancing": 0.01, "z_loss": 1e-3},
+                        router=moe.RouterConfig(top_k=2))
+    half = moe.MoELayer(cfg).to(dtype)
+    full = moe.MoELayer(cfg)
+    with torch.no_grad():
+        for p_full, p_half in zip(full.parameters(), half.parameters()):
+            p_full.copy_(p_half.float())
+    x = torch.randn(64, 16).to(dtype)
+    y, aux = half(x)
+    y_ref, aux_ref = full(x.float())
+    r, r_ref = half.last_routing, full.last_routing
+    assert y.dtype == dtype
+    assert r.probs.dtype == torch.float32 and r.weights.dtype == torch.float32
+    assert torch.equal(r.experts, r_ref.experts)
+    torch.testing.assert_close(r.logits, r_ref.logits, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(r.probs, r_ref.probs, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(r.weights, r_ref.weights, rtol=1e-6, atol=1e-7)
+    for name in aux_ref:
+        assert aux[name].dtype == torch.float32
+        torch.testing.assert_close(aux[name], aux_ref[name], rtol=1e-6, atol=1e-9)
+    scale = float(y_ref.abs().max())
+    assert scale > 0.1
+    err = float((y.float() - y_ref).abs().max())
+    assert err <= 2.5 * torch.finfo(dtype).eps * scale, (err, scale)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("kwargs, match", [
