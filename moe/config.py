@@ -9,23 +9,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
+# Balancing-loss names accepted in ``MoEConfig.aux_losses``: a live view of the keys
+# of the ``moe.losses.AUX_LOSSES`` table, so a new entry there is accepted here.
+from .losses import AUX_LOSS_NAMES
+
 POLICIES = ("topk", "switch", "gshard", "noisy_topk", "expert_bias", "expert_choice")
 SCORES = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "bpr", "probs", "random")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
 NONFINITE_ACTIONS = ("error", "skip")
-# Balancing-loss names accepted in ``MoEConfig.aux_losses`` (see moe/losses.py).
-AUX_LOSS_NAMES = (
-    "load_balancing",
-    "z_loss",
-    "importance",
-    "load",
-    "sequence_aux",
-    "limoe_local",
-    "limoe_global",
-)
-
 
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:

@@ -44,11 +44,10 @@ to straightforward per-modality loops. Half-precision inputs are upcast to fp32.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
-
-from .config import AUX_LOSS_NAMES
 
 __all__ = [
     "load_balancing_loss",
@@ -59,6 +58,9 @@ __all__ = [
     "limoe_local_entropy",
     "limoe_global_entropy",
     "per_modality",
+    "LossInputs",
+    "AUX_LOSSES",
+    "AUX_LOSS_NAMES",
     "aux_losses",
 ]
 
@@ -426,6 +428,69 @@ def per_modality(loss_fn: Callable, *args, modality: Optional[torch.Tensor],
 
 
 # ----------------------------------------------------------------------------
+# registry: loss name -> per-modality function of the routing
+# ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LossInputs:
+    """What one layer's routing offers a balancing loss (built by :func:`aux_losses`).
+
+    probs           Tensor[T, E]       router scores, rows normalised to sum to 1, fp32 or wider
+    experts         LongTensor[T, k]   selected experts
+    logits          Tensor[T, E]       router logits
+    load            Tensor[T, E]|None  smooth load estimate (policy 'noisy_topk' only)
+    modality        LongTensor[T]|None modality ids in [0, num_modalities)
+    num_modalities  int
+    seq_len         int|None           tokens per sequence (None: one sequence)
+    min_experts     float              LIMoE S
+    """
+
+    probs: torch.Tensor
+    experts: torch.Tensor
+    logits: torch.Tensor
+    load: Optional[torch.Tensor]
+    modality: Optional[torch.Tensor]
+    num_modalities: int
+    seq_len: Optional[int]
+    min_experts: float
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[1]
+
+    @property
+    def by_modality(self) -> Dict[str, object]:
+        """The ``modality=..., num_modalities=...`` keywords every loss takes."""
+        return dict(modality=self.modality, num_modalities=self.num_modalities)
+
+
+def _load_from_routing(r: LossInputs):
+    if r.load is None:
+        raise ValueError("aux loss 'load' needs routing.load (the smooth load estimate), which only "
+                         "RouterConfig.policy='noisy_topk' produces; routing.load is None")
+    return _load_groups(r.load, **r.by_modality)
+
+
+# The one table of balancing losses. Each entry maps a LossInputs to
+# (per_M, present_M): the loss of each modality's tokens (0 where absent) and
+# which modalities have tokens; the loss is the mean over present modalities.
+# Adding a loss: one such function and one entry here; ``AUX_LOSS_NAMES`` (and
+# so ``MoEConfig.aux_losses`` validation) follows the table.
+AUX_LOSSES: Dict[str, Callable[[LossInputs], Tuple[torch.Tensor, torch.Tensor]]] = {
+    "load_balancing": lambda r: _load_balancing_groups(r.probs, r.experts, r.num_experts, **r.by_modality),
+    "z_loss": lambda r: _z_loss_groups(r.logits, **r.by_modality),
+    "importance": lambda r: _importance_groups(r.probs, **r.by_modality),
+    "load": _load_from_routing,
+    "sequence_aux": lambda r: _load_balancing_groups(r.probs, r.experts, r.num_experts, seq_len=r.seq_len,
+                                                     **r.by_modality),
+    "limoe_local": lambda r: _local_entropy_groups(r.probs, **r.by_modality),
+    "limoe_global": lambda r: _global_entropy_groups(r.probs, min_experts=r.min_experts, **r.by_modality),
+}
+# The accepted names: a live view of the table's keys, in table order.
+AUX_LOSS_NAMES = AUX_LOSSES.keys()
+
+
+# ----------------------------------------------------------------------------
 # dispatcher
 # ----------------------------------------------------------------------------
 
@@ -434,7 +499,7 @@ def aux_losses(routing, coefficients: Mapping[str, float], *, num_modalities: in
     """The named balancing losses of one layer, each ALREADY multiplied by its coefficient.
 
     routing       moe.Routing (reads probs, experts, logits, load, modality, skipped)
-    coefficients  loss name (``moe.config.AUX_LOSS_NAMES``) -> coefficient >= 0
+    coefficients  loss name (a key of :data:`AUX_LOSSES`) -> coefficient >= 0
     Returns ``{name: coefficient * loss}`` (scalar tensors) in the order given.
     Rows of ``routing.probs`` are normalised to sum to 1 for the probability-based
     losses (see the module docstring). ``seq_len=None``: one sequence for
@@ -445,9 +510,9 @@ def aux_losses(routing, coefficients: Mapping[str, float], *, num_modalities: in
     if not isinstance(coefficients, Mapping):
         raise TypeError(f"coefficients must be a mapping of loss name -> coefficient, got {type(coefficients).__name__}")
     for name, coef in coefficients.items():
-        if name not in AUX_LOSS_NAMES:
+        if name not in AUX_LOSSES:
             raise ValueError(f"coefficients has unknown loss name {name!r}; allowed names are "
-                             f"{', '.join(map(repr, AUX_LOSS_NAMES))}")
+                             f"{', '.join(map(repr, AUX_LOSSES))}")
         if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
             raise ValueError(f"coefficients[{name!r}]={coef!r} is not allowed; it must be a finite number >= 0")
 
@@ -456,27 +521,7 @@ def aux_losses(routing, coefficients: Mapping[str, float], *, num_modalities: in
 
     probs_TE = _check_scores("routing.probs", routing.probs)
     probs_TE = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(torch.finfo(probs_TE.dtype).tiny)
-    E = probs_TE.shape[1]
-    mod = dict(modality=routing.modality, num_modalities=num_modalities)
-
-    out: Dict[str, torch.Tensor] = {}
-    for name, coef in coefficients.items():
-        if name == "load_balancing":
-            loss = load_balancing_loss(probs_TE, routing.experts, E, **mod)
-        elif name == "z_loss":
-            loss = z_loss(routing.logits, **mod)
-        elif name == "importance":
-            loss = importance_loss(probs_TE, **mod)
-        elif name == "load":
-            if routing.load is None:
-                raise ValueError("aux loss 'load' needs routing.load (the smooth load estimate), which only "
-                                 "RouterConfig.policy='noisy_topk' produces; routing.load is None")
-            loss = load_loss(routing.load, **mod)
-        elif name == "sequence_aux":
-            loss = sequence_aux_loss(probs_TE, routing.experts, E, seq_len, **mod)
-        elif name == "limoe_local":
-            loss = limoe_local_entropy(probs_TE, **mod)
-        else:  # "limoe_global"
-            loss = limoe_global_entropy(probs_TE, min_experts=min_experts, **mod)
-        out[name] = coef * loss
-    return out
+    inputs = LossInputs(probs=probs_TE, experts=routing.experts, logits=routing.logits, load=routing.load,
+                        modality=routing.modality, num_modalities=num_modalities, seq_len=seq_len,
+                        min_experts=min_experts)
+    return {name: coef * _mean_present(*AUX_LOSSES[name](inputs)) for name, coef in coefficients.items()}

@@ -21,6 +21,7 @@ from typing import Optional
 import pytest
 import torch
 
+import moe
 from moe.ops import available_backends, get_backend, reference as R
 from moe.ops import registry
 from moe.ops.registry import Backend
@@ -430,7 +431,6 @@ def test_moe_layer_cpp_backend_equals_torch_backend(policy, capacity_factor):
     """The whole layer gives the same output, aux losses and gradients with either backend."""
     if not _cpp_built():
         pytest.fail(registry.cpp.unavailable_reason())
-    moe = pytest.importorskip("moe")
     top_k = 1 if policy == "switch" else 2
     results = []
     for backend in ("cpp", "torch"):

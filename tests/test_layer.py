@@ -1,4 +1,6 @@
 """MoELayer against a dense oracle, permute/unpermute gradients, stats and bad input."""
+import math
+
 import pytest
 import torch
 
@@ -7,13 +9,49 @@ from moe.experts import Experts, grouped_matmul, loop_matmul
 from moe.ops import reference
 
 
+def activation_formula(name, h):
+    """The expert activations written out (independent of moe/experts.py)."""
+    if name == "gelu":  # torch's exact (erf) GELU
+        return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
+    if name == "relu":
+        return torch.where(h > 0, h, torch.zeros_like(h))
+    if name == "silu":
+        return h * torch.sigmoid(h)
+    if name == "swiglu":  # w1 gives [gate | up]
+        half = h.shape[-1] // 2
+        gate, up = h[..., :half], h[..., half:]
+        return gate * torch.sigmoid(gate) * up
+    raise AssertionError(f"no formula for activation {name!r}")
+
+
+def expert_formula(experts, e, x_TD, activation):
+    """Expert e of an ``Experts`` module: act(x W1_e + b1_e) W2_e + b2_e, from its parameters."""
+    h = x_TD @ experts.w1[e].to(x_TD.dtype)
+    if experts.b1 is not None:
+        h = h + experts.b1[e]
+    y = activation_formula(activation, h) @ experts.w2[e].to(x_TD.dtype)
+    return y if experts.b2 is None else y + experts.b2[e]
+
+
 def dense_oracle(layer, x_TD, routing):
     """Every expert on every token, mixed by the routing weights of the kept choices."""
     E = layer.config.num_experts
-    all_out = torch.stack([layer.experts.expert_mlp(e, x_TD) for e in range(E)], dim=1)  # [T, E, D]
+    act = layer.config.activation
+    all_out = torch.stack([expert_formula(layer.experts, e, x_TD, act) for e in range(E)], dim=1)  # [T, E, D]
     w = routing.weights * routing.kept
     picked = all_out.gather(1, routing.experts.unsqueeze(-1).expand(-1, -1, x_TD.shape[1]))
     return (picked * w.unsqueeze(-1).to(x_TD.dtype)).sum(1)
+
+
+def randomize_biases(layer):
+    with torch.no_grad():
+        for ex in (layer.experts, layer.shared):
+            if ex is not None and ex.b1 is not None:
+                ex.b1.normal_(std=0.5)
+                ex.b2.normal_(std=0.5)
+
+
+ACTIVATIONS = ["gelu", "relu", "silu", "swiglu"]
 
 
 CASES = [
@@ -28,7 +66,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("router", CASES, ids=lambda r: f"{r['policy']}-k{r['top_k']}")
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("cf", [None, 1.0])
 def test_layer_equals_dense_oracle(router, activation, cf):
     torch.manual_seed(0)
@@ -72,14 +110,44 @@ def test_shared_expert_and_residual_moe():
     cfg = moe.MoEConfig(d_model=16, d_ffn=32, num_experts=4, shared_expert_ffn=24)
     layer = moe.MoELayer(cfg)
     y, _ = layer(x)
-    dense = layer.shared.expert_mlp(0, x)
+    dense = expert_formula(layer.shared, 0, x, "gelu")
     torch.testing.assert_close(y, dense_oracle(layer, x, layer.last_routing) + dense, rtol=1e-5, atol=1e-6)
     cfg = moe.MoEConfig(d_model=16, d_ffn=32, num_experts=4, shared_expert_ffn=24, residual_moe=True)
     layer = moe.MoELayer(cfg)
     y, _ = layer(x)
-    coef = torch.softmax(layer.residual_coef(x), -1)
-    exp = dense_oracle(layer, x, layer.last_routing) * coef[:, :1] + layer.shared.expert_mlp(0, x) * coef[:, 1:]
+    coef = torch.softmax(x @ layer.residual_coef.weight.t() + layer.residual_coef.bias, -1)
+    exp = dense_oracle(layer, x, layer.last_routing) * coef[:, :1] + expert_formula(layer.shared, 0, x, "gelu") * coef[:, 1:]
     torch.testing.assert_close(y, exp, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("mix", ["moe", "shared", "residual"])
+def test_layer_with_bias_shared_and_residual_equals_formula(activation, bias, mix):
+    """y = moe(x) [+ shared(x)], or y = a*moe(x) + b*shared(x) with [a, b] = softmax(x W_c + b_c)."""
+    torch.manual_seed(0)
+    cfg = moe.MoEConfig(d_model=16, d_ffn=32, num_experts=4, activation=activation, bias=bias,
+                        shared_expert_ffn=0 if mix == "moe" else 24, residual_moe=mix == "residual",
+                        init_std=0.2, router=moe.RouterConfig(top_k=2, capacity_factor=1.0))
+    layer = moe.MoELayer(cfg)
+    randomize_biases(layer)
+    x = torch.randn(2, 9, 16)
+    y, _ = layer(x)
+    x_TD = x.reshape(-1, 16)
+    moe_part = dense_oracle(layer, x_TD, layer.last_routing)
+    if mix == "moe":
+        expected = moe_part
+    else:
+        s = layer.shared
+        h = x_TD @ s.w1[0] + (s.b1[0] if bias else 0.0)
+        shared_part = activation_formula(activation, h) @ s.w2[0] + (s.b2[0] if bias else 0.0)
+        if mix == "shared":
+            expected = moe_part + shared_part
+        else:
+            logits = x_TD @ layer.residual_coef.weight.t() + layer.residual_coef.bias
+            a = torch.exp(logits[:, 0]) / torch.exp(logits).sum(-1)
+            expected = a[:, None] * moe_part + (1.0 - a)[:, None] * shared_part
+    torch.testing.assert_close(y.reshape(-1, 16), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_dropped_assignment_contributes_zero():
@@ -130,6 +198,7 @@ def test_experts_forward_equals_loop_twin():
     out = ex(rows, counts)
     for e, c in enumerate(counts.tolist()):
         torch.testing.assert_close(out[start:start + c], ex.expert_mlp(e, rows[start:start + c]))
+        torch.testing.assert_close(out[start:start + c], expert_formula(ex, e, rows[start:start + c], "swiglu"))
         start += c
 
 
@@ -229,6 +298,53 @@ def test_jitter_only_in_training():
     torch.testing.assert_close(layer.router.logits(x), x @ layer.router.weight.t())
 
 
+def _jitter_router(eps, weight):
+    E, D = weight.shape
+    cfg = moe.MoEConfig(d_model=D, d_ffn=4, num_experts=E,
+                        router=moe.RouterConfig(top_k=1, policy="switch", jitter_eps=eps))
+    layer = moe.MoELayer(cfg)
+    with torch.no_grad():
+        layer.router.weight.copy_(weight)
+    return layer
+
+
+def test_jitter_multiplier_is_uniform_in_one_plus_minus_eps():
+    """Switch jitter multiplies each input element by m ~ U(1 - eps, 1 + eps), independently."""
+    eps, T, D = 0.5, 4000, 8
+    router = _jitter_router(eps, torch.eye(D)).router  # W = I, x = 1: the logits are m itself
+    m = router.logits(torch.ones(T, D), torch.Generator().manual_seed(3))
+    assert m.shape == (T, D)
+    assert float(m.min()) >= 1 - eps and float(m.max()) <= 1 + eps
+    assert float(m.min()) < 1 - eps + 0.01 and float(m.max()) > 1 + eps - 0.01
+    assert abs(float(m.mean()) - 1.0) < 0.01
+    # Uniform: each tenth of the interval holds about a tenth of the draws.
+    hist = torch.histc(m, bins=10, min=1 - eps, max=1 + eps) / m.numel()
+    torch.testing.assert_close(hist, torch.full((10,), 0.1), rtol=0, atol=0.01)
+    # Variance of U(a, b) is (b - a)^2 / 12.
+    assert abs(float(m.var()) - (2 * eps) ** 2 / 12) < 0.005
+    # One multiplier per element, not per token.
+    assert float(m.std(dim=1).min()) > 0
+
+
+def test_jitter_logits_equal_jittered_input_times_weight():
+    eps, T, D = 0.3, 40, 8
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(4))
+    W = torch.randn(D, D, generator=torch.Generator().manual_seed(5))
+    m = _jitter_router(eps, torch.eye(D)).router.logits(torch.ones(T, D), torch.Generator().manual_seed(6))
+    layer = _jitter_router(eps, W)
+    expected = (x * m) @ W.t()
+    torch.testing.assert_close(layer.router.logits(x, torch.Generator().manual_seed(6)), expected)
+    layer(x, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(layer.last_routing.logits, expected)
+    # No jitter in eval mode, nor with eps = 0.
+    layer.eval()
+    torch.testing.assert_close(layer.router.logits(x, torch.Generator().manual_seed(6)), x @ W.t(), rtol=0, atol=0)
+    layer(x, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(layer.last_routing.logits, x @ W.t(), rtol=0, atol=0)
+    plain = _jitter_router(0.0, W)
+    torch.testing.assert_close(plain.router.logits(x, torch.Generator().manual_seed(6)), x @ W.t(), rtol=0, atol=0)
+
+
 def test_nonfinite_skip_passes_through_zero():
     cfg = moe.MoEConfig(d_model=4, d_ffn=8, num_experts=2, router=moe.RouterConfig(top_k=1, on_nonfinite="skip"))
     layer = moe.MoELayer(cfg, name="blk0")
@@ -248,6 +364,43 @@ def test_half_precision_input_keeps_dtype():
     y, _ = layer(torch.randn(6, 16, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16
     assert layer.last_routing.probs.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_half_precision_matches_fp32_by_value(dtype, activation):
+    """A half-precision layer equals an fp32 layer holding the same (rounded) parameters, run on the
+    same (upcast) input: the router works in fp32, so its probs, weights, choices and aux losses agree
+    to fp32 round-off; the expert MLPs and the mixing run in ``dtype``, so the output agrees within a
+    few roundings to ``dtype``. Each of h, act(h), an expert output, the weighted combine and the
+    shared-expert sum is rounded once (relative error <= eps/2 each): 5 * eps/2 of the output's scale.
+    """
+    torch.manual_seed(0)
+    cfg = moe.MoEConfig(d_model=16, d_ffn=32, num_experts=4, activation=activation, init_std=0.2,
+                        shared_expert_ffn=8, aux_losses={"load_balancing": 0.01, "z_loss": 1e-3},
+                        router=moe.RouterConfig(top_k=2))
+    half = moe.MoELayer(cfg).to(dtype)
+    full = moe.MoELayer(cfg)
+    with torch.no_grad():
+        for p_full, p_half in zip(full.parameters(), half.parameters()):
+            p_full.copy_(p_half.float())
+    x = torch.randn(64, 16).to(dtype)
+    y, aux = half(x)
+    y_ref, aux_ref = full(x.float())
+    r, r_ref = half.last_routing, full.last_routing
+    assert y.dtype == dtype
+    assert r.probs.dtype == torch.float32 and r.weights.dtype == torch.float32
+    assert torch.equal(r.experts, r_ref.experts)
+    torch.testing.assert_close(r.logits, r_ref.logits, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(r.probs, r_ref.probs, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(r.weights, r_ref.weights, rtol=1e-6, atol=1e-7)
+    for name in aux_ref:
+        assert aux[name].dtype == torch.float32
+        torch.testing.assert_close(aux[name], aux_ref[name], rtol=1e-6, atol=1e-9)
+    scale = float(y_ref.abs().max())
+    assert scale > 0.1
+    err = float((y.float() - y_ref).abs().max())
+    assert err <= 2.5 * torch.finfo(dtype).eps * scale, (err, scale)
 
 
 # ----------------------------------------------------------------------------- bad input

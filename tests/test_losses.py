@@ -534,3 +534,56 @@ def test_aux_losses_skipped_returns_zeros():
     assert set(out) == {"load_balancing", "z_loss"}
     for v in out.values():
         assert v.shape == () and float(v) == 0.0
+
+
+# ----------------------------------------------------------------------------
+# registry
+# ----------------------------------------------------------------------------
+
+
+def test_registry_names_are_the_config_names():
+    from moe import config
+
+    assert list(L.AUX_LOSS_NAMES) == list(L.AUX_LOSSES)
+    assert list(config.AUX_LOSS_NAMES) == list(L.AUX_LOSSES)
+    assert set(L.AUX_LOSSES) == {"load_balancing", "z_loss", "importance", "load", "sequence_aux",
+                                 "limoe_local", "limoe_global"}
+
+
+def test_registering_a_loss_makes_it_usable_from_config_and_layer(monkeypatch):
+    """One function and one table entry: MoEConfig accepts the name, aux_losses and the layer compute it."""
+    import moe
+
+    def max_prob(inputs):
+        # Mean over tokens of the largest routing probability, per modality.
+        top_T = inputs.probs.max(-1).values
+        if inputs.modality is None:
+            return top_T.mean()[None], torch.ones(1, dtype=torch.bool)
+        M = inputs.num_modalities
+        per_M = torch.stack([top_T[inputs.modality == m].sum() for m in range(M)])
+        n_M = torch.bincount(inputs.modality, minlength=M)
+        return per_M / n_M.clamp_min(1), n_M > 0
+
+    with pytest.raises(ValueError, match="max_prob"):
+        moe.MoEConfig(d_model=4, d_ffn=8, num_experts=3, aux_losses={"max_prob": 1.0})
+    monkeypatch.setitem(L.AUX_LOSSES, "max_prob", max_prob)
+    assert "max_prob" in L.AUX_LOSS_NAMES
+
+    probs = _rand_probs(6, 3, seed=40)
+    experts = _rand_experts(6, 3, 1, seed=40)
+    modality = torch.tensor([0, 0, 0, 0, 2, 2])  # modality 1 absent: not in the mean
+    out = L.aux_losses(_routing(probs, experts, modality=modality), {"max_prob": 0.5, "load_balancing": 1.0},
+                       num_modalities=3)
+    top = probs.max(-1).values.tolist()
+    expected = (sum(top[:4]) / 4 + sum(top[4:]) / 2) / 2
+    _close(out["max_prob"], 0.5 * expected, tol=1e-12)
+    _close(out["load_balancing"], float(L.load_balancing_loss(probs, experts, 3, modality=modality,
+                                                              num_modalities=3)), tol=1e-12)
+
+    cfg = moe.MoEConfig(d_model=4, d_ffn=8, num_experts=3, aux_losses={"max_prob": 2.0})
+    layer = moe.MoELayer(cfg)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(41))
+    _, aux = layer(x)
+    assert set(aux) == {"max_prob"}
+    p = layer.last_routing.probs.detach().double()
+    _close(aux["max_prob"], 2.0 * float(p.max(-1).values.mean()), tol=1e-6)

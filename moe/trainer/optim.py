@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from ..experts import Experts
 from .config import OptimConfig
 
 __all__ = ["build_optimizer", "lr_at"]
@@ -25,12 +26,22 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _is_matrix(p: torch.Tensor, stacked: bool) -> bool:
+    """A weight matrix: >= 2 dims, not counting the leading expert dim of a stacked expert parameter."""
+    return p.dim() - (1 if stacked else 0) >= 2
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (>= 2 dims), none on biases, norms and scalars."""
+    """AdamW; weight decay on matrices, none on biases, norms and scalars.
+
+    Expert parameters are stacks over experts (``moe.experts.Experts``): w1/w2 [E, ., .]
+    are matrices, b1/b2 [E, .] are biases, so their leading dim is not counted.
+    """
+    stacked = {id(p) for m in model.modules() if isinstance(m, Experts) for p in m.parameters(recurse=False)}
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if _is_matrix(p, id(p) in stacked) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
