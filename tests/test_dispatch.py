@@ -138,6 +138,7 @@ def _check_dispatch_one(rank, world, E):
             assert chunked.bytes_sent == disp.bytes_sent and chunked.bytes_received == disp.bytes_received
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world,experts", [(2, (2, 6)), (4, (4, 8))])
 def test_dispatch_matches_oracle(world, experts):
     """Output, gradient, local order, counts and bytes; plain and chunked paths;
@@ -176,6 +177,7 @@ def _check_hierarchical(rank, world, E):
     return True
 
 
+@pytest.mark.distributed
 def test_hierarchical_matches_flat():
     assert run_distributed(_check_hierarchical, 4, 8, timeout=90) == [True] * 4
 

@@ -25,7 +25,6 @@ the model names a seen combo instead. ``zero_shot_classes`` is the candidate cou
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
