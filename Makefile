@@ -10,7 +10,7 @@ NPROC  ?= 4
 DEMO_CONFIG ?= examples/configs/tiny_limoe.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench clean
+.PHONY: setup lint test demo bench clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +26,15 @@ $(BUILD): $(STAMP) setup.py $(CSRC)
 
 setup: $(BUILD)
 
+# ruff only needs the pinned dependencies, not the C++ build; settings in pyproject.toml.
+lint: $(STAMP)
+	$(VPY) -m ruff check .
+
+# pytest settings (testpaths, markers, timeout) are in pyproject.toml.
+# A subset: make test PYTEST_ARGS='-m "not distributed"'
 test: setup
 	@if [ -f tools/nvcc_check.sh ]; then bash tools/nvcc_check.sh; fi
-	OMP_NUM_THREADS=1 $(VPY) -m pytest -q --timeout=900 $(PYTEST_ARGS) tests
+	OMP_NUM_THREADS=1 $(VPY) -m pytest -q $(PYTEST_ARGS)
 
 demo: setup
 	OMP_NUM_THREADS=1 $(VPY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) \

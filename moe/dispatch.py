@@ -1,11 +1,11 @@
 """Expert-parallel exchange of routed rows: dispatch to the experts' ranks, combine back.
 
-Legend: N rows on this rank (expert-major over all experts); d row width (any
-trailing shape); E global experts; R expert-parallel group size; L = E // R local
-experts per rank; M rows received for the local experts; C chunks; for the
-hierarchical exchange R = Nn * G (Nn nodes, G ep ranks per node).
+Legend: N rows on this rank (expert-major over all experts); D row width (any
+trailing shape); E global experts; R expert-parallel group size; E_l = E // R local
+experts per rank (``El`` in shape suffixes); N_l rows received for the local experts;
+Q chunks; for the hierarchical exchange R = Nn * G (Nn nodes, G ep ranks per node).
 
-Global expert ``g`` lives on ep rank ``g // L`` as its local expert ``g % L``.
+Global expert ``g`` lives on ep rank ``g // E_l`` as its local expert ``g % E_l``.
 A dispatch is a list of *steps*: permutations of contiguous row blocks and uneven
 ``all_to_all_single`` exchanges. Combine runs the same steps backwards (inverse
 permutation, exchange with the splits swapped), so combine(dispatch(rows)) puts
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-ExpertFn = Callable[[Tensor, Tensor], Tensor]  # (rows[M, d], counts[L]) -> out[M, d']
+ExpertFn = Callable[[Tensor, Tensor], Tensor]  # (rows[N_l, D], counts[E_l]) -> out[N_l, D']
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -40,7 +40,7 @@ def block_permutation(counts: Tensor, dims: Sequence[int]) -> Tensor:
     stored block after block in row-major order of ``counts``' indices. Returns
     LongTensor[sum(counts)] ``index`` such that ``rows[index]`` stores the same
     blocks (each block's rows in their original order) in row-major order of
-    ``counts.permute(dims)``. Example: counts[R, L] with dims (1, 0) turns
+    ``counts.permute(dims)``. Example: counts[R, E_l] with dims (1, 0) turns
     "source-major" into "local-expert-major".
     """
     flat = counts.reshape(-1)
@@ -62,7 +62,7 @@ def _is_identity(shape: Sequence[int], dims: Sequence[int]) -> bool:
 def split_counts(counts_E: Tensor, num_chunks: int) -> Tensor:
     """Split each expert's row count into ``num_chunks`` near-equal consecutive parts.
 
-    counts_E: LongTensor[E] -> LongTensor[E, C]; the first ``counts % C`` chunks of
+    counts_E: LongTensor[E] -> LongTensor[E, Q]; the first ``counts % Q`` chunks of
     an expert get one row more. Rows ``[0, part_0)`` of the expert go to chunk 0, etc.
     """
     base = counts_E // num_chunks
@@ -195,9 +195,9 @@ class _Plan:
     """How one batch of rows travels: steps, and the local counts at the end."""
 
     steps: list
-    local_counts: Tensor  # LongTensor[L]
+    local_counts: Tensor  # LongTensor[E_l]
     num_rows: int  # N, rows before dispatch
-    num_local_rows: int  # M, rows after dispatch
+    num_local_rows: int  # N_l, rows after dispatch
 
     def reversed_steps(self) -> list:
         return [s.reverse() for s in reversed(self.steps)]
@@ -254,7 +254,7 @@ class AllToAllDispatcher:
 
     ``ep_group``: the expert-parallel process group (``None``: no expert
     parallelism, everything stays local). ``num_experts`` (E) must be a multiple of
-    the group size R. ``num_chunks`` (C) is used by ``dispatch_compute_combine``.
+    the group size R. ``num_chunks`` (Q) is used by ``dispatch_compute_combine``.
 
     After every call the dispatcher keeps ``dispatch_stats`` / ``combine_stats``
     (``ExchangeStats``); ``bytes_sent``, ``bytes_received`` and ``bytes_local`` are
@@ -294,30 +294,30 @@ class AllToAllDispatcher:
         return self.dispatch_stats.bytes_local
 
     # -- planning (subclasses change how rows travel)
-    def _plans(self, send_CRL: Tensor, device: torch.device) -> list[_Plan]:
+    def _plans(self, send_QREl: Tensor, device: torch.device) -> list[_Plan]:
         """Exchange counts and build one plan per chunk.
 
-        send_CRL: LongTensor[C, R, L] (CPU), rows this rank sends per chunk, dst
+        send_QREl: LongTensor[Q, R, E_l] (CPU), rows this rank sends per chunk, dst
         rank and local expert. All chunks' counts travel in one exchange (on
         ``device``, the rows' device); permutation indices are put on ``device``.
         """
-        C, R, L = send_CRL.shape
-        recv_RCL = _exchange_equal(send_CRL.transpose(0, 1), self.group, device)  # [src, C, L]
+        Q, R, El = send_QREl.shape
+        recv_RQEl = _exchange_equal(send_QREl.transpose(0, 1), self.group, device)  # [src, Q, E_l]
         plans = []
-        for c in range(C):
-            send_RL, recv_RL = send_CRL[c], recv_RCL[:, c]
+        for c in range(Q):
+            send_REl, recv_REl = send_QREl[c], recv_RQEl[:, c]
             steps = []
             if R > 1:
-                steps.append(_Exchange(self.group, recv_RL.sum(1).tolist(), send_RL.sum(1).tolist(), self.ep_rank))
-            if not _is_identity(recv_RL.shape, (1, 0)):
-                steps.append(_Permute(block_permutation(recv_RL, (1, 0)).to(device)))
-            plans.append(_Plan(steps, recv_RL.sum(0), int(send_RL.sum()), int(recv_RL.sum())))
+                steps.append(_Exchange(self.group, recv_REl.sum(1).tolist(), send_REl.sum(1).tolist(), self.ep_rank))
+            if not _is_identity(recv_REl.shape, (1, 0)):
+                steps.append(_Permute(block_permutation(recv_REl, (1, 0)).to(device)))
+            plans.append(_Plan(steps, recv_REl.sum(0), int(send_REl.sum()), int(recv_REl.sum())))
         return plans
 
     def _check(self, rows: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """Validate inputs; return the counts as a CPU LongTensor[E]."""
         if not isinstance(rows, Tensor) or rows.dim() < 1:
-            raise ValueError(f"rows must be a Tensor [N, d], got {type(rows).__name__}")
+            raise ValueError(f"rows must be a Tensor [N, D], got {type(rows).__name__}")
         if tokens_per_expert.shape != (self.num_experts,) or tokens_per_expert.is_floating_point():
             raise ValueError(
                 f"tokens_per_expert must be an integer tensor of shape ({self.num_experts},), got "
@@ -338,9 +338,9 @@ class AllToAllDispatcher:
     def dispatch(self, rows: Tensor, tokens_per_expert: Tensor):
         """Send rows to their experts' ranks.
 
-        rows[N, d]: expert-major over all E experts; tokens_per_expert: LongTensor[E].
-        Returns ``(local_rows[M, d], local_counts LongTensor[L], ctx)``: the rows of
-        this rank's L experts from every source rank, local-expert-major (local
+        rows[N, D]: expert-major over all E experts; tokens_per_expert: LongTensor[E].
+        Returns ``(local_rows[N_l, D], local_counts LongTensor[E_l], ctx)``: the rows of
+        this rank's E_l experts from every source rank, local-expert-major (local
         expert 0 from src 0, src 1, ..., then local expert 1, ...), and their counts.
         """
         counts = self._check(rows, tokens_per_expert)
@@ -353,8 +353,8 @@ class AllToAllDispatcher:
         return local_rows, plan.local_counts.to(tokens_per_expert.device), ctx
 
     def combine(self, out: Tensor, ctx: DispatchContext) -> Tensor:
-        """Bring expert outputs back: out[M, d'] (ordered like ``local_rows``) ->
-        rows_back[N, d'] in the order of the ``rows`` given to ``dispatch``."""
+        """Bring expert outputs back: out[N_l, D'] (ordered like ``local_rows``) ->
+        rows_back[N, D'] in the order of the ``rows`` given to ``dispatch``."""
         if out.shape[0] != ctx.plan.num_local_rows:
             raise ValueError(
                 f"combine: out must have the {ctx.plan.num_local_rows} rows dispatch returned, "
@@ -370,7 +370,7 @@ class AllToAllDispatcher:
     def dispatch_compute_combine(self, rows: Tensor, tokens_per_expert: Tensor, expert_fn: ExpertFn) -> Tensor:
         """``combine(expert_fn(*dispatch(rows)))`` in ``num_chunks`` pipelined chunks.
 
-        Each expert's rows are split into C near-equal parts; chunk c holds part c
+        Each expert's rows are split into Q near-equal parts; chunk c holds part c
         of every expert. The exchange of chunk c+1 and the combine of chunk c run
         async while ``expert_fn(local_rows_c, local_counts_c)`` computes, so
         communication overlaps compute (on GPUs; on CPU it is simply correct).
@@ -378,18 +378,18 @@ class AllToAllDispatcher:
         result equals the unchunked path. Backward exchanges are not overlapped.
         """
         counts = self._check(rows, tokens_per_expert)
-        C = self.num_chunks
-        parts_EC = split_counts(counts, C)
-        plans = self._plans(parts_EC.T.reshape(C, self.ep_size, self.num_local_experts), rows.device)
+        Q = self.num_chunks
+        parts_EQ = split_counts(counts, Q)
+        plans = self._plans(parts_EQ.T.reshape(Q, self.ep_size, self.num_local_experts), rows.device)
         # Gather rows chunk-major: blocks (expert, chunk) -> (chunk, expert).
-        to_chunks = _Permute(block_permutation(parts_EC, (1, 0)).to(rows.device))
-        chunks = to_chunks.apply(rows).split(parts_EC.sum(0).tolist())
+        to_chunks = _Permute(block_permutation(parts_EQ, (1, 0)).to(rows.device))
+        chunks = to_chunks.apply(rows).split(parts_EQ.sum(0).tolist())
         d_stats, c_stats = ExchangeStats(), ExchangeStats()
         device = tokens_per_expert.device
         outs, flight = [], _InFlight(plans[0].steps, chunks[0], d_stats)
-        for c in range(C):
+        for c in range(Q):
             local_rows = flight.finish()
-            if c + 1 < C:
+            if c + 1 < Q:
                 flight = _InFlight(plans[c + 1].steps, chunks[c + 1], d_stats)
             y = expert_fn(local_rows, plans[c].local_counts.to(device))
             if y.shape[0] != local_rows.shape[0]:
@@ -472,28 +472,28 @@ class HierarchicalAllToAllDispatcher(AllToAllDispatcher):
             if _group_size(group) != size:
                 raise ValueError(f"node_groups: {name}-node group has {_group_size(group)} ranks, expected {size}")
 
-    def _plans(self, send_CRL: Tensor, device: torch.device) -> list[_Plan]:
-        C, R, L = send_CRL.shape
+    def _plans(self, send_QREl: Tensor, device: torch.device) -> list[_Plan]:
+        Q, R, El = send_QREl.shape
         Nn, G = self.num_nodes, self.ranks_per_node
-        send = send_CRL.view(C, Nn, G, L)  # [C, dst node, dst local, L]
+        send = send_QREl.view(Q, Nn, G, El)  # [Q, dst node, dst local, E_l]
         # Counts follow the rows' two hops (all chunks at once).
-        recv1 = _exchange_equal(send.permute(2, 0, 1, 3), self.intra_group, device)  # [src local, C, dst node, L]
-        recv2 = _exchange_equal(recv1.permute(2, 1, 0, 3), self.inter_group, device)  # [src node, C, src local, L]
+        recv1 = _exchange_equal(send.permute(2, 0, 1, 3), self.intra_group, device)  # [src local, Q, dst node, E_l]
+        recv2 = _exchange_equal(recv1.permute(2, 1, 0, 3), self.inter_group, device)  # [src node, Q, src local, E_l]
         intra_me, inter_me = _group_rank(self.intra_group), _group_rank(self.inter_group)
         plans = []
-        for c in range(C):
-            s, r1, r2 = send[c], recv1[:, c], recv2[:, c]  # [Nn, G, L], [G, Nn, L], [Nn, G, L]
+        for c in range(Q):
+            s, r1, r2 = send[c], recv1[:, c], recv2[:, c]  # [Nn, G, E_l], [G, Nn, E_l], [Nn, G, E_l]
             steps = []
             if not _is_identity(s.shape, (1, 0, 2)):
-                steps.append(_Permute(block_permutation(s, (1, 0, 2)).to(device)))  # -> [dst local, dst node, L]
+                steps.append(_Permute(block_permutation(s, (1, 0, 2)).to(device)))  # -> [dst local, dst node, E_l]
             if G > 1:
                 steps.append(_Exchange(self.intra_group, r1.sum((1, 2)).tolist(), s.sum((0, 2)).tolist(), intra_me))
             if not _is_identity(r1.shape, (1, 0, 2)):
-                steps.append(_Permute(block_permutation(r1, (1, 0, 2)).to(device)))  # -> [dst node, src local, L]
+                steps.append(_Permute(block_permutation(r1, (1, 0, 2)).to(device)))  # -> [dst node, src local, E_l]
             if Nn > 1:
                 steps.append(_Exchange(self.inter_group, r2.sum((1, 2)).tolist(), r1.sum((0, 2)).tolist(), inter_me))
-            r2_RL = r2.reshape(R, L)  # [src ep rank, L]
-            if not _is_identity(r2_RL.shape, (1, 0)):
-                steps.append(_Permute(block_permutation(r2_RL, (1, 0)).to(device)))
-            plans.append(_Plan(steps, r2_RL.sum(0), int(s.sum()), int(r2.sum())))
+            r2_REl = r2.reshape(R, El)  # [src ep rank, E_l]
+            if not _is_identity(r2_REl.shape, (1, 0)):
+                steps.append(_Permute(block_permutation(r2_REl, (1, 0)).to(device)))
+            plans.append(_Plan(steps, r2_REl.sum(0), int(s.sum()), int(r2.sum())))
         return plans

@@ -1,7 +1,8 @@
 """Stacked expert MLPs computed with a grouped GEMM, and their readable loop twin.
 
-Legend: E experts held here, N rows (expert-major), D model width, F expert width.
-Weights: w1_EDF [E, D, F] (SwiGLU: [E, D, 2F], gate then up), w2_EFD [E, F, D].
+Legend: E_l experts held here (``El`` in shape suffixes; E_l = E without expert
+parallelism), N rows (expert-major), D model width, F expert width.
+Weights: w1_ElDF [E_l, D, F] (SwiGLU: [E_l, D, 2F], gate then up), w2_ElFD [E_l, F, D].
 """
 from __future__ import annotations
 
@@ -35,18 +36,18 @@ def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.shape[1] * item) % 16 == 0 and (b.shape[2] * item) % 16 == 0
 
 
-def grouped_matmul(a_ND: torch.Tensor, b_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+def grouped_matmul(a_ND: torch.Tensor, b_ElDF: torch.Tensor, counts_El: torch.Tensor) -> torch.Tensor:
     """out[rows of expert e] = a[rows of expert e] @ b[e]; rows are expert-major by ``counts``."""
-    if _grouped_mm_ok(a_ND, b_EDF):
-        offs = torch.cumsum(counts_E, 0).to(torch.int32)
-        return _ContiguousGrad.apply(F.grouped_mm(a_ND.contiguous(), b_EDF, offs=offs))
-    return loop_matmul(a_ND, b_EDF, counts_E)
+    if _grouped_mm_ok(a_ND, b_ElDF):
+        offs = torch.cumsum(counts_El, 0).to(torch.int32)
+        return _ContiguousGrad.apply(F.grouped_mm(a_ND.contiguous(), b_ElDF, offs=offs))
+    return loop_matmul(a_ND, b_ElDF, counts_El)
 
 
-def loop_matmul(a_ND: torch.Tensor, b_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+def loop_matmul(a_ND: torch.Tensor, b_ElDF: torch.Tensor, counts_El: torch.Tensor) -> torch.Tensor:
     """The readable twin of ``grouped_matmul``: one matmul per expert."""
-    chunks = torch.split(a_ND, counts_E.tolist())
-    return torch.cat([chunk @ b_EDF[e] for e, chunk in enumerate(chunks)] + [a_ND.new_zeros(0, b_EDF.shape[2])])
+    chunks = torch.split(a_ND, counts_El.tolist())
+    return torch.cat([chunk @ b_ElDF[e] for e, chunk in enumerate(chunks)] + [a_ND.new_zeros(0, b_ElDF.shape[2])])
 
 
 class Experts(nn.Module):
@@ -83,14 +84,14 @@ class Experts(nn.Module):
             return F.silu(gate) * up
         return _ACTIVATIONS[self.activation](h)
 
-    def _bias(self, h: torch.Tensor, b: Optional[torch.Tensor], counts_E: torch.Tensor) -> torch.Tensor:
+    def _bias(self, h: torch.Tensor, b: Optional[torch.Tensor], counts_El: torch.Tensor) -> torch.Tensor:
         if b is None:
             return h
-        return h + torch.repeat_interleave(b, counts_E, dim=0, output_size=h.shape[0])
+        return h + torch.repeat_interleave(b, counts_El, dim=0, output_size=h.shape[0])
 
-    def forward(self, rows_ND: torch.Tensor, counts_E: torch.Tensor, *,
+    def forward(self, rows_ND: torch.Tensor, counts_El: torch.Tensor, *,
                 padded_capacity: Optional[int] = None) -> torch.Tensor:
-        """rows[N, D] expert-major with counts[E] rows per local expert -> out[N, D].
+        """rows[N, D] expert-major with counts[E_l] rows per local expert -> out[N, D].
 
         ``padded_capacity=C``: every expert owns exactly C rows (N = E*C, the padded
         layout); one batched matmul then serves all experts with static shapes.
@@ -101,19 +102,19 @@ class Experts(nn.Module):
             def padded_mm(a, b, counts):
                 return torch.bmm(a.view(E, C, a.shape[1]), b).view(E * C, b.shape[2])
 
-            return self._compute(rows_ND, counts_E, padded_mm)
-        return self._compute(rows_ND, counts_E, grouped_matmul if self.grouped_gemm else loop_matmul)
+            return self._compute(rows_ND, counts_El, padded_mm)
+        return self._compute(rows_ND, counts_El, grouped_matmul if self.grouped_gemm else loop_matmul)
 
-    def forward_loop(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def forward_loop(self, rows_ND: torch.Tensor, counts_El: torch.Tensor) -> torch.Tensor:
         """Same as ``forward`` with one matmul per expert (the oracle)."""
-        return self._compute(rows_ND, counts_E, loop_matmul)
+        return self._compute(rows_ND, counts_El, loop_matmul)
 
-    def _compute(self, rows_ND, counts_E, mm):
-        if not torch.compiler.is_compiling() and rows_ND.shape[0] != int(counts_E.sum()):
-            raise ValueError(f"rows has {rows_ND.shape[0]} rows but counts sum to {int(counts_E.sum())}")
+    def _compute(self, rows_ND, counts_El, mm):
+        if not torch.compiler.is_compiling() and rows_ND.shape[0] != int(counts_El.sum()):
+            raise ValueError(f"rows has {rows_ND.shape[0]} rows but counts sum to {int(counts_El.sum())}")
         w1, w2 = self.w1.to(rows_ND.dtype), self.w2.to(rows_ND.dtype)
-        h = self._act(self._bias(mm(rows_ND, w1, counts_E), self.b1, counts_E))
-        return self._bias(mm(h, w2, counts_E), self.b2, counts_E)
+        h = self._act(self._bias(mm(rows_ND, w1, counts_El), self.b1, counts_El))
+        return self._bias(mm(h, w2, counts_El), self.b2, counts_El)
 
     def expert_mlp(self, e: int, x_TD: torch.Tensor) -> torch.Tensor:
         """Local expert ``e`` applied to every row of x (dense oracle building block)."""

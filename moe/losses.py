@@ -1,7 +1,7 @@
 """Balancing losses computed from the router outputs of one MoE layer.
 
-Legend: T tokens, E experts, k choices per token, M modalities, S sequences,
-L tokens per sequence (T = S * L); a suffix such as ``probs_TE`` gives the shape.
+Legend: T tokens, E experts, k choices per token, M modalities, B sequences,
+L tokens per sequence (T = B * L); a suffix such as ``probs_TE`` gives the shape.
 
 Every loss is a plain, differentiable function of router outputs:
 
@@ -14,7 +14,7 @@ importance         CV(sum_t p_t)^2                              Shazeer 2017; V-
 load               CV(sum_t P(x_t, .))^2                        Shazeer 2017; V-MoE
 sequence_aux       load_balancing per sequence, averaged        DeepSeek-V3 (2024)
 limoe_local        (1/n) sum_t H(p_t)                           LIMoE (Mustafa 2022)
-limoe_global       max(0, log(S) - H((1/n) sum_t p_t))          LIMoE
+limoe_global       max(0, log(min_experts) - H(mean_t p_t))    LIMoE
 ================== ============================================ ===============================
 
 Modality semantics (the same for every loss)
@@ -153,9 +153,9 @@ def _check_min_experts(min_experts, num_experts: int) -> None:
 # ----------------------------------------------------------------------------
 
 class _Groups:
-    """Token membership in S sequences x M modalities, as a one-hot [S, L, M] mask.
+    """Token membership in B sequences x M modalities, as a one-hot [B, L, M] mask.
 
-    Without ``seq_len`` there is one sequence (S = 1, L = T); without
+    Without ``seq_len`` there is one sequence (B = 1, L = T); without
     ``modality`` there is one modality (M = 1).
     """
 
@@ -163,41 +163,41 @@ class _Groups:
                  seq_len: Optional[int], like: torch.Tensor):
         M = 1 if modality is None else num_modalities
         L = num_tokens if seq_len is None else seq_len
-        S = 1 if seq_len is None else num_tokens // seq_len
+        B = 1 if seq_len is None else num_tokens // seq_len
         if modality is None:
             member_TM = like.new_ones(num_tokens, 1)
         else:
             ids_M = torch.arange(M, device=modality.device)
             member_TM = (modality.to(like.device)[:, None] == ids_M.to(like.device)).to(like.dtype)
-        self.S, self.L, self.M = S, L, M
-        self.member_SLM = member_TM.reshape(S, L, M)
-        self.n_SM = self.member_SLM.sum(1)                # tokens per group (float)
-        self.present_SM = self.n_SM > 0
-        self.safe_n_SM = self.n_SM.clamp_min(1.0)       # avoids 0/0 in absent groups
+        self.B, self.L, self.M = B, L, M
+        self.member_BLM = member_TM.reshape(B, L, M)
+        self.n_BM = self.member_BLM.sum(1)                # tokens per group (float)
+        self.present_BM = self.n_BM > 0
+        self.safe_n_BM = self.n_BM.clamp_min(1.0)       # avoids 0/0 in absent groups
 
     def sum_rows(self, x_TE: torch.Tensor) -> torch.Tensor:
-        """Sum of the rows of x over each group: [S, M, E]."""
-        return torch.einsum("slm,sle->sme", self.member_SLM, x_TE.reshape(self.S, self.L, x_TE.shape[1]))
+        """Sum of the rows of x over each group: [B, M, E]."""
+        return torch.einsum("blm,ble->bme", self.member_BLM, x_TE.reshape(self.B, self.L, x_TE.shape[1]))
 
     def sum_values(self, x_T: torch.Tensor) -> torch.Tensor:
-        """Sum of a per-token value over each group: [S, M]."""
-        return torch.einsum("slm,sl->sm", self.member_SLM, x_T.reshape(self.S, self.L))
+        """Sum of a per-token value over each group: [B, M]."""
+        return torch.einsum("blm,bl->bm", self.member_BLM, x_T.reshape(self.B, self.L))
 
     def mean_rows(self, x_TE: torch.Tensor) -> torch.Tensor:
-        return self.sum_rows(x_TE) / self.safe_n_SM[..., None]
+        return self.sum_rows(x_TE) / self.safe_n_BM[..., None]
 
     def mean_values(self, x_T: torch.Tensor) -> torch.Tensor:
-        return self.sum_values(x_T) / self.safe_n_SM
+        return self.sum_values(x_T) / self.safe_n_BM
 
-    def per_modality(self, per_SM: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def per_modality(self, per_BM: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Average a per-group value over the sequences where the modality is present.
 
         Returns (per_M, present_M); per_M is 0 where the modality is absent.
-        ``per_SM`` must be finite in absent groups.
+        ``per_BM`` must be finite in absent groups.
         """
-        w_SM = self.present_SM.to(per_SM.dtype)
-        per_M = (per_SM * w_SM).sum(0) / w_SM.sum(0).clamp_min(1.0)
-        return per_M, self.present_SM.any(0)
+        w_BM = self.present_BM.to(per_BM.dtype)
+        per_M = (per_BM * w_BM).sum(0) / w_BM.sum(0).clamp_min(1.0)
+        return per_M, self.present_BM.any(0)
 
 
 def _mean_present(per_M: torch.Tensor, present_M: torch.Tensor) -> torch.Tensor:
@@ -246,10 +246,10 @@ def _load_balancing_groups(probs, experts, num_experts, *, modality=None, num_mo
         counts_TE = torch.zeros_like(probs_TE).scatter_add_(
             1, experts.to(probs_TE.device, torch.long), torch.ones(experts.shape, dtype=probs_TE.dtype,
                                                                    device=probs_TE.device))
-        f_SME = g.sum_rows(counts_TE) / (g.safe_n_SM[..., None] * k)
-    P_SME = g.mean_rows(probs_TE)
-    per_SM = num_experts * (f_SME * P_SME).sum(-1)
-    return g.per_modality(per_SM)
+        f_BME = g.sum_rows(counts_TE) / (g.safe_n_BM[..., None] * k)
+    P_BME = g.mean_rows(probs_TE)
+    per_BM = num_experts * (f_BME * P_BME).sum(-1)
+    return g.per_modality(per_BM)
 
 
 def _z_loss_groups(logits, *, modality=None, num_modalities=1):
@@ -287,10 +287,10 @@ def _global_entropy_groups(probs, *, min_experts, modality=None, num_modalities=
     _check_min_experts(min_experts, E)
     _check_modality(modality, T, num_modalities)
     g = _Groups(T, modality, num_modalities, None, probs_TE)
-    H_SM = _entropy(g.mean_rows(probs_TE))
-    # tau - H: minimising it RAISES H(mean p); relu stops the push once H >= log S.
-    per_SM = torch.relu(math.log(min_experts) - H_SM)
-    return g.per_modality(per_SM)
+    H_BM = _entropy(g.mean_rows(probs_TE))
+    # tau - H: minimising it RAISES H(mean p); relu stops the push once H >= log(min_experts).
+    per_BM = torch.relu(math.log(min_experts) - H_BM)
+    return g.per_modality(per_BM)
 
 
 # ----------------------------------------------------------------------------
@@ -384,14 +384,14 @@ def limoe_local_entropy(probs: torch.Tensor, *, modality: Optional[torch.Tensor]
 
 def limoe_global_entropy(probs: torch.Tensor, *, min_experts: float,
                          modality: Optional[torch.Tensor] = None, num_modalities: int = 1) -> torch.Tensor:
-    """LIMoE thresholded global entropy ``max(0, log(S) - H(mean_t p_t))`` (scalar).
+    """LIMoE thresholded global entropy ``max(0, log(min_experts) - H(mean_t p_t))`` (scalar).
 
-    probs Tensor[T, E]; S = ``min_experts`` in (0, E], tau = log S.
+    probs Tensor[T, E]; ``min_experts`` in (0, E], tau = log(min_experts).
     ``L_global = -H(mean p)``; thresholded ``max(0, tau + L_global)``. Minimising
     it INCREASES the entropy of the modality's mean routing distribution, i.e.
-    spreads its tokens over at least about S experts, and stops pushing once
-    ``H(mean p) >= log S``. All tokens on one expert give log S; a mean
-    distribution uniform over E >= S experts gives 0.
+    spreads its tokens over at least about ``min_experts`` experts, and stops pushing
+    once ``H(mean p) >= tau``. All tokens on one expert give tau; a mean
+    distribution uniform over E >= ``min_experts`` experts gives 0.
     Mustafa et al. 2022 (LIMoE, section 2.2).
     """
     return _mean_present(*_global_entropy_groups(probs, min_experts=min_experts, modality=modality,

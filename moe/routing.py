@@ -29,7 +29,6 @@ Choices where papers and implementations differ (documented, and tested):
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

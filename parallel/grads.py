@@ -1,6 +1,6 @@
 """Marking expert parameters and averaging gradients over the right groups.
 
-Legend: P a parameter's element count; a bucket is the flat concatenation of
+Legend: numel a parameter's element count; a bucket is the flat concatenation of
 several gradients of one dtype and device (at most ``bucket_numel`` elements).
 
 Dense (non-expert) parameters are replicated over the whole data-parallel group

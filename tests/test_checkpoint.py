@@ -71,6 +71,7 @@ def _resume_ep2(rank, world, out_dir):
     return full, half, rest, full_params, rest_params
 
 
+@pytest.mark.distributed
 def test_resume_equals_uninterrupted_expert_parallel(tmp_path):
     for full, half, rest, full_params, rest_params in run_distributed(_resume_ep2, 2, str(tmp_path), timeout=120):
         assert len(full) == 4 and half + rest == full
@@ -86,6 +87,7 @@ def _train_ep2_and_eval(rank, world, out_dir):
     return {"metrics": result.final_metrics, "ckpt": result.checkpoint, "keys": keys}
 
 
+@pytest.mark.distributed
 def test_resharded_load_ep2_to_ep1_gives_same_eval(tmp_path):
     out = run_distributed(_train_ep2_and_eval, 2, str(tmp_path / "ep2"), timeout=120)
     # each EP rank declares only its own experts' keys; the checkpoint holds all of them
@@ -112,6 +114,7 @@ def _load_ep1_into_ep2(rank, world, path):
         return trainer.task.evaluate()["val_loss"], trainer.model.moe.experts.w1.detach().clone()
 
 
+@pytest.mark.distributed
 def test_resharded_load_ep1_to_ep2(tmp_path):
     result = run(toy_config(tmp_path / "ep1", train={"steps": 3, "checkpoint_every": 0, "eval_every": 0}),
                  log=lambda m: None)
@@ -169,6 +172,7 @@ def _lm_ep2(rank, world, out_dir):
     return result.final_metrics, result.checkpoint
 
 
+@pytest.mark.distributed
 def test_real_lm_task_reshards_ep2_to_ep1(tmp_path):
     out = run_distributed(_lm_ep2, 2, str(tmp_path / "ep2"), timeout=180)
     (metrics, path), (metrics1, _) = out

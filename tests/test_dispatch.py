@@ -1,6 +1,6 @@
 """Expert-parallel dispatch/combine against a single-rank oracle.
 
-Legend: N rows on a rank; d row width; E global experts; R ep size; L = E // R.
+Legend: N rows on a rank; D row width; E global experts; R ep size; E_l = E // R (``El`` in code).
 Expert e applies f_e(x) = x * (e + 1) + e, so a row that reaches the wrong
 expert, or comes back to the wrong place, shows up in the result. Rows carry
 (source rank, global expert, index in block) in their first columns, so the
@@ -27,9 +27,9 @@ def make_counts(scenario: str, rank: int, world: int, E: int) -> torch.Tensor:
     """tokens_per_expert[E] of ``rank`` in ``scenario`` (any rank can compute any rank's)."""
     g = torch.Generator().manual_seed(1000 * SCENARIOS.index(scenario) + rank)
     counts = torch.randint(0, 5, (E,), generator=g)
-    L = E // world
+    El = E // world
     if scenario == "nothing_to_peer" and rank == 0:
-        counts[L * (1 % world) : L * (1 % world + 1)] = 0  # rank 0 sends nothing to rank 1
+        counts[El * (1 % world) : El * (1 % world + 1)] = 0  # rank 0 sends nothing to rank 1
     elif scenario == "one_expert":
         counts = torch.zeros(E, dtype=torch.long)
         counts[E - 1] = 7
@@ -58,9 +58,9 @@ def oracle(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return rows * (e + 1) + e
 
 
-def make_expert_fn(ep_rank: int, L: int):
+def make_expert_fn(ep_rank: int, El: int):
     def expert_fn(local_rows, local_counts):
-        e = ep_rank * L + torch.repeat_interleave(torch.arange(L), local_counts).float()[:, None]
+        e = ep_rank * El + torch.repeat_interleave(torch.arange(El), local_counts).float()[:, None]
         return local_rows * (e + 1) + e
 
     return expert_fn
@@ -68,14 +68,14 @@ def make_expert_fn(ep_rank: int, L: int):
 
 def expected_local_rows(scenario, me, world, E):
     """The rows rank ``me`` must receive, in the contracted order."""
-    L = E // world
+    El = E // world
     parts = []
-    for local in range(L):
+    for local in range(El):
         for src in range(world):
             counts = make_counts(scenario, src, world, E)
             rows = make_rows(counts, src)
             starts = torch.cumsum(counts, 0) - counts
-            g = me * L + local
+            g = me * El + local
             parts.append(rows[starts[g] : starts[g] + counts[g]])
     return torch.cat(parts)
 
@@ -104,8 +104,8 @@ def _check_dispatch(rank, world, experts):
 
 def _check_dispatch_one(rank, world, E):
     group = dist.group.WORLD
-    L = E // world
-    expert_fn = make_expert_fn(rank, L)
+    El = E // world
+    expert_fn = make_expert_fn(rank, El)
     for scenario in SCENARIOS:
         counts = make_counts(scenario, rank, world, E)
         rows = make_rows(counts, rank)
@@ -119,7 +119,7 @@ def _check_dispatch_one(rank, world, E):
         torch.testing.assert_close(grad, want_grad, msg=f"{scenario}: grad")
         torch.testing.assert_close(local_rows.detach(), expected_local_rows(scenario, rank, world, E), rtol=0, atol=0)
         all_counts = torch.stack([make_counts(scenario, r, world, E) for r in range(world)])  # [src, E]
-        mine = slice(rank * L, (rank + 1) * L)
+        mine = slice(rank * El, (rank + 1) * El)
         assert local_counts.tolist() == all_counts[:, mine].sum(0).tolist(), scenario
         # Exact traffic: rows to / from other ranks x D x 4 bytes; self-sends apart.
         own = int(counts[mine].sum())
@@ -138,6 +138,7 @@ def _check_dispatch_one(rank, world, E):
             assert chunked.bytes_sent == disp.bytes_sent and chunked.bytes_received == disp.bytes_received
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world,experts", [(2, (2, 6)), (4, (4, 8))])
 def test_dispatch_matches_oracle(world, experts):
     """Output, gradient, local order, counts and bytes; plain and chunked paths;
@@ -176,6 +177,7 @@ def _check_hierarchical(rank, world, E):
     return True
 
 
+@pytest.mark.distributed
 def test_hierarchical_matches_flat():
     assert run_distributed(_check_hierarchical, 4, 8, timeout=90) == [True] * 4
 

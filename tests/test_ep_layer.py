@@ -15,6 +15,8 @@ from parallel.dims import ParallelDims
 from parallel.grads import allreduce_gradients
 from tests.helpers.distributed import run_distributed
 
+pytestmark = pytest.mark.distributed
+
 D, F, E = 8, 16, 4
 AUX = {"load_balancing": 0.1, "z_loss": 0.01}
 

@@ -306,7 +306,7 @@ def test_router_topk_gradcheck_against_finite_differences(ops):
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     for score in ("softmax", "sigmoid"):
-        def f(lg):
+        def f(lg, score=score):
             w, _, s, _, ss = ops.router_topk(lg, 2, score, True)
             return w.double(), s.double(), ss.double()
 
@@ -490,6 +490,7 @@ def test_cpp_extension_is_built():
 
 
 # ---------------------------------------------------------------- triton, interpreted
+@pytest.mark.slow
 @pytest.mark.skipif(INTERPRET, reason="already running with TRITON_INTERPRET=1")
 def test_triton_backend_in_interpreter_subprocess():
     """Re-run this file's triton cases with TRITON_INTERPRET=1 set before triton loads."""

@@ -92,7 +92,7 @@ def _close(actual, expected, tol=1e-10):
 
 
 def test_load_balancing_is_one_at_perfect_balance():
-    T, E, k = 8, 4, 2
+    T, E = 8, 4
     probs = torch.full((T, E), 1.0 / E, dtype=torch.float64)
     experts = torch.tensor([[t % E, (t + 1) % E] for t in range(T)])  # each expert chosen 4 times
     _close(L.load_balancing_loss(probs, experts, E), 1.0)
@@ -114,7 +114,7 @@ def test_load_balancing_matches_loop_oracle():
 
 def test_load_balancing_gradient_only_through_P():
     # d/dp[t, i] of E * sum_i f_i * mean_t p[t, i] = E * f_i / T: f carries no gradient.
-    T, E, k = 5, 3, 1
+    T, E = 5, 3
     probs = _rand_probs(T, E, seed=4).requires_grad_()
     experts = torch.tensor([[0], [0], [1], [2], [0]])
     L.load_balancing_loss(probs, experts, E).backward()

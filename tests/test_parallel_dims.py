@@ -109,6 +109,7 @@ def _check_groups(rank, world):
     return True
 
 
+@pytest.mark.distributed
 def test_groups_and_gradient_averaging_world4():
     assert run_distributed(_check_groups, 4, timeout=60) == [True] * 4
 

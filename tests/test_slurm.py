@@ -21,6 +21,8 @@ import pytest
 from tests.helpers.distributed import free_port
 from tests.helpers.toy import toy_config
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBATCH = os.path.join(ROOT, "examples", "slurm", "train.sbatch")
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]

@@ -156,6 +156,7 @@ def _ep_limoe(rank, world):
     return logs["task_loss"], ev, task.model.logit_scale.grad.clone(), task.model.image_proj.weight.grad.clone()
 
 
+@pytest.mark.distributed
 def test_expert_parallel_task_matches_single_process_on_the_global_batch():
     results = run_distributed(_ep_limoe, 2, timeout=120)
     single = build_task("limoe", DROPLESS_MODEL, LIMOE_DATA)

@@ -92,6 +92,7 @@ def _four_ranks(rank, world, out_dir):
             "plots": result.plots, "ckpt": result.checkpoint}
 
 
+@pytest.mark.distributed
 def test_four_processes_expert_parallel(tmp_path):
     out = run_distributed(_four_ranks, 4, str(tmp_path / "ep2"), timeout=120)
     # world 4, ep=2: ep groups [0,1] [2,3]; edp groups [0,2] [1,3]
@@ -133,6 +134,7 @@ def test_nonfinite_loss_stops_with_clear_error(tmp_path):
     assert not dist.is_initialized()
 
 
+@pytest.mark.distributed
 def test_cli_under_torchrun_two_processes(tmp_path):
     cfg_path = tmp_path / "toy.yaml"
     cfg_path.write_text(toy_config(tmp_path / "cli").to_yaml())

@@ -1,6 +1,6 @@
 """Benchmark every MoE op on every available backend against the torch reference.
 
-Legend: T tokens, d width, E experts, k choices per token.
+Legend: T tokens, D row width (``--d``), E experts, k choices per token.
 
     python tools/bench_kernels.py --quick                 # one headline shape, CPU
     python tools/bench_kernels.py                         # full grid (slow on a small CPU)

@@ -56,7 +56,7 @@ def main() -> None:
             for experts_path in ("grouped", "loop"):
                 layer.experts.grouped_gemm = experts_path == "grouped"
 
-                def step():
+                def step(layer=layer):
                     y, aux = layer(x)
                     (y.square().mean() + sum(aux.values())).backward()
 

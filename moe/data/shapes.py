@@ -10,7 +10,7 @@ out of training: the ``"zeroshot"`` split shows only those, so a model that lear
 Everything is rasterised with numpy and fully determined by
 ``(config.seed, split, index)``, whatever order items are read in.
 
-Legend: B = batch size, C = 3 colour channels, H = W = ``image_size``,
+Legend: B = batch size, S = ``image_size`` (images are RGB, [3, S, S]),
 L = text length in tokens.
 """
 from __future__ import annotations
@@ -212,10 +212,11 @@ class ShapesConfig:
         return tuple(p for p in self.all_combos() if p in held)
 
     def _pick_heldout(self) -> tuple[Combo, ...]:
-        """Deterministically choose ``round(fraction * S * C)`` combos (at least max(S, C)).
+        """Deterministically choose ``round(fraction * n_shapes * n_colours)`` combos (at least
+        max(n_shapes, n_colours)).
 
         First a "diagonal" that covers every shape and every colour once
-        (shape ``i % S`` with colour ``i % C`` for i < max(S, C), on seeded
+        (shape ``i % n_shapes`` with colour ``i % n_colours`` for i < max(n_shapes, n_colours), on seeded
         permutations), then seeded extra combos that leave every shape and colour
         at least one training combo.
         """
@@ -306,7 +307,7 @@ def render_shape(
     noise: float = 0.0,
     jitter: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one shape; returns ``(image float32[3, H, W] in [0, 1], coverage float32[H, W] in [0, 1])``.
+    """Draw one shape; returns ``(image float32[3, S, S] in [0, 1], coverage float32[S, S] in [0, 1])``.
 
     ``coverage`` is the share of each pixel inside the shape (soft at the edges).
     ``rng`` drives the background tint, centre jitter and pixel noise; without it the
@@ -364,7 +365,7 @@ class ShapesDataset(Dataset):
     item streams); ``"zeroshot"`` draws only from ``config.heldout_combos()``.
 
     Each item is a dict:
-      image:   FloatTensor[3, H, W] in [0, 1]
+      image:   FloatTensor[3, S, S] in [0, 1]
       caption: str (<= 48 UTF-8 bytes), naming colour and shape
       shape:   str, colour: str
       label:   int, index of (shape, colour) in ``self.classes``
@@ -428,7 +429,7 @@ class ImageTextCollator:
     """Stack items (ShapesDataset or user data) into a batch, tokenising captions.
 
     Output dict:
-      image:   FloatTensor[B, 3, H, W]
+      image:   FloatTensor[B, 3, S, S]
       tokens:  LongTensor[B, L]  (ByteTokenizer ids, PAD-padded / truncated to L = text_length)
       mask:    BoolTensor[B, L]  (True on real tokens)
       label:   LongTensor[B]     (-1 where the item has no class)

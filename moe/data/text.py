@@ -8,7 +8,7 @@ validation split, the rest the training split (disjoint byte ranges).
 
 Tokens are the bytes themselves (``ByteTokenizer`` ids 0..255).
 
-Legend: N = corpus length in bytes, S = ``seq_len``.
+Legend: L = ``seq_len`` (tokens per sequence).
 """
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def load_corpus(
 class LMDataset(Dataset):
     """Random windows of a byte corpus for next-token prediction.
 
-    ``dataset[i]`` is LongTensor[S + 1] (ids 0..255): inputs are ``[:-1]``,
+    ``dataset[i]`` is LongTensor[L + 1] (ids 0..255): inputs are ``[:-1]``,
     targets ``[1:]``. The window start is fixed by ``(seed, i)``, whatever order
     items are read in. ``size`` is the number of windows per epoch.
     """

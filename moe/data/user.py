@@ -11,7 +11,7 @@ The whole JSONL is checked on construction (bad JSON, missing keys, missing imag
 files), with errors naming the file and the line number. Images are read lazily
 with PIL, converted to RGB and resized to ``image_size`` x ``image_size``.
 
-Legend: H = W = ``image_size``.
+Legend: S = ``image_size`` (images are RGB, [3, S, S]).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class ImageCaptionRecord:
 class ImageCaptionDataset(Dataset):
     """Images + captions from a JSONL index.
 
-    ``dataset[i]`` is a dict: image FloatTensor[3, H, W] in [0, 1], caption str,
+    ``dataset[i]`` is a dict: image FloatTensor[3, S, S] in [0, 1], caption str,
     shape str, colour str, label int (-1 when absent).
     """
 
@@ -110,7 +110,7 @@ class ImageCaptionDataset(Dataset):
         return len(self.records)
 
     def load_image(self, record: ImageCaptionRecord) -> torch.Tensor:
-        """Read, convert to RGB and resize one image -> FloatTensor[3, H, W] in [0, 1]."""
+        """Read, convert to RGB and resize one image -> FloatTensor[3, S, S] in [0, 1]."""
         from PIL import Image, UnidentifiedImageError
 
         try:

@@ -1,7 +1,8 @@
 """Triton permute (tokens -> rows) and unpermute (weighted combine), with backward kernels.
 
-Legend: T tokens, K choices per token, N rows, D width. A destination of -1 (or out of
-[0, N)) is skipped. 16-bit rows accumulate in fp32, fp64 rows in fp64.
+Legend: T tokens, k choices per token (the constexpr ``K``), N rows, D width. A
+destination of -1 (or out of [0, N)) is skipped. 16-bit rows accumulate in fp32, fp64
+rows in fp64.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Triton router top-k: scores, top-k (ties to the lower expert), renormalisation, counts.
 
-Legend: T tokens, E experts, K choices per token. One program handles BLOCK_T tokens
-with all E experts in registers (E padded to a power of two). Everything is fp32.
+Legend: T tokens, E experts, k choices per token (the constexpr ``K``). One program
+handles BLOCK_T tokens with all E experts in registers (E padded to a power of two). Everything is fp32.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Triton slot assignment: one program per expert scans the assignments in service order.
 
-Legend: T tokens, K choices, N = T*K assignments, E experts. Program e walks ``order`` in
-blocks, marks the dispatched assignments of expert e, and gives each its exclusive running
+Legend: T tokens, k choices (the constexpr ``K``), N = T*k assignments, E experts.
+Program e walks ``order`` in blocks, marks the dispatched assignments of expert e, and gives each its exclusive running
 count (a block cumsum plus the carry from earlier blocks) as its position.
 """
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """LIMoE: one shared (MoE) transformer tower for images and text, trained contrastively.
 
-Legend: B batch, C channels, H = W image side, p patch side, P = (H/p)^2 patches,
-L text length, D model width, K shared embedding width, T tokens routed by an
-MoE layer (all image patches + the real text tokens of the batch).
+Legend: B batch, I image channels (``in_channels``), S image side (``image_size``),
+p patch side, P = (S/p)^2 patches, L text length, D model width, K shared embedding
+width, T tokens routed by an MoE layer (all image patches + the real text tokens of
+the batch), W data-parallel world size, Y zero-shot classes.
 
 Images are cut into patches by a strided conv (ViT), text bytes are embedded;
 each gets learned positions and a learned modality embedding (image=0, text=1).
@@ -187,12 +188,12 @@ class LIMoEModel(TransformerModel):
         device = self.logit_scale.device
         return enc.ids.to(device), enc.mask.to(device)
 
-    def _embed_images(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+    def _embed_images(self, images_BISS: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        if images_BCHW.dim() != 4 or tuple(images_BCHW.shape[1:]) != (cfg.in_channels, cfg.image_size, cfg.image_size):
+        if images_BISS.dim() != 4 or tuple(images_BISS.shape[1:]) != (cfg.in_channels, cfg.image_size, cfg.image_size):
             raise ValueError(f"images must have shape [B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}], "
-                             f"got {tuple(images_BCHW.shape)}")
-        x = self.patch_embed(images_BCHW.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # [B, P, D]
+                             f"got {tuple(images_BISS.shape)}")
+        x = self.patch_embed(images_BISS.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # [B, P, D]
         return x + self.image_pos_embed + self.modality_embed.weight[IMAGE]
 
     def _embed_text(self, tokens_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
@@ -210,7 +211,7 @@ class LIMoEModel(TransformerModel):
     def encode_tokens(self, images: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None,
                       mask: Optional[torch.Tensor] = None
                       ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Dict[str, torch.Tensor]]:
-        """Run the shared tower on images[B_i, C, H, W] and/or text tokens[B_t, L] (mask[B_t, L]).
+        """Run the shared tower on images[B_i, I, S, S] and/or text tokens[B_t, L] (mask[B_t, L]).
 
         Returns (image outputs[B_i, P, D] or None, text outputs[B_t, L, D] or None, aux).
         The MoE FFN of each block gets ``cat(image tokens, real text tokens)`` [T, D]
@@ -271,13 +272,13 @@ class LIMoEModel(TransformerModel):
     # ------------------------------------------------------------------ API
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
                 ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
-        """images[B, C, H, W], tokens[B, L], mask[B, L] -> (u[B, K], v[B, K], aux), rows L2-normalised, fp32."""
+        """images[B, I, S, S], tokens[B, L], mask[B, L] -> (u[B, K], v[B, K], aux), rows L2-normalised, fp32."""
         img, txt, aux = self.encode_tokens(images, tokens, mask)
         u, v = self._pool_project(img, txt, mask.to(torch.bool))
         return u, v, aux
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """images[B, C, H, W] -> u[B, K] (an image-only forward; aux discarded)."""
+        """images[B, I, S, S] -> u[B, K] (an image-only forward; aux discarded)."""
         img, _, _ = self.encode_tokens(images=images)
         return self._pool_project(img, None, None)[0]
 
@@ -313,7 +314,7 @@ class LIMoEModel(TransformerModel):
 @torch.no_grad()
 def zero_shot_accuracy(model: LIMoEModel, images: torch.Tensor, labels: torch.Tensor, prompts: Sequence[str],
                        *, batch_size: int = 256) -> float:
-    """Share of images[N, C, H, W] whose closest prompt embedding is prompts[labels[n]].
+    """Share of images[n, I, S, S] whose closest prompt embedding is prompts[labels[n]].
 
     One caption per class (``prompts[c]`` for class c); a prediction is the argmax of
     ``u v^T`` over the classes. Runs in eval mode and restores the previous mode.
@@ -324,7 +325,7 @@ def zero_shot_accuracy(model: LIMoEModel, images: torch.Tensor, labels: torch.Te
         raise ValueError(f"images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in length")
     with eval_mode(model):
         ids, mask = model.tokenize(prompts)
-        v = model.encode_text(ids, mask)                                        # [C, K]
+        v = model.encode_text(ids, mask)                                        # [Y, K]
         device = v.device
         correct = 0
         for start in range(0, images.shape[0], batch_size):

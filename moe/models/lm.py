@@ -7,7 +7,7 @@ Legend: B batch, L sequence length, D model width, V vocabulary (259 bytes + spe
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import torch
 import torch.nn.functional as F

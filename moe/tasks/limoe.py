@@ -1,6 +1,6 @@
 """LIMoE image-text contrastive task (built-in coloured shapes, or user JSONL captions).
 
-Legend: B batch size, C = 3, H = W image side, L text length.
+Legend: B batch size, S image side (``image_size``), L text length.
 
 data section (all optional)::
 
@@ -13,7 +13,7 @@ data section (all optional)::
     val_size: 256             # validation pairs for the contrastive loss
     eval_batch_size: 128
 
-A batch is ``{"image": FloatTensor[B, C, H, W], "tokens": LongTensor[B, L],
+A batch is ``{"image": FloatTensor[B, 3, S, S], "tokens": LongTensor[B, L],
 "mask": BoolTensor[B, L]}``.
 
 Zero-shot evaluation on shapes: images of the HELD-OUT shape-colour combos (never
@@ -25,7 +25,6 @@ the model names a seen combo instead. ``zero_shot_classes`` is the candidate cou
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 

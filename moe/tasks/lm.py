@@ -1,6 +1,6 @@
 """Byte-level language modelling task (stdlib source corpus or user text files).
 
-Legend: B batch size, S sequence length.
+Legend: B batch size, L sequence length.
 
 data section (all optional)::
 
@@ -13,7 +13,7 @@ data section (all optional)::
     eval_batch_size: 16
     eval_batches: 16          # default cap on evaluation batches
 
-A batch is ``{"tokens": LongTensor[B, S], "targets": LongTensor[B, S]}``: random
+A batch is ``{"tokens": LongTensor[B, L], "targets": LongTensor[B, L]}``: random
 windows of the training bytes, targets shifted by one.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ from .loop import Trainer, TrainResult, run
 from .optim import build_optimizer, lr_at
 
 __all__ = [
-    "CheckpointError", "ConfigError", "TrainConfig", "TrainResult", "Trainer", "apply_overrides",
+    "CheckpointError", "ConfigError", "TrainConfig", "TrainResult", "Trainer", "apply_overrides", "build_optimizer",
     "from_dict", "latest_checkpoint", "load_checkpoint", "load_config", "lr_at", "model_state_dict",
     "run", "save_checkpoint",
 ]

@@ -1,6 +1,6 @@
 """PNG figures of routing and training curves (matplotlib, Agg backend: no display).
 
-Legend: L MoE layers, E experts, M modalities.
+Legend: E experts, M modalities.
 
 - ``plot_modality_routing``: the LIMoE-paper view. One panel per MoE layer; each
   expert is a bar split into the fraction of its tokens that are image vs text,

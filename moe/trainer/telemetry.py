@@ -1,6 +1,6 @@
 """Routing statistics, GPU counters and TensorBoard for the trainer.
 
-Legend: L MoE layers, E experts (global), M modalities.
+Legend: E experts (global), M modalities; one record per MoE layer.
 
 - ``RoutingRecorder`` hooks every MoE layer and adds up, between two ``reduce``
   calls, what each forward routed (read from ``layer.last_routing``, on its device,

@@ -17,7 +17,7 @@ import torch
 from moe.ops import get_backend, reference as R
 from moe.ops import registry
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
