@@ -47,10 +47,9 @@ def is_expert_param(param: torch.Tensor) -> bool:
     return getattr(param, "allreduce", True) is False
 
 
-def _average_(grads: list[torch.Tensor], group, bucket_numel: int, divisor: int) -> None:
-    """All-reduce-sum ``grads`` in place over ``group`` and divide by ``divisor``,
-    a few flat buckets at a time."""
-    size = dist.get_world_size(group)
+def _average_(grads: list[torch.Tensor], group, size: int, bucket_numel: int, divisor: int) -> None:
+    """All-reduce-sum ``grads`` in place over ``group`` (of ``size`` ranks) and divide by
+    ``divisor``, a few flat buckets at a time."""
     if not grads or (size == 1 and divisor == 1):
         return
     by_kind: dict[tuple, list[torch.Tensor]] = {}
@@ -108,8 +107,8 @@ def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Parameter]], groups,
             p.grad = torch.zeros_like(p)
         (expert if is_expert_param(p) else dense).append(p.grad)
     dp = groups.dims.dp
-    _average_(dense, groups.dp_group, bucket_numel, dp)
-    _average_(expert, groups.edp_group, bucket_numel, dp)
+    _average_(dense, groups.dp_group, dp, bucket_numel, dp)
+    _average_(expert, groups.edp_group, groups.dims.edp, bucket_numel, dp)
 
 
 def global_grad_norm(model: Union[nn.Module, Iterable[nn.Parameter]], groups) -> torch.Tensor:
