@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe.models import compile_blocks
 from parallel.grads import allreduce_gradients, is_expert_param
 
 from . import checkpoint as ckpt
@@ -166,6 +167,8 @@ class Trainer:
         self.dp_size = groups.dims.dp if groups is not None else 1
         seed_everything(cfg.train.seed)
         self.task = task if task is not None else make_task(cfg, groups, self.device, task_builder)
+        if cfg.train.compile:
+            compile_blocks(self.task.model)
         self.model: nn.Module = self.task.model
         sync_replicas(self.model, groups)
         self.optimizer = build_optimizer(self.model, cfg.optim)
