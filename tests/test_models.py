@@ -354,3 +354,77 @@ def test_joint_load_balancing_is_logged_and_matches_the_loss_function():
         r = layer.last_routing
         expected += 0.5 * float(moe.losses.load_balancing_loss(r.probs, r.experts, 4).detach())
     assert math.isclose(float(aux["load_balancing_joint"].detach()), expected, rel_tol=1e-5)
+
+
+# ------------------------------------------------------------------ features reachable from YAML
+
+def test_pad_to_capacity_from_yaml_gives_the_compact_layout_output():
+    router = {"policy": "topk", "top_k": 2, "capacity_factor": 0.75}  # some assignments dropped
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
+    compact, padded = small_lm(router), small_lm(router, moe={"num_experts": 4, "router": router,
+                                                              "pad_to_capacity": True})
+    assert padded.config.transformer.moe.pad_to_capacity and not compact.config.transformer.moe.pad_to_capacity
+    y0, aux0 = compact(ids)
+    y1, aux1 = padded(ids)
+    layer = padded.moe_layers()[0]
+    assert layer.last_routing.capacity is not None and layer.last_routing.dropped_fraction() > 0
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux1["load_balancing"], aux0["load_balancing"])
+    # and it really runs the padded layout: E * C rows reach the experts
+    seen = []
+    layer.experts.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    padded(ids)
+    assert seen == [4 * layer.last_routing.capacity]
+
+
+def test_compile_blocks_from_yaml_matches_eager():
+    from moe.models import compile_blocks
+
+    router = {"policy": "topk", "top_k": 2, "capacity_factor": 1.0}  # a capacity: static shapes
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
+    eager = small_lm(router)
+    compiled = compile_blocks(small_lm(router))
+    assert all(hasattr(b.attend, "_torchdynamo_orig_callable") or "compile" in type(b.attend).__module__
+               for b in compiled.blocks)
+    y0, aux0 = eager(ids)
+    y1, aux1 = compiled(ids)
+    torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(aux1["load_balancing"], aux0["load_balancing"], rtol=1e-4, atol=1e-6)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+
+def _dispatchers_from_yaml(rank, world):
+    import torch.distributed as dist
+
+    from moe.dispatch import AllToAllDispatcher, HierarchicalAllToAllDispatcher
+
+    base = {"d_model": 16, "n_layers": 2, "n_heads": 2, "d_ffn": 16, "max_seq_len": 8, "moe_every": 1}
+    router = {"policy": "topk", "top_k": 2}
+    out = {}
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(rank))
+    for name, extra in [("flat", {}), ("chunks", {"overlap_chunks": 3}),
+                        ("hier", {"dispatcher": "hierarchical", "node_size": 1, "overlap_chunks": 2})]:
+        cfg = LMConfig.from_dict({**base, "moe": {"num_experts": 4, "router": router, **extra}})
+        model = LanguageModel(cfg, ep_group=dist.group.WORLD)
+        ds = [layer.dispatcher for layer in model.moe_layers()]
+        out[name] = {"types": [type(d).__name__ for d in ds], "chunks": [d.num_chunks for d in ds],
+                     "logits": model(ids)[0].detach()}
+        if name == "hier":
+            assert all(isinstance(d, HierarchicalAllToAllDispatcher) and d.ranks_per_node == 1 for d in ds)
+            assert ds[0].inter_group is ds[1].inter_group  # node groups made once per model
+        else:
+            assert all(type(d) is AllToAllDispatcher for d in ds)
+    return out
+
+
+def test_dispatcher_flavour_from_yaml_builds_that_dispatcher():
+    from tests.helpers.distributed import run_distributed
+
+    results = run_distributed(_dispatchers_from_yaml, 2, timeout=120)
+    for r in results:
+        assert r["flat"]["types"] == ["AllToAllDispatcher"] * 2 and r["flat"]["chunks"] == [1, 1]
+        assert r["chunks"]["chunks"] == [3, 3]
+        assert r["hier"]["types"] == ["HierarchicalAllToAllDispatcher"] * 2 and r["hier"]["chunks"] == [2, 2]
+        # every exchange gives the same model output
+        torch.testing.assert_close(r["chunks"]["logits"], r["flat"]["logits"])
+        torch.testing.assert_close(r["hier"]["logits"], r["flat"]["logits"])

@@ -138,3 +138,57 @@ def test_detect_launch_sources():
         detect_launch({**env, "RANK": "4"})
     with pytest.raises(LaunchError, match="SLURM_NTASKS='x' must be an integer"):
         detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "x"})
+
+
+# ------------------------------------------------------------------ duplicate keys, --print-config
+
+def test_duplicate_yaml_key_is_an_error_naming_key_and_lines(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("task: lm\nmodel:\n  preset: tiny_switch\n  n_layers: 2\n  n_layers: 4\n")
+    with pytest.raises(ConfigError, match=r"config key 'n_layers' appears twice in one mapping \(line 4 and line 5"):
+        load_config(p)
+    p.write_text("task: lm\nmodel: {preset: tiny_switch}\noptim: {lr: 1e-3}\n")
+    assert load_config(p).optim.lr == 1e-3  # YAML 1.2 floats without a dot read as numbers
+
+
+def _cli(tmp_path, text: str, *overrides: str):
+    import subprocess
+    import sys
+
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    args = [sys.executable, "-m", "moe.train", "--config", str(p), "--print-config"]
+    for o in overrides:
+        args += ["--set", o]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.moe.router.top_k=0", "config key 'model.moe.router.top_k': got 0; it must be >= 1"),
+    ("model.moe.num_experts=abc", "config key 'model.moe.num_experts': got 'abc'; it must be an integer"),
+    ("model.n_layer=3", "config key 'model.n_layer' is not known; allowed keys at 'model': "),
+    ("data.max_byte=10", "config key 'data.max_byte' is not known; allowed keys at 'data': source"),
+    ("optim.lr=-1", "config key 'optim.lr': got -1.0; it must be > 0"),
+    ("parallel.ep=0", "config key 'parallel.ep': got 0; it must be >= 1"),
+])
+def test_print_config_rejects_every_section_with_one_line(tmp_path, override, expected):
+    r = _cli(tmp_path, "task: lm\nmodel: {preset: tiny_gshard}\n", override)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("config error: " + expected), lines
+    assert r.stdout == ""
+
+
+def test_print_config_prints_the_resolved_model(tmp_path):
+    import yaml
+
+    r = _cli(tmp_path, "task: lm\nmodel: {preset: tiny_switch, n_layers: 2}\n", "train.compile=true")
+    assert r.returncode == 0, r.stderr
+    out = yaml.safe_load(r.stdout)
+    assert "preset" not in out["model"] and out["model"]["n_layers"] == 2 and out["model"]["d_model"] == 64
+    assert out["model"]["moe"]["router"]["policy"] == "switch" and out["model"]["moe"]["num_experts"] == 8
+    assert out["data"]["source"] == "stdlib" and out["train"]["compile"] is True
+    # what it prints is itself a valid config that resolves to the same model
+    again = _cli(tmp_path, r.stdout)
+    assert again.returncode == 0 and yaml.safe_load(again.stdout)["model"] == out["model"]
