@@ -6,7 +6,15 @@ import os
 
 import pytest
 
-from moe.trainer.config import ConfigError, TrainConfig, apply_overrides, from_dict, load_config, parse_override
+from moe.trainer.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    parse_override,
+    resolve_sections,
+)
 from parallel.launch import LaunchError, detect_launch, expand_hostlist, first_host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +40,8 @@ def test_defaults_and_shorthand():
 def test_example_configs_validate(path):
     cfg = load_config(path)
     assert cfg.task.name in ("limoe", "lm") and "preset" in cfg.model
+    resolved = resolve_sections(cfg)  # the model and data sections validate too
+    assert "preset" not in resolved["model"] and resolved["model"]["moe"]["num_experts"] >= 1
     if os.path.basename(path) == "tiny_limoe.yaml":
         assert cfg.parallel.ep == 2 and cfg.model["preset"] == "tiny_limoe"
 

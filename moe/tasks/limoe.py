@@ -8,7 +8,7 @@ data section (all optional)::
     shapes: {}                # ShapesConfig fields (image_size must match the model)
     image_root: null          # JSONL: folder the image paths are relative to
     val_jsonl: null           # JSONL: validation captions (zero-shot needs labels or shape/colour)
-    prompts: null             # JSONL: one caption per class label for zero-shot
+    prompts: null             # JSONL: a list of captions, one per class label, for zero-shot
     zeroshot_size: 500        # evaluation images of held-out combos
     val_size: 256             # validation pairs for the contrastive loss
     eval_batch_size: 128
