@@ -1,13 +1,18 @@
 """Typed, validated configuration for routers and MoE layers.
 
-Every field is checked on construction; a bad value raises ``ValueError`` (or
-``TypeError``) that names the field, the value it got and what is allowed.
+Every field is checked on construction; a bad value raises ``moe.checks.ConfigError``
+(a ``ValueError``) that names the field path, the value it got and what is allowed:
+``config key 'RouterConfig.top_k': got 0; it must be >= 1``. ``from_dict(d, path)``
+builds a config from a YAML mapping and names YAML key paths instead
+(``config key 'model.moe.router.top_k': ...``); ``to_dict()`` is its inverse.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Mapping, Optional
+
+from .checks import build_at, check_bool, check_choice, check_int, check_keys, check_mapping, check_number, fail
 
 # Balancing-loss names accepted in ``MoEConfig.aux_losses``: a live view of the keys
 # of the ``moe.losses.AUX_LOSSES`` table, so a new entry there is accepted here.
@@ -19,36 +24,7 @@ DROP_POLICIES = ("position", "bpr", "probs", "random")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
 NONFINITE_ACTIONS = ("error", "skip")
-
-def _choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
-
-
-def check_keys(what: str, d: Mapping, allowed) -> None:
-    """Raise ValueError naming the unknown keys of the YAML section ``d`` and the allowed ones."""
-    if not isinstance(d, Mapping):
-        raise TypeError(f"{what} must be a mapping (a YAML section), got {type(d).__name__}: {d!r}")
-    unknown = sorted(k for k in d if k not in allowed)
-    if unknown:
-        raise ValueError(f"unknown {what} key(s) {unknown}; allowed keys: {sorted(allowed)}")
-
-
-def _int(name: str, value, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name}={value} is not allowed; it must be >= {minimum}")
-
-
-def _positive_float(name: str, value, *, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number{' or None' if allow_none else ''}, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}={value} is not allowed; it must be a finite number > 0"
-                         + (" (or None for dropless)" if allow_none else ""))
+DISPATCHERS = ("flat", "hierarchical")
 
 
 @dataclass(frozen=True)
@@ -80,31 +56,38 @@ class RouterConfig:
     on_nonfinite: str = "error"
 
     def __post_init__(self) -> None:
-        _choice("RouterConfig.policy", self.policy, POLICIES)
-        _choice("RouterConfig.score", self.score, SCORES)
-        _choice("RouterConfig.drop_policy", self.drop_policy, DROP_POLICIES)
-        _choice("RouterConfig.on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
-        _int("RouterConfig.top_k", self.top_k, minimum=1)
+        p = "RouterConfig"
+        check_choice(f"{p}.policy", self.policy, POLICIES)
+        check_choice(f"{p}.score", self.score, SCORES)
+        check_choice(f"{p}.drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice(f"{p}.on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS)
+        check_int(f"{p}.top_k", self.top_k, minimum=1)
         if self.policy == "switch" and self.top_k != 1:
-            raise ValueError(f"RouterConfig.top_k={self.top_k} is not allowed with policy='switch'; Switch routing uses top_k=1")
+            fail(f"{p}.top_k", self.top_k, "policy 'switch' routes each token to top_k=1 expert")
         if self.policy == "gshard" and self.top_k != 2:
-            raise ValueError(f"RouterConfig.top_k={self.top_k} is not allowed with policy='gshard'; GShard routing uses top_k=2")
-        _positive_float("RouterConfig.capacity_factor", self.capacity_factor, allow_none=True)
-        _positive_float("RouterConfig.eval_capacity_factor", self.eval_capacity_factor, allow_none=True)
-        _int("RouterConfig.min_capacity", self.min_capacity, minimum=0)
-        if not isinstance(self.normalize_weights, bool):
-            raise TypeError(f"RouterConfig.normalize_weights must be a bool, got {self.normalize_weights!r}")
-        if not (isinstance(self.jitter_eps, (int, float)) and 0.0 <= self.jitter_eps < 1.0):
-            raise ValueError(f"RouterConfig.jitter_eps={self.jitter_eps!r} is not allowed; it must be in [0, 1)")
-        if not (isinstance(self.expert_bias_rate, (int, float)) and self.expert_bias_rate >= 0):
-            raise ValueError(f"RouterConfig.expert_bias_rate={self.expert_bias_rate!r} is not allowed; it must be >= 0")
+            fail(f"{p}.top_k", self.top_k, "policy 'gshard' routes each token to top_k=2 experts")
+        check_number(f"{p}.capacity_factor", self.capacity_factor, minimum=0, min_open=True, allow_none=True)
+        check_number(f"{p}.eval_capacity_factor", self.eval_capacity_factor, minimum=0, min_open=True,
+                     allow_none=True)
+        check_int(f"{p}.min_capacity", self.min_capacity, minimum=0)
+        check_bool(f"{p}.normalize_weights", self.normalize_weights)
+        check_number(f"{p}.jitter_eps", self.jitter_eps, minimum=0, maximum=1, max_open=True)
+        check_number(f"{p}.expert_bias_rate", self.expert_bias_rate, minimum=0)
 
-    def check_experts(self, num_experts: int) -> None:
-        """Validate the choices that depend on the number of experts."""
-        _int("num_experts", num_experts, minimum=1)
+    def check_experts(self, num_experts: int, path: str = "MoEConfig") -> None:
+        """Validate the choices that depend on the number of experts (``path``: the owner's path)."""
+        check_int(f"{path}.num_experts", num_experts, minimum=1)
         if self.policy != "expert_choice" and self.top_k > num_experts:
-            raise ValueError(f"RouterConfig.top_k={self.top_k} is not allowed with num_experts={num_experts}; "
-                             f"it must be in [1, {num_experts}]")
+            fail(f"{path}.router.top_k", self.top_k, f"it must be in [1, num_experts={num_experts}]")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], path: str = "RouterConfig") -> "RouterConfig":
+        """From a YAML mapping of ``RouterConfig`` fields; errors name ``path.<key>``."""
+        check_keys(path, d, [f.name for f in fields(cls)])
+        return build_at(path, cls, **d)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def capacity_for(self, num_tokens: int, num_experts: int, training: bool) -> Optional[int]:
         """Per-expert capacity for ``num_tokens`` tokens on this rank (None: dropless)."""
@@ -125,7 +108,9 @@ class MoEConfig:
     coefficient the layer applies before returning them. ``num_modalities`` is
     the number of distinct modality ids the layer accepts (LIMoE: 2, image=0,
     text=1); ``limoe_min_experts`` is S in the thresholded global entropy
-    ``max(0, log(S) - H(mean p))``.
+    ``max(0, log(S) - H(mean p))``. ``pad_to_capacity``, ``dispatcher``,
+    ``node_size`` and ``overlap_chunks`` choose the expert-buffer layout and the
+    expert-parallel exchange (see the field comments and ``moe.dispatch``).
     """
 
     d_model: int
@@ -142,32 +127,72 @@ class MoEConfig:
     # Residual-MoE (PR-MoE style): y = a(x) * moe(x) + b(x) * dense(x), [a, b] = softmax(x W_c).
     residual_moe: bool = False
     init_std: float = 0.02
+    # Biases in the expert (and shared expert) MLPs.
     bias: bool = False
+    # With a capacity, lay expert buffers out padded to it (E*C rows, static shapes; also what
+    # torch.compile uses) instead of compactly; the output is the same.
+    pad_to_capacity: bool = False
+    # Expert-parallel exchange: "flat" (one all-to-all) or "hierarchical" (intra-node, then
+    # inter-node; node_size = ep ranks per node). overlap_chunks > 1 pipelines the exchange of
+    # chunk c+1 with the expert compute of chunk c.
+    dispatcher: str = "flat"
+    node_size: Optional[int] = None
+    overlap_chunks: int = 1
 
     def __post_init__(self) -> None:
-        _int("MoEConfig.d_model", self.d_model, minimum=1)
-        _int("MoEConfig.d_ffn", self.d_ffn, minimum=1)
-        _int("MoEConfig.num_experts", self.num_experts, minimum=1)
+        p = "MoEConfig"
+        check_int(f"{p}.d_model", self.d_model, minimum=1)
+        check_int(f"{p}.d_ffn", self.d_ffn, minimum=1)
+        check_int(f"{p}.num_experts", self.num_experts, minimum=1)
         if not isinstance(self.router, RouterConfig):
-            raise TypeError(f"MoEConfig.router must be a RouterConfig, got {type(self.router).__name__}")
-        self.router.check_experts(self.num_experts)
-        _choice("MoEConfig.activation", self.activation, ACTIVATIONS)
-        _choice("MoEConfig.backend", self.backend, BACKENDS)
-        _int("MoEConfig.num_modalities", self.num_modalities, minimum=1)
-        _int("MoEConfig.shared_expert_ffn", self.shared_expert_ffn, minimum=0)
+            fail(f"{p}.router", self.router, "it must be a RouterConfig")
+        self.router.check_experts(self.num_experts, p)
+        check_choice(f"{p}.activation", self.activation, ACTIVATIONS)
+        check_choice(f"{p}.backend", self.backend, BACKENDS)
+        check_int(f"{p}.num_modalities", self.num_modalities, minimum=1)
+        check_int(f"{p}.shared_expert_ffn", self.shared_expert_ffn, minimum=0)
+        check_bool(f"{p}.residual_moe", self.residual_moe)
         if self.residual_moe and self.shared_expert_ffn == 0:
-            raise ValueError("MoEConfig.residual_moe=True needs a dense branch: set shared_expert_ffn > 0")
-        if not isinstance(self.aux_losses, Mapping):
-            raise TypeError(f"MoEConfig.aux_losses must be a mapping of loss name -> coefficient, got {self.aux_losses!r}")
+            fail(f"{p}.residual_moe", True, "it needs a dense branch: set shared_expert_ffn > 0")
+        check_keys(f"{p}.aux_losses", self.aux_losses, AUX_LOSS_NAMES)
         for name, coef in self.aux_losses.items():
-            _choice("MoEConfig.aux_losses key", name, AUX_LOSS_NAMES)
-            if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
-                raise ValueError(f"MoEConfig.aux_losses[{name!r}]={coef!r} is not allowed; it must be a finite number >= 0")
+            check_number(f"{p}.aux_losses.{name}", coef, minimum=0)
         if "load" in self.aux_losses and self.router.policy != "noisy_topk":
-            raise ValueError(f"MoEConfig.aux_losses has 'load' with RouterConfig.policy={self.router.policy!r}; "
-                             "the smooth load estimate exists only for policy='noisy_topk'")
-        _positive_float("MoEConfig.limoe_min_experts", self.limoe_min_experts, allow_none=False)
-        if self.limoe_min_experts > self.num_experts:
-            raise ValueError(f"MoEConfig.limoe_min_experts={self.limoe_min_experts} is not allowed; "
-                             f"it must be in (0, num_experts={self.num_experts}]")
-        _positive_float("MoEConfig.init_std", self.init_std, allow_none=False)
+            fail(f"{p}.aux_losses.load", self.aux_losses["load"],
+                 f"the smooth load estimate exists only for router.policy='noisy_topk', "
+                 f"not {self.router.policy!r}")
+        check_number(f"{p}.limoe_min_experts", self.limoe_min_experts, minimum=0, min_open=True,
+                     maximum=self.num_experts)
+        check_number(f"{p}.init_std", self.init_std, minimum=0, min_open=True)
+        check_bool(f"{p}.bias", self.bias)
+        check_bool(f"{p}.pad_to_capacity", self.pad_to_capacity)
+        check_choice(f"{p}.dispatcher", self.dispatcher, DISPATCHERS)
+        check_int(f"{p}.node_size", self.node_size, minimum=1, allow_none=True)
+        if (self.dispatcher == "hierarchical") != (self.node_size is not None):
+            fail(f"{p}.node_size", self.node_size,
+                 "set it (ep ranks per node, dividing the ep size) exactly when dispatcher='hierarchical'")
+        check_int(f"{p}.overlap_chunks", self.overlap_chunks, minimum=1)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], path: str = "MoEConfig", *, owned: Mapping[str, Any] = (),
+                  defaults: Mapping[str, Any] = ()) -> "MoEConfig":
+        """From a YAML mapping of ``MoEConfig`` fields (``router`` a mapping of ``RouterConfig`` fields).
+
+        ``owned``: fields the caller sets (a transformer's d_model, activation,
+        num_modalities); they are not accepted as keys. ``defaults``: values for
+        keys ``d`` leaves out (a transformer's d_ffn and init_std). Errors name
+        ``path.<key>``.
+        """
+        owned, defaults = dict(owned), dict(defaults)
+        check_keys(path, d, [f.name for f in fields(cls) if f.name not in owned])
+        kw = {**defaults, **d, **owned}
+        if "router" in kw and not isinstance(kw["router"], RouterConfig):
+            kw["router"] = RouterConfig.from_dict(check_mapping(f"{path}.router", kw["router"]), f"{path}.router")
+        return build_at(path, cls, **kw)
+
+    def to_dict(self, *, exclude=()) -> Dict[str, Any]:
+        """Plain data that ``from_dict`` accepts (leaving out the ``exclude`` fields)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in exclude}
+        out["router"] = self.router.to_dict()
+        out["aux_losses"] = dict(self.aux_losses)
+        return out

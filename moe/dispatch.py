@@ -497,3 +497,29 @@ class HierarchicalAllToAllDispatcher(AllToAllDispatcher):
                 steps.append(_Permute(block_permutation(r2_REl, (1, 0)).to(device)))
             plans.append(_Plan(steps, r2_REl.sum(0), int(s.sum()), int(r2.sum())))
         return plans
+
+
+def world_node_groups(ep_group, ranks_per_node: int):
+    """``new_node_groups`` for every ep group of the job, learnt from ``ep_group`` alone.
+
+    Each rank all-gathers its ep group's ranks over the default (world) group, so the
+    call is collective: every rank of the world makes it, in the same order (once per
+    model, not per layer). Returns this rank's ``(intra_group, inter_group)``.
+    """
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, list(dist.get_process_group_ranks(ep_group)))
+    return new_node_groups(sorted({tuple(r) for r in everyone}), ranks_per_node)
+
+
+def build_dispatcher(ep_group, config, *, node_groups=None) -> AllToAllDispatcher:
+    """The dispatcher ``config`` (a ``moe.MoEConfig``) asks for on ``ep_group``.
+
+    ``config.dispatcher``: "flat" -> ``AllToAllDispatcher``; "hierarchical" ->
+    ``HierarchicalAllToAllDispatcher`` with ``config.node_size`` ranks per node and
+    ``node_groups`` (from ``world_node_groups``; None only when ep_group is the
+    world). ``config.overlap_chunks`` is the chunk count of the overlapped exchange.
+    """
+    if config.dispatcher == "hierarchical":
+        return HierarchicalAllToAllDispatcher(ep_group, config.num_experts, config.node_size,
+                                              num_chunks=config.overlap_chunks, node_groups=node_groups)
+    return AllToAllDispatcher(ep_group, config.num_experts, num_chunks=config.overlap_chunks)

@@ -7,7 +7,7 @@ Weights: w1_ElDF [E_l, D, F] (SwiGLU: [E_l, D, 2F], gate then up), w2_ElFD [E_l,
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -70,10 +70,25 @@ class Experts(nn.Module):
         self.grouped_gemm = True
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.w1, std=self.init_std)
+    @torch.no_grad()
+    def reset_parameters(self, generator_for: Optional[Callable[[str, int], torch.Generator]] = None) -> None:
+        """The one expert initialisation: w1 ~ N(0, init_std), w2 ~ N(0, init_std / sqrt 2), biases 0.
+
+        ``generator_for(param_name, global_expert)``: a generator per expert and weight
+        (``moe.models.init_weights`` seeds it from the parameter name and the GLOBAL
+        expert index, so an expert gets the same weights on whichever rank holds it);
+        None draws from torch's global RNG.
+        """
         # Output projection scaled down with width, as in GPT-2 style inits.
-        nn.init.normal_(self.w2, std=self.init_std / math.sqrt(2.0))
+        stds = {"w1": self.init_std, "w2": self.init_std / math.sqrt(2.0)}
+        for name, std in stds.items():
+            w = getattr(self, name)
+            if generator_for is None:
+                nn.init.normal_(w, std=std)
+                continue
+            for e in range(self.num_local):
+                g = generator_for(name, self.first_expert + e)
+                w[e].copy_(torch.randn(w[e].shape, generator=g, dtype=torch.float32).mul_(std).to(w.dtype))
         for b in (self.b1, self.b2):
             if b is not None:
                 nn.init.zeros_(b)

@@ -13,6 +13,8 @@ Capacity is per rank: T is the number of tokens this rank's router sees.
 (without expert parallelism): expert buffers are then padded to the capacity, so
 every shape is static, and the host-side checks (non-finite logits, modality id
 range) are skipped inside the graph. Dropless routing has data-dependent shapes.
+``MoEConfig.pad_to_capacity`` asks for the padded layout in eager mode too (same
+output; under expert parallelism the padding rows travel as well).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from torch import nn
 
 from . import losses
 from .config import MoEConfig
-from .dispatch import AllToAllDispatcher
+from .dispatch import build_dispatcher
 from .experts import Experts
 from .permute import permute, unpermute
 from .router import Router
@@ -39,13 +41,16 @@ class MoELayer(nn.Module):
     travel by all-to-all. ``dispatcher``: a ready ``moe.dispatch.AllToAllDispatcher``
     (or ``HierarchicalAllToAllDispatcher``) for that group, to choose chunked
     overlap (``num_chunks > 1``) or the two-hop multi-node exchange; by default a
-    flat one is built. ``dp_group``: the ranks that hold replicas of the router;
-    the aux-loss-free expert-bias update sums the load over it (default: ``ep_group``).
+    one is built as ``MoEConfig.dispatcher`` / ``node_size`` / ``overlap_chunks`` say
+    (``moe.dispatch.build_dispatcher``; ``node_groups`` from
+    ``moe.dispatch.world_node_groups`` for the hierarchical one). ``dp_group``: the
+    ranks that hold replicas of the router; the aux-loss-free expert-bias update sums
+    the load over it (default: ``ep_group``).
     """
 
     def __init__(self, config: MoEConfig, *, ep_group: Optional[dist.ProcessGroup] = None,
-                 dp_group: Optional[dist.ProcessGroup] = None, dispatcher=None, name: str = "moe",
-                 dtype: Optional[torch.dtype] = None, device=None):
+                 dp_group: Optional[dist.ProcessGroup] = None, dispatcher=None, node_groups=None,
+                 name: str = "moe", dtype: Optional[torch.dtype] = None, device=None):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
@@ -74,7 +79,7 @@ class MoELayer(nn.Module):
         mark_expert_params(self.experts, ep_size)
         self.dispatcher = dispatcher
         if dispatcher is None and ep_group is not None:
-            self.dispatcher = AllToAllDispatcher(ep_group, num_experts=config.num_experts)
+            self.dispatcher = build_dispatcher(ep_group, config, node_groups=node_groups)
         self.shared = (Experts(1, config.d_model, config.shared_expert_ffn, config.activation, bias=config.bias,
                                init_std=config.init_std, dtype=dtype, device=device)
                        if config.shared_expert_ffn else None)
@@ -123,8 +128,8 @@ class MoELayer(nn.Module):
         cfg = self.config
         x_TD = x.reshape(-1, cfg.d_model)
         routing = self.router(x_TD, modality_T, generator=generator)
-        # Under torch.compile with a capacity, expert buffers are padded to it: static shapes.
-        pad = routing.capacity is not None and torch.compiler.is_compiling()
+        # Padded expert buffers when asked, and under torch.compile (static shapes), given a capacity.
+        pad = routing.capacity is not None and (cfg.pad_to_capacity or torch.compiler.is_compiling())
         rows, plan = permute(x_TD, routing, pad_to_capacity=pad, backend=cfg.backend)
         out_rows = self._expert_compute(rows, plan.rows_per_expert, plan.padded_capacity)
         y_TD = unpermute(out_rows, plan, routing)

@@ -6,7 +6,10 @@
 
 ``--set key.path=value`` (repeatable) overrides a config value; the value is read
 as YAML (``3``, ``1.0e-3``, ``true``, ``null``, ``[0.9, 0.99]``). ``--print-config``
-prints the validated config and exits. See ``moe/trainer/config.py`` for every key.
+prints the validated config, with the model and data sections resolved (preset
+expanded, every default shown), and exits. A bad value in any section exits with
+status 2 and one ``config error:`` line naming its key path, before any process
+group or weight exists. See ``moe/trainer/config.py`` for every key.
 """
 from __future__ import annotations
 
@@ -26,15 +29,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    from moe.trainer.config import ConfigError, load_config
+    from moe.trainer.config import ConfigError, load_config, resolved_yaml
 
-    try:
+    try:  # every section, before any process group or weight exists
         cfg = load_config(args.config, args.overrides)
+        text = resolved_yaml(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(cfg.to_yaml(), end="")
+        print(text, end="")
         return 0
     from moe.trainer.loop import run
 

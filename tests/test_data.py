@@ -98,16 +98,16 @@ def test_explicit_heldout():
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        ({"image_size": 4}, ValueError, "image_size=4"),
-        ({"image_size": 32.0}, TypeError, "image_size"),
-        ({"shapes": ("circle", "hexagon")}, ValueError, "shapes contains 'hexagon'.*allowed"),
-        ({"shapes": ("circle",)}, ValueError, "shapes.*at least 2"),
-        ({"colours": ("red", "red", "blue")}, ValueError, "colours.*duplicates"),
-        ({"colours": ("red", "mauve")}, ValueError, "colours contains 'mauve'"),
-        ({"colours": "red"}, TypeError, "colours"),
-        ({"positions": ("middle",)}, ValueError, "positions contains 'middle'"),
-        ({"heldout_fraction": 1.0}, ValueError, r"heldout_fraction=1.0.*\[0.0, 1.0\)"),
-        ({"noise": -0.1}, ValueError, "noise=-0.1"),
+        ({"image_size": 4}, ValueError, r"config key 'ShapesConfig.image_size': got 4; it must be >= 8"),
+        ({"image_size": 32.0}, TypeError, r"'ShapesConfig.image_size': got 32.0; it must be an integer"),
+        ({"shapes": ("circle", "hexagon")}, ValueError, "'ShapesConfig.shapes'.*contains 'hexagon'.*allowed"),
+        ({"shapes": ("circle",)}, ValueError, "'ShapesConfig.shapes'.*at least 2"),
+        ({"colours": ("red", "red", "blue")}, ValueError, "'ShapesConfig.colours'.*duplicates"),
+        ({"colours": ("red", "mauve")}, ValueError, "'ShapesConfig.colours'.*contains 'mauve'"),
+        ({"colours": "red"}, TypeError, "'ShapesConfig.colours': got 'red'"),
+        ({"positions": ("middle",)}, ValueError, "'ShapesConfig.positions'.*contains 'middle'"),
+        ({"heldout_fraction": 1.0}, ValueError, r"'ShapesConfig.heldout_fraction': got 1.0; it must be in \[0.0, 1.0\)"),
+        ({"noise": -0.1}, ValueError, r"'ShapesConfig.noise': got -0.1; it must be in \[0.0, 0.5\]"),
         ({"heldout": [("circle", "mauve")]}, ValueError, "colour 'mauve'"),
         ({"heldout": [("circle",)]}, ValueError, "pair"),
         ({"heldout": [("circle", c) for c in ("red", "green", "blue", "yellow", "purple")]}, ValueError,
@@ -120,14 +120,17 @@ def test_config_validation(kwargs, exc, match):
 
 
 def test_from_dict_rejects_unknown_keys():
-    with pytest.raises(ValueError, match="unknown ShapesConfig field.*'colors'"):
+    with pytest.raises(ValueError, match="config key 'ShapesConfig.colors' is not known; allowed keys at "
+                                         "'ShapesConfig': image_size, shapes, colours"):
         ShapesConfig.from_dict({"colors": ["red"]})
+    with pytest.raises(ValueError, match=r"config key 'data.shapes.seed': got -1; it must be >= 0"):
+        ShapesConfig.from_dict({"seed": -1}, "data.shapes")
 
 
 def test_dataset_argument_errors():
     with pytest.raises(ValueError, match="split='test'"):
         ShapesDataset(split="test")
-    with pytest.raises(ValueError, match="size=0"):
+    with pytest.raises(ValueError, match="'ShapesDataset.size': got 0"):
         ShapesDataset(size=0)
     with pytest.raises(ValueError, match="no shape-colour combos"):
         ShapesDataset(ShapesConfig(heldout_fraction=0.0), split="zeroshot")

@@ -406,15 +406,15 @@ def test_half_precision_matches_fp32_by_value(dtype, activation):
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(router=moe.RouterConfig(top_k=5)), "top_k=5"),
-    (dict(num_experts=0), "num_experts=0"),
-    (dict(activation="tanh"), "activation='tanh'"),
-    (dict(aux_losses={"nope": 1.0}), "nope"),
-    (dict(aux_losses={"z_loss": -1.0}), "z_loss"),
+    (dict(router=moe.RouterConfig(top_k=5)), r"'MoEConfig.router.top_k': got 5; it must be in \[1, num_experts=4\]"),
+    (dict(num_experts=0), "'MoEConfig.num_experts': got 0; it must be >= 1"),
+    (dict(activation="tanh"), "'MoEConfig.activation': got 'tanh'; allowed values: 'gelu'"),
+    (dict(aux_losses={"nope": 1.0}), "'MoEConfig.aux_losses.nope' is not known"),
+    (dict(aux_losses={"z_loss": -1.0}), "'MoEConfig.aux_losses.z_loss': got -1.0; it must be >= 0"),
     (dict(aux_losses={"load": 1.0}), "noisy_topk"),
-    (dict(backend="fpga"), "backend='fpga'"),
-    (dict(residual_moe=True), "shared_expert_ffn"),
-    (dict(limoe_min_experts=9), "limoe_min_experts"),
+    (dict(backend="fpga"), "'MoEConfig.backend': got 'fpga'"),
+    (dict(residual_moe=True), "'MoEConfig.residual_moe'.*shared_expert_ffn"),
+    (dict(limoe_min_experts=9), r"'MoEConfig.limoe_min_experts': got 9; it must be in \(0, 4\]"),
 ])
 def test_bad_moe_config(kwargs, match):
     base = dict(d_model=8, d_ffn=16, num_experts=4)
@@ -424,14 +424,14 @@ def test_bad_moe_config(kwargs, match):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(top_k=0), "top_k=0"),
-    (dict(capacity_factor=0.0), "capacity_factor=0.0"),
+    (dict(top_k=0), "'RouterConfig.top_k': got 0; it must be >= 1"),
+    (dict(capacity_factor=0.0), "'RouterConfig.capacity_factor': got 0.0; it must be > 0"),
     (dict(capacity_factor=-1.0), "capacity_factor"),
     (dict(eval_capacity_factor=0), "eval_capacity_factor"),
-    (dict(min_capacity=-1), "min_capacity=-1"),
-    (dict(policy="hash"), "policy='hash'"),
-    (dict(score="relu"), "score='relu'"),
-    (dict(drop_policy="lifo"), "drop_policy='lifo'"),
+    (dict(min_capacity=-1), "'RouterConfig.min_capacity': got -1"),
+    (dict(policy="hash"), "'RouterConfig.policy': got 'hash'"),
+    (dict(score="relu"), "'RouterConfig.score': got 'relu'"),
+    (dict(drop_policy="lifo"), "'RouterConfig.drop_policy': got 'lifo'"),
     (dict(policy="switch", top_k=2), "switch"),
     (dict(policy="gshard", top_k=1), "gshard"),
     (dict(on_nonfinite="ignore"), "on_nonfinite"),
@@ -456,7 +456,7 @@ def test_bad_layer_input():
         layer(x, torch.full((2, 3), -1))
     with pytest.raises(ValueError, match="integer"):
         layer(x, torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="top_k=3"):
+    with pytest.raises(ValueError, match="top_k': got 3; it must be in \\[1, num_experts=2\\]"):
         moe.route(torch.randn(4, 2), moe.RouterConfig(top_k=3))
 
 

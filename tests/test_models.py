@@ -15,7 +15,6 @@ from moe.models import (
     LIMoEModel,
     LMConfig,
     LanguageModel,
-    MoESettings,
     PRESETS,
     TransformerConfig,
     active_ffn_flops_per_token,
@@ -58,32 +57,94 @@ def text_batch(B=3, L=12, seed=0):
 
 # ------------------------------------------------------------------ configs
 
-@pytest.mark.parametrize("kw, words", [
-    ({"n_heads": 3}, ["n_heads=3", "divide d_model"]),
-    ({"moe_every": 1, "moe": None}, ["moe_every=1", "moe"]),
-    ({"activation": "tanh"}, ["activation='tanh'", "'gelu'"]),
-    ({"d_model": 0}, ["d_model=0", ">= 1"]),
-    ({"dropout": 1.5}, ["dropout=1.5"]),
-    ({"moe_every": 9}, ["moe_every=9", "n_layers=4"]),
+@pytest.mark.parametrize("kw, message", [
+    ({"n_heads": 3}, "config key 'TransformerConfig.n_heads': got 3; it must divide d_model=16"),
+    ({"moe_every": 1, "moe": None}, "config key 'TransformerConfig.moe': got None; moe_every=1 needs a 'moe' section"),
+    ({"activation": "tanh"}, "config key 'TransformerConfig.activation': got 'tanh'; allowed values: 'gelu'"),
+    ({"d_model": 0}, "config key 'TransformerConfig.d_model': got 0; it must be >= 1"),
+    ({"dropout": 1.5}, "config key 'TransformerConfig.dropout': got 1.5; it must be in [0.0, 1.0)"),
+    ({"moe_every": 9}, "config key 'TransformerConfig.moe_every': got 9; it must be in [0, 4]"),
 ])
-def test_transformer_config_errors_name_field_value_and_allowed(kw, words):
+def test_transformer_config_errors_name_field_value_and_allowed(kw, message):
     with pytest.raises(ValueError) as err:
         TransformerConfig(**{"d_model": 16, "n_layers": 4, "n_heads": 2, **kw})
-    for w in words:
-        assert w in str(err.value)
+    assert str(err.value).startswith(message)
 
 
 def test_from_dict_rejects_unknown_keys_by_name():
-    with pytest.raises(ValueError, match=r"unknown model key\(s\) \['d_modle'\].*allowed keys.*'d_model'"):
+    with pytest.raises(ValueError, match=r"config key 'model.d_modle' is not known; allowed keys at 'model': .*d_model"):
         LMConfig.from_dict({"d_modle": 32})
-    with pytest.raises(ValueError, match=r"unknown model.moe key\(s\) \['experts'\].*'num_experts'"):
+    with pytest.raises(ValueError, match=r"config key 'model.moe.experts' is not known; .*num_experts"):
         LMConfig.from_dict({"moe_every": 2, "moe": {"experts": 4}})
-    with pytest.raises(ValueError, match=r"unknown model.moe.router key\(s\) \['k'\].*'top_k'"):
+    with pytest.raises(ValueError, match=r"config key 'model.moe.router.k' is not known; .*top_k"):
         LIMoEConfig.from_dict({"moe_every": 2, "moe": {"router": {"k": 1}}})
-    with pytest.raises(ValueError, match="patch_size=5"):
+    with pytest.raises(ValueError, match="config key 'model.patch_size': got 5; it must divide image_size=32"):
         LIMoEConfig.from_dict({"image_size": 32, "patch_size": 5})
-    with pytest.raises(ValueError, match="policy='bogus'"):
-        MoESettings.from_dict({"router": {"policy": "bogus"}})
+    with pytest.raises(ValueError, match="config key 'net.moe.router.policy': got 'bogus'"):
+        LMConfig.from_dict({"moe_every": 2, "moe": {"num_experts": 2, "router": {"policy": "bogus"}}}, "net")
+    # fields the transformer owns are not keys of model.moe
+    for owned in ("d_model", "activation", "num_modalities"):
+        with pytest.raises(ValueError, match=f"config key 'model.moe.{owned}' is not known"):
+            LMConfig.from_dict({"moe_every": 2, "moe": {"num_experts": 2, owned: 16}})
+
+
+@pytest.mark.parametrize("moe_section, path, message", [
+    ({"router": {"top_k": 0}}, "model.moe.router.top_k", "got 0; it must be >= 1"),
+    ({}, "model.moe.num_experts", "is required but missing"),
+    ({"num_experts": "abc"}, "model.moe.num_experts", "got 'abc'; it must be an integer"),
+    ({"router": {"top_k": 5}}, "model.moe.router.top_k", "got 5; it must be in [1, num_experts=4]"),
+    ({"shared_expert_ffn": -1}, "model.moe.shared_expert_ffn", "got -1; it must be >= 0"),
+    ({"residual_moe": "yes"}, "model.moe.residual_moe", "got 'yes'; it must be true or false"),
+    ({"dispatcher": "ring"}, "model.moe.dispatcher", "got 'ring'; allowed values: 'flat', 'hierarchical'"),
+    ({"dispatcher": "hierarchical"}, "model.moe.node_size", "got None; set it"),
+    ({"node_size": 2}, "model.moe.node_size", "got 2; set it"),
+    ({"overlap_chunks": 0}, "model.moe.overlap_chunks", "got 0; it must be >= 1"),
+    ({"aux_losses": {"z_loss": -1}}, "model.moe.aux_losses.z_loss", "got -1; it must be >= 0"),
+])
+def test_moe_section_errors_name_the_yaml_key_path(moe_section, path, message):
+    section = {"num_experts": 4, **moe_section} if moe_section else {}
+    with pytest.raises(ValueError) as err:
+        LMConfig.from_dict({"d_model": 16, "n_layers": 2, "n_heads": 2, "moe_every": 2, "moe": section})
+    sep = " " if message.startswith("is ") else ": "
+    assert str(err.value).startswith(f"config key '{path}'{sep}{message}")
+
+
+def test_moe_section_is_a_moe_config_with_the_transformer_fields():
+    cfg = LIMoEConfig.from_dict({"d_model": 16, "n_layers": 2, "n_heads": 2, "d_ffn": 24, "activation": "silu",
+                                 "init_std": 0.05, "moe_every": 2,
+                                 "moe": {"num_experts": 4, "shared_expert_ffn": 8, "residual_moe": True,
+                                         "bias": True, "pad_to_capacity": True, "overlap_chunks": 3}})
+    m = cfg.transformer.moe
+    assert isinstance(m, moe.MoEConfig)
+    assert (m.d_model, m.d_ffn, m.activation, m.num_modalities, m.init_std) == (16, 24, "silu", 2, 0.05)
+    assert (m.shared_expert_ffn, m.residual_moe, m.bias, m.pad_to_capacity, m.overlap_chunks) == (8, True, True,
+                                                                                                  True, 3)
+    assert LIMoEConfig.from_dict(cfg.to_dict()) == cfg  # to_dict is what from_dict reads
+    # a MoEConfig built in Python takes the transformer's own fields
+    t = TransformerConfig(d_model=16, n_layers=2, n_heads=2, moe_every=1, num_modalities=2,
+                          moe=moe.MoEConfig(d_model=99, d_ffn=8, num_experts=2))
+    assert (t.moe.d_model, t.moe.num_modalities) == (16, 2)
+
+
+def test_shared_expert_residual_and_bias_from_yaml_build_those_layers():
+    model = small_lm(moe={"num_experts": 4, "router": DROPLESS, "shared_expert_ffn": 8, "residual_moe": True,
+                          "bias": True})
+    layer = model.moe_layers()[0]
+    assert layer.shared is not None and layer.shared.d_ffn == 8
+    assert layer.residual_coef is not None and layer.experts.b1 is not None and layer.shared.b1 is not None
+    x = torch.randn(5, 32)
+    y, _ = layer(x)
+    h = layer.experts
+    # the residual mix: y = a(x) moe(x) + b(x) dense(x), [a, b] = softmax(x W_c)
+    coef = torch.softmax(layer.residual_coef(x), -1)
+    dense = layer.shared.expert_mlp(0, x)
+    r = layer.last_routing
+    sparse = torch.zeros_like(x)
+    for t in range(5):
+        for j in range(r.experts.shape[1]):
+            if r.kept[t, j]:
+                sparse[t] += r.weights[t, j] * h.expert_mlp(int(r.experts[t, j]), x[t:t + 1])[0]
+    torch.testing.assert_close(y, coef[:, :1] * sparse + coef[:, 1:] * dense, rtol=1e-5, atol=1e-6)
 
 
 def test_presets_build_and_overrides_merge():
@@ -92,9 +153,9 @@ def test_presets_build_and_overrides_merge():
     assert cfg["moe"]["router"]["drop_policy"] == "bpr"  # merged, not replaced
     cfg = resolve_model_config({"preset": "tiny_limoe", "moe": {"aux_losses": {"z_loss": 0.1}}})
     assert cfg["moe"]["aux_losses"] == {"z_loss": 0.1}  # a loss set replaces the preset's
-    with pytest.raises(ValueError, match="preset='nope'.*'tiny_limoe'"):
+    with pytest.raises(ValueError, match="config key 'model.preset': got 'nope'; allowed values: .*'tiny_limoe'"):
         resolve_model_config({"preset": "nope"})
-    with pytest.raises(ValueError, match="'lm' preset, not allowed for task 'limoe'"):
+    with pytest.raises(ValueError, match="'model.preset': got 'tiny_switch'; it is a 'lm' preset, not allowed for task 'limoe'"):
         resolve_model_config({"preset": "tiny_switch"}, task="limoe")
     assert PRESETS["switch"]["moe"]["router"] == {"policy": "switch", "top_k": 1, "capacity_factor": 1.25,
                                                   "drop_policy": "position"}
@@ -112,7 +173,7 @@ def test_dense_baseline_has_equal_active_ffn_flops(name):
     assert active_ffn_flops_per_token(sparse) == active_ffn_flops_per_token(twin)
     assert active_ffn_flops_per_token(sparse.dense_baseline()) == active_ffn_flops_per_token(sparse)
     t = sparse.transformer
-    k, f = t.moe.router.top_k, t.moe.d_ffn or t.d_ffn
+    k, f = t.moe.router.top_k, t.moe.d_ffn
     per_layer = [2 * 2 * t.d_model * (k * f if t.is_moe_layer(i) else t.d_ffn) for i in range(t.n_layers)]
     assert active_ffn_flops_per_token(sparse) == sum(per_layer)  # 2 matmuls, 2 FLOPs per MAC
     assert twin.transformer.moe.num_experts == 1 and twin.transformer.ffn_width(1) == k * f
@@ -293,3 +354,77 @@ def test_joint_load_balancing_is_logged_and_matches_the_loss_function():
         r = layer.last_routing
         expected += 0.5 * float(moe.losses.load_balancing_loss(r.probs, r.experts, 4).detach())
     assert math.isclose(float(aux["load_balancing_joint"].detach()), expected, rel_tol=1e-5)
+
+
+# ------------------------------------------------------------------ features reachable from YAML
+
+def test_pad_to_capacity_from_yaml_gives_the_compact_layout_output():
+    router = {"policy": "topk", "top_k": 2, "capacity_factor": 0.75}  # some assignments dropped
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
+    compact, padded = small_lm(router), small_lm(router, moe={"num_experts": 4, "router": router,
+                                                              "pad_to_capacity": True})
+    assert padded.config.transformer.moe.pad_to_capacity and not compact.config.transformer.moe.pad_to_capacity
+    y0, aux0 = compact(ids)
+    y1, aux1 = padded(ids)
+    layer = padded.moe_layers()[0]
+    assert layer.last_routing.capacity is not None and layer.last_routing.dropped_fraction() > 0
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux1["load_balancing"], aux0["load_balancing"])
+    # and it really runs the padded layout: E * C rows reach the experts
+    seen = []
+    layer.experts.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    padded(ids)
+    assert seen == [4 * layer.last_routing.capacity]
+
+
+def test_compile_blocks_from_yaml_matches_eager():
+    from moe.models import compile_blocks
+
+    router = {"policy": "topk", "top_k": 2, "capacity_factor": 1.0}  # a capacity: static shapes
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
+    eager = small_lm(router)
+    compiled = compile_blocks(small_lm(router))
+    assert all(hasattr(b.attend, "_torchdynamo_orig_callable") or "compile" in type(b.attend).__module__
+               for b in compiled.blocks)
+    y0, aux0 = eager(ids)
+    y1, aux1 = compiled(ids)
+    torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(aux1["load_balancing"], aux0["load_balancing"], rtol=1e-4, atol=1e-6)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+
+def _dispatchers_from_yaml(rank, world):
+    import torch.distributed as dist
+
+    from moe.dispatch import AllToAllDispatcher, HierarchicalAllToAllDispatcher
+
+    base = {"d_model": 16, "n_layers": 2, "n_heads": 2, "d_ffn": 16, "max_seq_len": 8, "moe_every": 1}
+    router = {"policy": "topk", "top_k": 2}
+    out = {}
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(rank))
+    for name, extra in [("flat", {}), ("chunks", {"overlap_chunks": 3}),
+                        ("hier", {"dispatcher": "hierarchical", "node_size": 1, "overlap_chunks": 2})]:
+        cfg = LMConfig.from_dict({**base, "moe": {"num_experts": 4, "router": router, **extra}})
+        model = LanguageModel(cfg, ep_group=dist.group.WORLD)
+        ds = [layer.dispatcher for layer in model.moe_layers()]
+        out[name] = {"types": [type(d).__name__ for d in ds], "chunks": [d.num_chunks for d in ds],
+                     "logits": model(ids)[0].detach()}
+        if name == "hier":
+            assert all(isinstance(d, HierarchicalAllToAllDispatcher) and d.ranks_per_node == 1 for d in ds)
+            assert ds[0].inter_group is ds[1].inter_group  # node groups made once per model
+        else:
+            assert all(type(d) is AllToAllDispatcher for d in ds)
+    return out
+
+
+def test_dispatcher_flavour_from_yaml_builds_that_dispatcher():
+    from tests.helpers.distributed import run_distributed
+
+    results = run_distributed(_dispatchers_from_yaml, 2, timeout=120)
+    for r in results:
+        assert r["flat"]["types"] == ["AllToAllDispatcher"] * 2 and r["flat"]["chunks"] == [1, 1]
+        assert r["chunks"]["chunks"] == [3, 3]
+        assert r["hier"]["types"] == ["HierarchicalAllToAllDispatcher"] * 2 and r["hier"]["chunks"] == [2, 2]
+        # every exchange gives the same model output
+        torch.testing.assert_close(r["chunks"]["logits"], r["flat"]["logits"])
+        torch.testing.assert_close(r["hier"]["logits"], r["flat"]["logits"])

@@ -41,21 +41,56 @@ def _equal(a: dict, b: dict) -> bool:
 
 # ------------------------------------------------------------------ validation
 
+def test_tasks_registry_is_the_one_table_and_base_imports_no_task():
+    import ast
+    import inspect
+
+    import moe.tasks.base as base
+    from moe.tasks import TASK_NAMES, TASKS, LIMoETask, LMTask, task_class
+
+    assert TASKS == {"lm": LMTask, "limoe": LIMoETask} and TASK_NAMES == ("lm", "limoe")
+    assert all(TASKS[name].name == name for name in TASKS)
+    assert task_class("lm") is LMTask
+    imported = {n.module for n in ast.walk(ast.parse(inspect.getsource(base)))
+                if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"lm", "limoe", "moe.tasks.lm", "moe.tasks.limoe"}, imported
+
+
+def test_configs_from_dicts_validates_without_building():
+    from moe.models import LMConfig
+    from moe.tasks import TASKS
+    from moe.tasks.lm import LMDataConfig
+
+    model, data = TASKS["lm"].configs_from_dicts({"preset": "tiny_switch", "n_layers": 2}, {"seq_len": 64})
+    assert isinstance(model, LMConfig) and model.transformer.n_layers == 2
+    assert model.transformer.moe.router.policy == "switch" and isinstance(data, LMDataConfig) and data.seq_len == 64
+    with pytest.raises(ValueError, match="config key 'model.moe.router.top_k': got 0; it must be >= 1"):
+        TASKS["lm"].configs_from_dicts({"preset": "tiny_gshard", "moe": {"router": {"policy": "topk", "top_k": 0}}},
+                                       {})
+    with pytest.raises(ValueError, match="config key 'data.eval_batch_size': got 0; it must be >= 1"):
+        TASKS["limoe"].configs_from_dicts({"preset": "tiny_limoe"}, {"eval_batch_size": 0})
+    with pytest.raises(ValueError, match="config key 'data.prompts': got 'a red circle'"):
+        TASKS["limoe"].configs_from_dicts({"preset": "tiny_limoe"}, {"source": "x.jsonl", "prompts": "a red circle"})
+
+
+
 def test_build_task_rejects_bad_names_and_keys():
-    with pytest.raises(ValueError, match="task name='vit' is not allowed; choose one of 'limoe', 'lm'"):
+    with pytest.raises(ValueError, match="config key 'task.name': got 'vit'; allowed values: 'lm', 'limoe'"):
         build_task("vit", {}, {})
-    with pytest.raises(ValueError, match=r"unknown data key\(s\) \['sorce'\]; allowed keys: .*'source'"):
+    with pytest.raises(ValueError, match=r"config key 'data.sorce' is not known; allowed keys at 'data': source"):
         build_task("lm", LM_MODEL, {"sorce": "stdlib"})
-    with pytest.raises(ValueError, match=r"unknown model key\(s\) \['layers'\]; allowed keys: .*'n_layers'"):
+    with pytest.raises(ValueError, match=r"config key 'model.layers' is not known; allowed keys at 'model': .*n_layers"):
         build_task("lm", {**LM_MODEL, "layers": 3}, LM_DATA)
-    with pytest.raises(ValueError, match=r"unknown ShapesConfig field\(s\) \['colors'\]"):
+    with pytest.raises(ValueError, match=r"config key 'data.shapes.colors' is not known; allowed keys at 'data.shapes'"):
         build_task("limoe", LIMOE_MODEL, {"shapes": {"colors": ["red"]}})
-    with pytest.raises(ValueError, match="image_size=32 does not match model image_size=16"):
+    with pytest.raises(ValueError, match="config key 'data.shapes.image_size': got 32; it must equal model.image_size=16"):
         build_task("limoe", LIMOE_MODEL, {"shapes": {"image_size": 32}})
-    with pytest.raises(ValueError, match="'limoe' preset, not allowed for task 'lm'"):
+    with pytest.raises(ValueError, match="'model.preset': got 'tiny_limoe'; it is a 'limoe' preset, not allowed for task 'lm'"):
         build_task("lm", {"preset": "tiny_limoe"}, LM_DATA)
-    with pytest.raises(ValueError, match="data.val_fraction=0"):
+    with pytest.raises(ValueError, match=r"config key 'data.val_fraction': got 0; it must be in \(0, 1\)"):
         build_task("lm", LM_MODEL, {**LM_DATA, "val_fraction": 0})
+    with pytest.raises(ValueError, match="config key 'data.seq_len': got 64; it must be <= model.max_seq_len=32"):
+        build_task("lm", LM_MODEL, {**LM_DATA, "seq_len": 64})
     with pytest.raises(TypeError, match="ep_group and dp_group"):
         build_task("lm", LM_MODEL, LM_DATA, groups=object())
 

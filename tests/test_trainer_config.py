@@ -6,7 +6,15 @@ import os
 
 import pytest
 
-from moe.trainer.config import ConfigError, TrainConfig, apply_overrides, from_dict, load_config, parse_override
+from moe.trainer.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    parse_override,
+    resolve_sections,
+)
 from parallel.launch import LaunchError, detect_launch, expand_hostlist, first_host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +40,8 @@ def test_defaults_and_shorthand():
 def test_example_configs_validate(path):
     cfg = load_config(path)
     assert cfg.task.name in ("limoe", "lm") and "preset" in cfg.model
+    resolved = resolve_sections(cfg)  # the model and data sections validate too
+    assert "preset" not in resolved["model"] and resolved["model"]["moe"]["num_experts"] >= 1
     if os.path.basename(path) == "tiny_limoe.yaml":
         assert cfg.parallel.ep == 2 and cfg.model["preset"] == "tiny_limoe"
 
@@ -55,29 +65,30 @@ def test_overrides_are_yaml_typed(tmp_path):
 @pytest.mark.parametrize("sections, match", [
     ({"train": {"stepz": 3}}, r"config key 'train.stepz' is not known; allowed keys at 'train': steps, global_batch_size, micro_batch_size"),
     ({"trian": {}}, r"config key 'trian' is not known; allowed keys at the top level: task, model"),
-    ({"train": {"steps": 0}}, r"'train.steps': got 0 \(int\); it must be >= 1"),
-    ({"train": {"steps": "ten"}}, r"'train.steps': got 'ten' \(str\); it must be an integer"),
-    ({"train": {"steps": 2.5}}, r"'train.steps': got 2.5 \(float\); it must be an integer"),
-    ({"train": {"global_batch_size": True}}, r"'train.global_batch_size': got True \(bool\); it must be an integer"),
+    ({"train": {"steps": 0}}, r"'train.steps': got 0; it must be >= 1"),
+    ({"train": {"steps": "ten"}}, r"'train.steps': got 'ten'; it must be an integer"),
+    ({"train": {"steps": 2.5}}, r"'train.steps': got 2.5; it must be an integer"),
+    ({"train": {"global_batch_size": True}}, r"'train.global_batch_size': got True; it must be an integer"),
     ({"train": {"batch_size": 8}}, r"'train.batch_size' \(got 8\) was replaced: set 'train.global_batch_size' .*"
                                    r"'train.micro_batch_size'"),
     ({"train": {"global_batch_size": 12, "micro_batch_size": 5}},
-     r"'train.micro_batch_size': got 5 \(int\); it must divide train.global_batch_size=12"),
-    ({"optim": {"lr": -1.0}}, r"'optim.lr': got -1.0 \(float\); it must be > 0"),
-    ({"optim": {"lr": "fast"}}, r"'optim.lr': got 'fast' \(str\); it must be a number"),
-    ({"optim": {"schedule": "step"}}, r"'optim.schedule': got 'step' \(str\); allowed values: 'cosine', 'linear'"),
-    ({"optim": {"betas": [0.9]}}, r"'optim.betas': got \[0.9\] \(list\); it must be a list of 2 values"),
-    ({"optim": {"betas": [0.9, 1.5]}}, r"'optim.betas\[1\]': got 1.5 \(float\); each beta must be in \[0, 1\)"),
-    ({"optim": {"min_lr_ratio": 2.0}}, r"'optim.min_lr_ratio': got 2.0 \(float\); it must be in \[0, 1\]"),
-    ({"parallel": {"ep": 0}}, r"'parallel.ep': got 0 \(int\); it must be >= 1"),
-    ({"parallel": {"tp": 2}}, r"'parallel.tp': got 2 \(int\); only 1 is allowed: tensor parallelism is not"),
-    ({"parallel": {"backend": "mpi"}}, r"'parallel.backend': got 'mpi' \(str\); allowed values: 'auto', 'gloo'"),
-    ({"telemetry": {"plots": "yes"}}, r"'telemetry.plots': got 'yes' \(str\); it must be true or false"),
-    ({"train": {"device": "tpu"}}, r"'train.device': got 'tpu' \(str\); allowed values: 'auto', 'cpu', 'cuda'"),
-    ({"train": {"resume": ""}}, r"'train.resume': got '' \(str\); use null"),
-    ({"task": "vision"}, r"'task.name': got 'vision' \(str\); allowed values: 'limoe', 'lm', or 'package"),
-    ({"model": [1, 2]}, r"'model': got \[1, 2\] \(list\); it must be a mapping with string keys"),
-    ({"train": 5}, r"'train': got 5 \(int\); it must be a mapping with keys"),
+     r"'train.micro_batch_size': got 5; it must divide train.global_batch_size=12"),
+    ({"optim": {"lr": -1.0}}, r"'optim.lr': got -1.0; it must be > 0"),
+    ({"optim": {"lr": "fast"}}, r"'optim.lr': got 'fast'; it must be a number"),
+    ({"optim": {"schedule": "step"}}, r"'optim.schedule': got 'step'; allowed values: 'cosine', 'linear'"),
+    ({"optim": {"betas": [0.9]}}, r"'optim.betas': got \[0.9\]; it must be a list of 2 values"),
+    ({"optim": {"betas": [0.9, 1.5]}}, r"'optim.betas\[1\]': got 1.5; it must be in \[0.0, 1.0\)"),
+    ({"optim": {"min_lr_ratio": 2.0}}, r"'optim.min_lr_ratio': got 2.0; it must be in \[0, 1\]"),
+    ({"parallel": {"ep": 0}}, r"'parallel.ep': got 0; it must be >= 1"),
+    ({"parallel": {"tp": 2}}, r"'parallel.tp': got 2; only 1 is allowed: tensor parallelism is not"),
+    ({"parallel": {"backend": "mpi"}}, r"'parallel.backend': got 'mpi'; allowed values: 'auto', 'gloo'"),
+    ({"telemetry": {"plots": "yes"}}, r"'telemetry.plots': got 'yes'; it must be true or false"),
+    ({"train": {"device": "tpu"}}, r"'train.device': got 'tpu'; allowed values: 'auto', 'cpu', 'cuda'"),
+    ({"train": {"resume": ""}}, r"'train.resume': got ''; use null"),
+    ({"task": "vision"}, r"'task.name': got 'vision'; allowed values: 'lm', 'limoe', or 'package"),
+    ({"model": [1, 2]}, r"'model': got \[1, 2\]; it must be a mapping with string keys"),
+    ({"train": 5}, r"'train': got 5; it must be a mapping with keys"),
+    ({"train": {"compile": "yes"}}, r"'train.compile': got 'yes'; it must be true or false"),
 ])
 def test_bad_values_name_the_key(sections, match):
     with pytest.raises(ConfigError, match=match):
@@ -141,3 +152,57 @@ def test_detect_launch_sources():
         detect_launch({**env, "RANK": "4"})
     with pytest.raises(LaunchError, match="SLURM_NTASKS='x' must be an integer"):
         detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "x"})
+
+
+# ------------------------------------------------------------------ duplicate keys, --print-config
+
+def test_duplicate_yaml_key_is_an_error_naming_key_and_lines(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("task: lm\nmodel:\n  preset: tiny_switch\n  n_layers: 2\n  n_layers: 4\n")
+    with pytest.raises(ConfigError, match=r"config key 'n_layers' appears twice in one mapping \(line 4 and line 5"):
+        load_config(p)
+    p.write_text("task: lm\nmodel: {preset: tiny_switch}\noptim: {lr: 1e-3}\n")
+    assert load_config(p).optim.lr == 1e-3  # YAML 1.2 floats without a dot read as numbers
+
+
+def _cli(tmp_path, text: str, *overrides: str):
+    import subprocess
+    import sys
+
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    args = [sys.executable, "-m", "moe.train", "--config", str(p), "--print-config"]
+    for o in overrides:
+        args += ["--set", o]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.moe.router.top_k=0", "config key 'model.moe.router.top_k': got 0; it must be >= 1"),
+    ("model.moe.num_experts=abc", "config key 'model.moe.num_experts': got 'abc'; it must be an integer"),
+    ("model.n_layer=3", "config key 'model.n_layer' is not known; allowed keys at 'model': "),
+    ("data.max_byte=10", "config key 'data.max_byte' is not known; allowed keys at 'data': source"),
+    ("optim.lr=-1", "config key 'optim.lr': got -1.0; it must be > 0"),
+    ("parallel.ep=0", "config key 'parallel.ep': got 0; it must be >= 1"),
+])
+def test_print_config_rejects_every_section_with_one_line(tmp_path, override, expected):
+    r = _cli(tmp_path, "task: lm\nmodel: {preset: tiny_gshard}\n", override)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("config error: " + expected), lines
+    assert r.stdout == ""
+
+
+def test_print_config_prints_the_resolved_model(tmp_path):
+    import yaml
+
+    r = _cli(tmp_path, "task: lm\nmodel: {preset: tiny_switch, n_layers: 2}\n", "train.compile=true")
+    assert r.returncode == 0, r.stderr
+    out = yaml.safe_load(r.stdout)
+    assert "preset" not in out["model"] and out["model"]["n_layers"] == 2 and out["model"]["d_model"] == 64
+    assert out["model"]["moe"]["router"]["policy"] == "switch" and out["model"]["moe"]["num_experts"] == 8
+    assert out["data"]["source"] == "stdlib" and out["train"]["compile"] is True
+    # what it prints is itself a valid config that resolves to the same model
+    again = _cli(tmp_path, r.stdout)
+    assert again.returncode == 0 and yaml.safe_load(again.stdout)["model"] == out["model"]

@@ -15,7 +15,6 @@ L = text length in tokens.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..checks import build_at, check_int, check_keys, check_number, fail
 from .tokenizer import ByteTokenizer
 
 __all__ = [
@@ -96,38 +96,19 @@ Combo = tuple[str, str]  # (shape, colour)
 # --------------------------------------------------------------------------- config
 
 
-def _names(field_name: str, value: Any, allowed: Sequence[str], *, minimum: int) -> tuple[str, ...]:
+def _names(path: str, value: Any, allowed: Sequence[str], *, minimum: int) -> tuple[str, ...]:
+    """A list of distinct names from ``allowed``, at least ``minimum`` of them."""
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise TypeError(f"{field_name} must be a list or tuple of names, got {value!r}")
+        fail(path, value, "it must be a list of names", wrong_type=True)
     names = tuple(value)
     for name in names:
         if name not in allowed:
-            raise ValueError(
-                f"{field_name} contains {name!r}, which is not allowed; choose from {', '.join(map(repr, allowed))}"
-            )
+            fail(path, list(names), f"it contains {name!r}; allowed names: {', '.join(map(repr, allowed))}")
     if len(set(names)) != len(names):
-        raise ValueError(f"{field_name}={list(names)!r} has duplicates; each name may appear once")
+        fail(path, list(names), "it has duplicates; each name may appear once")
     if len(names) < minimum:
-        raise ValueError(f"{field_name}={list(names)!r} is too short; it needs at least {minimum} names")
+        fail(path, list(names), f"it needs at least {minimum} names")
     return names
-
-
-def _number(field_name: str, value: Any, lo: float, hi: float, *, hi_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{field_name} must be a number, got {value!r}")
-    bad = not math.isfinite(value) or value < lo or (value >= hi if hi_open else value > hi)
-    if bad:
-        rng = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
-        raise ValueError(f"{field_name}={value!r} is not allowed; it must be in {rng}")
-    return float(value)
-
-
-def _int_field(field_name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{field_name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{field_name}={value} is not allowed; it must be >= {minimum}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -165,16 +146,18 @@ class ShapesConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
-        set_("image_size", _int_field("image_size", self.image_size, 8))
-        set_("shapes", _names("shapes", self.shapes, SHAPES, minimum=2))
-        set_("colours", _names("colours", self.colours, tuple(COLOURS), minimum=2))
-        set_("sizes", _names("sizes", self.sizes, tuple(SIZES), minimum=1))
-        set_("positions", _names("positions", self.positions, tuple(POSITIONS), minimum=1))
-        set_("heldout_fraction", _number("heldout_fraction", self.heldout_fraction, 0.0, 1.0, hi_open=True))
-        set_("heldout_seed", _int_field("heldout_seed", self.heldout_seed, 0))
-        set_("seed", _int_field("seed", self.seed, 0))
-        set_("noise", _number("noise", self.noise, 0.0, 0.5))
-        set_("jitter", _number("jitter", self.jitter, 0.0, 0.1))
+        p = "ShapesConfig"
+        set_("image_size", check_int(f"{p}.image_size", self.image_size, minimum=8))
+        set_("shapes", _names(f"{p}.shapes", self.shapes, SHAPES, minimum=2))
+        set_("colours", _names(f"{p}.colours", self.colours, tuple(COLOURS), minimum=2))
+        set_("sizes", _names(f"{p}.sizes", self.sizes, tuple(SIZES), minimum=1))
+        set_("positions", _names(f"{p}.positions", self.positions, tuple(POSITIONS), minimum=1))
+        set_("heldout_fraction", check_number(f"{p}.heldout_fraction", self.heldout_fraction, minimum=0.0,
+                                              maximum=1.0, max_open=True))
+        set_("heldout_seed", check_int(f"{p}.heldout_seed", self.heldout_seed, minimum=0))
+        set_("seed", check_int(f"{p}.seed", self.seed, minimum=0))
+        set_("noise", check_number(f"{p}.noise", self.noise, minimum=0.0, maximum=0.5))
+        set_("jitter", check_number(f"{p}.jitter", self.jitter, minimum=0.0, maximum=0.1))
         if self.heldout is None:
             held = self._pick_heldout()
         else:
@@ -185,29 +168,28 @@ class ShapesConfig:
     # -- held-out combos ------------------------------------------------------
 
     def _check_heldout(self, heldout: Any) -> tuple[Combo, ...]:
+        H = "ShapesConfig.heldout"
         if isinstance(heldout, str) or not isinstance(heldout, (list, tuple)):
-            raise TypeError(f"heldout must be a list of (shape, colour) pairs or None, got {heldout!r}")
+            fail(H, heldout, "it must be a list of (shape, colour) pairs or null", wrong_type=True)
         pairs: list[Combo] = []
         for item in heldout:
             if isinstance(item, str) or not isinstance(item, (list, tuple)) or len(item) != 2:
-                raise ValueError(f"heldout contains {item!r}; each entry must be a (shape, colour) pair")
+                fail(H, heldout, f"it contains {item!r}; each entry must be a (shape, colour) pair")
             shape, colour = item
             if shape not in self.shapes:
-                raise ValueError(f"heldout contains shape {shape!r}, which is not in shapes={list(self.shapes)!r}")
+                fail(H, heldout, f"it contains shape {shape!r}, which is not in shapes={list(self.shapes)!r}")
             if colour not in self.colours:
-                raise ValueError(
-                    f"heldout contains colour {colour!r}, which is not in colours={list(self.colours)!r}"
-                )
+                fail(H, heldout, f"it contains colour {colour!r}, which is not in colours={list(self.colours)!r}")
             if (shape, colour) in pairs:
-                raise ValueError(f"heldout lists ({shape!r}, {colour!r}) twice")
+                fail(H, heldout, f"it lists ({shape!r}, {colour!r}) twice")
             pairs.append((shape, colour))
         held = set(pairs)
         for s in self.shapes:
             if all((s, c) in held for c in self.colours):
-                raise ValueError(f"heldout holds out every colour of shape {s!r}; training must see each shape")
+                fail(H, heldout, f"it holds out every colour of shape {s!r}; training must see each shape")
         for c in self.colours:
             if all((s, c) in held for s in self.shapes):
-                raise ValueError(f"heldout holds out every shape in colour {c!r}; training must see each colour")
+                fail(H, heldout, f"it holds out every shape in colour {c!r}; training must see each colour")
         # Keep the canonical (shape-major) order so class indices are stable.
         return tuple(p for p in self.all_combos() if p in held)
 
@@ -259,16 +241,13 @@ class ShapesConfig:
         return self.heldout_combos() if split == "zeroshot" else self.train_combos()
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ShapesConfig":
-        """Build from a plain mapping (e.g. a YAML section); unknown keys raise ValueError."""
-        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ShapesConfig field(s) {unknown}; allowed: {sorted(known)}")
+    def from_dict(cls, d: Mapping[str, Any], path: str = "ShapesConfig") -> "ShapesConfig":
+        """Build from a plain mapping (e.g. a YAML section); errors name ``path.<key>``."""
+        check_keys(path, d, [f for f in cls.__dataclass_fields__ if not f.startswith("_")])
         kw = dict(d)
-        if kw.get("heldout") is not None:
-            kw["heldout"] = tuple(tuple(p) for p in kw["heldout"])
-        return cls(**kw)
+        if isinstance(kw.get("heldout"), (list, tuple)):
+            kw["heldout"] = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in kw["heldout"])
+        return build_at(path, cls, **kw)
 
 
 # --------------------------------------------------------------------------- drawing
@@ -380,7 +359,7 @@ class ShapesDataset(Dataset):
             raise TypeError(f"config must be a ShapesConfig, got {type(self.config).__name__}")
         self.classes: tuple[Combo, ...] = self.config.combos_for(split)  # validates split
         self.split = split
-        self.size = _int_field("size", size, 1)
+        self.size = check_int("ShapesDataset.size", size, minimum=1)
         if not self.classes:
             raise ValueError(
                 f"split={split!r} has no shape-colour combos (heldout_fraction={self.config.heldout_fraction}, "
@@ -444,7 +423,7 @@ class ImageTextCollator:
         add_eos: bool = True,
         tokenizer: Optional[ByteTokenizer] = None,
     ) -> None:
-        self.text_length = _int_field("text_length", text_length, 1)
+        self.text_length = check_int("ImageTextCollator.text_length", text_length, minimum=1)
         self.add_bos = add_bos
         self.add_eos = add_eos
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()

@@ -1,7 +1,8 @@
 """Models built on ``moe.MoELayer``: the MoE transformer, a byte-level LM and LIMoE.
 
-- ``TransformerConfig`` / ``MoESettings`` / ``Transformer`` / ``Block``: pre-LN blocks
-  whose FFN is a dense MLP or an MoE layer every ``moe_every`` blocks.
+- ``TransformerConfig`` / ``Transformer`` / ``Block``: pre-LN blocks whose FFN is a
+  dense MLP or an MoE layer (a ``moe.MoEConfig``) every ``moe_every`` blocks;
+  ``compile_blocks`` applies ``torch.compile`` to each block.
 - ``LMConfig`` / ``LanguageModel``: decoder-only LM over ``moe.data`` bytes.
 - ``LIMoEConfig`` / ``LIMoEModel``: one shared tower for images and text, trained
   with a CLIP loss; ``zero_shot_accuracy``.
@@ -15,11 +16,11 @@ from .transformer import (
     MLP,
     Attention,
     Block,
-    MoESettings,
     Transformer,
     TransformerConfig,
     active_ffn_flops_per_token,
     attention_mask,
+    compile_blocks,
     dense_equivalent,
     init_weights,
 )
@@ -27,6 +28,6 @@ from .transformer import (
 __all__ = [
     "IMAGE", "TEXT", "LIMoEConfig", "LIMoEModel", "contrastive_loss", "zero_shot_accuracy",
     "LanguageModel", "LMConfig", "lm_loss", "PRESETS", "preset", "preset_names", "resolve_model_config",
-    "MLP", "Attention", "Block", "MoESettings", "Transformer", "TransformerConfig",
+    "MLP", "Attention", "Block", "Transformer", "TransformerConfig", "compile_blocks",
     "active_ffn_flops_per_token", "attention_mask", "dense_equivalent", "init_weights",
 ]

@@ -37,16 +37,14 @@ from torch import nn
 from ..losses import load_balancing_loss
 from ..modes import eval_mode
 from ..data.tokenizer import VOCAB_SIZE, ByteTokenizer
-from ..config import check_keys
+from ..checks import build_at, check_bool, check_int, check_number, fail
 from .transformer import (
     Transformer,
     TransformerConfig,
     TransformerModel,
-    _float,
-    _int,
-    config_from_dict,
     dense_equivalent,
     init_weights,
+    split_model_dict,
     sum_aux,
 )
 
@@ -91,40 +89,45 @@ class LIMoEConfig:
     init_seed: int = 0
 
     def __post_init__(self) -> None:
+        p = "LIMoEConfig"
         if not isinstance(self.transformer, TransformerConfig):
-            raise TypeError(f"transformer must be a TransformerConfig, got {type(self.transformer).__name__}")
+            fail(f"{p}.transformer", self.transformer, "it must be a TransformerConfig", wrong_type=True)
         t = self.transformer
         if t.causal or t.num_modalities != 2:
             object.__setattr__(self, "transformer", replace(t, causal=False, num_modalities=2))
-        _int("image_size", self.image_size, 1)
-        _int("patch_size", self.patch_size, 1)
+        check_int(f"{p}.image_size", self.image_size, minimum=1)
+        check_int(f"{p}.patch_size", self.patch_size, minimum=1)
         if self.image_size % self.patch_size:
-            raise ValueError(f"patch_size={self.patch_size} is not allowed with image_size={self.image_size}; "
-                             "it must divide image_size")
-        _int("in_channels", self.in_channels, 1)
-        _int("text_length", self.text_length, 1)
-        _int("vocab_size", self.vocab_size, 2)
-        _int("embed_dim", self.embed_dim, 1)
-        _float("logit_scale_max", self.logit_scale_max, 0.0, math.inf, lo_open=True, hi_open=True)
-        _float("logit_scale_init", self.logit_scale_init, 0.0, self.logit_scale_max, lo_open=True)
-        _float("joint_load_balancing", self.joint_load_balancing, 0.0, math.inf, hi_open=True)
-        if not isinstance(self.gather_negatives, bool):
-            raise TypeError(f"gather_negatives must be a bool, got {self.gather_negatives!r}")
-        _int("init_seed", self.init_seed, 0)
+            fail(f"{p}.patch_size", self.patch_size, f"it must divide image_size={self.image_size}")
+        check_int(f"{p}.in_channels", self.in_channels, minimum=1)
+        check_int(f"{p}.text_length", self.text_length, minimum=1)
+        check_int(f"{p}.vocab_size", self.vocab_size, minimum=2)
+        check_int(f"{p}.embed_dim", self.embed_dim, minimum=1)
+        check_number(f"{p}.logit_scale_max", self.logit_scale_max, minimum=0.0, min_open=True)
+        check_number(f"{p}.logit_scale_init", self.logit_scale_init, minimum=0.0, min_open=True,
+                     maximum=self.logit_scale_max)
+        check_number(f"{p}.joint_load_balancing", self.joint_load_balancing, minimum=0.0)
+        check_bool(f"{p}.gather_negatives", self.gather_negatives)
+        check_int(f"{p}.init_seed", self.init_seed, minimum=0)
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LIMoEConfig":
-        """From a flat YAML mapping: transformer fields and LIMoE fields side by side."""
-        own = [f.name for f in fields(cls) if f.name != "transformer"]
-        t_keys = [f.name for f in fields(TransformerConfig)]
-        check_keys("model", d, own + t_keys)
-        t = config_from_dict(TransformerConfig, {k: v for k, v in d.items() if k in t_keys},
-                             extra={"causal": False, "num_modalities": 2})
-        return cls(transformer=t, **{k: v for k, v in d.items() if k in own})
+    def from_dict(cls, d: Mapping[str, Any], path: str = "model") -> "LIMoEConfig":
+        """From a flat YAML mapping: transformer fields and LIMoE fields side by side (errors name ``path.<key>``)."""
+        t, own = split_model_dict(d, [f.name for f in fields(cls) if f.name != "transformer"], path)
+        transformer = TransformerConfig.from_dict(t, path, fixed={"causal": False, "num_modalities": 2})
+        return build_at(path, cls, transformer=transformer, **own)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The flat mapping ``from_dict`` accepts (every field, defaults included)."""
+        out = self.transformer.to_dict()
+        for forced in ("causal", "num_modalities"):
+            out.pop(forced)
+        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "transformer"})
+        return out
 
     def dense_baseline(self) -> "LIMoEConfig":
         """Same model with every MoE block replaced by a dense MLP of equal active FLOPs."""

@@ -14,15 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.tokenizer import VOCAB_SIZE
-from ..config import check_keys
+from ..checks import build_at, check_bool, check_int, fail
 from .transformer import (
-    TransformerConfig,
     Transformer,
+    TransformerConfig,
     TransformerModel,
-    _int,
-    config_from_dict,
     dense_equivalent,
     init_weights,
+    split_model_dict,
 )
 
 __all__ = ["LMConfig", "LanguageModel", "lm_loss"]
@@ -44,30 +43,35 @@ class LMConfig:
     init_seed: int = 0
 
     def __post_init__(self) -> None:
+        p = "LMConfig"
         if not isinstance(self.transformer, TransformerConfig):
-            raise TypeError(f"transformer must be a TransformerConfig, got {type(self.transformer).__name__}")
+            fail(f"{p}.transformer", self.transformer, "it must be a TransformerConfig", wrong_type=True)
         if not self.transformer.causal:
             object.__setattr__(self, "transformer", replace(self.transformer, causal=True))
         if self.transformer.num_modalities != 1:
-            raise ValueError(f"num_modalities={self.transformer.num_modalities} is not allowed for an LM; it must be 1")
-        _int("vocab_size", self.vocab_size, 2)
-        _int("max_seq_len", self.max_seq_len, 1)
-        if not isinstance(self.tie_embeddings, bool):
-            raise TypeError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
-        _int("init_seed", self.init_seed, 0)
+            fail(f"{p}.num_modalities", self.transformer.num_modalities, "an LM has one modality: it must be 1")
+        check_int(f"{p}.vocab_size", self.vocab_size, minimum=2)
+        check_int(f"{p}.max_seq_len", self.max_seq_len, minimum=1)
+        check_bool(f"{p}.tie_embeddings", self.tie_embeddings)
+        check_int(f"{p}.init_seed", self.init_seed, minimum=0)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LMConfig":
+    def from_dict(cls, d: Mapping[str, Any], path: str = "model") -> "LMConfig":
         """From a flat YAML mapping: transformer fields and LM fields side by side.
 
-        ``{"d_model": 128, "n_layers": 4, "moe_every": 2, "moe": {...}, "max_seq_len": 128}``
+        ``{"d_model": 128, "n_layers": 4, "moe_every": 2, "moe": {...}, "max_seq_len": 128}``;
+        errors name ``path.<key>``.
         """
-        own = [f.name for f in fields(cls) if f.name != "transformer"]
-        t_keys = [f.name for f in fields(TransformerConfig)]
-        check_keys("model", d, own + t_keys)
-        t = config_from_dict(TransformerConfig, {k: v for k, v in d.items() if k in t_keys},
-                             extra={"causal": True})
-        return cls(transformer=t, **{k: v for k, v in d.items() if k in own})
+        t, own = split_model_dict(d, [f.name for f in fields(cls) if f.name != "transformer"], path)
+        transformer = TransformerConfig.from_dict(t, path, fixed={"causal": True})
+        return build_at(path, cls, transformer=transformer, **own)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The flat mapping ``from_dict`` accepts (every field, defaults included)."""
+        out = self.transformer.to_dict()
+        out.pop("causal")
+        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "transformer"})
+        return out
 
     def dense_baseline(self) -> "LMConfig":
         """Same LM with every MoE block replaced by a dense MLP of equal active FLOPs."""

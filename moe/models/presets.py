@@ -48,6 +48,8 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, Mapping
 
+from ..checks import check_mapping, fail
+
 __all__ = ["PRESETS", "TINY_LIMOE_TRAINING", "preset", "resolve_model_config", "preset_names", "dense_twin"]
 
 
@@ -135,8 +137,8 @@ def preset_names() -> list:
 
 def preset(name: str) -> Dict[str, Any]:
     """A deep copy of preset ``name`` (without its ``task`` key)."""
-    if name not in PRESETS:
-        raise ValueError(f"preset={name!r} is not allowed; choose one of {', '.join(map(repr, preset_names()))}")
+    if not isinstance(name, str) or name not in PRESETS:
+        fail("model.preset", name, f"allowed values: {', '.join(map(repr, preset_names()))}")
     out = copy.deepcopy(PRESETS[name])
     out.pop("task", None)
     return out
@@ -160,13 +162,11 @@ def resolve_model_config(d: Mapping[str, Any], *, task: str | None = None) -> Di
 
     ``task``: when given, a preset made for another task is rejected.
     """
-    if not isinstance(d, Mapping):
-        raise TypeError(f"model config must be a mapping, got {type(d).__name__}: {d!r}")
-    d = dict(d)
+    d = dict(check_mapping("model", d))
     name = d.pop("preset", None)
     if name is None:
         return copy.deepcopy(d)
     if task is not None and name in PRESETS and PRESETS[name].get("task") != task:
-        raise ValueError(f"preset={name!r} is a {PRESETS[name].get('task')!r} preset, not allowed for task {task!r}; "
-                         f"choose one of {[n for n in preset_names() if PRESETS[n].get('task') == task]}")
+        fail("model.preset", name, f"it is a {PRESETS[name].get('task')!r} preset, not allowed for task {task!r}; "
+             f"allowed values: {', '.join(repr(n) for n in preset_names() if PRESETS[n].get('task') == task)}")
     return _merge(preset(name), d)

@@ -14,28 +14,42 @@ has a ``MoELayer`` named ``blocks.<i>.moe``; the others a dense MLP
 ``blocks.<i>.mlp``. MoE layers get ``ep_group`` / ``dp_group`` passed in
 explicitly: nothing is read from global state.
 
-A ``MoESettings`` with ``num_experts == 1`` builds a plain dense MLP of width
-``MoESettings.d_ffn`` (one expert, softmax weight 1, nothing ever dropped, is
-exactly a dense MLP); ``dense_equivalent(cfg)`` uses that to make the dense
-baseline with the same active FFN FLOPs per token.
+``TransformerConfig.moe`` is a ``moe.MoEConfig``; with ``num_experts == 1`` those
+blocks are plain dense MLPs of width ``moe.d_ffn`` (one expert, softmax weight 1,
+nothing ever dropped, is exactly a dense MLP); ``dense_equivalent(cfg)`` uses that
+to make the dense baseline with the same active FFN FLOPs per token.
+``compile_blocks(model)`` applies ``torch.compile`` to every block.
 """
 from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Dict, Mapping, Optional, Tuple
+from dataclasses import dataclass, fields, replace
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ACTIVATIONS, AUX_LOSS_NAMES, BACKENDS, MoEConfig, RouterConfig, _choice, check_keys
+from ..checks import (
+    ConfigError,
+    build_at,
+    check_bool,
+    check_choice,
+    check_int,
+    check_keys,
+    check_mapping,
+    check_number,
+    fail,
+    join,
+)
+from ..config import ACTIVATIONS, MoEConfig, RouterConfig
+from ..dispatch import world_node_groups
 from ..experts import Experts
 from ..layer import MoELayer
 
 __all__ = [
-    "MoESettings",
+    "OWNED_MOE_FIELDS",
     "TransformerConfig",
     "MLP",
     "Attention",
@@ -47,93 +61,15 @@ __all__ = [
     "dense_equivalent",
     "init_weights",
     "sum_aux",
-    "config_from_dict",
+    "split_model_dict",
+    "compile_blocks",
 ]
-
-
-# ----------------------------------------------------------------------------- validation helpers
-
-def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name}={value} is not allowed; it must be an int >= {minimum}")
-    return value
-
-
-def _float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    bad = (not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo)
-           or (hi_open and value == hi))
-    if bad:
-        rng = ("(" if lo_open else "[") + f"{lo}, {hi}" + (")" if hi_open else "]")
-        raise ValueError(f"{name}={value!r} is not allowed; it must be in {rng}")
-    return float(value)
 
 
 # ----------------------------------------------------------------------------- configs
 
-@dataclass(frozen=True)
-class MoESettings:
-    """How the MoE blocks of a transformer look (the model width comes from the transformer).
-
-    Fields:
-      num_experts: E (>= 1). ``1`` means a dense MLP of width ``d_ffn`` (dense baseline).
-      d_ffn: width F of each expert; None = the transformer's ``d_ffn``.
-      router: a ``moe.RouterConfig`` (policy, top_k, capacity_factor, drop_policy, ...).
-      aux_losses: balancing-loss name -> coefficient (``moe.config.AUX_LOSS_NAMES``).
-      limoe_min_experts: S of the thresholded LIMoE global entropy ``max(0, log S - H)``.
-      backend: kernel backend for the layer (``moe.config.BACKENDS``).
-    """
-
-    num_experts: int = 8
-    d_ffn: Optional[int] = None
-    router: RouterConfig = field(default_factory=RouterConfig)
-    aux_losses: Mapping[str, float] = field(default_factory=lambda: {"load_balancing": 1e-2})
-    limoe_min_experts: float = 1.0
-    backend: str = "auto"
-
-    def __post_init__(self) -> None:
-        _int("moe.num_experts", self.num_experts, 1)
-        if self.d_ffn is not None:
-            _int("moe.d_ffn", self.d_ffn, 1)
-        if not isinstance(self.router, RouterConfig):
-            raise TypeError(f"moe.router must be a RouterConfig, got {type(self.router).__name__}")
-        if self.num_experts > 1:
-            self.router.check_experts(self.num_experts)
-        if not isinstance(self.aux_losses, Mapping):
-            raise TypeError(f"moe.aux_losses must be a mapping of loss name -> coefficient, got {self.aux_losses!r}")
-        for name, coef in self.aux_losses.items():
-            _choice("moe.aux_losses key", name, AUX_LOSS_NAMES)
-            _float(f"moe.aux_losses[{name!r}]", coef, 0.0, math.inf, hi_open=True)
-        object.__setattr__(self, "aux_losses", dict(self.aux_losses))
-        _float("moe.limoe_min_experts", self.limoe_min_experts, 0.0, float(self.num_experts), lo_open=True)
-        _choice("moe.backend", self.backend, BACKENDS)
-
-    @property
-    def is_dense(self) -> bool:
-        """True when this is the one-expert dense stand-in."""
-        return self.num_experts == 1
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MoESettings":
-        """From a YAML mapping; ``router`` may be a mapping of ``RouterConfig`` fields."""
-        allowed = [f.name for f in fields(cls)]
-        check_keys("model.moe", d, allowed)
-        kw = dict(d)
-        router = kw.get("router")
-        if isinstance(router, Mapping):
-            router_allowed = [f.name for f in fields(RouterConfig)]
-            check_keys("model.moe.router", router, router_allowed)
-            kw["router"] = RouterConfig(**router)
-        return cls(**kw)
-
-    def to_dict(self) -> Dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["router"] = {f.name: getattr(self.router, f.name) for f in fields(RouterConfig)}
-        out["aux_losses"] = dict(self.aux_losses)
-        return out
+# MoEConfig fields a transformer sets on its MoE blocks itself (not keys of ``model.moe``).
+OWNED_MOE_FIELDS = ("d_model", "activation", "num_modalities")
 
 
 @dataclass(frozen=True)
@@ -142,16 +78,22 @@ class TransformerConfig:
 
     Fields:
       d_model: D; n_layers: number of blocks; n_heads: H (must divide D).
-      d_ffn: width of the dense MLP blocks.
+      d_ffn: width of the dense MLP blocks (and the default width of each expert).
       activation: one of ``moe.config.ACTIVATIONS`` (dense MLPs and experts alike).
       causal: causal self-attention (decoder) or bidirectional (encoder).
       moe_every: 0 = all blocks dense; n > 0 = blocks n-1, 2n-1, ... are MoE blocks.
-      moe: ``MoESettings`` for the MoE blocks (required iff ``moe_every > 0``).
+      moe: the ``moe.MoEConfig`` of the MoE blocks (required iff ``moe_every > 0``). Its
+        ``d_model``, ``activation`` and ``num_modalities`` are the transformer's (set here
+        whatever they were); ``num_experts == 1`` makes those blocks dense MLPs of width
+        ``moe.d_ffn`` (the dense stand-in of ``dense_equivalent``).
       num_modalities: modality ids the MoE layers accept (LIMoE: 2).
       dropout: dropout on attention probabilities and residual branches, in [0, 1).
       norm_eps: LayerNorm epsilon.
       init_std: std of the normal init of weights (output projections are scaled
-        down by ``sqrt(2 * n_layers)``).
+        down by ``sqrt(2 * n_layers)``); also ``moe.init_std``'s default from YAML.
+
+    From YAML (``from_dict``), ``moe`` is a mapping of every ``MoEConfig`` field except
+    ``OWNED_MOE_FIELDS``; ``moe.d_ffn`` defaults to ``d_ffn``.
     """
 
     d_model: int = 128
@@ -161,39 +103,68 @@ class TransformerConfig:
     activation: str = "gelu"
     causal: bool = False
     moe_every: int = 0
-    moe: Optional[MoESettings] = None
+    moe: Optional[MoEConfig] = None
     num_modalities: int = 1
     dropout: float = 0.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        _int("d_model", self.d_model, 1)
-        _int("n_layers", self.n_layers, 1)
-        _int("n_heads", self.n_heads, 1)
+        p = "TransformerConfig"
+        check_int(f"{p}.d_model", self.d_model, minimum=1)
+        check_int(f"{p}.n_layers", self.n_layers, minimum=1)
+        check_int(f"{p}.n_heads", self.n_heads, minimum=1)
         if self.d_model % self.n_heads:
             divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0]
-            raise ValueError(f"n_heads={self.n_heads} is not allowed with d_model={self.d_model}; "
-                             f"it must divide d_model (e.g. one of {divisors[:12]})")
-        _int("d_ffn", self.d_ffn, 1)
-        _choice("activation", self.activation, ACTIVATIONS)
-        if not isinstance(self.causal, bool):
-            raise TypeError(f"causal must be a bool, got {self.causal!r}")
-        _int("moe_every", self.moe_every, 0)
-        if self.moe_every > self.n_layers:
-            raise ValueError(f"moe_every={self.moe_every} is not allowed with n_layers={self.n_layers}; "
-                             f"it must be in [0, {self.n_layers}] (0 = no MoE blocks)")
+            fail(f"{p}.n_heads", self.n_heads, f"it must divide d_model={self.d_model} (e.g. one of {divisors[:12]})")
+        check_int(f"{p}.d_ffn", self.d_ffn, minimum=1)
+        check_choice(f"{p}.activation", self.activation, ACTIVATIONS)
+        check_bool(f"{p}.causal", self.causal)
+        check_int(f"{p}.moe_every", self.moe_every, minimum=0, maximum=self.n_layers)
         if self.moe_every > 0 and self.moe is None:
-            raise ValueError(f"moe_every={self.moe_every} needs a 'moe' section (MoESettings); "
-                             "set moe_every=0 for an all-dense transformer")
-        if self.moe is not None and not isinstance(self.moe, MoESettings):
-            raise TypeError(f"moe must be a MoESettings or None, got {type(self.moe).__name__}")
+            fail(f"{p}.moe", None, f"moe_every={self.moe_every} needs a 'moe' section; "
+                 "set moe_every=0 for an all-dense transformer")
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            fail(f"{p}.moe", self.moe, "it must be a moe.MoEConfig or None", wrong_type=True)
         if self.moe_every == 0 and self.moe is not None:
-            raise ValueError("moe is set but moe_every=0 (no MoE blocks); set moe_every > 0 or drop 'moe'")
-        _int("num_modalities", self.num_modalities, 1)
-        _float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
-        _float("norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True)
-        _float("init_std", self.init_std, 0.0, math.inf, lo_open=True, hi_open=True)
+            fail(f"{p}.moe_every", 0, "moe is set, so it must be > 0 (or drop 'moe')")
+        check_int(f"{p}.num_modalities", self.num_modalities, minimum=1)
+        check_number(f"{p}.dropout", self.dropout, minimum=0.0, maximum=1.0, max_open=True)
+        check_number(f"{p}.norm_eps", self.norm_eps, minimum=0.0, maximum=1.0, min_open=True)
+        check_number(f"{p}.init_std", self.init_std, minimum=0.0, min_open=True)
+        if self.moe is not None:
+            owned = {k: getattr(self, k) for k in OWNED_MOE_FIELDS}
+            if any(getattr(self.moe, k) != v for k, v in owned.items()):
+                try:
+                    object.__setattr__(self, "moe", replace(self.moe, **owned))
+                except ConfigError as e:
+                    raise e.rebased("MoEConfig", f"{p}.moe") from None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], path: str = "TransformerConfig", *,
+                  fixed: Optional[Mapping[str, Any]] = None) -> "TransformerConfig":
+        """From a YAML mapping of the fields (``moe`` a mapping, see the class docstring).
+
+        ``fixed``: field values the caller forces (e.g. ``causal=True`` for a decoder).
+        Errors name ``path.<key>``.
+        """
+        check_keys(path, d, [f.name for f in fields(cls)])
+        kw = {**d, **(fixed or {})}
+        if kw.get("moe") is not None and not isinstance(kw["moe"], MoEConfig):
+            # The transformer's own fields first, so a bad d_model is named as 'model.d_model'.
+            build_at(path, cls, **{**kw, "moe": None, "moe_every": 0})
+            own = {k: kw.get(k, getattr(cls, k)) for k in OWNED_MOE_FIELDS}
+            defaults = {"d_ffn": kw.get("d_ffn", cls.d_ffn), "init_std": kw.get("init_std", cls.init_std)}
+            kw["moe"] = MoEConfig.from_dict(check_mapping(join(path, "moe"), kw["moe"]), join(path, "moe"),
+                                            owned=own, defaults=defaults)
+        return build_at(path, cls, **kw)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain data that ``from_dict`` accepts (``moe`` without the owned fields)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.moe is not None:
+            out["moe"] = self.moe.to_dict(exclude=OWNED_MOE_FIELDS)
+        return out
 
     @property
     def head_dim(self) -> int:
@@ -201,7 +172,7 @@ class TransformerConfig:
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether block ``i`` (0-based) has an MoE FFN (a sparse one: more than one expert)."""
-        return self.moe_every > 0 and (i + 1) % self.moe_every == 0 and not self.moe.is_dense
+        return self.is_moe_position(i) and self.moe.num_experts > 1
 
     def is_moe_position(self, i: int) -> bool:
         """Whether block ``i`` takes its FFN from ``moe`` (MoE, or its one-expert dense stand-in)."""
@@ -209,33 +180,23 @@ class TransformerConfig:
 
     def ffn_width(self, i: int) -> int:
         """Width of block ``i``'s FFN (each expert's width for MoE blocks)."""
-        if self.is_moe_position(i):
-            return self.moe.d_ffn if self.moe.d_ffn is not None else self.d_ffn
-        return self.d_ffn
+        return self.moe.d_ffn if self.is_moe_position(i) else self.d_ffn
 
     def moe_config(self, i: int) -> MoEConfig:
-        """The ``moe.MoEConfig`` of MoE block ``i``."""
-        m = self.moe
-        return MoEConfig(d_model=self.d_model, d_ffn=self.ffn_width(i), num_experts=m.num_experts, router=m.router,
-                         activation=self.activation, backend=m.backend, aux_losses=dict(m.aux_losses),
-                         num_modalities=self.num_modalities, limoe_min_experts=m.limoe_min_experts,
-                         init_std=self.init_std)
+        """The ``moe.MoEConfig`` of MoE block ``i`` (the same for every MoE block)."""
+        if not self.is_moe_position(i):
+            raise ValueError(f"block {i} is not an MoE block (moe_every={self.moe_every})")
+        return self.moe
 
 
-def config_from_dict(cls, d: Mapping[str, Any], *, what: str = "model", extra: Optional[Dict[str, Any]] = None):
-    """Build dataclass ``cls`` from a flat YAML mapping, rejecting unknown keys by name.
+def split_model_dict(d: Mapping[str, Any], own: Sequence[str], path: str = "model") -> Tuple[dict, dict]:
+    """Split a flat ``model`` mapping into (transformer fields, the model's ``own`` fields).
 
-    A ``moe`` entry that is a mapping becomes a ``MoESettings``; ``extra`` entries
-    are forced (e.g. ``causal=True`` for a decoder).
+    Unknown keys raise ``ConfigError`` naming ``path.<key>`` and every allowed key.
     """
-    allowed = [f.name for f in fields(cls)]
-    check_keys(what, d, allowed)
-    kw = dict(d)
-    if isinstance(kw.get("moe"), Mapping):
-        kw["moe"] = MoESettings.from_dict(kw["moe"])
-    if extra:
-        kw.update(extra)
-    return cls(**kw)
+    t_keys = [f.name for f in fields(TransformerConfig)]
+    check_keys(path, d, list(own) + t_keys)
+    return {k: v for k, v in d.items() if k in t_keys}, {k: v for k, v in d.items() if k in own}
 
 
 # ----------------------------------------------------------------------------- FLOPs and the dense baseline
@@ -271,11 +232,12 @@ def dense_equivalent(cfg: TransformerConfig) -> TransformerConfig:
     ``top_k * F_expert`` (so a top-2 model's baseline MLP is twice as wide as
     one expert); dense blocks are unchanged. No balancing losses remain.
     """
-    if not cfg.moe_every or cfg.moe.is_dense:
+    if not cfg.moe_every or cfg.moe.num_experts == 1:
         return cfg
-    width = cfg.moe.router.top_k * (cfg.moe.d_ffn if cfg.moe.d_ffn is not None else cfg.d_ffn)
-    dense = MoESettings(num_experts=1, d_ffn=width, router=RouterConfig(top_k=1, policy="topk"), aux_losses={},
-                        backend=cfg.moe.backend)
+    width = cfg.moe.router.top_k * cfg.moe.d_ffn
+    dense = MoEConfig(d_model=cfg.d_model, d_ffn=width, num_experts=1, router=RouterConfig(top_k=1, policy="topk"),
+                      activation=cfg.activation, backend=cfg.moe.backend, aux_losses={},
+                      num_modalities=cfg.num_modalities, init_std=cfg.moe.init_std)
     return replace(cfg, moe=dense)
 
 
@@ -336,7 +298,8 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-LN block: ``x + attn(ln1(x))`` then ``x + ffn(ln2(x))``; FFN = ``mlp`` or ``moe``."""
 
-    def __init__(self, cfg: TransformerConfig, index: int, *, ep_group=None, dp_group=None, prefix: str = "blocks"):
+    def __init__(self, cfg: TransformerConfig, index: int, *, ep_group=None, dp_group=None, prefix: str = "blocks",
+                 node_groups=None):
         super().__init__()
         self.index, self.causal = index, cfg.causal
         self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -346,7 +309,7 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(index)
         if self.is_moe:
             self.moe = MoELayer(cfg.moe_config(index), ep_group=ep_group, dp_group=dp_group,
-                                name=f"{prefix}.{index}.moe")
+                                node_groups=node_groups, name=f"{prefix}.{index}.moe")
         else:
             self.mlp = MLP(cfg.d_model, cfg.ffn_width(index), cfg.activation)
 
@@ -392,14 +355,25 @@ def sum_aux(total: Dict[str, torch.Tensor], aux: Mapping[str, torch.Tensor]) -> 
 
 
 class Transformer(nn.Module):
-    """The block stack plus a final LayerNorm; MoE blocks are named ``<prefix>.<i>.moe``."""
+    """The block stack plus a final LayerNorm; MoE blocks are named ``<prefix>.<i>.moe``.
+
+    With ``moe.dispatcher == "hierarchical"`` and an ``ep_group``, the node groups of
+    the two-hop exchange are created once here and shared by every MoE layer; that is
+    collective over the whole world (``moe.dispatch.world_node_groups``), so every
+    rank builds its model at the same time.
+    """
 
     def __init__(self, cfg: TransformerConfig, *, ep_group=None, dp_group=None, prefix: str = "blocks"):
         super().__init__()
         if not isinstance(cfg, TransformerConfig):
             raise TypeError(f"cfg must be a TransformerConfig, got {type(cfg).__name__}")
         self.config = cfg
-        self.blocks = nn.ModuleList(Block(cfg, i, ep_group=ep_group, dp_group=dp_group, prefix=prefix)
+        node_groups = None
+        if (ep_group is not None and any(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+                and cfg.moe.dispatcher == "hierarchical"):
+            node_groups = world_node_groups(ep_group, cfg.moe.node_size)
+        self.blocks = nn.ModuleList(Block(cfg, i, ep_group=ep_group, dp_group=dp_group, prefix=prefix,
+                                          node_groups=node_groups)
                                     for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
@@ -451,8 +425,8 @@ def init_weights(model: nn.Module, seed: int = 0, *, std: float = 0.02, n_layers
     it (seeded by its GLOBAL index), so an expert-parallel model starts equal to
     the single-process one. Linear / conv / embedding weights ~ N(0, std) (residual
     output projections ``attn.out``, ``mlp.w_out`` scaled by ``1/sqrt(2 n_layers)``),
-    biases 0, LayerNorm 1 / 0, routers ~ N(0, MoEConfig.init_std), experts as
-    ``moe.Experts`` does (w1 ~ N(0, s), w2 ~ N(0, s / sqrt 2)). Parameters of other
+    biases 0, LayerNorm 1 / 0, routers ~ N(0, MoEConfig.init_std), experts by
+    ``moe.Experts.reset_parameters`` fed one generator per (parameter, global expert). Parameters of other
     modules named ``*pos*`` / ``*embed*`` get N(0, std) too; anything else keeps
     its constructor value.
     """
@@ -460,17 +434,8 @@ def init_weights(model: nn.Module, seed: int = 0, *, std: float = 0.02, n_layers
     handled = set()
     for mod_name, module in model.named_modules():
         if isinstance(module, Experts):
-            for pname in ("w1", "w2", "b1", "b2"):
-                p = getattr(module, pname)
-                if p is None:
-                    continue
-                handled.add(id(p))
-                if pname.startswith("b"):
-                    p.zero_()
-                    continue
-                s = module.init_std if pname == "w1" else module.init_std / math.sqrt(2.0)
-                for e in range(module.num_local):
-                    _normal_(p[e], s, _generator(seed, f"{mod_name}.{pname}", module.first_expert + e))
+            handled.update(id(p) for p in module.parameters(recurse=False))
+            module.reset_parameters(lambda pname, g, _n=mod_name: _generator(seed, f"{_n}.{pname}", g))
         elif isinstance(module, MoELayer):
             router = module.router
             handled.add(id(router.weight))
@@ -492,3 +457,25 @@ def init_weights(model: nn.Module, seed: int = 0, *, std: float = 0.02, n_layers
     for name, p in model.named_parameters():
         if id(p) not in handled and ("pos" in name or "embed" in name):
             _normal_(p, std, _generator(seed, name))
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """Apply ``torch.compile`` to every transformer block of ``model`` (in place; returns it).
+
+    The two halves of each block (``attend`` and ``feed_forward``) are compiled, so
+    models that call them directly (LIMoE) benefit as well as ``Block.forward``.
+    Parameter names and the state dict are unchanged. An MoE layer with a capacity
+    compiles with static shapes (expert buffers padded to the capacity); dropless
+    routing has data-dependent shapes and runs with graph breaks. ``compile_kwargs``
+    go to ``torch.compile`` (e.g. ``backend="aot_eager"``).
+    """
+    blocks = model.transformer.blocks if hasattr(model, "transformer") else getattr(model, "blocks", None)
+    if blocks is None:
+        raise TypeError(f"model must have transformer blocks (.transformer.blocks or .blocks), "
+                        f"got {type(model).__name__}")
+    for block in blocks:
+        block.attend = torch.compile(block.attend, **compile_kwargs)
+        block.feed_forward = torch.compile(block.feed_forward, **compile_kwargs)
+    return model

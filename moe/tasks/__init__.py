@@ -1,10 +1,43 @@
 """Training tasks: a model, its data stream, its loss and its evaluation.
 
-``build_task("limoe" | "lm", model_cfg, data_cfg, groups=None, device="cpu")``
-returns an object following the ``Task`` protocol (see ``moe.tasks.base``).
+``TASKS`` is the one table of built-in tasks, ``name -> Task class`` (each a
+``moe.tasks.base.ModelTask``); ``TASK_NAMES`` are its keys. ``build_task(name,
+model_cfg, data_cfg, groups=None, device="cpu")`` returns an object following the
+``Task`` protocol (see ``moe.tasks.base``); ``TASKS[name].configs_from_dicts(model_cfg,
+data_cfg)`` validates the two YAML sections without building anything.
 """
-from .base import TASK_NAMES, Task, build_task
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional
+
+from ..checks import fail
+from .base import ModelTask, Task
 from .limoe import LIMoEDataConfig, LIMoETask
 from .lm import LMDataConfig, LMTask
 
-__all__ = ["TASK_NAMES", "Task", "build_task", "LIMoEDataConfig", "LIMoETask", "LMDataConfig", "LMTask"]
+TASKS: Dict[str, type] = {"lm": LMTask, "limoe": LIMoETask}
+TASK_NAMES = tuple(TASKS)
+
+__all__ = ["TASKS", "TASK_NAMES", "Task", "ModelTask", "task_class", "build_task", "LIMoEDataConfig", "LIMoETask",
+           "LMDataConfig", "LMTask"]
+
+
+def task_class(name: str, path: str = "task.name") -> type:
+    """``TASKS[name]``; an unknown name raises ``ConfigError`` naming ``path`` and the task names."""
+    if not isinstance(name, str) or name not in TASKS:
+        fail(path, name, f"allowed values: {', '.join(map(repr, TASK_NAMES))}")
+    return TASKS[name]
+
+
+def build_task(name: str, model_cfg: Optional[Mapping[str, Any]], data_cfg: Optional[Mapping[str, Any]], *,
+               groups=None, device="cpu") -> Task:
+    """Build task ``name`` (a key of ``TASKS``) from the ``model`` and ``data`` YAML sections.
+
+    ``model_cfg`` may name a preset: ``{"preset": "tiny_limoe", "n_layers": 2}``.
+    ``groups``: None (single process) or an object with ``ep_group`` and ``dp_group``.
+    """
+    cls = task_class(name)
+    if groups is not None and not (hasattr(groups, "ep_group") and hasattr(groups, "dp_group")):
+        raise TypeError(f"groups must have ep_group and dp_group attributes (parallel.ProcessGroups), "
+                        f"got {type(groups).__name__}")
+    return cls.from_dicts(model_cfg or {}, data_cfg or {}, groups=groups, device=device)

@@ -18,10 +18,14 @@ A task owns its model and data. The trainer only calls:
   ``zero_shot_accuracy``, ``val_contrastive_loss`` (+ a few extra keys).
 - ``task.moe_layers()``: the model's ``moe.MoELayer`` s, for telemetry.
 
-``build_task(name, model_cfg, data_cfg, groups=None, device="cpu")`` builds one from
-plain YAML dicts; unknown keys raise ``ValueError`` naming the key and the allowed
-ones. ``groups`` (a ``parallel.ProcessGroups``, or anything with ``ep_group`` and
-``dp_group`` attributes) supplies the groups handed to every MoE layer.
+``moe.tasks.TASKS`` maps each task name to its class; ``moe.tasks.build_task(name,
+model_cfg, data_cfg, groups=None, device="cpu")`` builds one from plain YAML dicts.
+A ``ModelTask`` subclass validates both sections without building anything
+(``configs_from_dicts``); a bad value raises ``moe.checks.ConfigError`` naming the
+key path (``model.moe.router.top_k``, ``data.seq_len``). ``groups`` (a
+``parallel.ProcessGroups``, or anything with ``ep_group`` and ``dp_group``
+attributes) supplies the groups handed to every MoE layer. This module imports
+none of the task classes.
 """
 from __future__ import annotations
 
@@ -31,12 +35,10 @@ from typing import Any, Dict, Mapping, Optional, Protocol, Tuple, runtime_checka
 import numpy as np
 import torch
 
-from ..config import check_keys
+from ..checks import build_at, check_keys
 from ..models.presets import resolve_model_config
 
-__all__ = ["Task", "ModelTask", "DataConfig", "build_task", "TASK_NAMES", "sample_rng", "check_keys", "loss_logs"]
-
-TASK_NAMES = ("limoe", "lm")
+__all__ = ["Task", "ModelTask", "DataConfig", "sample_rng", "loss_logs"]
 
 
 @runtime_checkable
@@ -56,9 +58,10 @@ class DataConfig:
     """Base of a task's ``data`` section dataclass: ``from_dict`` rejects unknown keys."""
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]):
-        check_keys("data", d, [f.name for f in fields(cls)])
-        return cls(**d)
+    def from_dict(cls, d: Mapping[str, Any], path: str = "data"):
+        """From the YAML ``data`` section; errors name ``path.<key>``."""
+        check_keys(path, d, [f.name for f in fields(cls)])
+        return build_at(path, cls, **d)
 
 
 class ModelTask:
@@ -81,9 +84,25 @@ class ModelTask:
                                     dp_group=getattr(groups, "dp_group", None)).to(self.device)
 
     @classmethod
+    def configs_from_dicts(cls, model_cfg: Optional[Mapping[str, Any]], data_cfg: Optional[Mapping[str, Any]]):
+        """Validate the ``model`` (preset resolved) and ``data`` YAML sections: ``(model_config, data_config)``.
+
+        Builds no weights and reads no data; every problem is a ``ConfigError`` naming its key path.
+        """
+        resolved = resolve_model_config({} if model_cfg is None else model_cfg, task=cls.name)
+        model = cls.config_cls.from_dict(resolved, "model")
+        data = cls.data_config_cls.from_dict({} if data_cfg is None else data_cfg, "data")
+        cls.check_configs(model, data)
+        return model, data
+
+    @classmethod
+    def check_configs(cls, model_config, data_config) -> None:
+        """Checks across the two sections (a subclass adds its own); raise ``ConfigError``."""
+
+    @classmethod
     def from_dicts(cls, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], *, groups=None, device="cpu"):
-        model = cls.config_cls.from_dict(resolve_model_config(model_cfg, task=cls.name))
-        return cls(model, cls.data_config_cls.from_dict(data_cfg), groups=groups, device=device)
+        model, data = cls.configs_from_dicts(model_cfg, data_cfg)
+        return cls(model, data, groups=groups, device=device)
 
     def moe_layers(self) -> list:
         return self.model.moe_layers()
@@ -115,26 +134,3 @@ def loss_logs(task_loss: torch.Tensor, aux: Mapping[str, torch.Tensor]) -> Tuple
         logs[name] = float(value.detach())
     logs["loss"] = float(total.detach())
     return total, logs
-
-
-def build_task(name: str, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], *, groups=None,
-               device="cpu") -> Task:
-    """Build task ``name`` ("limoe" | "lm") from the ``model`` and ``data`` YAML sections.
-
-    ``model_cfg`` may name a preset: ``{"preset": "tiny_limoe", "n_layers": 2}``.
-    ``groups``: None (single process) or an object with ``ep_group`` and ``dp_group``.
-    """
-    if name not in TASK_NAMES:
-        raise ValueError(f"task name={name!r} is not allowed; choose one of {', '.join(map(repr, TASK_NAMES))}")
-    if groups is not None and not (hasattr(groups, "ep_group") and hasattr(groups, "dp_group")):
-        raise TypeError(f"groups must have ep_group and dp_group attributes (parallel.ProcessGroups), "
-                        f"got {type(groups).__name__}")
-    if model_cfg is None:
-        model_cfg = {}
-    if data_cfg is None:
-        data_cfg = {}
-    if name == "lm":
-        from .lm import LMTask
-        return LMTask.from_dicts(model_cfg, data_cfg, groups=groups, device=device)
-    from .limoe import LIMoETask
-    return LIMoETask.from_dicts(model_cfg, data_cfg, groups=groups, device=device)

@@ -8,7 +8,7 @@ data section (all optional)::
     shapes: {}                # ShapesConfig fields (image_size must match the model)
     image_root: null          # JSONL: folder the image paths are relative to
     val_jsonl: null           # JSONL: validation captions (zero-shot needs labels or shape/colour)
-    prompts: null             # JSONL: one caption per class label for zero-shot
+    prompts: null             # JSONL: a list of captions, one per class label, for zero-shot
     zeroshot_size: 500        # evaluation images of held-out combos
     val_size: 256             # validation pairs for the contrastive loss
     eval_batch_size: 128
@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from ..checks import check_int, check_mapping, check_str, fail
 from ..data.shapes import ImageTextCollator, ShapesConfig, ShapesDataset, class_prompts
 from ..modes import eval_mode
 from ..models.limoe import LIMoEConfig, LIMoEModel, contrastive_loss, zero_shot_accuracy
@@ -55,16 +56,24 @@ class LIMoEDataConfig(DataConfig):
     eval_batch_size: int = 128
 
     def __post_init__(self) -> None:
-        if not isinstance(self.source, str) or not self.source:
-            raise ValueError(f"data.source={self.source!r} is not allowed; use 'shapes' or a JSONL path")
+        p = "LIMoEDataConfig"
+        check_str(f"{p}.source", self.source, what="'shapes' or a JSONL path")
         for name in ("zeroshot_size", "val_size", "eval_batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"data.{name}={v!r} is not allowed; it must be an int >= 1")
-        if self.source != "shapes" and self.shapes:
-            raise ValueError("data.shapes is only allowed with data.source='shapes'")
-        if self.source == "shapes" and (self.image_root or self.val_jsonl or self.prompts):
-            raise ValueError("data.image_root / val_jsonl / prompts are only allowed with a JSONL data.source")
+            check_int(f"{p}.{name}", getattr(self, name), minimum=1)
+        for name in ("image_root", "val_jsonl"):
+            check_str(f"{p}.{name}", getattr(self, name), allow_none=True, what="a path")
+        if self.prompts is not None:
+            if isinstance(self.prompts, str) or not isinstance(self.prompts, (list, tuple)) or not self.prompts:
+                fail(f"{p}.prompts", self.prompts, "it must be a non-empty list of captions (one per class) or null")
+            for i, text in enumerate(self.prompts):
+                check_str(f"{p}.prompts[{i}]", text, what="a caption")
+        if self.source == "shapes":
+            for name in ("image_root", "val_jsonl", "prompts"):
+                if getattr(self, name) is not None:
+                    fail(f"{p}.{name}", getattr(self, name), "it is only allowed with a JSONL data.source")
+            ShapesConfig.from_dict(check_mapping(f"{p}.shapes", self.shapes or {}), f"{p}.shapes")
+        elif self.shapes:
+            fail(f"{p}.shapes", self.shapes, "it is only allowed with data.source='shapes'")
 
 
 class LIMoETask(ModelTask):
@@ -73,14 +82,12 @@ class LIMoETask(ModelTask):
     name, config_cls, data_config_cls, model_cls = "limoe", LIMoEConfig, LIMoEDataConfig, LIMoEModel
 
     def __init__(self, model_config: LIMoEConfig, data_config: LIMoEDataConfig, *, groups=None, device="cpu"):
+        self.check_configs(model_config, data_config)
         super().__init__(model_config, data_config, groups=groups, device=device)
         self.collate = ImageTextCollator(model_config.text_length)
         self._eval_cache: Optional[dict] = None
         if data_config.source == "shapes":
-            shapes = ShapesConfig.from_dict(dict(data_config.shapes or {}))
-            if shapes.image_size != model_config.image_size:
-                raise ValueError(f"data.shapes.image_size={shapes.image_size} does not match model "
-                                 f"image_size={model_config.image_size}; they must be equal")
+            shapes = ShapesConfig.from_dict(dict(data_config.shapes or {}), "data.shapes")
             self.shapes_config = shapes
             self.train_set = ShapesDataset(shapes, "train", size=_TRAIN_SIZE)
         else:
@@ -88,6 +95,13 @@ class LIMoETask(ModelTask):
             self.shapes_config = None
             self.train_set = ImageCaptionDataset(data_config.source, data_config.image_root,
                                                  image_size=model_config.image_size)
+
+    @classmethod
+    def check_configs(cls, model_config: LIMoEConfig, data_config: LIMoEDataConfig) -> None:
+        if data_config.source == "shapes":
+            size = ShapesConfig.from_dict(dict(data_config.shapes or {}), "data.shapes").image_size
+            if size != model_config.image_size:
+                fail("data.shapes.image_size", size, f"it must equal model.image_size={model_config.image_size}")
 
     # ------------------------------------------------------------------ data
     def _to_device(self, batch: dict) -> Dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
+from ..checks import check_int, check_number, check_str, fail
 from ..data.text import load_corpus
 from ..modes import eval_mode
 from ..models.lm import LanguageModel, LMConfig, lm_loss
@@ -48,20 +49,20 @@ class LMDataConfig(DataConfig):
     eval_batches: int = 16
 
     def __post_init__(self) -> None:
-        if not isinstance(self.source, (str, list, tuple)) or (isinstance(self.source, (list, tuple))
-                                                              and not self.source):
-            raise ValueError(f"data.source={self.source!r} is not allowed; use 'stdlib', a path or a list of paths")
+        p = "LMDataConfig"
+        source = self.source
+        if isinstance(source, (list, tuple)):
+            if not source:
+                fail(f"{p}.source", source, "a list of paths must not be empty")
+            for i, item in enumerate(source):
+                check_str(f"{p}.source[{i}]", item, what="a path")
+        else:
+            check_str(f"{p}.source", source, what="'stdlib', a path or a list of paths")
         for name, lo in (("block_size", 1), ("split_seed", 0), ("eval_batch_size", 1), ("eval_batches", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"data.{name}={v!r} is not allowed; it must be an int >= {lo}")
+            check_int(f"{p}.{name}", getattr(self, name), minimum=lo)
         for name in ("max_bytes", "seq_len"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"data.{name}={v!r} is not allowed; it must be an int >= 1 or null")
-        v = self.val_fraction
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-            raise ValueError(f"data.val_fraction={v!r} is not allowed; it must be in (0, 1)")
+            check_int(f"{p}.{name}", getattr(self, name), minimum=1, allow_none=True)
+        check_number(f"{p}.val_fraction", self.val_fraction, minimum=0, maximum=1, min_open=True, max_open=True)
 
 
 class LMTask(ModelTask):
@@ -70,11 +71,9 @@ class LMTask(ModelTask):
     name, config_cls, data_config_cls, model_cls = "lm", LMConfig, LMDataConfig, LanguageModel
 
     def __init__(self, model_config: LMConfig, data_config: LMDataConfig, *, groups=None, device="cpu"):
+        self.check_configs(model_config, data_config)
         super().__init__(model_config, data_config, groups=groups, device=device)
         self.seq_len = data_config.seq_len or model_config.max_seq_len
-        if self.seq_len > model_config.max_seq_len:
-            raise ValueError(f"data.seq_len={self.seq_len} is not allowed; it must be <= model max_seq_len="
-                             f"{model_config.max_seq_len}")
         source = data_config.source
         self.corpus = load_corpus(source if isinstance(source, str) else list(source),
                                   max_bytes=data_config.max_bytes, val_fraction=data_config.val_fraction,
@@ -84,6 +83,11 @@ class LMTask(ModelTask):
             if n < self.seq_len + 1:
                 raise ValueError(f"the {split} split has {n} bytes, fewer than seq_len + 1 = {self.seq_len + 1}; "
                                  "add text, lower data.seq_len or change data.val_fraction")
+
+    @classmethod
+    def check_configs(cls, model_config: LMConfig, data_config: LMDataConfig) -> None:
+        if data_config.seq_len is not None and data_config.seq_len > model_config.max_seq_len:
+            fail("data.seq_len", data_config.seq_len, f"it must be <= model.max_seq_len={model_config.max_seq_len}")
 
     # ------------------------------------------------------------------ data
     def _windows(self, tokens: torch.Tensor, starts: torch.Tensor) -> Dict[str, torch.Tensor]:

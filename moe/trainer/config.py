@@ -4,26 +4,30 @@ A config file has these sections (every one optional except ``task`` and
 ``model``; ``python -m moe.train --print-config`` shows the defaults)::
 
     task: limoe                # or {name: limoe}; "lm", or "package.module:function" for your own task
-    model: {preset: tiny_limoe}   # free-form, handed to the task builder
-    data: {}                      # free-form, handed to the task builder
+    model: {preset: tiny_limoe}   # the task's model config (a preset + overrides, or every key)
+    data: {}                      # the task's data config
     parallel: {ep: 2, tp: 1, pp: 1, etp: 1, backend: auto}
     optim: {lr: 1.0e-3, weight_decay: 0.01, betas: [0.9, 0.95], eps: 1.0e-8,
             warmup_steps: 10, schedule: cosine, min_lr_ratio: 0.1, grad_clip: 1.0}
     train: {steps: 100, global_batch_size: 16, micro_batch_size: null, seed: 0, log_every: 10, eval_every: 50,
             eval_batches: null, checkpoint_every: 50, keep_checkpoints: 0,
-            out_dir: runs/x, resume: null, device: auto}
+            out_dir: runs/x, resume: null, device: auto, compile: false}
     telemetry: {tensorboard: true, plots: true, gpu_stats: true, progress_bar: true}
 
 ``load_config(path, overrides)`` reads the YAML, applies ``--set a.b=value``
 overrides (the value is parsed as YAML, so ``3``, ``0.5``, ``true``, ``null`` and
 ``[0.9, 0.99]`` have their YAML types) and validates. Every problem raises
-``ConfigError`` (a ``ValueError``) naming the key path, the value it got and what
-is allowed.
+``ConfigError`` (a ``ValueError``, from ``moe.checks``) naming the key path, the
+value it got and what is allowed; a key repeated in one YAML mapping is an error
+naming it and its lines. ``model`` and ``data`` belong to the task:
+``resolve_sections(cfg)`` validates them through the task's config classes
+(``moe.tasks.TASKS``), which ``python -m moe.train`` does before any process group
+exists. ``train.compile: true`` applies ``torch.compile`` to every transformer block.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
+import importlib
 import re
 import typing
 from dataclasses import dataclass, field
@@ -32,19 +36,22 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
-BUILTIN_TASKS = ("limoe", "lm")
+from ..checks import (
+    ConfigError,
+    check_bool,
+    check_int,
+    check_keys,
+    check_mapping,
+    check_number,
+    check_str,
+    fail,
+    join,
+)
+
 _CUSTOM_TASK = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 SCHEDULES = ("cosine", "linear", "constant")
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, of the wrong type or out of range."""
-
-
-def _fail(path: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"config key '{path}': got {value!r} ({type(value).__name__}); {allowed}")
 
 
 # --------------------------------------------------------------------------------------
@@ -76,9 +83,11 @@ class TaskConfig:
     name: str = ""
 
     def validate(self, path: str) -> None:
-        if self.name not in BUILTIN_TASKS and not _CUSTOM_TASK.match(self.name):
-            _fail(f"{path}.name", self.name, f"allowed values: {', '.join(map(repr, BUILTIN_TASKS))}, "
-                  "or 'package.module:function' naming your own task builder")
+        from moe.tasks import TASK_NAMES
+
+        if self.name not in TASK_NAMES and not _CUSTOM_TASK.match(self.name):
+            fail(f"{path}.name", self.name, f"allowed values: {', '.join(map(repr, TASK_NAMES))}, "
+                 "or 'package.module:function' naming your own task builder")
 
 
 @dataclass
@@ -111,8 +120,7 @@ class OptimConfig:
 
     def validate(self, path: str) -> None:
         for i, b in enumerate(self.betas):
-            if not 0.0 <= b < 1.0:
-                _fail(f"{path}.betas[{i}]", b, "each beta must be in [0, 1)")
+            check_number(f"{path}.betas[{i}]", b, minimum=0.0, maximum=1.0, max_open=True)
 
 
 @dataclass
@@ -140,15 +148,15 @@ class TrainLoopConfig:
     out_dir: str = "runs/default"
     resume: Optional[str] = None  # null: start fresh; "auto": latest in out_dir if any; or a path
     device: str = _opt("auto", _one_of(DEVICES))
+    compile: bool = False  # torch.compile every transformer block (moe.models.compile_blocks)
 
     def validate(self, path: str) -> None:
         if self.micro_batch_size is not None and self.global_batch_size % self.micro_batch_size:
-            _fail(f"{path}.micro_batch_size", self.micro_batch_size,
-                  f"it must divide train.global_batch_size={self.global_batch_size}")
-        if not self.out_dir:
-            _fail(f"{path}.out_dir", self.out_dir, "it must be a non-empty directory path")
+            fail(f"{path}.micro_batch_size", self.micro_batch_size,
+                 f"it must divide train.global_batch_size={self.global_batch_size}")
+        check_str(f"{path}.out_dir", self.out_dir, what="a non-empty directory path")
         if self.resume is not None and not self.resume:
-            _fail(f"{path}.resume", self.resume, "use null (fresh start), 'auto' or a checkpoint path")
+            fail(f"{path}.resume", self.resume, "use null (fresh start), 'auto' or a checkpoint path")
 
 
 @dataclass
@@ -207,59 +215,45 @@ def _convert(path: str, value: Any, tp: Any) -> Any:
     if tp is Any:
         return value
     if tp is bool:
-        if not isinstance(value, bool):
-            _fail(path, value, "it must be true or false")
-        return value
+        return check_bool(path, value)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(path, value, "it must be an integer")
-        return value
+        return check_int(path, value)
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
                 value = float(value)
             except ValueError:
-                _fail(path, value, "it must be a number")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            _fail(path, value, "it must be a finite number")
-        return float(value)
+                fail(path, value, "it must be a number", wrong_type=True)
+        return check_number(path, value)
     if tp is str:
         if not isinstance(value, str):
-            _fail(path, value, "it must be a string")
+            fail(path, value, "it must be a string", wrong_type=True)
         return value
     if origin in (dict, Dict, Mapping):
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            _fail(path, value, "it must be a mapping with string keys")
-        return dict(value)
+        return dict(check_mapping(path, value))
     if origin in (tuple, Tuple):
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            _fail(path, value, f"it must be a list of {len(args)} values")
+            fail(path, value, f"it must be a list of {len(args)} values", wrong_type=True)
         return tuple(_convert(f"{path}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     raise TypeError(f"internal: unsupported config type {tp!r} at {path}")
 
 
 def _build(cls, raw: Any, path: str):
-    if not isinstance(raw, dict):
-        _fail(path or "<root>", raw, f"it must be a mapping with keys {[f.name for f in dataclasses.fields(cls)]}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        where = f"'{path}'" if path else "the top level"
-        key = f"{path}.{unknown[0]}" if path else str(unknown[0])
-        raise ConfigError(f"config key '{key}' is not known; allowed keys at {where}: {', '.join(fields)}")
+    check_keys(path, raw, fields)
     kwargs = {}
     for name, f in fields.items():
-        key = f"{path}.{name}" if path else name
+        key = join(path, name)
         if name not in raw:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"config key '{key}' is required but missing")
+                raise ConfigError.at(key, " is required but missing")
             continue
         value = _convert(key, raw[name], hints[name])
         check = f.metadata.get("check")
         if check is not None and value is not None and not check[0](value):
-            _fail(key, value, check[1])
+            fail(key, value, check[1])
         kwargs[name] = value
     obj = cls(**kwargs)
     obj.validate(path)
@@ -282,6 +276,66 @@ def from_dict(raw: Mapping[str, Any]) -> TrainConfig:
 
 
 # --------------------------------------------------------------------------------------
+def resolve_sections(cfg: TrainConfig) -> Dict[str, Any]:
+    """Validate the free-form ``model`` and ``data`` sections; return them resolved.
+
+    A built-in task (``moe.tasks.TASKS``) validates both through its config classes
+    (preset expanded, every key checked) without building weights, reading data or
+    touching a process group; the result is ``{"model": <every model field>, "data":
+    <every data field>}``. A custom ``module:function`` task is only imported (its
+    sections are its own business) and its sections come back as given. Every
+    problem raises ``ConfigError`` naming the key path.
+    """
+    from moe.tasks import TASKS
+
+    name = cfg.task.name
+    if name not in TASKS:
+        module, fn = name.split(":")
+        try:
+            getattr(importlib.import_module(module), fn)
+        except (ImportError, AttributeError) as e:
+            fail("task.name", name, f"it must name an importable task builder 'package.module:function' ({e})")
+        return {"model": dict(cfg.model), "data": dict(cfg.data)}
+    model, data = TASKS[name].configs_from_dicts(cfg.model, cfg.data)
+    return {"model": model.to_dict(), "data": dataclasses.asdict(data)}
+
+
+def resolved_yaml(cfg: TrainConfig) -> str:
+    """The config as YAML with the ``model`` and ``data`` sections resolved (``--print-config``)."""
+    out = cfg.to_dict()
+    out.update(TrainConfig.to_dict(dataclasses.replace(cfg, **resolve_sections(cfg))))
+    return yaml.safe_dump(out, sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------
+class YAMLLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a key repeated in one mapping (naming it and its lines)
+    and reads ``1e-3`` (no dot) as the float it means, as YAML 1.2 does."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: Dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                    seen.setdefault(key, line)
+                except TypeError:  # unhashable key: the base class reports it
+                    continue
+                if first is not None:
+                    raise ConfigError(f"config key {key!r} appears twice in one mapping "
+                                      f"(line {first} and line {line} of {key_node.start_mark.name}); "
+                                      "keep one of them")
+        return super().construct_mapping(node, deep=deep)
+
+
+YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def parse_override(text: str) -> Tuple[List[str], Any]:
     """``"a.b=value"`` -> (["a", "b"], YAML-parsed value)."""
     if "=" not in text:
@@ -291,7 +345,7 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
     if not all(re.match(r"^[\w-]+$", p) for p in parts):
         raise ConfigError(f"override {text!r}: key path {key!r} must be dot-separated names")
     try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+        value = yaml.load(raw_value, Loader=YAMLLoader) if raw_value.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: value {raw_value!r} is not valid YAML ({e})") from None
     return parts, value
@@ -328,7 +382,7 @@ def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = 
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.load(p.read_text(), Loader=YAMLLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
         if loaded is None:

@@ -36,6 +36,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from moe.models import compile_blocks
 from parallel.engine import ReplicatedEngine
 from parallel.grads import is_expert_param
 
@@ -128,6 +129,8 @@ class Trainer:
         self.schedule = StepSchedule.from_config(cfg.train, groups.dims.dp, groups.dp_rank)
         seed_everything(cfg.train.seed)
         self.task = task if task is not None else make_task(cfg, groups, self.device, task_builder)
+        if cfg.train.compile:
+            compile_blocks(self.task.model)
         self.model = self.task.model
         self.moe_layers = list(self.task.moe_layers())
         for layer in self.moe_layers:  # the expert bias moves once per optimizer step (apply_expert_bias_update)
