@@ -101,7 +101,7 @@ TINY_LIMOE: Dict[str, Any] = {
 # Training settings the tiny LIMoE preset was tuned with (single process).
 TINY_LIMOE_TRAINING: Dict[str, Any] = {
     "optimizer": "adamw", "lr": 1e-3, "betas": (0.9, 0.98), "weight_decay": 0.05, "warmup_steps": 50,
-    "schedule": "cosine", "steps": 1000, "batch_size": 64, "grad_clip": 1.0,
+    "schedule": "cosine", "steps": 1000, "global_batch_size": 64, "grad_clip": 1.0,
 }
 
 PRESETS: Dict[str, Dict[str, Any]] = {
