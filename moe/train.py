@@ -27,6 +27,27 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_batch_layout(cfg) -> None:
+    """The global batch must split into whole micro-batches on the launch's data-parallel size.
+
+    The world size comes from the launcher's environment (torchrun, SLURM, or 1), so a
+    bad combination fails here with one line instead of on every rank after start-up.
+    """
+    from moe.trainer.config import ConfigError
+    from moe.trainer.loop import StepSchedule
+    from parallel.launch import LaunchError, detect_launch
+
+    try:
+        world = detect_launch().world_size
+    except LaunchError:
+        return  # the launch itself is inconsistent: init_distributed reports it
+    model_parallel = cfg.parallel.tp * cfg.parallel.pp
+    if world % model_parallel:
+        raise ConfigError(f"config key 'parallel.tp' x 'parallel.pp' = {model_parallel} must divide the world "
+                          f"size {world}")
+    StepSchedule.from_config(cfg.train, world // model_parallel, 0)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     from moe.trainer.config import ConfigError, load_config, resolved_yaml
@@ -34,6 +55,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:  # every section, before any process group or weight exists
         cfg = load_config(args.config, args.overrides)
         text = resolved_yaml(cfg)
+        check_batch_layout(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -165,7 +165,7 @@ def test_duplicate_yaml_key_is_an_error_naming_key_and_lines(tmp_path):
     assert load_config(p).optim.lr == 1e-3  # YAML 1.2 floats without a dot read as numbers
 
 
-def _cli(tmp_path, text: str, *overrides: str):
+def _cli(tmp_path, text: str, *overrides: str, env_extra=None):
     import subprocess
     import sys
 
@@ -174,7 +174,7 @@ def _cli(tmp_path, text: str, *overrides: str):
     args = [sys.executable, "-m", "moe.train", "--config", str(p), "--print-config"]
     for o in overrides:
         args += ["--set", o]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env_extra or {})}
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -206,3 +206,22 @@ def test_print_config_prints_the_resolved_model(tmp_path):
     # what it prints is itself a valid config that resolves to the same model
     again = _cli(tmp_path, r.stdout)
     assert again.returncode == 0 and yaml.safe_load(again.stdout)["model"] == out["model"]
+
+
+@pytest.mark.parametrize("world, global_batch, micro, ok", [
+    (4, 64, 16, True), (4, 64, 8, True), (1, 64, 16, True),
+    (4, 60, 10, False), (3, 64, None, False), (4, 8, 4, False),
+])
+def test_global_batch_must_split_on_the_launch_dp_size(tmp_path, world, global_batch, micro, ok):
+    """Checked from the launcher's WORLD_SIZE before any process group exists: one line, exit 2."""
+    env = {"WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29999"}
+    sets = [f"train.global_batch_size={global_batch}"] + ([f"train.micro_batch_size={micro}"] if micro else [])
+    r = _cli(tmp_path, "task: lm\nmodel: {preset: tiny_switch}\n", *sets, env_extra=env)
+    if ok:
+        assert r.returncode == 0, r.stderr
+        return
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"config error: config key 'train.global_batch_size': got {global_batch}; "
+                               "it must be a multiple of"), lines
