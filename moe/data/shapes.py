@@ -322,8 +322,7 @@ def render_shape(
 
 def caption_for(shape: str, colour: str, size: str, position: str, template: int = 0) -> str:
     """Caption text for one item, from template number ``template`` (0..5)."""
-    if not 0 <= template < len(_TEMPLATES):
-        raise ValueError(f"template={template} is not allowed; it must be in [0, {len(_TEMPLATES) - 1}]")
+    check_int("template", template, minimum=0, maximum=len(_TEMPLATES) - 1)
     return _TEMPLATES[template].format(
         shape=shape, colour=colour, size=size, where=_POSITION_PHRASES[position]
     )
