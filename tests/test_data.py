@@ -128,7 +128,7 @@ def test_from_dict_rejects_unknown_keys():
 
 
 def test_dataset_argument_errors():
-    with pytest.raises(ValueError, match="split='test'"):
+    with pytest.raises(ValueError, match="config key 'split': got 'test'; allowed values: 'train', 'val', 'zeroshot'"):
         ShapesDataset(split="test")
     with pytest.raises(ValueError, match="'ShapesDataset.size': got 0"):
         ShapesDataset(size=0)
@@ -239,8 +239,10 @@ def test_render_shape_geometry():
     assert xs.mean() < 13 and abs(ys.mean() - 15.5) < 1.5
     ys, xs = np.nonzero(render_shape("circle", "blue", "small", "bottom")[1] > 0.5)
     assert ys.mean() > 19 and abs(xs.mean() - 15.5) < 1.5
-    with pytest.raises(ValueError, match="shape='blob'"):
+    with pytest.raises(ValueError, match="config key 'shape': got 'blob'; allowed values: 'circle', "):
         render_shape("blob", "red", "small", "left")
+    with pytest.raises(ValueError, match="config key 'size': got 'huge'; allowed values: 'small', 'large'"):
+        render_shape("circle", "red", "huge", "left")
 
 
 def test_collator_batches_images_and_tokens():

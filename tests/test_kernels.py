@@ -462,7 +462,8 @@ def test_registry_auto_picks_cpp_on_cpu():
 
 
 def test_registry_errors():
-    with pytest.raises(ValueError, match="backend='nope' is not allowed"):
+    with pytest.raises(ValueError, match="config key 'backend': got 'nope'; allowed values: 'auto', 'cpp', 'cuda', "
+                                         "'torch', 'triton'"):
         get_backend("nope", "cpu")
     with pytest.raises(RuntimeError, match="runs on device types"):
         get_backend("cuda", "cpu")
