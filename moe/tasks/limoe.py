@@ -183,6 +183,6 @@ class LIMoETask(ModelTask):
                 u, v, _ = self.model(b["image"], b["tokens"], b["mask"])
                 losses.append(float(contrastive_loss(u, v, self.model.scale())))
                 weights.append(b["image"].shape[0])
-            out["val_contrastive_loss"] = (sum(l * w for l, w in zip(losses, weights)) / sum(weights)
+            out["val_contrastive_loss"] = (sum(loss * w for loss, w in zip(losses, weights)) / sum(weights)
                                            if weights else float("nan"))
         return out
