@@ -107,8 +107,8 @@ class MoEConfig:
     ``aux_losses`` maps loss names (``moe.config.AUX_LOSS_NAMES``) to the
     coefficient the layer applies before returning them. ``num_modalities`` is
     the number of distinct modality ids the layer accepts (LIMoE: 2, image=0,
-    text=1); ``limoe_min_experts`` is S in the thresholded global entropy
-    ``max(0, log(S) - H(mean p))``. ``pad_to_capacity``, ``dispatcher``,
+    text=1); ``limoe_min_experts`` is min_experts in the thresholded global entropy
+    ``max(0, log(min_experts) - H(mean p))``. ``pad_to_capacity``, ``dispatcher``,
     ``node_size`` and ``overlap_chunks`` choose the expert-buffer layout and the
     expert-parallel exchange (see the field comments and ``moe.dispatch``).
     """

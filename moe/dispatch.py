@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .checks import check_int, fail
+
 ExpertFn = Callable[[Tensor, Tensor], Tensor]  # (rows[N_l, D], counts[E_l]) -> out[N_l, D']
 
 
@@ -265,15 +267,13 @@ class AllToAllDispatcher:
         self.group = ep_group
         self.ep_size = _group_size(ep_group)
         self.ep_rank = _group_rank(ep_group)
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+        check_int("num_experts", num_experts, minimum=1)
         if num_experts % self.ep_size != 0:
             raise ValueError(
                 f"num_experts={num_experts} must be a multiple of the expert-parallel "
                 f"group size {self.ep_size}"
             )
-        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
-            raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
+        check_int("num_chunks", num_chunks, minimum=1)
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.ep_size
         self.num_chunks = num_chunks
@@ -449,12 +449,9 @@ class HierarchicalAllToAllDispatcher(AllToAllDispatcher):
 
     def __init__(self, ep_group, num_experts: int, ranks_per_node: int, *, num_chunks: int = 1, node_groups=None):
         super().__init__(ep_group, num_experts, num_chunks=num_chunks)
-        if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int) or ranks_per_node < 1 \
-                or self.ep_size % ranks_per_node != 0:
-            raise ValueError(
-                f"ranks_per_node must be a positive int dividing the ep group size {self.ep_size}, "
-                f"got {ranks_per_node!r}"
-            )
+        check_int("ranks_per_node", ranks_per_node, minimum=1)
+        if self.ep_size % ranks_per_node != 0:
+            fail("ranks_per_node", ranks_per_node, f"it must divide the ep group size {self.ep_size}")
         self.ranks_per_node = ranks_per_node
         self.num_nodes = self.ep_size // ranks_per_node
         if node_groups is None:

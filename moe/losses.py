@@ -49,6 +49,8 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from .checks import check_int, check_mapping, check_number
+
 __all__ = [
     "load_balancing_loss",
     "z_loss",
@@ -89,15 +91,8 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _check_int(name: str, value, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name}={value} is not allowed; it must be >= {minimum}")
-
-
 def _check_experts(experts, num_tokens: int, num_experts: int) -> None:
-    _check_int("num_experts", num_experts, minimum=1)
+    check_int("num_experts", num_experts, minimum=1)
     if not isinstance(experts, torch.Tensor):
         raise TypeError(f"experts must be a LongTensor[T, k], got {type(experts).__name__}")
     if experts.dim() != 2 or experts.shape[0] != num_tokens or experts.shape[1] < 1:
@@ -111,14 +106,14 @@ def _check_experts(experts, num_tokens: int, num_experts: int) -> None:
 
 
 def _check_num_experts(num_experts, probs_TE: torch.Tensor) -> None:
-    _check_int("num_experts", num_experts, minimum=1)
+    check_int("num_experts", num_experts, minimum=1)
     if num_experts != probs_TE.shape[1]:
         raise ValueError(f"num_experts={num_experts} does not match probs with {probs_TE.shape[1]} expert columns "
                          f"(shape {tuple(probs_TE.shape)})")
 
 
 def _check_modality(modality, num_tokens: int, num_modalities) -> None:
-    _check_int("num_modalities", num_modalities, minimum=1)
+    check_int("num_modalities", num_modalities, minimum=1)
     if modality is None:
         return
     if not isinstance(modality, torch.Tensor):
@@ -135,17 +130,10 @@ def _check_modality(modality, num_tokens: int, num_modalities) -> None:
 def _check_seq_len(seq_len, num_tokens: int) -> None:
     if seq_len is None:
         return
-    _check_int("seq_len", seq_len, minimum=1)
+    check_int("seq_len", seq_len, minimum=1)
     if num_tokens % seq_len != 0:
         raise ValueError(f"seq_len={seq_len} does not divide the number of tokens T={num_tokens}; "
                          "T must be a multiple of seq_len (tokens flattened sequence-major, [B*L])")
-
-
-def _check_min_experts(min_experts, num_experts: int) -> None:
-    if isinstance(min_experts, bool) or not isinstance(min_experts, (int, float)):
-        raise TypeError(f"min_experts must be a number, got {type(min_experts).__name__} ({min_experts!r})")
-    if not math.isfinite(min_experts) or min_experts <= 0 or min_experts > num_experts:
-        raise ValueError(f"min_experts={min_experts} is not allowed; it must be in (0, E={num_experts}]")
 
 
 # ----------------------------------------------------------------------------
@@ -284,7 +272,7 @@ def _local_entropy_groups(probs, *, modality=None, num_modalities=1):
 def _global_entropy_groups(probs, *, min_experts, modality=None, num_modalities=1):
     probs_TE = _check_scores("probs", probs)
     T, E = probs_TE.shape
-    _check_min_experts(min_experts, E)
+    check_number("min_experts", min_experts, minimum=0, maximum=E, min_open=True)
     _check_modality(modality, T, num_modalities)
     g = _Groups(T, modality, num_modalities, None, probs_TE)
     H_BM = _entropy(g.mean_rows(probs_TE))
@@ -507,14 +495,12 @@ def aux_losses(routing, coefficients: Mapping[str, float], *, num_modalities: in
     loss is a plain 0 with no graph (a graph through NaN logits would give NaN
     gradients).
     """
-    if not isinstance(coefficients, Mapping):
-        raise TypeError(f"coefficients must be a mapping of loss name -> coefficient, got {type(coefficients).__name__}")
+    check_mapping("coefficients", coefficients, AUX_LOSSES)
     for name, coef in coefficients.items():
         if name not in AUX_LOSSES:
             raise ValueError(f"coefficients has unknown loss name {name!r}; allowed names are "
                              f"{', '.join(map(repr, AUX_LOSSES))}")
-        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
-            raise ValueError(f"coefficients[{name!r}]={coef!r} is not allowed; it must be a finite number >= 0")
+        check_number(f"coefficients.{name}", coef, minimum=0)
 
     if routing.skipped:
         return {name: torch.zeros((), dtype=torch.float32, device=routing.probs.device) for name in coefficients}

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from moe.checks import check_int
+
 # Axis names in layout order (outermost first) for each view of the ranks.
 DENSE_AXES = ("pp", "dp", "tp")
 EXPERT_AXES = ("pp", "edp", "ep", "etp")
@@ -66,11 +68,7 @@ class ParallelDims:
 
     def __post_init__(self) -> None:
         for name in ("world_size", "dp", "ep", "tp", "pp", "etp"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"ParallelDims.{name} must be an int, got {value!r} ({type(value).__name__})")
-            if value < 1:
-                raise ValueError(f"ParallelDims.{name} must be a positive int, got {value}")
+            check_int(f"ParallelDims.{name}", getattr(self, name), minimum=1)
         if self.dp * self.tp * self.pp != self.world_size:
             raise ValueError(
                 f"ParallelDims: dp * tp * pp must equal world_size={self.world_size}, "
@@ -88,8 +86,7 @@ class ParallelDims:
     def from_world(cls, world_size: int, *, ep: int = 1, tp: int = 1, pp: int = 1, etp: int = 1) -> "ParallelDims":
         """Derive ``dp = world_size // (tp * pp)`` and validate the rest."""
         for name, value in (("world_size", world_size), ("tp", tp), ("pp", pp)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ParallelDims.from_world: {name} must be a positive int, got {value!r}")
+            check_int(f"ParallelDims.{name}", value, minimum=1)
         if world_size % (tp * pp) != 0:
             raise ValueError(
                 f"ParallelDims.from_world: tp * pp = {tp * pp} must divide world_size={world_size}"

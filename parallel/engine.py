@@ -23,6 +23,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from moe.checks import check_int
+
 from .grads import allreduce_gradients, clip_gradients, sync_replicas
 
 LossFn = Callable[[int], Tuple[torch.Tensor, Dict[str, float]]]
@@ -42,8 +44,7 @@ class ReplicatedEngine:
         self.optimizer = make_optimizer(model)
 
     def forward_backward(self, num_micro: int, loss_fn: LossFn) -> List[Dict[str, float]]:
-        if isinstance(num_micro, bool) or not isinstance(num_micro, int) or num_micro < 1:
-            raise ValueError(f"num_micro={num_micro!r} is not allowed; it must be an int >= 1")
+        check_int("num_micro", num_micro, minimum=1)
         self.optimizer.zero_grad(set_to_none=True)
         logs = []
         for m in range(num_micro):

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe.checks import check_int
+
 EXPERT_GROUP_PREFIX = "ep_size_"
 
 
@@ -31,8 +33,7 @@ def mark_expert_params(module_or_params: Union[nn.Module, Iterable[nn.Parameter]
     Sets ``param.allreduce = False`` and ``param.group_name = "ep_size_<ep_size>"``
     on every parameter of the module (or of the iterable) and returns them.
     """
-    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
-        raise ValueError(f"mark_expert_params: ep_size must be a positive int, got {ep_size!r}")
+    check_int("ep_size", ep_size, minimum=1)
     params = list(module_or_params.parameters() if isinstance(module_or_params, nn.Module) else module_or_params)
     for p in params:
         if not isinstance(p, torch.Tensor):

@@ -60,7 +60,7 @@ def test_tokenizer_encode_batch_pads_and_truncates():
     assert enc.lengths.tolist() == [3, 1, 5]
     assert (enc.ids[~enc.mask] == PAD).all()
     assert tok.decode_batch(enc.ids) == ["ab", "", "abcde"]
-    with pytest.raises(ValueError, match="length"):
+    with pytest.raises(ValueError, match="config key 'length': got 0; it must be >= 1"):
         tok.encode_batch(["a"], length=0)
 
 
@@ -128,7 +128,7 @@ def test_from_dict_rejects_unknown_keys():
 
 
 def test_dataset_argument_errors():
-    with pytest.raises(ValueError, match="split='test'"):
+    with pytest.raises(ValueError, match="config key 'split': got 'test'; allowed values: 'train', 'val', 'zeroshot'"):
         ShapesDataset(split="test")
     with pytest.raises(ValueError, match="'ShapesDataset.size': got 0"):
         ShapesDataset(size=0)
@@ -191,6 +191,8 @@ def test_captions_name_shape_and_colour_and_are_short():
         for p in ("bottom", "center") for t in range(6)
     )
     assert longest <= 48
+    with pytest.raises(ValueError, match=r"config key 'template': got 6; it must be in \[0, 5\]"):
+        caption_for("circle", "red", "small", "center", 6)
 
 
 def test_class_prompts():
@@ -237,8 +239,10 @@ def test_render_shape_geometry():
     assert xs.mean() < 13 and abs(ys.mean() - 15.5) < 1.5
     ys, xs = np.nonzero(render_shape("circle", "blue", "small", "bottom")[1] > 0.5)
     assert ys.mean() > 19 and abs(xs.mean() - 15.5) < 1.5
-    with pytest.raises(ValueError, match="shape='blob'"):
+    with pytest.raises(ValueError, match="config key 'shape': got 'blob'; allowed values: 'circle', "):
         render_shape("blob", "red", "small", "left")
+    with pytest.raises(ValueError, match="config key 'size': got 'huge'; allowed values: 'small', 'large'"):
+        render_shape("circle", "red", "huge", "left")
 
 
 def test_collator_batches_images_and_tokens():
@@ -292,6 +296,16 @@ def test_lm_dataset_windows():
     assert bytes(x.tolist()) in raw
     with pytest.raises(ValueError, match="fewer than seq_len"):
         LMDataset(b"short", seq_len=10)
+    with pytest.raises(ValueError, match="config key 'seq_len': got 0; it must be >= 1"):
+        LMDataset(b"short", seq_len=0)
+    with pytest.raises(TypeError, match="config key 'size': got 2.5; it must be an integer"):
+        LMDataset(b"short", seq_len=2, size=2.5)
+    with pytest.raises(ValueError, match=r"config key 'val_fraction': got 1.0; it must be in \[0, 1\)"):
+        split_corpus(b"some text", val_fraction=1.0)
+    with pytest.raises(ValueError, match="config key 'block_size': got 0; it must be >= 1"):
+        split_corpus(b"some text", block_size=0)
+    with pytest.raises(TypeError, match="config key 'max_bytes': got '10'; it must be an integer or null"):
+        stdlib_text(max_bytes="10")
     with pytest.raises(IndexError):
         ds[100]
 
@@ -354,8 +368,12 @@ def test_user_jsonl_dataset(tmp_path):
         ('\n{"caption": "x"}\n', ValueError, r"bad\.jsonl:2.*missing key 'image'"),
         ('{"image": "nope.png", "caption": "x"}\n', FileNotFoundError, r"bad\.jsonl:1.*nope\.png"),
         ('["a.png", "x"]\n', ValueError, r"bad\.jsonl:1.*JSON object"),
-        ('{"image": "a.png", "caption": ""}\n', ValueError, r"bad\.jsonl:1.*'caption' must be"),
-        ('{"image": "a.png", "caption": "x", "label": "3"}\n', ValueError, r"bad\.jsonl:1.*'label'"),
+        ('{"image": "a.png", "caption": ""}\n', ValueError,
+         r"config key '.*bad\.jsonl:1: caption': got ''; it must be a non-empty string"),
+        ('{"image": 7, "caption": "x"}\n', TypeError,
+         r"config key '.*bad\.jsonl:1: image': got 7; it must be a non-empty string"),
+        ('{"image": "a.png", "caption": "x", "label": "3"}\n', TypeError,
+         r"config key '.*bad\.jsonl:1: label': got '3'; it must be an integer"),
         ("\n\n", ValueError, "no records"),
     ],
 )
@@ -369,6 +387,8 @@ def test_user_jsonl_errors(tmp_path, content, exc, match):
 def test_user_jsonl_missing_file_and_unreadable_image(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         ImageCaptionDataset(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="config key 'image_size': got 0; it must be >= 1"):
+        ImageCaptionDataset(tmp_path / "missing.jsonl", image_size=0)
     (tmp_path / "broken.png").write_bytes(b"not a png")
     (tmp_path / "c.jsonl").write_text('{"image": "broken.png", "caption": "x"}\n')
     ds = ImageCaptionDataset(tmp_path / "c.jsonl")

@@ -209,14 +209,18 @@ def test_block_permutation_and_split_counts():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="num_experts"):
+    with pytest.raises(ValueError, match="config key 'num_experts': got 0; it must be >= 1"):
         AllToAllDispatcher(None, 0)
-    with pytest.raises(ValueError, match="num_chunks"):
+    with pytest.raises(TypeError, match="config key 'num_experts': got 4.0; it must be an integer"):
+        AllToAllDispatcher(None, 4.0)
+    with pytest.raises(ValueError, match="config key 'num_chunks': got 0; it must be >= 1"):
         AllToAllDispatcher(None, 4, num_chunks=0)
     disp = AllToAllDispatcher(None, 4)
     with pytest.raises(ValueError, match="tokens_per_expert"):
         disp.dispatch(torch.zeros(3, 2), torch.tensor([1, 1, 1]))
     with pytest.raises(ValueError, match="sum to rows"):
         disp.dispatch(torch.zeros(3, 2), torch.tensor([1, 1, 0, 0]))
-    with pytest.raises(ValueError, match="ranks_per_node"):
+    with pytest.raises(ValueError, match="config key 'ranks_per_node': got 2; it must divide the ep group size 1"):
         HierarchicalAllToAllDispatcher(None, 4, 2)
+    with pytest.raises(ValueError, match="config key 'ranks_per_node': got 0; it must be >= 1"):
+        HierarchicalAllToAllDispatcher(None, 4, 0)

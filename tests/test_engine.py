@@ -111,7 +111,7 @@ def test_engine_accumulation_equals_the_whole_batch_gradient():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-7)
     engine.step(0.5)
     assert engine.optimizer.param_groups[0]["lr"] == 0.5
-    with pytest.raises(ValueError, match="num_micro=0"):
+    with pytest.raises(ValueError, match="config key 'num_micro': got 0; it must be >= 1"):
         engine.forward_backward(0, lambda m: None)
 
 

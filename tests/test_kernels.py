@@ -142,12 +142,14 @@ def test_router_topk_dtypes_and_noncontiguous(ops, dtype):
 
 
 def test_router_topk_rejects_bad_input(ops):
-    with pytest.raises(ValueError, match="score"):
+    with pytest.raises(ValueError, match="config key 'score': got 'relu'; allowed values: 'softmax', 'sigmoid'"):
         ops.router_topk(torch.randn(3, 4), 2, "relu")
-    with pytest.raises(ValueError, match="k=5"):
+    with pytest.raises(ValueError, match=r"config key 'k': got 5; it must be in \[1, 4\] \(E=4 experts\)"):
         ops.router_topk(torch.randn(3, 4), 5)
-    with pytest.raises(ValueError, match="k=0"):
+    with pytest.raises(ValueError, match="config key 'k': got 0; it must be >= 1"):
         ops.router_topk(torch.randn(3, 4), 0)
+    with pytest.raises(TypeError, match="config key 'k': got 2.0; it must be an integer"):
+        ops.router_topk(torch.randn(3, 4), 2.0)
 
 
 # ---------------------------------------------------------------- assign_slots
@@ -317,7 +319,7 @@ def test_permute_rejects_bad_arguments(ops):
     # Out-of-range destinations: the cpp kernels raise (see below); the GPU-side kernels
     # skip them rather than pay a device sync to check.
     x = torch.randn(3, 4)
-    with pytest.raises(ValueError, match="num_rows"):
+    with pytest.raises(ValueError, match="config key 'num_rows': got -1; it must be >= 0"):
         ops.permute_rows(x, torch.tensor([[0], [1], [2]]), -1)
     with pytest.raises(ValueError, match="shape"):
         ops.unpermute_rows(torch.randn(4, 4), torch.tensor([[0], [1], [2]]), torch.ones(3, 2))
@@ -460,7 +462,8 @@ def test_registry_auto_picks_cpp_on_cpu():
 
 
 def test_registry_errors():
-    with pytest.raises(ValueError, match="backend='nope' is not allowed"):
+    with pytest.raises(ValueError, match="config key 'backend': got 'nope'; allowed values: 'auto', 'cpp', 'cuda', "
+                                         "'torch', 'triton'"):
         get_backend("nope", "cpu")
     with pytest.raises(RuntimeError, match="runs on device types"):
         get_backend("cuda", "cpu")

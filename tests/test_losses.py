@@ -440,7 +440,7 @@ def _bad_calls():
         ("modality", lambda: L.limoe_local_entropy(p, modality=mod.double(), num_modalities=2)),
         ("modality", lambda: L.load_balancing_loss(p, ex, 4, modality=mod, num_modalities=1)),
         ("modality", lambda: L.load_loss(p, modality=mod - 1, num_modalities=2)),
-        ("num_modalities", lambda: L.z_loss(p, modality=mod, num_modalities=0)),
+        ("config key 'num_modalities': got 0; it must be >= 1", lambda: L.z_loss(p, modality=mod, num_modalities=0)),
         ("probs", lambda: L.importance_loss(p.reshape(-1))),
         ("probs", lambda: L.limoe_global_entropy(p[None], min_experts=2)),
         ("logits", lambda: L.z_loss(p.reshape(2, 3, 4))),
@@ -449,10 +449,12 @@ def _bad_calls():
         ("experts", lambda: L.load_balancing_loss(p, ex.reshape(-1), 4)),
         ("experts", lambda: L.sequence_aux_loss(p, ex + 3, 4, 2)),
         ("num_experts", lambda: L.load_balancing_loss(p, ex, 5)),
-        ("min_experts", lambda: L.limoe_global_entropy(p, min_experts=0)),
-        ("min_experts", lambda: L.limoe_global_entropy(p, min_experts=-1.0)),
-        ("min_experts", lambda: L.limoe_global_entropy(p, min_experts=4.5)),
-        ("seq_len", lambda: L.sequence_aux_loss(p, ex, 4, 0)),
+        (r"config key 'min_experts': got 0; it must be in \(0, 4\]", lambda: L.limoe_global_entropy(p, min_experts=0)),
+        (r"config key 'min_experts': got -1.0; it must be in \(0, 4\]",
+         lambda: L.limoe_global_entropy(p, min_experts=-1.0)),
+        (r"config key 'min_experts': got 4.5; it must be in \(0, 4\]",
+         lambda: L.limoe_global_entropy(p, min_experts=4.5)),
+        ("config key 'seq_len': got 0; it must be >= 1", lambda: L.sequence_aux_loss(p, ex, 4, 0)),
         ("seq_len", lambda: L.sequence_aux_loss(p, ex, 4, 4)),  # 6 tokens not a multiple of 4
     ]
 
@@ -525,6 +527,16 @@ def test_aux_losses_load_needs_noisy_topk():
     r = _routing(_rand_probs(4, 3), _rand_experts(4, 3, 1))
     with pytest.raises(ValueError, match="noisy_topk"):
         L.aux_losses(r, {"load": 1.0})
+
+
+def test_aux_losses_checks_coefficients():
+    r = _routing(_rand_probs(4, 3), _rand_experts(4, 3, 1))
+    with pytest.raises(ValueError, match="config key 'coefficients.z_loss': got -1.0; it must be >= 0"):
+        L.aux_losses(r, {"z_loss": -1.0})
+    with pytest.raises(TypeError, match="config key 'coefficients.z_loss': got True; it must be a number"):
+        L.aux_losses(r, {"z_loss": True})
+    with pytest.raises(TypeError, match="config key 'coefficients': got 'z_loss'; it must be a mapping with keys "):
+        L.aux_losses(r, "z_loss")
 
 
 def test_aux_losses_skipped_returns_zeros():

@@ -22,9 +22,9 @@ def test_derived_sizes_and_from_world():
         (dict(world_size=4, dp=3), r"dp \* tp \* pp must equal world_size=4"),
         (dict(world_size=4, dp=4, ep=3), r"ParallelDims.ep=3 .* allowed ep values: \[1, 2, 4\]"),
         (dict(world_size=4, dp=4, ep=4, etp=2), r"ep=4 \(with etp=2\) .* allowed ep values: \[1, 2\]"),
-        (dict(world_size=4, dp=0), r"ParallelDims.dp must be a positive int, got 0"),
-        (dict(world_size=4, dp=4, ep=-1), r"ParallelDims.ep must be a positive int, got -1"),
-        (dict(world_size=0, dp=0), r"world_size must be a positive int"),
+        (dict(world_size=4, dp=0), r"config key 'ParallelDims.dp': got 0; it must be >= 1"),
+        (dict(world_size=4, dp=4, ep=-1), r"config key 'ParallelDims.ep': got -1; it must be >= 1"),
+        (dict(world_size=0, dp=0), r"config key 'ParallelDims.world_size': got 0; it must be >= 1"),
     ],
 )
 def test_validation_names_field_and_value(kwargs, match):
@@ -33,10 +33,14 @@ def test_validation_names_field_and_value(kwargs, match):
 
 
 def test_validation_types():
-    with pytest.raises(TypeError, match="ParallelDims.ep must be an int"):
+    with pytest.raises(TypeError, match=r"config key 'ParallelDims.ep': got 2.0; it must be an integer"):
         ParallelDims(world_size=4, dp=4, ep=2.0)
     with pytest.raises(ValueError, match="must divide world_size=6"):
         ParallelDims.from_world(6, tp=4)
+    with pytest.raises(ValueError, match="config key 'ParallelDims.tp': got 0; it must be >= 1"):
+        ParallelDims.from_world(4, tp=0)
+    with pytest.raises(TypeError, match="config key 'ParallelDims.world_size': got True; it must be an integer"):
+        ParallelDims.from_world(True)
 
 
 def test_rank_lists_ep_contiguous():
@@ -115,7 +119,7 @@ def test_groups_and_gradient_averaging_world4():
 
 
 def test_mark_expert_params_validation():
-    with pytest.raises(ValueError, match="ep_size"):
+    with pytest.raises(ValueError, match="config key 'ep_size': got 0; it must be >= 1"):
         mark_expert_params(nn.Linear(2, 2), ep_size=0)
     params = mark_expert_params([nn.Parameter(torch.zeros(2))], ep_size=1)
     assert params[0].allreduce is False

@@ -115,7 +115,15 @@ def test_sample_j_of_step_s_depends_on_seed_step_and_j_only(which, limoe_task, l
     assert not _equal(task.micro_batch(4, 0, 8, seed=1), whole)                # steps differ
     assert not _equal(task.micro_batch(3, 0, 8, seed=2), whole)                # seeds differ
     assert not _equal(task.micro_batch(3, 0, 4, seed=1), task.micro_batch(3, 4, 4, seed=1))  # samples differ
-    for bad, match in (((3, -1, 4), "start=-1"), ((3, 0, 0), "count=0"), ((-1, 0, 4), "step=-1")):
+    with pytest.raises(TypeError, match="config key 'seed': got 1.0; it must be an integer"):
+        task.micro_batch(3, 0, 4, seed=1.0)
+    with pytest.raises(ValueError, match="config key 'max_batches': got 0; it must be >= 1"):
+        task.evaluate(max_batches=0)
+    with pytest.raises(TypeError, match="config key 'max_batches': got True; it must be an integer or null"):
+        task.evaluate(max_batches=True)
+    for bad, match in (((3, -1, 4), "config key 'start': got -1; it must be >= 0"),
+                       ((3, 0, 0), "config key 'count': got 0; it must be >= 1"),
+                       ((-1, 0, 4), "config key 'step': got -1; it must be >= 0")):
         with pytest.raises(ValueError, match=match):
             task.micro_batch(*bad, seed=1)
 

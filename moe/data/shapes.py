@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..checks import build_at, check_int, check_keys, check_number, fail
+from ..checks import build_at, check_choice, check_int, check_keys, check_number, fail
 from .tokenizer import ByteTokenizer
 
 __all__ = [
@@ -236,8 +236,7 @@ class ShapesConfig:
 
     def combos_for(self, split: str) -> tuple[Combo, ...]:
         """Combos a split draws from: train combos for "train"/"val", held-out for "zeroshot"."""
-        if split not in _SPLIT_IDS:
-            raise ValueError(f"split={split!r} is not allowed; choose one of {', '.join(map(repr, SPLITS))}")
+        check_choice("split", split, SPLITS)
         return self.heldout_combos() if split == "zeroshot" else self.train_combos()
 
     @classmethod
@@ -292,12 +291,10 @@ def render_shape(
     ``rng`` drives the background tint, centre jitter and pixel noise; without it the
     drawing is noise-free and exactly centred.
     """
-    if colour not in COLOURS:
-        raise ValueError(f"colour={colour!r} is not allowed; choose from {', '.join(map(repr, COLOURS))}")
-    if size not in SIZES:
-        raise ValueError(f"size={size!r} is not allowed; choose from {', '.join(map(repr, SIZES))}")
-    if position not in POSITIONS:
-        raise ValueError(f"position={position!r} is not allowed; choose from {', '.join(map(repr, POSITIONS))}")
+    check_choice("shape", shape, SHAPES)
+    check_choice("colour", colour, COLOURS)
+    check_choice("size", size, SIZES)
+    check_choice("position", position, POSITIONS)
     n = image_size
     cx, cy = POSITIONS[position]
     r = SIZES[size]
@@ -322,8 +319,7 @@ def render_shape(
 
 def caption_for(shape: str, colour: str, size: str, position: str, template: int = 0) -> str:
     """Caption text for one item, from template number ``template`` (0..5)."""
-    if not 0 <= template < len(_TEMPLATES):
-        raise ValueError(f"template={template} is not allowed; it must be in [0, {len(_TEMPLATES) - 1}]")
+    check_int("template", template, minimum=0, maximum=len(_TEMPLATES) - 1)
     return _TEMPLATES[template].format(
         shape=shape, colour=colour, size=size, where=_POSITION_PHRASES[position]
     )

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..checks import check_int, check_number
+
 __all__ = [
     "TextCorpus",
     "LMDataset",
@@ -37,13 +39,6 @@ PathLike = Union[str, os.PathLike]
 # Directories under the stdlib that are not ordinary library source.
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 _FILE_SEPARATOR = b"\n\n"
-
-
-def _check_budget(max_bytes: Optional[int]) -> None:
-    if max_bytes is None:
-        return
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-        raise ValueError(f"max_bytes={max_bytes!r} is not allowed; it must be an int >= 1 or None")
 
 
 def _concat(chunks: Iterable[bytes], max_bytes: Optional[int]) -> bytes:
@@ -76,7 +71,7 @@ def stdlib_text(max_bytes: Optional[int] = 2_000_000, stdlib_dir: Optional[PathL
 
     Files are joined with a blank line; ``max_bytes=None`` reads them all (~30 MB).
     """
-    _check_budget(max_bytes)
+    check_int("max_bytes", max_bytes, minimum=1, allow_none=True)
     files = stdlib_files(stdlib_dir)
     data = _concat((f.read_bytes() for f in files), max_bytes)  # lazy: stops at the budget
     if not data:
@@ -91,7 +86,7 @@ def read_text_files(paths: Union[PathLike, Sequence[PathLike]], max_bytes: Optio
     Raises FileNotFoundError for a missing path, ValueError for an empty file or a
     folder without ``.txt`` files.
     """
-    _check_budget(max_bytes)
+    check_int("max_bytes", max_bytes, minimum=1, allow_none=True)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if len(paths) == 0:
@@ -132,10 +127,8 @@ def split_corpus(data: bytes, val_fraction: float = 0.05, block_size: int = 8192
     """
     if not isinstance(data, (bytes, bytearray)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size={block_size!r} is not allowed; it must be an int >= 1")
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction={val_fraction!r} is not allowed; it must be in [0, 1)")
+    check_int("block_size", block_size, minimum=1)
+    check_number("val_fraction", val_fraction, minimum=0, maximum=1, max_open=True)
     n_blocks = (len(data) + block_size - 1) // block_size
     if val_fraction > 0 and n_blocks < 2:
         raise ValueError(
@@ -186,8 +179,7 @@ class LMDataset(Dataset):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
             raise TypeError("tokens must be bytes or a 1-D tensor of byte ids")
         for name, value in (("seq_len", seq_len), ("size", size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is not allowed; it must be an int >= 1")
+            check_int(name, value, minimum=1)
         if tokens.numel() < seq_len + 1:
             raise ValueError(
                 f"corpus has {tokens.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}; "

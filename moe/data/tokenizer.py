@@ -11,6 +11,8 @@ from typing import Iterable, NamedTuple, Sequence
 
 import torch
 
+from ..checks import check_int
+
 __all__ = ["ByteTokenizer", "EncodedBatch", "PAD", "BOS", "EOS", "VOCAB_SIZE"]
 
 PAD = 256
@@ -86,8 +88,7 @@ class ByteTokenizer:
         Truncation keeps the first ``length`` tokens (an EOS may be cut off).
         Returns ``EncodedBatch(ids=LongTensor[B, length], mask=BoolTensor[B, length])``.
         """
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ValueError(f"length={length!r} is not allowed; it must be an int >= 1")
+        check_int("length", length, minimum=1)
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of str, not a single str")
         ids = torch.full((len(texts), length), PAD, dtype=torch.long)

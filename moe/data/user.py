@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..checks import check_int, check_str
+
 __all__ = ["ImageCaptionDataset", "ImageCaptionRecord"]
 
 PathLike = Union[str, os.PathLike]
@@ -50,8 +52,7 @@ class ImageCaptionDataset(Dataset):
     """
 
     def __init__(self, jsonl_path: PathLike, image_root: Optional[PathLike] = None, image_size: int = 32) -> None:
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size={image_size!r} is not allowed; it must be an int >= 1")
+        check_int("image_size", image_size, minimum=1)
         self.jsonl_path = Path(jsonl_path)
         if not self.jsonl_path.is_file():
             raise FileNotFoundError(f"caption file {str(self.jsonl_path)!r} does not exist")
@@ -79,14 +80,11 @@ class ImageCaptionDataset(Dataset):
                 for key in ("image", "caption"):
                     if key not in obj:
                         raise ValueError(f"{self._where(line_no)}: missing key {key!r} (need 'image' and 'caption')")
-                    if not isinstance(obj[key], str) or not obj[key]:
-                        raise ValueError(f"{self._where(line_no)}: {key!r} must be a non-empty string, got {obj[key]!r}")
+                    check_str(f"{self._where(line_no)}: {key}", obj[key])
                 for key in ("shape", "colour"):
                     if key in obj and not isinstance(obj[key], str):
                         raise ValueError(f"{self._where(line_no)}: {key!r} must be a string, got {obj[key]!r}")
-                label = obj.get("label", -1)
-                if isinstance(label, bool) or not isinstance(label, int):
-                    raise ValueError(f"{self._where(line_no)}: 'label' must be an int, got {label!r}")
+                label = check_int(f"{self._where(line_no)}: label", obj.get("label", -1))
                 path = Path(obj["image"])
                 if not path.is_absolute():
                     path = self.image_root / path

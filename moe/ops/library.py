@@ -32,6 +32,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..checks import check_choice, check_int, fail
+
 IMPLS = ("cpp", "cuda", "triton")
 SCORES = ("softmax", "sigmoid")
 
@@ -215,10 +217,13 @@ _unpermute_rows.register_autograd(_unpermute_backward, setup_context=_unpermute_
 
 # ---------------------------------------------------------------- user-facing wrappers
 def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name}={value} is not allowed; it must be >= {minimum}")
+    # Under torch.compile with dynamic shapes a size arrives as a torch.SymInt, which check_int
+    # (plain ints only) rejects as a wrong type; a SymInt is an int here, so only its range is checked.
+    if isinstance(value, torch.SymInt):
+        if value < minimum:
+            fail(name, value, f"it must be >= {minimum}")
+        return
+    check_int(name, value, minimum=minimum)
 
 
 def _check_2d(name: str, t: Tensor, shape: str) -> None:
@@ -232,20 +237,16 @@ class OpSet:
     """The four MoE ops, with the signatures of ``moe.ops.reference``, run by ``impl``."""
 
     def __init__(self, impl: str) -> None:
-        if impl not in IMPLS:
-            raise ValueError(f"impl={impl!r} is not allowed; choose one of {IMPLS}")
-        self.impl = impl
+        self.impl = check_choice("impl", impl, IMPLS)
 
     def router_topk(self, logits_TE: Tensor, k: int, score: str = "softmax", normalize: bool = True,
                     bias_E: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """See ``moe.ops.reference.router_topk``."""
         _check_2d("logits", logits_TE, "[T, E]")
-        if score not in SCORES:
-            raise ValueError(f"score={score!r} is not allowed; choose 'softmax' or 'sigmoid'")
+        check_choice("score", score, SCORES)
         _check_int("k", k, 1)
         if k > logits_TE.shape[1]:
-            raise ValueError(f"k={k} is not allowed with E={logits_TE.shape[1]} experts; it must be in "
-                             f"[1, {logits_TE.shape[1]}]")
+            fail("k", k, f"it must be in [1, {logits_TE.shape[1]}] (E={logits_TE.shape[1]} experts)")
         return torch.ops.moe.router_topk(logits_TE, k, score, bool(normalize), bias_E, self.impl)
 
     def assign_slots(self, experts_TK: Tensor, order_N: Tensor, dispatched_TK: Tensor, num_experts: int,

@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import cpp, cuda, reference, triton
+from ..checks import check_choice
 from .library import OpSet
 
 
@@ -74,8 +75,7 @@ def get_backend(name: str, device) -> Backend:
         if not names:
             raise RuntimeError(f"no MoE op backend is available for device type {device_type!r}")
         return _BACKENDS[names[0]]
-    if name not in _BACKENDS:
-        raise ValueError(f"backend={name!r} is not allowed; choose 'auto' or one of {sorted(_BACKENDS)}")
+    check_choice("backend", name, ("auto", *sorted(_BACKENDS)))
     backend = _BACKENDS[name]
     if device_type not in backend.device_types:
         raise RuntimeError(f"backend={name!r} runs on device types {backend.device_types}, "

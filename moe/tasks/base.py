@@ -35,7 +35,7 @@ from typing import Any, Dict, Mapping, Optional, Protocol, Tuple, runtime_checka
 import numpy as np
 import torch
 
-from ..checks import build_at, check_keys
+from ..checks import build_at, check_int, check_keys
 from ..models.presets import resolve_model_config
 
 __all__ = ["Task", "ModelTask", "DataConfig", "sample_rng", "loss_logs"]
@@ -115,8 +115,7 @@ class ModelTask:
 
 def check_micro_batch_args(step: int, start: int, count: int, seed: int) -> None:
     for name, value, lo in (("step", step, 0), ("start", start, 0), ("count", count, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise ValueError(f"{name}={value!r} is not allowed; it must be an int >= {lo}")
+        check_int(name, value, minimum=lo)
 
 
 def sample_rng(seed: int, step: int, index: int, salt: int) -> np.random.Generator:

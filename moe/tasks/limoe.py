@@ -160,9 +160,7 @@ class LIMoETask(ModelTask):
     @torch.no_grad()
     def evaluate(self, *, max_batches: Optional[int] = None) -> Dict[str, float]:
         """Zero-shot accuracy on held-out combos and the validation contrastive loss (eval mode)."""
-        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
-                                        or max_batches < 1):
-            raise ValueError(f"max_batches={max_batches!r} is not allowed; it must be an int >= 1 or None")
+        check_int("max_batches", max_batches, minimum=1, allow_none=True)
         sets = self._eval_sets()
         bs = self.data_config.eval_batch_size
         limit = None if max_batches is None else max_batches * bs
@@ -185,6 +183,6 @@ class LIMoETask(ModelTask):
                 u, v, _ = self.model(b["image"], b["tokens"], b["mask"])
                 losses.append(float(contrastive_loss(u, v, self.model.scale())))
                 weights.append(b["image"].shape[0])
-            out["val_contrastive_loss"] = (sum(l * w for l, w in zip(losses, weights)) / sum(weights)
+            out["val_contrastive_loss"] = (sum(loss * w for loss, w in zip(losses, weights)) / sum(weights)
                                            if weights else float("nan"))
         return out

@@ -111,9 +111,8 @@ class LMTask(ModelTask):
     def evaluate(self, *, max_batches: Optional[int] = None) -> Dict[str, float]:
         """Mean next-byte loss over fixed, non-overlapping validation windows (eval mode)."""
         dc = self.data_config
+        check_int("max_batches", max_batches, minimum=1, allow_none=True)
         n_batches = dc.eval_batches if max_batches is None else max_batches
-        if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
-            raise ValueError(f"max_batches={max_batches!r} is not allowed; it must be an int >= 1 or None")
         val = self.corpus.val
         starts = torch.arange(0, val.numel() - self.seq_len, self.seq_len)
         total, count = 0.0, 0

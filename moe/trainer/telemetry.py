@@ -115,9 +115,10 @@ class RoutingRecorder:
         self.names = list(names) if names is not None else [f"moe{i}" for i in range(len(self.layers))]
         if len(self.names) != len(self.layers):
             raise ValueError(f"RoutingRecorder: {len(self.names)} names for {len(self.layers)} layers")
-        self.acc = [_LayerAccumulator(l.config.num_experts, max(1, l.config.num_modalities)) for l in self.layers]
+        self.acc = [_LayerAccumulator(layer.config.num_experts, max(1, layer.config.num_modalities))
+                    for layer in self.layers]
         self.enabled = True
-        self._handles = [l.register_forward_hook(self._hook(i)) for i, l in enumerate(self.layers)]
+        self._handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
 
     def _hook(self, i: int):
         def hook(module, args, output):
