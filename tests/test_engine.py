@@ -68,7 +68,7 @@ def test_global_norm_counts_every_expert_once_and_clipping_scales_all(world):
 
 
 def test_single_process_norm_is_the_plain_l2_norm():
-    groups = _world1_groups()
+    groups = _World1Groups()
     model = _Stub(1, 0)
     model.experts = nn.Parameter(torch.zeros(4, 4))
     mark_expert_params([model.experts], 1)
@@ -85,10 +85,6 @@ class _World1Groups:
     dp_group = edp_group = ep_group = None
 
 
-def _world1_groups():
-    return _World1Groups()
-
-
 def test_engine_accumulation_equals_the_whole_batch_gradient():
     torch.manual_seed(0)
     x, y = torch.randn(8, 3), torch.randn(8)
@@ -101,9 +97,9 @@ def test_engine_accumulation_equals_the_whole_batch_gradient():
         return torch.optim.SGD(model.parameters(), lr=0.1)
 
     whole, split = make(), make()
-    ReplicatedEngine(whole, _world1_groups(), sgd).forward_backward(
+    ReplicatedEngine(whole, _World1Groups(), sgd).forward_backward(
         1, lambda m: (((whole(x).squeeze(-1) - y) ** 2).mean(), {}))
-    engine = ReplicatedEngine(split, _world1_groups(), sgd)
+    engine = ReplicatedEngine(split, _World1Groups(), sgd)
     logs = engine.forward_backward(4, lambda m: (((split(x[2 * m:2 * m + 2]).squeeze(-1) - y[2 * m:2 * m + 2]) ** 2)
                                                  .mean(), {"m": float(m)}))
     assert [row["m"] for row in logs] == [0.0, 1.0, 2.0, 3.0]

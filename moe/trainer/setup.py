@@ -12,6 +12,7 @@ import importlib
 import random
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from .config import TrainConfig
@@ -27,12 +28,7 @@ def micro_batch_seed(seed: int, step: int, micro_index: int) -> int:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
+    np.random.seed(seed % 2**32)
 
 
 def make_task(cfg: TrainConfig, groups, device: torch.device, task_builder: Optional[Callable] = None):
