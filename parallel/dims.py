@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from moe.checks import check_int
+from moe.checks import check_bool, check_int
 
 # Axis names in layout order (outermost first) for each view of the ranks.
 DENSE_AXES = ("pp", "dp", "tp")
@@ -55,8 +55,10 @@ class ParallelDims:
 
     Fields: ``world_size`` (W), ``dp`` (dense data parallel), ``ep`` (expert
     parallel), ``tp`` (tensor parallel), ``pp`` (pipeline stages), ``etp`` (expert
-    tensor parallel). Requires ``dp * tp * pp == W`` and ``ep * etp`` dividing
-    ``dp * tp``; ``edp = dp * tp // (ep * etp)`` is derived.
+    tensor parallel), ``sequence_parallel`` (split activations along the sequence
+    between tensor-parallel layers; only meaningful with tp > 1). Requires
+    ``dp * tp * pp == W`` and ``ep * etp`` dividing ``dp * tp``;
+    ``edp = dp * tp // (ep * etp)`` is derived.
     """
 
     world_size: int
@@ -65,10 +67,12 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
     etp: int = 1
+    sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
         for name in ("world_size", "dp", "ep", "tp", "pp", "etp"):
             check_int(f"ParallelDims.{name}", getattr(self, name), minimum=1)
+        check_bool("ParallelDims.sequence_parallel", self.sequence_parallel)
         if self.dp * self.tp * self.pp != self.world_size:
             raise ValueError(
                 f"ParallelDims: dp * tp * pp must equal world_size={self.world_size}, "
@@ -83,7 +87,8 @@ class ParallelDims:
             )
 
     @classmethod
-    def from_world(cls, world_size: int, *, ep: int = 1, tp: int = 1, pp: int = 1, etp: int = 1) -> "ParallelDims":
+    def from_world(cls, world_size: int, *, ep: int = 1, tp: int = 1, pp: int = 1, etp: int = 1,
+                   sequence_parallel: bool = False) -> "ParallelDims":
         """Derive ``dp = world_size // (tp * pp)`` and validate the rest."""
         for name, value in (("world_size", world_size), ("tp", tp), ("pp", pp)):
             check_int(f"ParallelDims.{name}", value, minimum=1)
@@ -91,7 +96,8 @@ class ParallelDims:
             raise ValueError(
                 f"ParallelDims.from_world: tp * pp = {tp * pp} must divide world_size={world_size}"
             )
-        return cls(world_size=world_size, dp=world_size // (tp * pp), ep=ep, tp=tp, pp=pp, etp=etp)
+        return cls(world_size=world_size, dp=world_size // (tp * pp), ep=ep, tp=tp, pp=pp, etp=etp,
+                   sequence_parallel=sequence_parallel)
 
     @property
     def edp(self) -> int:

@@ -8,6 +8,12 @@ Dense (non-expert) parameters are replicated over the whole data-parallel group
 expert shard (``groups.edp_group``). Expert parameters carry DeepSpeed's MoE
 markers (``param.allreduce = False``, ``param.group_name = "ep_size_<ep>"``) so
 DeepSpeed's ZeRO puts them in their own groups, and our own reduction finds them.
+
+Tensor parallelism (``parallel.shards``): a parameter marked ``partial_grad_group``
+("tp" or "etp": sequence-parallel norms and biases, an expert's output bias under
+expert tensor parallelism) holds a partial gradient on each rank of that group; it is
+summed over the group first. A tensor-parallel piece (``tensor_shard``) is one part
+of a bigger tensor: the gradient norm sums its squares over the piece's group.
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from moe.checks import check_int
+
+from .shards import partial_grad_group, shard_of
 
 EXPERT_GROUP_PREFIX = "ep_size_"
 
@@ -107,6 +115,11 @@ def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Parameter]], groups,
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         (expert if is_expert_param(p) else dense).append(p.grad)
+    for name in ("tp", "etp"):  # partial gradients (sequence / expert-tensor pieces) summed first
+        partial = [p.grad for p in params if p.requires_grad and partial_grad_group(p) == name]
+        size = getattr(groups.dims, name)
+        if partial and size > 1:
+            _average_(partial, getattr(groups, f"{name}_group"), size, bucket_numel, 1)
     dp = groups.dims.dp
     _average_(dense, groups.dp_group, dp, bucket_numel, dp)
     _average_(expert, groups.edp_group, groups.dims.edp, bucket_numel, dp)
@@ -115,26 +128,27 @@ def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Parameter]], groups,
 def global_grad_norm(model: Union[nn.Module, Iterable[nn.Parameter]], groups) -> torch.Tensor:
     """L2 norm (fp64, 0-d) of the whole model's gradient, each parameter counted once.
 
-    Call after ``allreduce_gradients``: dense gradients are then equal on every rank
-    and counted once; each expert-parallel rank holds other experts, so the squared
-    norms of expert gradients are summed over ``groups.ep_group`` (replicas over edp
-    hold equal expert gradients and are not summed again).
+    Call after ``allreduce_gradients``: replicated gradients are then equal on their
+    replicas and counted once. Squared norms are summed over the ranks that hold
+    DIFFERENT parts: tensor-parallel pieces of dense layers over ``tp_group``; expert
+    gradients over ``ep_group`` (each ep rank holds other experts), and expert pieces
+    under expert tensor parallelism over ``etp_group`` as well.
     """
     params = [p for p in (model.parameters() if isinstance(model, nn.Module) else model) if p.grad is not None]
     if not params:
         return torch.zeros((), dtype=torch.float64)
     device = params[0].grad.device
-    dense = torch.zeros((), dtype=torch.float64, device=device)
-    expert = torch.zeros((), dtype=torch.float64, device=device)
+    # (expert?, sharded?) -> squared norm; each sum is reduced over the groups that split it
+    sums = {key: torch.zeros((), dtype=torch.float64, device=device)
+            for key in ((False, False), (False, True), (True, False), (True, True))}
     for p in params:
-        sq = p.grad.detach().double().pow(2).sum()
-        if is_expert_param(p):
-            expert += sq
-        else:
-            dense += sq
-    if groups.dims.ep > 1:
-        dist.all_reduce(expert, group=groups.ep_group)
-    return (dense + expert).sqrt()
+        sums[(is_expert_param(p), shard_of(p) is not None)] += p.grad.detach().double().pow(2).sum()
+    reductions = {(False, True): ["tp"], (True, False): ["ep"], (True, True): ["ep", "etp"]}
+    for key, names in reductions.items():
+        for name in names:
+            if getattr(groups.dims, name) > 1:
+                dist.all_reduce(sums[key], group=getattr(groups, f"{name}_group"))
+    return sum(sums.values()).sqrt()
 
 
 def clip_gradients(model: nn.Module, max_norm, groups) -> float:

@@ -224,11 +224,12 @@ def init_distributed(backend: str = "auto", *, device: str = "auto",
                        owns_group=True)
 
 
-def build_groups(ep: int = 1, *, tp: int = 1, pp: int = 1, etp: int = 1):
+def build_groups(ep: int = 1, *, tp: int = 1, pp: int = 1, etp: int = 1, sequence_parallel: bool = False):
     """``ParallelDims.from_world(world, ep=...)`` then ``.build()`` on a live process group."""
     from .dims import ParallelDims
 
     if not dist.is_initialized():
         raise LaunchError("build_groups: call init_distributed() first")
-    dims = ParallelDims.from_world(dist.get_world_size(), ep=ep, tp=tp, pp=pp, etp=etp)
+    dims = ParallelDims.from_world(dist.get_world_size(), ep=ep, tp=tp, pp=pp, etp=etp,
+                                   sequence_parallel=sequence_parallel)
     return dims.build()

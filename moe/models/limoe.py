@@ -34,6 +34,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.tensor import TensorParallel
+
 from ..losses import load_balancing_loss
 from ..modes import eval_mode
 from ..data.tokenizer import VOCAB_SIZE, ByteTokenizer
@@ -162,10 +164,13 @@ class _GatherRows(torch.autograd.Function):
 class LIMoEModel(TransformerModel):
     """``u, v, aux = model(images, tokens, mask)``: L2-normalised embeddings u[B, K], v[B, K]."""
 
-    def __init__(self, cfg: LIMoEConfig, *, ep_group=None, dp_group=None):
+    def __init__(self, cfg: LIMoEConfig, *, ep_group=None, dp_group=None, tp: Optional[TensorParallel] = None):
         super().__init__()
         if not isinstance(cfg, LIMoEConfig):
             raise TypeError(f"cfg must be a LIMoEConfig, got {type(cfg).__name__}")
+        if tp is not None and tp.sp:
+            raise ValueError("LIMoEModel: sequence parallelism is not supported (image and text token sets are "
+                             "not sequences of one length); tensor parallelism without it is")
         self.config, self.dp_group = cfg, dp_group
         D = cfg.transformer.d_model
         self.patch_embed = nn.Conv2d(cfg.in_channels, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -173,7 +178,7 @@ class LIMoEModel(TransformerModel):
         self.tok_embed = nn.Embedding(cfg.vocab_size, D)
         self.text_pos_embed = nn.Parameter(torch.zeros(cfg.text_length, D))
         self.modality_embed = nn.Embedding(2, D)
-        self.transformer = Transformer(cfg.transformer, ep_group=ep_group, dp_group=dp_group, prefix="blocks")
+        self.transformer = Transformer(cfg.transformer, ep_group=ep_group, dp_group=dp_group, prefix="blocks", tp=tp)
         self.image_proj = nn.Linear(D, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(D, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))

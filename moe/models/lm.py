@@ -7,11 +7,13 @@ Legend: B batch, L sequence length, D model width, V vocabulary (259 bytes + spe
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from parallel.tensor import TensorParallel, vocab_cross_entropy, vocab_logits
 
 from ..data.tokenizer import VOCAB_SIZE
 from ..checks import build_at, check_bool, check_int, fail
@@ -79,18 +81,29 @@ class LMConfig:
 
 
 class LanguageModel(TransformerModel):
-    """ids[B, L] -> (logits[B, L, V], aux); MoE layers named ``blocks.<i>.moe``."""
+    """ids[B, L] -> (logits[B, L, V], aux); MoE layers named ``blocks.<i>.moe``.
 
-    def __init__(self, cfg: LMConfig, *, ep_group=None, dp_group=None):
+    ``tp`` (a ``parallel.tensor.TensorParallel``): tensor parallelism. The token embedding
+    (and an untied head) is then a vocabulary-parallel megatron-core embedding of
+    V_pad = ceil(V / tp) * tp rows, and ``forward`` returns this rank's vocabulary piece of
+    the logits, [B, L, V_pad / tp] (padding logits at the dtype's minimum); ``self.loss``
+    turns either form into the mean cross entropy.
+    """
+
+    def __init__(self, cfg: LMConfig, *, ep_group=None, dp_group=None, tp: Optional[TensorParallel] = None):
         super().__init__()
         if not isinstance(cfg, LMConfig):
             raise TypeError(f"cfg must be an LMConfig, got {type(cfg).__name__}")
         self.config = cfg
+        self.tp = tp = tp or TensorParallel()
         D = cfg.transformer.d_model
-        self.tok_embed = nn.Embedding(cfg.vocab_size, D)
+        self.tok_embed = tp.vocab_embedding(cfg.vocab_size, D)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.max_seq_len, D))
-        self.transformer = Transformer(cfg.transformer, ep_group=ep_group, dp_group=dp_group, prefix="blocks")
-        self.head = None if cfg.tie_embeddings else nn.Linear(D, cfg.vocab_size, bias=False)
+        self.transformer = Transformer(cfg.transformer, ep_group=ep_group, dp_group=dp_group, prefix="blocks", tp=tp)
+        self.head = None
+        if not cfg.tie_embeddings:  # weight [V, D] either way: a linear head is an embedding-shaped matrix
+            self.head = tp.vocab_embedding(cfg.vocab_size, D) if tp.enabled else nn.Linear(D, cfg.vocab_size,
+                                                                                          bias=False)
         init_weights(self, cfg.init_seed, std=cfg.transformer.init_std, n_layers=cfg.transformer.n_layers)
 
     def forward(self, ids_BL: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -101,8 +114,12 @@ class LanguageModel(TransformerModel):
             raise ValueError(f"sequence length {L} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.tok_embed(ids_BL) + self.pos_embed[:L]
         h, aux = self.transformer(x)
-        weight = self.tok_embed.weight if self.head is None else self.head.weight
-        return h @ weight.t(), aux
+        return vocab_logits(h, self.tok_embed if self.head is None else self.head, self.tp), aux
+
+    def loss(self, logits: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross entropy (fp32) of ``forward``'s logits (vocabulary-parallel under tp;
+        then ``logits`` is consumed: megatron-core's cross entropy works in place)."""
+        return vocab_cross_entropy(logits, targets_BL, self.tp)
 
 
 def lm_loss(logits_BLV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.shards import shard_of, take_piece
+from parallel.tensor import TensorParallel
+
 from ..checks import (
     ConfigError,
     build_at,
@@ -244,19 +247,26 @@ def dense_equivalent(cfg: TransformerConfig) -> TransformerConfig:
 # ----------------------------------------------------------------------------- modules
 
 class MLP(nn.Module):
-    """Dense FFN: x[..., D] -> w_out(act(w_in(x)))[..., D] (SwiGLU: w_in gives gate and up)."""
+    """Dense FFN: x[..., D] -> w_out(act(w_in(x)))[..., D].
 
-    def __init__(self, d_model: int, d_ffn: int, activation: str = "gelu"):
+    SwiGLU: ``w_in`` gives gate and up of every hidden unit side by side (unit-major rows
+    ``(unit, {gate, up})``, ``parallel.shards``). Under tensor parallelism ``w_in`` is
+    column-parallel and ``w_out`` row-parallel (megatron-core, ``parallel.tensor``): each
+    tp rank holds F/tp hidden units.
+    """
+
+    def __init__(self, d_model: int, d_ffn: int, activation: str = "gelu", *, tp: Optional[TensorParallel] = None):
         super().__init__()
+        tp = tp or TensorParallel()
         self.activation = activation
-        self.w_in = nn.Linear(d_model, 2 * d_ffn if activation == "swiglu" else d_ffn)
-        self.w_out = nn.Linear(d_ffn, d_model)
+        self.w_in = tp.column_linear(d_model, 2 * d_ffn if activation == "swiglu" else d_ffn)
+        self.w_out = tp.row_linear(d_ffn, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.w_in(x)
         if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            units = h.view(*h.shape[:-1], -1, 2)
+            h = F.silu(units[..., 0]) * units[..., 1]
         else:
             h = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[self.activation](h)
         return self.w_out(h)
@@ -278,40 +288,52 @@ def attention_mask(key_padding_mask: Optional[torch.Tensor], causal: bool, lengt
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with ``F.scaled_dot_product_attention``: x[B, L, D] -> [B, L, D]."""
+    """Multi-head self-attention with ``F.scaled_dot_product_attention``: x[B, L, D] -> [B, L, D].
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+    ``qkv`` rows are head-major, ``(head, {q, k, v}, head_dim)``, so under tensor
+    parallelism (``qkv`` column-parallel, ``out`` row-parallel, megatron-core) each tp rank
+    holds whole heads: H/tp of them. With sequence parallelism x and the result are
+    sequence pieces [B, L/tp, D]; ``qkv`` gathers the sequence, ``out`` scatters it.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, tp: Optional[TensorParallel] = None):
         super().__init__()
-        self.n_heads, self.dropout = n_heads, dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
+        tp = tp or TensorParallel()
+        if n_heads % tp.size:
+            raise ValueError(f"n_heads={n_heads} must be divisible by the tensor-parallel size {tp.size}")
+        self.n_heads, self.head_dim, self.dropout = n_heads // tp.size, d_model // n_heads, dropout
+        self.qkv = tp.column_linear(d_model, 3 * d_model)
+        self.out = tp.row_linear(d_model, d_model)
 
     def forward(self, x_BLD: torch.Tensor, mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
         """mask: bool [B|1, 1, L, L] (True = attend) or None; ``causal`` is used only when mask is None."""
-        B, L, D = x_BLD.shape
-        q, k, v = self.qkv(x_BLD).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x_BLD)
+        B, L = qkv.shape[:2]
+        q, k, v = qkv.view(B, L, self.n_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and mask is None)
-        return self.out(y.transpose(1, 2).reshape(B, L, D))
+        return self.out(y.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):
     """Pre-LN block: ``x + attn(ln1(x))`` then ``x + ffn(ln2(x))``; FFN = ``mlp`` or ``moe``."""
 
     def __init__(self, cfg: TransformerConfig, index: int, *, ep_group=None, dp_group=None, prefix: str = "blocks",
-                 node_groups=None):
+                 node_groups=None, tp: Optional[TensorParallel] = None):
         super().__init__()
+        tp = self.tp = tp or TensorParallel()
         self.index, self.causal = index, cfg.causal
-        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
-        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ln1 = tp.mark_norm(nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps))
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout, tp=tp)
+        self.ln2 = tp.mark_norm(nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps))
         self.drop = nn.Dropout(cfg.dropout)
         self.is_moe = cfg.is_moe_layer(index)
         if self.is_moe:
+            groups = {"tp_group": tp.group, "etp_group": tp.etp_group} if tp.size * tp.etp_size > 1 else {}
             self.moe = MoELayer(cfg.moe_config(index), ep_group=ep_group, dp_group=dp_group,
-                                node_groups=node_groups, name=f"{prefix}.{index}.moe")
+                                node_groups=node_groups, name=f"{prefix}.{index}.moe", **groups)
         else:
-            self.mlp = MLP(cfg.d_model, cfg.ffn_width(index), cfg.activation)
+            self.mlp = MLP(cfg.d_model, cfg.ffn_width(index), cfg.activation, tp=tp)
 
     def attend(self, x_BLD: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Residual attention half: x[B, L, D] -> x + attn(ln1(x)); mask as for ``Attention``."""
@@ -325,8 +347,10 @@ class Block(nn.Module):
         sequences (then the MoE layer's sequence-level losses see L as the sequence length).
         """
         h = self.ln2(x)
-        if self.is_moe:
-            y, aux = self.moe(h, modality)
+        if self.is_moe:  # the MoE layer takes the whole token set (replicated over tp)
+            length = h.shape[1] * self.tp.size if self.tp.sp else 0
+            y, aux = self.moe(self.tp.gather_sequence(h, length), modality)
+            y = self.tp.scatter_sequence(y)
         else:
             y, aux = self.mlp(h), {}
         return x + self.drop(y), aux
@@ -363,27 +387,38 @@ class Transformer(nn.Module):
     rank builds its model at the same time.
     """
 
-    def __init__(self, cfg: TransformerConfig, *, ep_group=None, dp_group=None, prefix: str = "blocks"):
+    def __init__(self, cfg: TransformerConfig, *, ep_group=None, dp_group=None, prefix: str = "blocks",
+                 tp: Optional[TensorParallel] = None):
         super().__init__()
         if not isinstance(cfg, TransformerConfig):
             raise TypeError(f"cfg must be a TransformerConfig, got {type(cfg).__name__}")
         self.config = cfg
+        self.tp = tp = tp or TensorParallel()
         node_groups = None
         if (ep_group is not None and any(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
                 and cfg.moe.dispatcher == "hierarchical"):
             node_groups = world_node_groups(ep_group, cfg.moe.node_size)
         self.blocks = nn.ModuleList(Block(cfg, i, ep_group=ep_group, dp_group=dp_group, prefix=prefix,
-                                          node_groups=node_groups)
+                                          node_groups=node_groups, tp=tp)
                                     for i in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ln_f = tp.mark_norm(nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps))
 
     def moe_layers(self) -> list:
         return [b.moe for b in self.blocks if b.is_moe]
 
     def forward(self, x_BLD: torch.Tensor, *, key_padding_mask: Optional[torch.Tensor] = None,
                 modality: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """x[B, L, D] -> (ln_f(blocks(x))[B, L, D], aux summed over layers by name)."""
+        """x[B, L, D] -> (ln_f(blocks(x))[B, L, D], aux summed over layers by name).
+
+        With sequence parallelism x is whole (replicated over tp) and the result is this
+        rank's sequence piece [B, L/tp, D] (``parallel.comm.bounds``).
+        """
         aux: Dict[str, torch.Tensor] = {}
+        if self.tp.sp:
+            if key_padding_mask is not None or modality is not None:
+                raise ValueError("sequence parallelism supports whole causal sequences only (no key padding mask, "
+                                 "no modality ids)")
+            x_BLD = self.tp.scatter_sequence(x_BLD)
         for block in self.blocks:
             x_BLD, a = block(x_BLD, key_padding_mask=key_padding_mask, modality=modality)
             sum_aux(aux, a)
@@ -412,8 +447,11 @@ def _generator(seed: int, name: str, index: int = 0) -> torch.Generator:
 
 
 def _normal_(p: torch.Tensor, std: float, g: torch.Generator) -> None:
+    """p ~ N(0, std): the GLOBAL tensor is drawn, a tensor-parallel piece keeps its part."""
+    shard = shard_of(p)
+    shape = p.shape if shard is None else shard.global_shape(p.shape)
     with torch.no_grad():
-        p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(std).to(p.dtype))
+        p.copy_(take_piece(torch.randn(shape, generator=g, dtype=torch.float32).mul_(std), shard).to(p.dtype))
 
 
 @torch.no_grad()
@@ -423,7 +461,8 @@ def init_weights(model: nn.Module, seed: int = 0, *, std: float = 0.02, n_layers
     The result does not depend on construction order, device or the expert-parallel
     layout: expert ``g`` of an MoE layer gets the same weights whichever rank holds
     it (seeded by its GLOBAL index), so an expert-parallel model starts equal to
-    the single-process one. Linear / conv / embedding weights ~ N(0, std) (residual
+    the single-process one; a tensor-parallel piece (``parallel.shards``) is cut from the
+    global tensor drawn the same way. Linear / conv / embedding weights ~ N(0, std) (residual
     output projections ``attn.out``, ``mlp.w_out`` scaled by ``1/sqrt(2 n_layers)``),
     biases 0, LayerNorm 1 / 0, routers ~ N(0, MoEConfig.init_std), experts by
     ``moe.Experts.reset_parameters`` fed one generator per (parameter, global expert). Parameters of other
@@ -443,7 +482,7 @@ def init_weights(model: nn.Module, seed: int = 0, *, std: float = 0.02, n_layers
             if router.noise_weight is not None:
                 handled.add(id(router.noise_weight))
                 router.noise_weight.zero_()
-        elif isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+        elif isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) or getattr(module, "tp_linear", False):
             s = out_std if mod_name.endswith(("attn.out", "mlp.w_out")) else std
             handled.add(id(module.weight))
             _normal_(module.weight, s, _generator(seed, f"{mod_name}.weight"))

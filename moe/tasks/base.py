@@ -80,8 +80,11 @@ class ModelTask:
     def __init__(self, model_config, data_config, *, groups=None, device="cpu"):
         self.model_config, self.data_config = model_config, data_config
         self.device = torch.device(device)
+        from parallel.tensor import TensorParallel
+
         self.model = self.model_cls(model_config, ep_group=getattr(groups, "ep_group", None),
-                                    dp_group=getattr(groups, "dp_group", None)).to(self.device)
+                                    dp_group=getattr(groups, "dp_group", None),
+                                    tp=TensorParallel.from_groups(groups)).to(self.device)
 
     @classmethod
     def configs_from_dicts(cls, model_cfg: Optional[Mapping[str, Any]], data_cfg: Optional[Mapping[str, Any]]):

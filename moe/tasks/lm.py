@@ -27,7 +27,7 @@ import torch
 from ..checks import check_int, check_number, check_str, fail
 from ..data.text import load_corpus
 from ..modes import eval_mode
-from ..models.lm import LanguageModel, LMConfig, lm_loss
+from ..models.lm import LanguageModel, LMConfig
 from .base import DataConfig, ModelTask, loss_logs, sample_rng
 
 __all__ = ["LMDataConfig", "LMTask"]
@@ -105,7 +105,7 @@ class LMTask(ModelTask):
     # ------------------------------------------------------------------ loss / eval
     def loss(self, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
         logits, aux = self.model(batch["tokens"])
-        return loss_logs(lm_loss(logits, batch["targets"]), aux)
+        return loss_logs(self.model.loss(logits, batch["targets"]), aux)
 
     @torch.no_grad()
     def evaluate(self, *, max_batches: Optional[int] = None) -> Dict[str, float]:
@@ -123,7 +123,7 @@ class LMTask(ModelTask):
                     break
                 batch = self._windows(val, chunk)
                 logits, _ = self.model(batch["tokens"])
-                total += float(lm_loss(logits, batch["targets"])) * batch["targets"].numel()
+                total += float(self.model.loss(logits, batch["targets"])) * batch["targets"].numel()
                 count += batch["targets"].numel()
         val_loss = total / count
         return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0)),

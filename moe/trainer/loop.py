@@ -196,7 +196,10 @@ class Trainer:
         n_all = sum(p.numel() for p in self.model.parameters())
         n_exp = sum(p.numel() for p in self.model.parameters() if is_expert_param(p))
         dims = self.groups.dims.sizes()
-        layout = ", ".join(f"{k}={dims[k]}" for k in ("dp", "ep", "edp"))
+        layout = ", ".join(f"{k}={dims[k]}" for k in ("dp", "tp", "ep", "etp", "edp") if k in ("dp", "ep", "edp")
+                           or dims[k] > 1)
+        if self.groups.dims.sequence_parallel and dims["tp"] > 1:
+            layout += ", sequence parallel"
         return (f"task {self.cfg.task.name}: {len(self.moe_layers)} MoE layer(s), params on this rank "
                 f"{_count(n_all)} ({_count(n_exp)} in experts); world {self.world} ({layout}); "
                 f"device {self.device}; {self.schedule.describe()}; steps {self.cfg.train.steps}")
@@ -319,11 +322,15 @@ def run(cfg: TrainConfig, *, task_builder: Optional[Callable] = None,
     training raises (checkpoints already written stay intact).
     """
     from parallel.launch import build_groups, init_distributed
+    from parallel.tensor import clear_megatron_state
 
     ctx = init_distributed(cfg.parallel.backend, device=cfg.train.device)
     try:
-        groups = build_groups(cfg.parallel.ep, tp=cfg.parallel.tp, pp=cfg.parallel.pp, etp=cfg.parallel.etp)
+        p = cfg.parallel
+        groups = build_groups(p.ep, tp=p.tp, pp=p.pp, etp=p.etp,
+                              sequence_parallel=getattr(p, "sequence_parallel", False))
         trainer = Trainer(cfg, groups=groups, device=ctx.device, task_builder=task_builder, log=log)
         return trainer.fit()
     finally:
+        clear_megatron_state()
         ctx.close()
