@@ -35,6 +35,7 @@ from our groups (the one place megatron's global state is touched).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Optional
@@ -106,6 +107,16 @@ class TensorParallel:
         code after it must compute the same on every rank (its gradient is replicated)."""
         return comm.gather(x, SEQ_DIM, self.group, total=length) if self.sp else x
 
+    def rank_rng(self, active: bool = True):
+        """Context for random draws on tensor-parallel PIECES (attention dropout on this rank's
+        heads, dropout on a sequence piece): torch's RNG forked and seeded per tp rank, so the
+        pieces get independent masks, while the replicated stream outside stays identical on
+        every tp rank (each rank draws the same one number from it to seed the fork).
+        A no-op without tp or when ``active`` is False (e.g. no dropout)."""
+        if not (active and self.enabled):
+            return contextlib.nullcontext()
+        return _rank_rng(self.rank)
+
     # ---- layer factories ---------------------------------------------------------------
     def column_linear(self, in_features: int, out_features: int, *, bias: bool = True) -> nn.Module:
         """y = x W^T + b with W's output rows split over tp (``y`` holds this rank's out/R features)."""
@@ -131,6 +142,15 @@ class TensorParallel:
             for p in norm.parameters():
                 mark_partial_grad(p, "tp")
         return norm
+
+
+@contextlib.contextmanager
+def _rank_rng(rank: int):
+    base = int(torch.randint(0, 2**62, (), dtype=torch.long))
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((base + 1_000_003 * (rank + 1)) % (2**63 - 1))
+        yield
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:

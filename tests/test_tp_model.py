@@ -52,6 +52,7 @@ def _tp_lm(rank, world):
     from moe.models.lm import LanguageModel
     from parallel.dims import ParallelDims
     from parallel.grads import allreduce_gradients
+    from parallel.shards import shard_of
     from parallel.tensor import TensorParallel, clear_megatron_state
 
     out = []
@@ -62,8 +63,20 @@ def _tp_lm(rank, world):
         loss = _lm_step(model, ids, targets)
         allreduce_gradients(model, groups)
         out.append((loss, {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()}))
+    # Dropout under tp: pieces draw their own masks, replicated tensors stay identical on the tp ranks.
+    # Without SP the residual stream is replicated: a rank-dependent draw leaking out of the
+    # per-rank fork would make the ranks' activations, losses and norm gradients differ.
+    groups = ParallelDims(world_size=world, dp=1, tp=world).build()
+    torch.manual_seed(5)
+    cfg = _lm_config(False, True)
+    model = LanguageModel(type(cfg).from_dict({**cfg.to_dict(), "dropout": 0.2}),
+                          tp=TensorParallel.from_groups(groups))
+    ids, targets = _batch()
+    loss = _lm_step(model, ids, targets)
+    allreduce_gradients(model, groups)
+    replicated = {n: p.grad.clone() for n, p in model.named_parameters() if shard_of(p) is None}
     clear_megatron_state()
-    return out
+    return out, (loss, replicated)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +95,7 @@ def test_tensor_parallel_lm_equals_one_process(case, tp_lm_results):
     loss = _lm_step(oracle, ids, targets)
     full = dict(oracle.named_parameters())
     for rank, per_case in enumerate(tp_lm_results):
-        tp_loss, params = per_case[case]
+        tp_loss, params = per_case[0][case]
         assert tp_loss == pytest.approx(loss, rel=1e-5)
         assert params.keys() == full.keys()
         for name, (value, grad) in params.items():
@@ -95,3 +108,12 @@ def test_tensor_parallel_lm_equals_one_process(case, tp_lm_results):
                 ref_value, ref_grad = ref.detach(), ref.grad
             torch.testing.assert_close(value, ref_value, msg=f"{name} value (rank {rank})")
             torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6, msg=f"{name} grad (rank {rank})")
+
+
+def test_dropout_under_tp_keeps_replicas_identical(tp_lm_results):
+    """Per-rank dropout masks on pieces; the loss and every replicated gradient equal on the tp ranks."""
+    (loss0, grads0), (loss1, grads1) = (r[1] for r in tp_lm_results)
+    assert loss0 == loss1
+    assert grads0.keys() == grads1.keys() and "tok_embed.weight" not in grads0
+    for name in grads0:
+        assert torch.equal(grads0[name], grads1[name]), name

@@ -90,7 +90,10 @@ class TransformerConfig:
         whatever they were); ``num_experts == 1`` makes those blocks dense MLPs of width
         ``moe.d_ffn`` (the dense stand-in of ``dense_equivalent``).
       num_modalities: modality ids the MoE layers accept (LIMoE: 2).
-      dropout: dropout on attention probabilities and residual branches, in [0, 1).
+      dropout: dropout on attention probabilities and residual branches, in [0, 1). Under
+        tensor parallelism the attention masks of each rank's heads (and, with sequence
+        parallelism, the residual masks of each sequence piece) come from a per-rank fork
+        of the RNG: the same distribution as one process, not the same draws.
       norm_eps: LayerNorm epsilon.
       init_std: std of the normal init of weights (output projections are scaled
         down by ``sqrt(2 * n_layers)``); also ``moe.init_std``'s default from YAML.
@@ -298,7 +301,7 @@ class Attention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, *, tp: Optional[TensorParallel] = None):
         super().__init__()
-        tp = tp or TensorParallel()
+        tp = self.tp = tp or TensorParallel()
         if n_heads % tp.size:
             raise ValueError(f"n_heads={n_heads} must be divisible by the tensor-parallel size {tp.size}")
         self.n_heads, self.head_dim, self.dropout = n_heads // tp.size, d_model // n_heads, dropout
@@ -311,7 +314,9 @@ class Attention(nn.Module):
         B, L = qkv.shape[:2]
         q, k, v = qkv.view(B, L, self.n_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and mask is None)
+        with self.tp.rank_rng(p > 0):  # this rank's heads draw their own dropout masks
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                               is_causal=causal and mask is None)
         return self.out(y.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
 
 
@@ -337,7 +342,9 @@ class Block(nn.Module):
 
     def attend(self, x_BLD: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Residual attention half: x[B, L, D] -> x + attn(ln1(x)); mask as for ``Attention``."""
-        return x_BLD + self.drop(self.attn(self.ln1(x_BLD), mask, causal=self.causal))
+        y = self.attn(self.ln1(x_BLD), mask, causal=self.causal)
+        with self.tp.rank_rng(self.tp.sp and self.training and self.drop.p > 0):  # a sequence piece's own mask
+            return x_BLD + self.drop(y)
 
     def feed_forward(self, x: torch.Tensor, modality: Optional[torch.Tensor] = None
                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -353,7 +360,8 @@ class Block(nn.Module):
             y = self.tp.scatter_sequence(y)
         else:
             y, aux = self.mlp(h), {}
-        return x + self.drop(y), aux
+        with self.tp.rank_rng(self.tp.sp and self.training and self.drop.p > 0):
+            return x + self.drop(y), aux
 
     def forward(self, x_BLD: torch.Tensor, *, key_padding_mask: Optional[torch.Tensor] = None,
                 modality: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
