@@ -39,6 +39,25 @@ def _lm_step(model, ids, targets):
     return float(loss.detach())
 
 
+def _limoe(tp=None):
+    from moe.models.limoe import LIMoEConfig, LIMoEModel
+
+    cfg = LIMoEConfig.from_dict({"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ffn": 48, "moe_every": 0,
+                                 "image_size": 8, "patch_size": 4, "text_length": 6, "embed_dim": 16})
+    return LIMoEModel(cfg, tp=tp)
+
+
+def _limoe_step(model):
+    g = torch.Generator().manual_seed(4)
+    images = torch.randn(3, 3, 8, 8, generator=g)
+    tokens = torch.randint(0, 200, (3, 6), generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    u, v, _ = model(images, tokens, mask)
+    loss = model.contrastive_loss(u, v)
+    loss.backward()
+    return float(loss.detach())
+
+
 def _piece(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     from parallel.shards import shard_of, take_piece
 
@@ -63,6 +82,12 @@ def _tp_lm(rank, world):
         loss = _lm_step(model, ids, targets)
         allreduce_gradients(model, groups)
         out.append((loss, {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()}))
+    # LIMoE's shared tower (dense blocks) under tp
+    groups = ParallelDims(world_size=world, dp=1, tp=world).build()
+    limoe = _limoe(TensorParallel.from_groups(groups))
+    loss = _limoe_step(limoe)
+    allreduce_gradients(limoe, groups)
+    out.append((loss, {n: (p.detach().clone(), p.grad.clone()) for n, p in limoe.named_parameters()}))
     # Dropout under tp: pieces draw their own masks, replicated tensors stay identical on the tp ranks.
     # Without SP the residual stream is replicated: a rank-dependent draw leaking out of the
     # per-rank fork would make the ranks' activations, losses and norm gradients differ.
@@ -84,15 +109,20 @@ def tp_lm_results():
     return run_distributed(_tp_lm, 2)  # one start-up (megatron-core import) for every case
 
 
-@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"swiglu={a}-tie={b}-sp={c}" for a, b, c in CASES])
+@pytest.mark.parametrize("case", range(len(CASES) + 1),
+                         ids=[f"lm-swiglu={a}-tie={b}-sp={c}" for a, b, c in CASES] + ["limoe"])
 def test_tensor_parallel_lm_equals_one_process(case, tp_lm_results):
     from moe.models.lm import LanguageModel
     from parallel.shards import TensorShard, take_piece
 
-    swiglu, tie, sp = CASES[case]
-    oracle = LanguageModel(_lm_config(swiglu, tie))
-    ids, targets = _batch()
-    loss = _lm_step(oracle, ids, targets)
+    if case == len(CASES):
+        oracle = _limoe()
+        loss = _limoe_step(oracle)
+    else:
+        swiglu, tie, sp = CASES[case]
+        oracle = LanguageModel(_lm_config(swiglu, tie))
+        ids, targets = _batch()
+        loss = _lm_step(oracle, ids, targets)
     full = dict(oracle.named_parameters())
     for rank, per_case in enumerate(tp_lm_results):
         tp_loss, params = per_case[0][case]
