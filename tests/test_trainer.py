@@ -58,8 +58,11 @@ def test_single_process_run_writes_everything(tmp_path):
     assert "history.png" in pngs
     assert all((run_dir / "plots" / p).stat().st_size > 1000 for p in pngs)
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(run_dir / "tb"))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    every = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in every if "train/loss" in r]
     assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    evals = [r for r in every if "train/loss" not in r]
+    assert [r["step"] for r in evals] == [4, 8] and all("eval/val_loss" in r for r in evals), evals
     assert {"train/loss", "train/lr", "train/drop_rate", "train/tokens_per_s", "train/mse"} <= set(rows[0])
     assert (run_dir / "config.yaml").is_file()
 

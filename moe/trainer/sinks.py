@@ -2,7 +2,7 @@
 
 - ``train_row`` / ``format_train_line`` / ``format_eval_line`` are pure functions:
   numbers in, a row dict or a console line out (tested without any file or process).
-- ``Sinks`` writes a row everywhere it belongs, on rank 0 only: ``metrics.jsonl``
+- ``Sinks`` writes a row everywhere it belongs, on rank 0 only: ``metrics.jsonl`` (train and eval rows)
   (one JSON object per line), TensorBoard (``ScalarWriter``), the progress bar's
   postfix, and the console/log function. Other ranks get a ``Sinks`` that does nothing.
 """
@@ -192,6 +192,8 @@ class Sinks:
             return
         self.writer.scalars("eval", metrics, step)
         self.writer.routing("eval_moe", routing, step)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"step": step, **{f"eval/{k}": float(v) for k, v in metrics.items()}}) + "\n")
         self.line(format_eval_line(step, metrics))
 
     def close(self) -> None:

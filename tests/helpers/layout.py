@@ -5,7 +5,8 @@ runs it (one process directly, several under ``torch.distributed.run`` on
 loopback), and returns a ``LayoutRun``: the per-step ``train/*`` metrics from
 ``metrics.jsonl`` (``log_every`` is forced to 1) and the final parameters, loaded
 from the run's last checkpoint into a single-process model (experts gathered by
-their global index), so runs of any layout compare tensor by tensor.
+their global index, tensor-parallel pieces at their global offsets), so runs of any
+layout compare tensor by tensor; also the evaluation rows and the checkpoint path.
 
 ``assert_same_training(a, b, rtol)``: the same steps, ``train/loss`` equal at
 every step within ``rtol`` (relative), and every parameter equal within ``rtol``
@@ -37,6 +38,8 @@ class LayoutRun:
     metrics: List[Dict[str, float]]  # one row per step: {"step": s, "train/loss": ..., ...}
     params: Dict[str, torch.Tensor]  # final parameters of the whole model (all experts)
     stdout: str
+    evals: List[Dict[str, float]]  # the evaluation rows: {"step": s, "eval/val_loss": ..., ...}
+    checkpoint: str  # the run's last checkpoint directory
 
     def losses(self) -> List[float]:
         return [row["train/loss"] for row in self.metrics]
@@ -45,15 +48,12 @@ class LayoutRun:
         return f"{self.nproc} process(es) {' '.join(self.overrides)}".strip()
 
 
-def _final_params(cfg_dict: Mapping, run_dir: str) -> Dict[str, torch.Tensor]:
+def _final_params(cfg_dict: Mapping, path: str) -> Dict[str, torch.Tensor]:
     from moe.trainer import checkpoint as ckpt
     from moe.trainer.config import from_dict
     from moe.trainer.setup import make_task
 
     cfg = from_dict(copy.deepcopy(dict(cfg_dict)))
-    path = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-    if path is None:
-        raise AssertionError(f"the run in {run_dir} wrote no checkpoint")
     task = make_task(cfg, None, torch.device("cpu"))  # no groups: one process holds every expert
     ckpt.load_checkpoint(path, task.model)
     return {n: p.detach().clone() for n, p in task.model.named_parameters()}
@@ -82,11 +82,16 @@ def run_layout(config: Mapping, nproc: int, out_dir, *, overrides: Sequence[str]
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    from moe.trainer import checkpoint as ckpt
     from moe.trainer.config import apply_overrides
 
+    path = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    if path is None:
+        raise AssertionError(f"the run in {run_dir} wrote no checkpoint")
     effective = apply_overrides(copy.deepcopy(raw), list(overrides))
     return LayoutRun(nproc, list(overrides), [r for r in rows if "train/loss" in r],
-                     _final_params(effective, run_dir), proc.stdout)
+                     _final_params(effective, path), proc.stdout,
+                     [r for r in rows if any(k.startswith("eval/") for k in r)], path)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
