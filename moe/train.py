@@ -9,7 +9,9 @@ as YAML (``3``, ``1.0e-3``, ``true``, ``null``, ``[0.9, 0.99]``). ``--print-conf
 prints the validated config, with the model and data sections resolved (preset
 expanded, every default shown), and exits. A bad value in any section exits with
 status 2 and one ``config error:`` line naming its key path, before any process
-group or weight exists. See ``moe/trainer/config.py`` for every key.
+group or weight exists; so does a parallel layout (``parallel.tp`` / ``ep`` / ``etp``
+/ ``sequence_parallel``) that does not fit the launch's world size or the model
+(``moe/trainer/layout.py``). See ``moe/trainer/config.py`` for every key.
 """
 from __future__ import annotations
 
@@ -27,13 +29,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_batch_layout(cfg) -> None:
-    """The global batch must split into whole micro-batches on the launch's data-parallel size.
+def check_launch_layout(cfg) -> None:
+    """The layout must fit the launch's world size and the model; the global batch must split
+    into whole micro-batches on the data-parallel size.
 
     The world size comes from the launcher's environment (torchrun, SLURM, or 1), so a
-    bad combination fails here with one line instead of on every rank after start-up.
+    bad combination (``moe.trainer.layout.check_layout``: tp / ep / etp against the world
+    size, heads, FFN widths, experts and sequence length) fails here with one line
+    instead of on every rank after start-up.
     """
-    from moe.trainer.config import ConfigError
+    from moe.trainer.layout import check_layout
     from moe.trainer.loop import StepSchedule
     from parallel.launch import LaunchError, detect_launch
 
@@ -41,11 +46,8 @@ def check_batch_layout(cfg) -> None:
         world = detect_launch().world_size
     except LaunchError:
         return  # the launch itself is inconsistent: init_distributed reports it
-    model_parallel = cfg.parallel.tp * cfg.parallel.pp
-    if world % model_parallel:
-        raise ConfigError(f"config key 'parallel.tp' x 'parallel.pp' = {model_parallel} must divide the world "
-                          f"size {world}")
-    StepSchedule.from_config(cfg.train, world // model_parallel, 0)
+    dims = check_layout(cfg, world)
+    StepSchedule.from_config(cfg.train, dims.dp, 0)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -55,7 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:  # every section, before any process group or weight exists
         cfg = load_config(args.config, args.overrides)
         text = resolved_yaml(cfg)
-        check_batch_layout(cfg)
+        check_launch_layout(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -36,14 +36,24 @@ def test_defaults_and_shorthand():
     assert from_dict(cfg.to_dict()) == cfg  # round trip through plain data
 
 
+# The world size each example config is written for (its header comment).
+EXAMPLE_WORLDS = {"tiny_limoe.yaml": 4, "tiny_switch_lm.yaml": 2, "gshard_lm.yaml": 8, "limoe_cluster.yaml": 32,
+                  "multinode_tp_ep.yaml": 16}
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "examples/configs/*.yaml"))))
 def test_example_configs_validate(path):
+    from moe.trainer.layout import check_layout
+    from moe.trainer.loop import StepSchedule
+
     cfg = load_config(path)
     assert cfg.task.name in ("limoe", "lm") and "preset" in cfg.model
     resolved = resolve_sections(cfg)  # the model and data sections validate too
     assert "preset" not in resolved["model"] and resolved["model"]["moe"]["num_experts"] >= 1
     if os.path.basename(path) == "tiny_limoe.yaml":
         assert cfg.parallel.ep == 2 and cfg.model["preset"] == "tiny_limoe"
+    dims = check_layout(cfg, EXAMPLE_WORLDS[os.path.basename(path)])  # the layout fits its launch and model
+    StepSchedule.from_config(cfg.train, dims.dp, 0)
 
 
 def test_overrides_are_yaml_typed(tmp_path):
@@ -80,7 +90,8 @@ def test_overrides_are_yaml_typed(tmp_path):
     ({"optim": {"betas": [0.9, 1.5]}}, r"'optim.betas\[1\]': got 1.5; it must be in \[0.0, 1.0\)"),
     ({"optim": {"min_lr_ratio": 2.0}}, r"'optim.min_lr_ratio': got 2.0; it must be in \[0, 1\]"),
     ({"parallel": {"ep": 0}}, r"'parallel.ep': got 0; it must be >= 1"),
-    ({"parallel": {"tp": 2}}, r"'parallel.tp': got 2; only 1 is allowed: tensor parallelism is not"),
+    ({"parallel": {"pp": 2}}, r"'parallel.pp': got 2; only 1 is allowed: pipeline parallelism is not"),
+    ({"parallel": {"tp": 0}}, r"'parallel.tp': got 0; it must be >= 1"),
     ({"parallel": {"backend": "mpi"}}, r"'parallel.backend': got 'mpi'; allowed values: 'auto', 'gloo'"),
     ({"telemetry": {"plots": "yes"}}, r"'telemetry.plots': got 'yes'; it must be true or false"),
     ({"train": {"device": "tpu"}}, r"'train.device': got 'tpu'; allowed values: 'auto', 'cpu', 'cuda'"),

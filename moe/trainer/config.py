@@ -6,7 +6,7 @@ A config file has these sections (every one optional except ``task`` and
     task: limoe                # or {name: limoe}; "lm", or "package.module:function" for your own task
     model: {preset: tiny_limoe}   # the task's model config (a preset + overrides, or every key)
     data: {}                      # the task's data config
-    parallel: {ep: 2, tp: 1, pp: 1, etp: 1, backend: auto}
+    parallel: {ep: 2, tp: 1, pp: 1, etp: 1, sequence_parallel: false, backend: auto}
     optim: {lr: 1.0e-3, weight_decay: 0.01, betas: [0.9, 0.95], eps: 1.0e-8,
             warmup_steps: 10, schedule: cosine, min_lr_ratio: 0.1, grad_clip: 1.0}
     train: {steps: 100, global_batch_size: 16, micro_batch_size: null, seed: 0, log_every: 10, eval_every: 50,
@@ -92,17 +92,28 @@ class TaskConfig:
 
 @dataclass
 class ParallelConfig:
-    """Parallel layout; the data-parallel size is derived from the world size."""
+    """Parallel layout; the data-parallel size is derived from the world size.
+
+    ``tp``: tensor parallelism of the dense part (attention heads, dense MLPs, the LM
+    vocabulary); ``sequence_parallel``: also split the LM's residual stream along the
+    sequence over the tp ranks (needs tp > 1); ``ep``: expert parallelism; ``etp``:
+    each expert's hidden units split over etp ranks; ``pp``: not supported yet. With
+    ``dp = world / (tp * pp)``, ``ep * etp`` must divide ``dp * tp``. The sizes are
+    checked against the launch's world size and the model by
+    ``moe.trainer.layout.check_layout`` before any process group exists.
+    """
 
     ep: int = _opt(1, _ge(1))
-    # Room for tensor / pipeline / expert-tensor parallelism: not wired into the trainer yet.
-    tp: int = _opt(1, _not_yet("tensor parallelism"))
+    tp: int = _opt(1, _ge(1))
     pp: int = _opt(1, _not_yet("pipeline parallelism"))
-    etp: int = _opt(1, _not_yet("expert tensor parallelism"))
+    etp: int = _opt(1, _ge(1))
+    sequence_parallel: bool = False
     backend: str = _opt("auto", _one_of(BACKENDS))
 
     def validate(self, path: str) -> None:
-        pass
+        if self.sequence_parallel and self.tp == 1:
+            fail(f"{path}.sequence_parallel", True, f"it needs {path}.tp > 1, got tp=1 (sequence parallelism "
+                 "splits each sequence over the tensor-parallel ranks)")
 
 
 @dataclass
