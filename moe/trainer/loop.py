@@ -326,9 +326,11 @@ def run(cfg: TrainConfig, *, task_builder: Optional[Callable] = None,
 
     ctx = init_distributed(cfg.parallel.backend, device=cfg.train.device)
     try:
+        from .layout import check_layout
+
+        check_layout(cfg, dist.get_world_size())  # also for Python callers that skipped python -m moe.train
         p = cfg.parallel
-        groups = build_groups(p.ep, tp=p.tp, pp=p.pp, etp=p.etp,
-                              sequence_parallel=getattr(p, "sequence_parallel", False))
+        groups = build_groups(p.ep, tp=p.tp, pp=p.pp, etp=p.etp, sequence_parallel=p.sequence_parallel)
         trainer = Trainer(cfg, groups=groups, device=ctx.device, task_builder=task_builder, log=log)
         return trainer.fit()
     finally:
