@@ -68,6 +68,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from moe.experts import Experts
 from parallel.grads import is_expert_param
@@ -109,8 +111,6 @@ class _Pieces:
                 raise CheckpointError(
                     f"'{name}' is a tensor-parallel piece ({shard}); pass groups= (the parallel.ProcessGroups "
                     f"of this run) to save or load it at its global offset")
-            from torch.distributed.device_mesh import DeviceMesh
-
             group = getattr(self.groups, f"{shard.group}_group")
             self._meshes[key] = DeviceMesh.from_group(group, device_type)
         mesh = self._meshes[key]
@@ -124,8 +124,6 @@ class _Pieces:
         """``t`` (detached) as DCP should declare it: itself, or its real rows as a DTensor piece."""
         if shard is None:
             return t
-        from torch.distributed.tensor import DTensor, Shard
-
         local = t.shape[shard.dim]
         if -(-shard.global_len // shard.size) != local:
             # DTensor (torch.chunk) pieces are ceil(global_len / size) long: padding must fit in that rule
