@@ -166,14 +166,14 @@ class Trainer:
         if path is None:
             sinks.line(f"resume=auto: no checkpoint under {self.ckpt_root} yet; starting fresh")
             return None
-        self.step = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        self.step = ckpt.load_checkpoint(path, self.model, self.optimizer, groups=self.groups)
         sinks.line(f"resumed from {path} at step {self.step}")
         return path
 
     def save(self) -> str:
         meta = {"task": self.cfg.task.name, "ep": self.groups.dims.ep, "config": self.cfg.to_dict()}
         return ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, meta=meta,
-                                    keep=self.cfg.train.keep_checkpoints)
+                                    keep=self.cfg.train.keep_checkpoints, groups=self.groups)
 
     # ---- eval ------------------------------------------------------------------------
     def evaluate(self, sinks: Sinks, result: TrainResult) -> Dict[str, float]:
