@@ -160,6 +160,8 @@ def model_state_dict(model: nn.Module, groups=None) -> Dict[str, torch.Tensor]:
                    for m, mod in experts.items() for p, _ in mod.named_parameters(recurse=False)}
     out: Dict[str, torch.Tensor] = {}
     for key, t in model.state_dict(keep_vars=True).items():
+        if not isinstance(t, torch.Tensor):  # e.g. megatron-core layers' ``_extra_state`` (None)
+            continue
         shard = shard_of(t)
         t = t.detach()
         if key in expert_keys:
