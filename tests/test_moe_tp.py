@@ -28,7 +28,7 @@ TOKENS = 13  # odd: the tp pieces are uneven
 
 
 def _config(router, activation="gelu", bias=False, **extra):
-    return moe.MoEConfig(d_model=D, d_ffn=F, num_experts=E, aux_losses=AUX, activation=activation,
+    return moe.MoEConfig(d_model=D, d_ffn=F, num_experts=E, aux_losses=AUX, activation=activation, init_std=0.5,
                          bias=bias, router=moe.RouterConfig(**router), **extra)
 
 
@@ -98,7 +98,8 @@ def _layer_matches_oracle(rank, world, dims, router, seed, options):
     assert torch.equal(layer.last_routing.kept, full.last_routing.kept)
     start, end = comm.bounds(TOKENS, groups.dims.tp, groups.tp_rank)
     rows = dict(layer=layer.last_stats["expert_rows"], oracle=full.experts.last_rows,
-                piece_kept=int(full.last_routing.kept[start:end].sum()))
+                piece_kept=int(full.last_routing.kept[start:end].sum()),
+                dropped=full.last_stats["dropped_fraction"])
 
     # Expert gradients: every (token, expert) pair is computed once in the world, so the sum of
     # the local gradients over the edp replicas (and over etp for b2) is the oracle's gradient
@@ -149,6 +150,7 @@ def test_tp_ranks_split_the_expert_rows(router):
     for r in rows:
         assert r["layer"] == r["piece_kept"] > 0
     assert sum(r["layer"] for r in rows) == rows[0]["oracle"]
+    assert (rows[0]["dropped"] > 0) == ("capacity_factor" in router)  # the capacity case drops some
 
 
 # ------------------------------------------------------------------ one process
