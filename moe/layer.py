@@ -18,7 +18,8 @@ permute -> [ep dispatch] -> [etp] experts -> [combine] -> unpermute), and
 ``comm.gather``s the outputs back to [T, D]: each (token, expert) pair is computed
 once per tp group. The shared expert and the residual coefficient run on the full x.
 Statistics (``last_stats``, the expert-bias load) are those of the full routing, the
-same on every tp rank.
+same on every tp rank. Random routing draws (Switch jitter, GShard's random 2nd
+choice, noisy top-k) must be the same on every tp rank: the same generator state.
 
 Expert tensor parallelism (``etp_group`` of P ranks, holding the same experts): each
 expert's hidden units are split over the group (``Experts(etp_rank, etp_size)``);
@@ -27,7 +28,7 @@ units for all of them and the partial outputs are summed back on the rows' owner
 (``moe.dispatch.etp_compute``).
 
 ``torch.compile(layer, fullgraph=True)`` traces the forward when a capacity is set
-(without expert parallelism): expert buffers are then padded to the capacity, so
+(without expert or tensor parallelism): expert buffers are then padded to the capacity, so
 every shape is static, and the host-side checks (non-finite logits, modality id
 range) are skipped inside the graph. Dropless routing has data-dependent shapes.
 ``MoEConfig.pad_to_capacity`` asks for the padded layout in eager mode too (same
@@ -65,7 +66,8 @@ class MoELayer(nn.Module):
     ``moe.dispatch.world_node_groups`` for the hierarchical one). ``dp_group``: the
     ranks that hold replicas of the router and see other tokens; the aux-loss-free
     expert-bias update sums the load over it (default: ``ep_group``; under tensor
-    parallelism the data-parallel group: tp ranks share the load, never sum it).
+    parallelism pass the data-parallel group: tp ranks hold the same tokens, so their
+    loads must not be summed).
     ``tp_group``: the tensor-parallel ranks holding the same tokens (see the module
     doc). ``etp_group``: the expert-tensor-parallel ranks holding pieces of the same
     experts (``MoEConfig.d_ffn`` divisible by its size).
