@@ -403,6 +403,51 @@ class AllToAllDispatcher:
         return to_chunks.reverse().apply(back)
 
 
+# ----------------------------------------------------------------------------- expert tensor parallelism
+
+
+def etp_compute(experts, rows: Tensor, counts_El: Tensor, etp_group, *,
+                padded_capacity: Optional[int] = None) -> Tensor:
+    """``experts(rows, counts_El)`` with each expert's hidden units split over ``etp_group``.
+
+    ``experts``: a ``moe.Experts`` holding piece ``etp_rank`` of P (``Experts(etp_size=P)``);
+    rows[N, D] expert-major by counts[E_l] (this rank's rows, e.g. after the ep dispatch;
+    the other etp ranks hold the same E_l experts and their own rows). Steps:
+
+    1. the per-expert counts are exchanged ([P, E_l]) and every rank's rows are all-gathered
+       (an uneven all-to-all sending the same rows to every peer), then reordered
+       expert-major (expert 0's rows of rank 0, rank 1, ..., then expert 1, ...);
+    2. this rank computes its slice of the hidden units for all of them (b1 piece
+       added, b2 not): a partial output per row;
+    3. the partial outputs go back to the rank that owns each row (the reverse
+       all-to-all) and are summed there (a reduce-scatter), then b2 is added once.
+
+    Differentiable (the backward of each all-to-all is the reverse one; the input
+    gradient of the row copies is summed). Collective over ``etp_group``: every rank
+    calls it, also with zero rows. ``padded_capacity=C``: every expert has C rows on
+    every rank (then C * P after the gather). Returns out[N, D].
+    """
+    P = _group_size(etp_group)
+    if P == 1:
+        return experts(rows, counts_El, padded_capacity=padded_capacity)
+    device = rows.device
+    counts = counts_El.detach().to("cpu", torch.long)
+    counts_PEl = _exchange_equal(counts.unsqueeze(0).expand(P, -1), etp_group, device)  # [src, E_l]
+    n, from_each = rows.shape[0], counts_PEl.sum(1).tolist()
+    gathered = _AllToAll.apply(torch.cat([rows] * P), etp_group, from_each, [n] * P, None)
+    to_expert_major = None
+    if not _is_identity(counts_PEl.shape, (1, 0)):
+        to_expert_major = _Permute(block_permutation(counts_PEl, (1, 0)).to(device))
+        gathered = to_expert_major.apply(gathered)
+    partial = experts(gathered, counts_PEl.sum(0).to(counts_El.device), output_bias=False,
+                      padded_capacity=None if padded_capacity is None else padded_capacity * P)
+    if to_expert_major is not None:
+        partial = to_expert_major.reverse().apply(partial)
+    back = _AllToAll.apply(partial, etp_group, [n] * P, from_each, None)  # [P * N]: block p from rank p
+    out = back.view(P, n, *back.shape[1:]).sum(0)
+    return experts.add_output_bias(out, counts_El)
+
+
 def new_node_groups(ep_groups_ranks: Sequence[Sequence[int]], ranks_per_node: int):
     """Create the intra-node and inter-node groups of every ep group; return this rank's.
 

@@ -1,8 +1,19 @@
 """Stacked expert MLPs computed with a grouped GEMM, and their readable loop twin.
 
 Legend: E_l experts held here (``El`` in shape suffixes; E_l = E without expert
-parallelism), N rows (expert-major), D model width, F expert width.
-Weights: w1_ElDF [E_l, D, F] (SwiGLU: [E_l, D, 2F], gate then up), w2_ElFD [E_l, F, D].
+parallelism), N rows (expert-major), D model width, F expert width (global),
+P the expert-tensor-parallel (etp) size, F_l = F / P the width held here.
+Weights: w1_ElDF [E_l, D, F_l] (SwiGLU: [E_l, D, 2 F_l], unit-major: columns 2f and
+2f+1 are the gate and the up projection of hidden unit f), w2_ElFD [E_l, F_l, D],
+b1 [E_l, F_l] (SwiGLU: [E_l, 2 F_l]), b2 [E_l, D].
+
+Expert tensor parallelism (``etp_size`` P > 1): this rank holds piece ``etp_rank`` of
+every expert's hidden units (w1 columns, w2 rows, b1; marked with
+``parallel.shards.mark_shard(group="etp")``), so its output for a row is a PARTIAL sum
+over its units; ``moe.dispatch.etp_compute`` sums the pieces over the etp group and
+adds b2 once (``forward(..., output_bias=False)`` leaves b2 out here). b2 is replicated
+and its gradient is partial per etp rank (``parallel.shards.mark_partial_grad``).
+The unit-major SwiGLU layout makes a contiguous piece of w1 hold whole units.
 """
 from __future__ import annotations
 
@@ -12,6 +23,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from parallel.shards import TensorShard, mark_partial_grad, mark_shard, take_piece
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
@@ -51,23 +64,45 @@ def loop_matmul(a_ND: torch.Tensor, b_ElDF: torch.Tensor, counts_El: torch.Tenso
 
 
 class Experts(nn.Module):
-    """``num_local`` expert MLPs; global expert index = ``first_expert + local index``."""
+    """``num_local`` expert MLPs; global expert index = ``first_expert + local index``.
+
+    ``d_ffn`` is the global expert width F; with ``etp_size`` P > 1 this module holds
+    the hidden units ``[etp_rank * F / P, (etp_rank + 1) * F / P)`` of every expert
+    (F divisible by P). ``last_rows``: rows the last ``forward`` computed (padding rows
+    included; 0 before the first call).
+    """
 
     def __init__(self, num_local: int, d_model: int, d_ffn: int, activation: str = "gelu", *,
                  first_expert: int = 0, bias: bool = False, init_std: float = 0.02,
+                 etp_rank: int = 0, etp_size: int = 1,
                  dtype: Optional[torch.dtype] = None, device=None):
         super().__init__()
+        if etp_size < 1 or not 0 <= etp_rank < etp_size:
+            raise ValueError(f"Experts: etp_rank={etp_rank} must be in [0, etp_size={etp_size})")
+        if d_ffn % etp_size:
+            raise ValueError(f"Experts: d_ffn={d_ffn} is not divisible by the expert-tensor-parallel "
+                             f"size etp={etp_size}; it must be a multiple of it")
         self.num_local, self.d_model, self.d_ffn = num_local, d_model, d_ffn
         self.activation, self.first_expert = activation, first_expert
-        width = 2 * d_ffn if activation == "swiglu" else d_ffn
+        self.etp_rank, self.etp_size = etp_rank, etp_size
+        self.d_ffn_local = d_ffn // etp_size
+        units = 2 if activation == "swiglu" else 1  # w1 columns per hidden unit
         kw = dict(dtype=dtype, device=device)
-        self.w1 = nn.Parameter(torch.empty(num_local, d_model, width, **kw))
-        self.w2 = nn.Parameter(torch.empty(num_local, d_ffn, d_model, **kw))
-        self.b1 = nn.Parameter(torch.zeros(num_local, width, **kw)) if bias else None
+        self.w1 = nn.Parameter(torch.empty(num_local, d_model, units * self.d_ffn_local, **kw))
+        self.w2 = nn.Parameter(torch.empty(num_local, self.d_ffn_local, d_model, **kw))
+        self.b1 = nn.Parameter(torch.zeros(num_local, units * self.d_ffn_local, **kw)) if bias else None
         self.b2 = nn.Parameter(torch.zeros(num_local, d_model, **kw)) if bias else None
+        if etp_size > 1:
+            shard = dict(rank=etp_rank, size=etp_size, group="etp")
+            mark_shard(self.w1, dim=2, **shard)
+            mark_shard(self.w2, dim=1, **shard)
+            if bias:
+                mark_shard(self.b1, dim=1, **shard)
+                mark_partial_grad(self.b2, "etp")
         self.init_std = init_std
         # False: ``forward`` runs one matmul per expert (the readable twin; for benchmarks).
         self.grouped_gemm = True
+        self.last_rows = 0
         self.reset_parameters()
 
     @torch.no_grad()
@@ -77,7 +112,9 @@ class Experts(nn.Module):
         ``generator_for(param_name, global_expert)``: a generator per expert and weight
         (``moe.models.init_weights`` seeds it from the parameter name and the GLOBAL
         expert index, so an expert gets the same weights on whichever rank holds it);
-        None draws from torch's global RNG.
+        None draws from torch's global RNG. Under expert tensor parallelism each
+        expert's FULL global weight is drawn from its generator and this rank keeps its
+        piece, so every etp layout starts from the weights of the one-process model.
         """
         # Output projection scaled down with width, as in GPT-2 style inits.
         stds = {"w1": self.init_std, "w2": self.init_std / math.sqrt(2.0)}
@@ -86,17 +123,23 @@ class Experts(nn.Module):
             if generator_for is None:
                 nn.init.normal_(w, std=std)
                 continue
+            shard = getattr(w, "tensor_shard", None)
+            # The shard of one expert's slice w[e]: the expert dimension is gone.
+            piece = None if shard is None else TensorShard(shard.dim - 1, shard.rank, shard.size,
+                                                           shard.group, shard.global_len)
+            full_shape = w.shape[1:] if piece is None else piece.global_shape(w.shape[1:])
             for e in range(self.num_local):
                 g = generator_for(name, self.first_expert + e)
-                w[e].copy_(torch.randn(w[e].shape, generator=g, dtype=torch.float32).mul_(std).to(w.dtype))
+                full = torch.randn(full_shape, generator=g, dtype=torch.float32).mul_(std)
+                w[e].copy_(take_piece(full, piece).to(w.dtype))
         for b in (self.b1, self.b2):
             if b is not None:
                 nn.init.zeros_(b)
 
     def _act(self, h: torch.Tensor) -> torch.Tensor:
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            return F.silu(gate) * up
+        if self.activation == "swiglu":  # unit-major: (unit, {gate, up})
+            pairs = h.unflatten(-1, (h.shape[-1] // 2, 2))
+            return F.silu(pairs[..., 0]) * pairs[..., 1]
         return _ACTIVATIONS[self.activation](h)
 
     def _bias(self, h: torch.Tensor, b: Optional[torch.Tensor], counts_El: torch.Tensor) -> torch.Tensor:
@@ -105,11 +148,13 @@ class Experts(nn.Module):
         return h + torch.repeat_interleave(b, counts_El, dim=0, output_size=h.shape[0])
 
     def forward(self, rows_ND: torch.Tensor, counts_El: torch.Tensor, *,
-                padded_capacity: Optional[int] = None) -> torch.Tensor:
+                padded_capacity: Optional[int] = None, output_bias: bool = True) -> torch.Tensor:
         """rows[N, D] expert-major with counts[E_l] rows per local expert -> out[N, D].
 
         ``padded_capacity=C``: every expert owns exactly C rows (N = E*C, the padded
         layout); one batched matmul then serves all experts with static shapes.
+        ``output_bias=False``: leave b2 out (the etp path adds it once, after summing
+        the partial outputs; ``add_output_bias``).
         """
         if padded_capacity is not None:
             E, C = self.num_local, padded_capacity
@@ -117,22 +162,30 @@ class Experts(nn.Module):
             def padded_mm(a, b, counts):
                 return torch.bmm(a.view(E, C, a.shape[1]), b).view(E * C, b.shape[2])
 
-            return self._compute(rows_ND, counts_El, padded_mm)
-        return self._compute(rows_ND, counts_El, grouped_matmul if self.grouped_gemm else loop_matmul)
+            return self._compute(rows_ND, counts_El, padded_mm, output_bias)
+        return self._compute(rows_ND, counts_El, grouped_matmul if self.grouped_gemm else loop_matmul, output_bias)
 
     def forward_loop(self, rows_ND: torch.Tensor, counts_El: torch.Tensor) -> torch.Tensor:
         """Same as ``forward`` with one matmul per expert (the oracle)."""
-        return self._compute(rows_ND, counts_El, loop_matmul)
+        return self._compute(rows_ND, counts_El, loop_matmul, True)
 
-    def _compute(self, rows_ND, counts_El, mm):
-        if not torch.compiler.is_compiling() and rows_ND.shape[0] != int(counts_El.sum()):
-            raise ValueError(f"rows has {rows_ND.shape[0]} rows but counts sum to {int(counts_El.sum())}")
+    def add_output_bias(self, out_ND: torch.Tensor, counts_El: torch.Tensor) -> torch.Tensor:
+        """out + b2 of each row's expert (rows expert-major by ``counts``); out unchanged without bias."""
+        return self._bias(out_ND, self.b2, counts_El)
+
+    def _compute(self, rows_ND, counts_El, mm, output_bias):
+        if not torch.compiler.is_compiling():
+            if rows_ND.shape[0] != int(counts_El.sum()):
+                raise ValueError(f"rows has {rows_ND.shape[0]} rows but counts sum to {int(counts_El.sum())}")
+            self.last_rows = rows_ND.shape[0]
         w1, w2 = self.w1.to(rows_ND.dtype), self.w2.to(rows_ND.dtype)
         h = self._act(self._bias(mm(rows_ND, w1, counts_El), self.b1, counts_El))
-        return self._bias(mm(h, w2, counts_El), self.b2, counts_El)
+        out = mm(h, w2, counts_El)
+        return self._bias(out, self.b2, counts_El) if output_bias else out
 
     def expert_mlp(self, e: int, x_TD: torch.Tensor) -> torch.Tensor:
-        """Local expert ``e`` applied to every row of x (dense oracle building block)."""
+        """Local expert ``e`` applied to every row of x (dense oracle building block;
+        under etp: this rank's partial output plus b2)."""
         h = x_TD @ self.w1[e].to(x_TD.dtype)
         if self.b1 is not None:
             h = h + self.b1[e]

@@ -9,8 +9,26 @@ is accumulated in module globals.
 
 Capacity is per rank: T is the number of tokens this rank's router sees.
 
+Tensor parallelism (``tp_group`` of R ranks): x (and modality) is the same on every
+rank of the group, and so are y and aux. Every tp rank routes all T tokens (the
+router is replicated: identical choices, capacity, drops and aux losses), then
+computes the experts only for its piece of the tokens, rows
+``parallel.comm.bounds(T, R, r)`` (``comm.split`` of x and ``Routing.token_piece``:
+permute -> [ep dispatch] -> [etp] experts -> [combine] -> unpermute), and
+``comm.gather``s the outputs back to [T, D]: each (token, expert) pair is computed
+once per tp group. The shared expert and the residual coefficient run on the full x.
+Statistics (``last_stats``, the expert-bias load) are those of the full routing, the
+same on every tp rank. Random routing draws (Switch jitter, GShard's random 2nd
+choice, noisy top-k) must be the same on every tp rank: the same generator state.
+
+Expert tensor parallelism (``etp_group`` of P ranks, holding the same experts): each
+expert's hidden units are split over the group (``Experts(etp_rank, etp_size)``);
+after the ep dispatch the rows are all-gathered over etp, each rank computes its
+units for all of them and the partial outputs are summed back on the rows' owner
+(``moe.dispatch.etp_compute``).
+
 ``torch.compile(layer, fullgraph=True)`` traces the forward when a capacity is set
-(without expert parallelism): expert buffers are then padded to the capacity, so
+(without expert or tensor parallelism): expert buffers are then padded to the capacity, so
 every shape is static, and the host-side checks (non-finite logits, modality id
 range) are skipped inside the graph. Dropless routing has data-dependent shapes.
 ``MoEConfig.pad_to_capacity`` asks for the padded layout in eager mode too (same
@@ -24,9 +42,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel import comm
+
 from . import losses
 from .config import MoEConfig
-from .dispatch import build_dispatcher
+from .dispatch import build_dispatcher, etp_compute
 from .experts import Experts
 from .permute import permute, unpermute
 from .router import Router
@@ -44,12 +64,18 @@ class MoELayer(nn.Module):
     one is built as ``MoEConfig.dispatcher`` / ``node_size`` / ``overlap_chunks`` say
     (``moe.dispatch.build_dispatcher``; ``node_groups`` from
     ``moe.dispatch.world_node_groups`` for the hierarchical one). ``dp_group``: the
-    ranks that hold replicas of the router; the aux-loss-free expert-bias update sums
-    the load over it (default: ``ep_group``).
+    ranks that hold replicas of the router and see other tokens; the aux-loss-free
+    expert-bias update sums the load over it (default: ``ep_group``; under tensor
+    parallelism pass the data-parallel group: tp ranks hold the same tokens, so their
+    loads must not be summed).
+    ``tp_group``: the tensor-parallel ranks holding the same tokens (see the module
+    doc). ``etp_group``: the expert-tensor-parallel ranks holding pieces of the same
+    experts (``MoEConfig.d_ffn`` divisible by its size).
     """
 
     def __init__(self, config: MoEConfig, *, ep_group: Optional[dist.ProcessGroup] = None,
-                 dp_group: Optional[dist.ProcessGroup] = None, dispatcher=None, node_groups=None,
+                 dp_group: Optional[dist.ProcessGroup] = None, tp_group: Optional[dist.ProcessGroup] = None,
+                 etp_group: Optional[dist.ProcessGroup] = None, dispatcher=None, node_groups=None,
                  name: str = "moe", dtype: Optional[torch.dtype] = None, device=None):
         super().__init__()
         if not isinstance(config, MoEConfig):
@@ -70,11 +96,19 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoEConfig.num_experts={config.num_experts} is not divisible by the "
                              f"expert-parallel size {ep_size}; it must be a multiple of it")
         self.ep_size = ep_size
+        self.tp_group, self.etp_group = tp_group, etp_group
+        self.tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
+        self.etp_size = dist.get_world_size(etp_group) if etp_group is not None else 1
+        etp_rank = dist.get_rank(etp_group) if etp_group is not None else 0
+        if config.d_ffn % self.etp_size:
+            raise ValueError(f"MoEConfig.d_ffn={config.d_ffn} is not divisible by the expert-tensor-parallel "
+                             f"size etp={self.etp_size}; it must be a multiple of it")
         self.num_local_experts = config.num_experts // ep_size
         self.router = Router(config, name=name, dtype=dtype, device=device)
         self.experts = Experts(self.num_local_experts, config.d_model, config.d_ffn, config.activation,
                                first_expert=ep_rank * self.num_local_experts, bias=config.bias,
-                               init_std=config.init_std, dtype=dtype, device=device)
+                               init_std=config.init_std, etp_rank=etp_rank, etp_size=self.etp_size,
+                               dtype=dtype, device=device)
         from parallel.grads import mark_expert_params
         mark_expert_params(self.experts, ep_size)
         self.dispatcher = dispatcher
@@ -112,14 +146,21 @@ class MoELayer(nn.Module):
         validate_modality(flat, flat.shape[0], self.config.num_modalities)
         return flat.long()
 
+    def _experts_fn(self, rows: torch.Tensor, counts: torch.Tensor,
+                    padded_capacity: Optional[int] = None) -> torch.Tensor:
+        """The local experts on rows[N, D] (expert-major by counts[E_l]); over etp when split."""
+        if self.etp_size > 1:
+            return etp_compute(self.experts, rows, counts, self.etp_group, padded_capacity=padded_capacity)
+        return self.experts(rows, counts, padded_capacity=padded_capacity)
+
     def _expert_compute(self, rows: torch.Tensor, rows_per_expert: torch.Tensor,
                         padded_capacity: Optional[int] = None) -> torch.Tensor:
         if self.dispatcher is None:
-            return self.experts(rows, rows_per_expert, padded_capacity=padded_capacity)
+            return self._experts_fn(rows, rows_per_expert, padded_capacity)
         if self.dispatcher.num_chunks > 1:  # exchange of chunk c+1 overlaps compute of chunk c
-            return self.dispatcher.dispatch_compute_combine(rows, rows_per_expert, self.experts)
+            return self.dispatcher.dispatch_compute_combine(rows, rows_per_expert, self._experts_fn)
         local_rows, local_counts, ctx = self.dispatcher.dispatch(rows, rows_per_expert)
-        return self.dispatcher.combine(self.experts(local_rows, local_counts), ctx)
+        return self.dispatcher.combine(self._experts_fn(local_rows, local_counts), ctx)
 
     def forward(self, x: torch.Tensor, modality: Optional[torch.Tensor] = None, *,
                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -130,9 +171,12 @@ class MoELayer(nn.Module):
         routing = self.router(x_TD, modality_T, generator=generator)
         # Padded expert buffers when asked, and under torch.compile (static shapes), given a capacity.
         pad = routing.capacity is not None and (cfg.pad_to_capacity or torch.compiler.is_compiling())
-        rows, plan = permute(x_TD, routing, pad_to_capacity=pad, backend=cfg.backend)
+        # Under tp: this rank's piece of the tokens only (x and routing pieces; y gathered below).
+        mine = routing.token_piece(self.tp_group)
+        x_mine = comm.split(x_TD, 0, self.tp_group)
+        rows, plan = permute(x_mine, mine, pad_to_capacity=pad, backend=cfg.backend)
         out_rows = self._expert_compute(rows, plan.rows_per_expert, plan.padded_capacity)
-        y_TD = unpermute(out_rows, plan, routing)
+        y_TD = comm.gather(unpermute(out_rows, plan, mine), 0, self.tp_group, total=x_TD.shape[0])
         if self.shared is not None:
             dense = self.shared.expert_mlp(0, x_TD)
             if self.residual_coef is not None:
@@ -173,9 +217,11 @@ class MoELayer(nn.Module):
     def last_stats(self) -> Dict[str, object]:
         """Statistics of the last forward, computed when read (no host sync per step).
 
-        tokens_per_expert LongTensor[E] (kept, this rank), dropped_fraction, router_entropy
-        (mean per-token entropy of the router distribution), capacity, skipped, and
-        tokens_per_expert_by_modality LongTensor[M, E] when a modality was given,
+        tokens_per_expert LongTensor[E] (kept, this rank's routing: under tp all T tokens,
+        the same on every tp rank), dropped_fraction, router_entropy (mean per-token entropy
+        of the router distribution), capacity, skipped, expert_rows (rows this rank's experts
+        computed: after the ep dispatch and, under etp, the etp gather; padding rows
+        included), tokens_per_expert_by_modality LongTensor[M, E] when a modality was given,
         bytes_sent / bytes_received under expert parallelism. Empty before the first call.
         """
         return {} if self.last_routing is None else self._stats(self.last_routing)
@@ -188,6 +234,7 @@ class MoELayer(nn.Module):
             "router_entropy": float(routing.entropy()),
             "capacity": routing.capacity,
             "skipped": routing.skipped,
+            "expert_rows": self.experts.last_rows,
         }
         by_modality = routing.tokens_by_modality(self.config.num_modalities)
         if by_modality is not None:
@@ -199,5 +246,6 @@ class MoELayer(nn.Module):
     def extra_repr(self) -> str:
         rc = self.config.router
         return (f"name={self.name}, d_model={self.config.d_model}, d_ffn={self.config.d_ffn}, "
-                f"experts={self.config.num_experts} ({self.num_local_experts} local), policy={rc.policy}, "
+                f"experts={self.config.num_experts} ({self.num_local_experts} local), tp={self.tp_size}, "
+                f"etp={self.etp_size}, policy={rc.policy}, "
                 f"k={rc.top_k}, capacity_factor={rc.capacity_factor}, drop_policy={rc.drop_policy}")

@@ -4,10 +4,13 @@ Legend: T tokens, k choices per token, E experts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+
+from parallel import comm
 
 
 @dataclass
@@ -79,3 +82,58 @@ class Routing:
         """Fraction of dispatched assignments that capacity dropped (0.0 when none dispatched)."""
         n = int(self.dispatched.sum())
         return 0.0 if n == 0 else 1.0 - int(self.kept.sum()) / n
+
+    def piece(self, start: int, end: int) -> "Routing":
+        """The routing of tokens ``[start, end)`` alone, as a routing of ALL T tokens decided them.
+
+        Same capacity, choices and drops; the piece keeps its tokens' experts, weights,
+        kept, dispatched and modality, renumbers ``positions`` to slots 0.. of each expert
+        among the piece's kept assignments (in the full routing's slot order, so each
+        expert still has at most ``capacity`` rows and the padded layout works) and
+        recounts ``tokens_per_expert``. probs, logits and load are detached (statistics
+        only: the losses read the full routing). ``weights`` is a plain slice (see
+        ``token_piece`` for the tensor-parallel one).
+        """
+        if not 0 <= start <= end <= self.num_tokens:
+            raise ValueError(f"Routing.piece: need 0 <= start <= end <= T={self.num_tokens}, got [{start}, {end})")
+        experts, kept = self.experts[start:end], self.kept[start:end]
+        E = self.num_experts
+        counts = torch.bincount(experts[kept], minlength=E)[:E]
+        # Kept assignments ordered by (expert, slot in the full routing); their rank inside
+        # their expert is the new slot. Slots are < T*k, so the key is exact.
+        flat_kept = kept.reshape(-1)
+        e_kept = experts.reshape(-1)[flat_kept]
+        key = e_kept * (self.num_tokens * self.top_k) + self.positions[start:end].reshape(-1)[flat_kept]
+        order = torch.argsort(key)
+        starts = torch.cumsum(counts, 0) - counts
+        slot_sorted = torch.arange(order.numel(), device=order.device) - starts[e_kept[order]]
+        slots = torch.empty_like(slot_sorted)
+        slots[order] = slot_sorted
+        positions = torch.full_like(experts, -1).reshape(-1)
+        positions[flat_kept] = slots
+        rows = slice(start, end)
+        return replace(
+            self,
+            experts=experts,
+            weights=self.weights[rows],
+            probs=self.probs[rows].detach(),
+            logits=self.logits[rows].detach(),
+            dispatched=self.dispatched[rows],
+            kept=kept,
+            positions=positions.view(experts.shape),
+            tokens_per_expert=counts,
+            modality=None if self.modality is None else self.modality[rows],
+            load=None if self.load is None else self.load[rows].detach(),
+        )
+
+    def token_piece(self, group) -> "Routing":
+        """This rank's piece of the tokens under tensor parallelism: ``piece(start, end)`` for
+        ``[start, end) = parallel.comm.bounds(T, R, r)`` (R ranks in ``group``, this one r),
+        with ``weights`` through ``parallel.comm.split`` (its backward all-gathers, so the
+        router gradient stays complete on every rank). ``self`` for a group of one rank (or None).
+        """
+        size = 1 if group is None else dist.get_world_size(group)
+        if size == 1:
+            return self
+        start, end = comm.bounds(self.num_tokens, size, dist.get_rank(group))
+        return replace(self.piece(start, end), weights=comm.split(self.weights, 0, group))

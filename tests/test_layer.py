@@ -17,9 +17,8 @@ def activation_formula(name, h):
         return torch.where(h > 0, h, torch.zeros_like(h))
     if name == "silu":
         return h * torch.sigmoid(h)
-    if name == "swiglu":  # w1 gives [gate | up]
-        half = h.shape[-1] // 2
-        gate, up = h[..., :half], h[..., half:]
+    if name == "swiglu":  # w1 columns unit-major: 2f is unit f's gate, 2f+1 its up projection
+        gate, up = h[..., 0::2], h[..., 1::2]
         return gate * torch.sigmoid(gate) * up
     raise AssertionError(f"no formula for activation {name!r}")
 
