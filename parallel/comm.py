@@ -91,25 +91,19 @@ class _Split(torch.autograd.Function):
 
 
 class _Gather(torch.autograd.Function):
+    """All-gather; backward keeps this rank's piece of the gradient, summed over the
+    group first when ``sum_grad`` (the gradients are partial) and as it is otherwise
+    (the gradients are replicated)."""
+
     @staticmethod
-    def forward(ctx, x, dim, group, total):
-        ctx.dim, ctx.group = dim, group
+    def forward(ctx, x, dim, group, total, sum_grad):
+        ctx.dim, ctx.group, ctx.sum_grad = dim, group, sum_grad
         return _all_gather(x, dim, group, total)
 
     @staticmethod
     def backward(ctx, grad):
-        return _piece(grad, ctx.dim, ctx.group), None, None, None
-
-
-class _GatherSumGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group, total):
-        ctx.dim, ctx.group = dim, group
-        return _all_gather(x, dim, group, total)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None, None
+        piece = _reduce_scatter(grad, ctx.dim, ctx.group) if ctx.sum_grad else _piece(grad, ctx.dim, ctx.group)
+        return piece, None, None, None, None
 
 
 class _ReduceScatter(torch.autograd.Function):
@@ -133,14 +127,14 @@ def gather(x: Tensor, dim: int, group, total: int | None = None) -> Tensor:
     backward keeps this rank's piece of the (replicated) gradient."""
     if _size(group) == 1:
         return x
-    return _Gather.apply(x, dim, group, total if total is not None else x.shape[dim] * _size(group))
+    return _Gather.apply(x, dim, group, total if total is not None else x.shape[dim] * _size(group), False)
 
 
 def gather_sum_grad(x: Tensor, dim: int, group, total: int | None = None) -> Tensor:
     """All pieces concatenated along ``dim``; backward sums the (partial) gradients and keeps this piece."""
     if _size(group) == 1:
         return x
-    return _GatherSumGrad.apply(x, dim, group, total if total is not None else x.shape[dim] * _size(group))
+    return _Gather.apply(x, dim, group, total if total is not None else x.shape[dim] * _size(group), True)
 
 
 def reduce_scatter(x: Tensor, dim: int, group) -> Tensor:

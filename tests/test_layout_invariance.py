@@ -14,27 +14,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.layout import assert_same_training, run_layout
+from tests.helpers.layout import CAPACITY, TINY_LM, assert_same_training, run_layout
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-LM = {
-    "task": "lm",
-    "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ffn": 64, "max_seq_len": 32, "moe_every": 2,
-              "moe": {"num_experts": 4, "d_ffn": 64,
-                      "router": {"policy": "expert_bias", "top_k": 2, "capacity_factor": None,
-                                 "expert_bias_rate": 0.01},
-                      "aux_losses": {"load_balancing": 0.01, "z_loss": 0.001}}},
-    "data": {"max_bytes": 60_000, "eval_batches": 1, "eval_batch_size": 4},
-    # Adam eps 1e-6, not 1e-8: the key part of attn.qkv.bias has an exactly zero true gradient
-    # (softmax is shift-invariant), and with eps 1e-8 Adam scales its round-off noise up to
-    # lr-sized steps, so that parameter would hold noise, not a comparable value.
-    "optim": {"lr": 3e-3, "warmup_steps": 0, "grad_clip": 0.05, "eps": 1e-6},
-    "train": {"steps": 5, "global_batch_size": 8, "micro_batch_size": 2, "seed": 7, "checkpoint_every": 0},
-}
+LM = TINY_LM
 
-CAPACITY = ["model.moe.router.policy=gshard", "model.moe.router.capacity_factor=1.0",
-            "model.dropout=0.1", "optim.grad_clip=1.0"]
+CAPACITY = CAPACITY + ["model.dropout=0.1"]  # dropout too: its masks are seeded per micro-batch
 
 LAYOUTS = [  # (processes, overrides)
     (2, ["parallel.ep=2"]),

@@ -15,24 +15,11 @@ import copy
 
 import pytest
 
-from tests.helpers.layout import assert_same_training, run_layout
+from tests.helpers.layout import CAPACITY, TINY_LM, assert_same_training, run_layout
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-LM = {
-    "task": "lm",
-    "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ffn": 64, "max_seq_len": 32, "moe_every": 2,
-              "moe": {"num_experts": 4, "d_ffn": 64,
-                      "router": {"policy": "expert_bias", "top_k": 2, "capacity_factor": None,
-                                 "expert_bias_rate": 0.01},
-                      "aux_losses": {"load_balancing": 0.01, "z_loss": 0.001}}},
-    "data": {"max_bytes": 60_000, "eval_batches": 1, "eval_batch_size": 4},
-    # Adam eps 1e-6: see tests/test_layout_invariance.py (the key bias has a zero true gradient).
-    "optim": {"lr": 3e-3, "warmup_steps": 0, "grad_clip": 0.05, "eps": 1e-6},
-    "train": {"steps": 5, "global_batch_size": 8, "micro_batch_size": 2, "seed": 7, "checkpoint_every": 0},
-}
-
-CAPACITY = ["model.moe.router.policy=gshard", "model.moe.router.capacity_factor=1.0", "optim.grad_clip=1.0"]
+LM = TINY_LM
 
 
 @pytest.fixture(scope="module")

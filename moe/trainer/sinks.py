@@ -28,14 +28,17 @@ def train_row(step: int, lr: float, means: Mapping[str, float], *, seconds: floa
 
     ``means``: per-step means over the window (``loss``, ``grad_norm``, task logs);
     ``samples``: samples trained in the window (all ranks); ``routing``: the window's
-    job-wide routing counts per MoE layer.
+    job-wide routing counts per MoE layer. ``train/routed_tokens``: tokens the first MoE
+    layer routed in the window, all ranks together, each token once (tensor-parallel
+    ranks route the same tokens; they count once).
     """
     speed = {"samples_per_s": samples / max(seconds, 1e-9)}
     tokens = routing[0].tokens if routing else 0
     if tokens:
         speed["tokens_per_s"] = tokens / max(seconds, 1e-9)
     drop = sum(r.drop_rate for r in routing) / len(routing) if routing else 0.0
-    return {"step": step, "train/lr": lr, "train/drop_rate": drop,
+    counts = {"train/routed_tokens": float(tokens)} if routing else {}
+    return {"step": step, "train/lr": lr, "train/drop_rate": drop, **counts,
             **{f"train/{k}": float(v) for k, v in means.items()},
             **{f"train/{k}": v for k, v in speed.items()},
             **{f"gpu/{k}": float(v) for k, v in hardware.items()}}
@@ -49,7 +52,7 @@ def _rate(row: Mapping[str, float]) -> str:
 
 def _aux(row: Mapping[str, float]) -> Dict[str, float]:
     skip = {f"train/{k}" for k in _NOT_AUX} | {"train/lr", "train/drop_rate", "train/samples_per_s",
-                                               "train/tokens_per_s"}
+                                               "train/tokens_per_s", "train/routed_tokens"}
     return {k[len("train/"):]: v for k, v in row.items() if k.startswith("train/") and k not in skip}
 
 

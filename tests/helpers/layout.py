@@ -8,9 +8,10 @@ from the run's last checkpoint into a single-process model (experts gathered by
 their global index, tensor-parallel pieces at their global offsets), so runs of any
 layout compare tensor by tensor; also the evaluation rows and the checkpoint path.
 
-``assert_same_training(a, b, rtol)``: the same steps, ``train/loss`` equal at
-every step within ``rtol`` (relative), and every parameter equal within ``rtol``
-in relative L2 norm. Every later parallelism test (tensor, pipeline, ZeRO) uses
+``assert_same_training(a, b, rtol)``: the same steps, ``train/loss`` and
+``train/grad_norm`` equal at every step within ``rtol`` (relative), the same drop
+rate and routed-token count, and every parameter equal within ``rtol`` in relative
+L2 norm. Every later parallelism test (tensor, pipeline, ZeRO) uses
 these two functions with its own layouts.
 """
 from __future__ import annotations
@@ -94,6 +95,25 @@ def run_layout(config: Mapping, nproc: int, out_dir, *, overrides: Sequence[str]
                      [r for r in rows if any(k.startswith("eval/") for k in r)], path)
 
 
+# The tiny LM every layout test trains: dropless expert-bias routing, every step clipped at 0.05
+# (so the global gradient norm counts). Adam eps 1e-6, not 1e-8: the key part of attn.qkv.bias
+# has an exactly zero true gradient (softmax is shift-invariant), and with eps 1e-8 Adam scales
+# its round-off noise up to lr-sized steps, so that parameter would hold noise, not a value.
+TINY_LM = {
+    "task": "lm",
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ffn": 64, "max_seq_len": 32, "moe_every": 2,
+              "moe": {"num_experts": 4, "d_ffn": 64,
+                      "router": {"policy": "expert_bias", "top_k": 2, "capacity_factor": None,
+                                 "expert_bias_rate": 0.01},
+                      "aux_losses": {"load_balancing": 0.01, "z_loss": 0.001}}},
+    "data": {"max_bytes": 60_000, "eval_batches": 1, "eval_batch_size": 4},
+    "optim": {"lr": 3e-3, "warmup_steps": 0, "grad_clip": 0.05, "eps": 1e-6},
+    "train": {"steps": 5, "global_batch_size": 8, "micro_batch_size": 2, "seed": 7, "checkpoint_every": 0},
+}
+# ... and its GShard top-2 variant at capacity factor 1.0, which drops tokens.
+CAPACITY = ["model.moe.router.policy=gshard", "model.moe.router.capacity_factor=1.0", "optim.grad_clip=1.0"]
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / max(||b||, tiny), in float64."""
     a, b = a.double(), b.double()
@@ -107,6 +127,11 @@ def assert_same_training(run: LayoutRun, oracle: LayoutRun, *, rtol: float = 1e-
     for a, b in zip(run.metrics, oracle.metrics):
         rel = abs(a["train/loss"] - b["train/loss"]) / max(abs(b["train/loss"]), 1e-30)
         assert rel <= rtol, f"{what}: step {a['step']} train/loss {a['train/loss']!r} vs {b['train/loss']!r} (rel {rel:.2e})"
+    for a, b in zip(run.metrics, oracle.metrics):  # the same norm, drops and routed-token count
+        for key, tol in (("train/grad_norm", rtol), ("train/drop_rate", 1e-9), ("train/routed_tokens", 0.0)):
+            if key in b:
+                assert key in a and abs(a[key] - b[key]) <= tol * max(abs(b[key]), 1.0), \
+                    f"{what}: step {a['step']} {key} {a.get(key)!r} vs {b[key]!r}"
     assert run.params.keys() == oracle.params.keys(), what
     worst = max(oracle.params, key=lambda n: relative_error(run.params[n], oracle.params[n]))
     err = relative_error(run.params[worst], oracle.params[worst])
