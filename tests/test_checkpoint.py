@@ -1,6 +1,7 @@
 """DCP checkpoints: global expert keys, resume == uninterrupted, resharded load, atomic saves."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -150,6 +151,22 @@ def test_mismatched_model_gives_clear_error(tmp_path):
         ckpt.load_checkpoint(path, big.model)
     with pytest.raises(ckpt.CheckpointError, match="neither a checkpoint directory"):
         ckpt.load_checkpoint(str(tmp_path / "nothing"), small.model)
+
+
+def test_checkpoint_of_an_older_tensor_layout_is_refused(tmp_path):
+    """Before layout version 2 qkv was (q, k, v) blocks: such a checkpoint would load silently wrong."""
+    task = ToyTask({"num_experts": 4}, {})
+    path = ckpt.save_checkpoint(str(tmp_path / "ck"), 1, task.model)
+    info_path = os.path.join(path, "trainer.json")
+    with open(info_path) as f:
+        info = json.load(f)
+    assert info["layout_version"] == ckpt.LAYOUT_VERSION == 2
+    assert ckpt.load_checkpoint(path, task.model) == 1
+    del info["layout_version"]  # what older code wrote
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+    with pytest.raises(ckpt.CheckpointError, match="layout version 1, this code reads version 2"):
+        ckpt.load_checkpoint(path, task.model)
 
 
 # --------------------------------------------------------------------------------------

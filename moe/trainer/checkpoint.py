@@ -52,6 +52,10 @@ every rank sees (a shared file system on multi-node jobs).
 
 Optimizer state: AdamW (or Adam) only; missing state (a fresh optimizer) is
 created as zeros before loading so DCP has tensors to read into.
+
+``trainer.json`` records ``layout_version`` (``LAYOUT_VERSION``: how fused weights
+are laid out); loading a checkpoint of another version is refused with a clear error
+instead of filling attention and SwiGLU weights into the wrong places.
 """
 from __future__ import annotations
 
@@ -76,6 +80,11 @@ from parallel.grads import is_expert_param
 from parallel.shards import TensorShard, shard_of
 
 LATEST = "latest"
+# Version of the global tensor layouts a checkpoint holds (``trainer.json``'s "layout_version").
+# 2: attention qkv rows head-major and SwiGLU units gate/up side by side (parallel.shards), so
+# a tensor-parallel piece is one contiguous slice. Checkpoints without it (version 1) hold qkv
+# as (q, k, v) blocks and SwiGLU as (gate, up) halves: they would load, into the wrong places.
+LAYOUT_VERSION = 2
 _PREFIX = "step_"
 
 
@@ -307,7 +316,7 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: Optional[
     if _rank() == 0:
         info = {"step": int(step), "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                "torch": torch.__version__, **(meta or {})}
+                "torch": torch.__version__, "layout_version": LAYOUT_VERSION, **(meta or {})}
         with open(os.path.join(tmp, "trainer.json"), "w") as f:
             json.dump(info, f, indent=2, default=str)
         if os.path.exists(final):  # saving the same step again (e.g. after a resume)
@@ -364,6 +373,19 @@ def _check_against(path: str, sd: Dict[str, Any]) -> None:
                                   f"{tuple(v.shape)}")
 
 
+def _check_layout_version(path: str) -> None:
+    info_path = os.path.join(path, "trainer.json")
+    if not os.path.isfile(info_path):  # a bare DCP directory: nothing to check
+        return
+    with open(info_path) as f:
+        version = json.load(f).get("layout_version", 1)
+    if version != LAYOUT_VERSION:
+        raise CheckpointError(f"checkpoint {path} holds tensor layout version {version}, this code reads "
+                              f"version {LAYOUT_VERSION} (attention qkv rows head-major, SwiGLU gate/up per "
+                              "unit side by side): its attention and SwiGLU weights would load into the wrong "
+                              "places. Load it with the code that wrote it, or retrain")
+
+
 def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     *, process_group=None, groups=None) -> int:
     """Load ``path`` (a checkpoint or a root with ``latest``) in place; returns its step.
@@ -375,6 +397,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
     initialised.
     """
     path = resolve_checkpoint(path)
+    _check_layout_version(path)
     sd = full_state_dict(model, optimizer, 0, groups)
     _check_against(path, sd)
     with _quiet_single_process():
