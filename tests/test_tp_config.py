@@ -77,6 +77,10 @@ def test_static_parallel_keys():
         from_dict({**LM, "parallel": {"tp": 2, "sequence_parallel": "yes"}})
     with pytest.raises(ConfigError, match=r"'parallel.pp': got 2; only 1 is allowed: pipeline parallelism is not"):
         from_dict({**LM, "parallel": {"pp": 2}})
+    for key in ("tp", "etp"):
+        with pytest.raises(ConfigError, match=r"^config key 'train.compile': got True; torch.compile is not "
+                                              r"supported with tensor parallelism yet"):
+            from_dict({**LM, "parallel": {key: 2}, "train": {"compile": True}})
     cfg = from_dict(LM)
     assert (cfg.parallel.tp, cfg.parallel.etp, cfg.parallel.sequence_parallel) == (1, 1, False)
     # a config put together in Python is checked again

@@ -196,7 +196,11 @@ class TrainConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def validate(self, path: str) -> None:
-        pass
+        p = self.parallel
+        if self.train.compile and (p.tp > 1 or p.etp > 1):
+            fail(join(path, "train.compile"), True,
+                 f"torch.compile is not supported with tensor parallelism yet (parallel.tp={p.tp}, "
+                 f"parallel.etp={p.etp}); set it to false")
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain-data form (what ``from_dict`` accepts); tuples become lists."""
