@@ -98,13 +98,12 @@ def take_piece(full: torch.Tensor, shard: Optional[TensorShard]) -> torch.Tensor
     """This rank's piece of the global tensor ``full`` (padding rows beyond ``global_len`` as zeros)."""
     if shard is None:
         return full
-    local = -(-shard.global_len // shard.size) if full.shape[shard.dim] == shard.global_len else None
-    if local is None:
+    if full.shape[shard.dim] != shard.global_len:
         raise ValueError(f"take_piece: the global tensor has length {full.shape[shard.dim]} along dim "
                          f"{shard.dim}, the shard expects {shard.global_len}")
-    start = shard.rank * local
-    real = max(0, min(local, shard.global_len - start))
-    piece = full.narrow(shard.dim, start, real)
+    local = -(-shard.global_len // shard.size)  # every piece's length (the last ones padded)
+    real = shard.real_len(local)
+    piece = full.narrow(shard.dim, shard.offset(local), real)
     if real == local:
         return piece
     pad_shape = list(full.shape)

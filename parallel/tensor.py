@@ -102,10 +102,11 @@ class TensorParallel:
         """Replicated x[B, L, ...] -> this rank's sequence piece (identity without SP)."""
         return comm.split(x, SEQ_DIM, self.group) if self.sp else x
 
-    def gather_sequence(self, x: torch.Tensor, length: int) -> torch.Tensor:
+    def gather_sequence(self, x: torch.Tensor) -> torch.Tensor:
         """Sequence piece -> the whole x[B, L, ...], replicated (identity without SP); the
-        code after it must compute the same on every rank (its gradient is replicated)."""
-        return comm.gather(x, SEQ_DIM, self.group, total=length) if self.sp else x
+        code after it must compute the same on every rank (its gradient is replicated).
+        Sequence parallelism requires L divisible by tp, so the pieces are equal."""
+        return comm.gather(x, SEQ_DIM, self.group) if self.sp else x
 
     def rank_rng(self, active: bool = True):
         """Context for random draws on tensor-parallel PIECES (attention dropout on this rank's

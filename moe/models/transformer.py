@@ -355,8 +355,7 @@ class Block(nn.Module):
         """
         h = self.ln2(x)
         if self.is_moe:  # the MoE layer takes the whole token set (replicated over tp)
-            length = h.shape[1] * self.tp.size if self.tp.sp else 0
-            y, aux = self.moe(self.tp.gather_sequence(h, length), modality)
+            y, aux = self.moe(self.tp.gather_sequence(h), modality)
             y = self.tp.scatter_sequence(y)
         else:
             y, aux = self.mlp(h), {}
