@@ -150,6 +150,12 @@ class ParallelDims:
                 handle = dist.new_group(members)
                 if rank in members:
                     groups[name], ranks[name] = handle, members
+        ends = None
+        if self.pp > 1:  # the first and last stage of every pipeline (a tied embedding lives on both)
+            for members in self.group_ranks("pp"):
+                handle = dist.new_group([members[0], members[-1]])
+                if rank in members:
+                    ends = handle
         return ProcessGroups(
             dims=self,
             rank=rank,
@@ -160,6 +166,7 @@ class ParallelDims:
             ep_group=groups["ep"],
             etp_group=groups["etp"],
             edp_group=groups["edp"],
+            pp_ends_group=ends,
         )
 
 
@@ -169,6 +176,7 @@ class ProcessGroups:
 
     ``<name>_group`` is the torch group of dimension ``name``; ``<name>_rank`` is
     this rank's index in it and ``group_ranks[name]`` its global member ranks.
+    ``pp_ends_group`` (pp > 1 only): the first and the last rank of this rank's pp group.
     """
 
     dims: ParallelDims
@@ -180,6 +188,7 @@ class ProcessGroups:
     ep_group: object = field(repr=False)
     etp_group: object = field(repr=False)
     edp_group: object = field(repr=False)
+    pp_ends_group: object = field(repr=False, default=None)
 
     def _index(self, name: str) -> int:
         return self.group_ranks[name].index(self.rank)

@@ -14,6 +14,11 @@ Tensor parallelism (``parallel.shards``): a parameter marked ``partial_grad_grou
 expert tensor parallelism) holds a partial gradient on each rank of that group; it is
 summed over the group first. A tensor-parallel piece (``tensor_shard``) is one part
 of a bigger tensor: the gradient norm sums its squares over the piece's group.
+
+Pipeline parallelism: each stage holds other parameters, so the norm sums over the pp
+group too. A parameter marked ``partial_grad_group = "pp_ends"`` (a tied embedding /
+head kept on the first and the last stage) has its gradient summed over those two
+ranks (``groups.pp_ends_group``) and is counted once, on the first stage.
 """
 from __future__ import annotations
 
@@ -115,9 +120,9 @@ def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Parameter]], groups,
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         (expert if is_expert_param(p) else dense).append(p.grad)
-    for name in ("tp", "etp"):  # partial gradients (sequence / expert-tensor pieces) summed first
+    for name in ("tp", "etp", "pp_ends"):  # partial gradients (sequence / expert-tensor pieces, tied copies)
         partial = [p.grad for p in params if p.requires_grad and partial_grad_group(p) == name]
-        size = getattr(groups.dims, name)
+        size = (2 if groups.dims.pp > 1 else 1) if name == "pp_ends" else getattr(groups.dims, name)
         if partial and size > 1:
             _average_(partial, getattr(groups, f"{name}_group"), size, bucket_numel, 1)
     dp = groups.dims.dp
@@ -132,12 +137,16 @@ def global_grad_norm(model: Union[nn.Module, Iterable[nn.Parameter]], groups) ->
     replicas and counted once. Squared norms are summed over the ranks that hold
     DIFFERENT parts: tensor-parallel pieces of dense layers over ``tp_group``; expert
     gradients over ``ep_group`` (each ep rank holds other experts), and expert pieces
-    under expert tensor parallelism over ``etp_group`` as well.
+    under expert tensor parallelism over ``etp_group`` as well; then everything over
+    ``pp_group`` (each pipeline stage holds other blocks), a tied first/last-stage copy
+    ("pp_ends") counted on the first stage only.
     """
-    params = [p for p in (model.parameters() if isinstance(model, nn.Module) else model) if p.grad is not None]
-    if not params:
-        return torch.zeros((), dtype=torch.float64)
-    device = params[0].grad.device
+    pp = groups.dims.pp
+    params = [p for p in (model.parameters() if isinstance(model, nn.Module) else model) if p.grad is not None
+              and not (pp > 1 and partial_grad_group(p) == "pp_ends" and groups.pp_rank != 0)]
+    device = params[0].grad.device if params else torch.device("cpu")
+    if pp > 1 and dist.get_backend(groups.pp_group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
     # (expert?, sharded?) -> squared norm; each sum is reduced over the groups that split it
     sums = {key: torch.zeros((), dtype=torch.float64, device=device)
             for key in ((False, False), (False, True), (True, False), (True, True))}
@@ -148,7 +157,10 @@ def global_grad_norm(model: Union[nn.Module, Iterable[nn.Parameter]], groups) ->
         for name in names:
             if getattr(groups.dims, name) > 1:
                 dist.all_reduce(sums[key], group=getattr(groups, f"{name}_group"))
-    return sum(sums.values()).sqrt()
+    total = sum(sums.values())
+    if pp > 1:
+        dist.all_reduce(total, group=groups.pp_group)
+    return total.sqrt()
 
 
 def clip_gradients(model: nn.Module, max_norm, groups) -> float:

@@ -75,8 +75,7 @@ def test_static_parallel_keys():
             from_dict({**LM, "parallel": {key: 0}})
     with pytest.raises(ConfigError, match=r"'parallel.sequence_parallel': got 'yes'; it must be true or false"):
         from_dict({**LM, "parallel": {"tp": 2, "sequence_parallel": "yes"}})
-    with pytest.raises(ConfigError, match=r"'parallel.pp': got 2; only 1 is allowed: pipeline parallelism is not"):
-        from_dict({**LM, "parallel": {"pp": 2}})
+    assert from_dict({**LM, "parallel": {"pp": 2}}).parallel.pp == 2  # pipeline parallelism (test_pp_*)
     for key in ("tp", "etp"):
         with pytest.raises(ConfigError, match=r"^config key 'train.compile': got True; torch.compile is not "
                                               r"supported with tensor parallelism yet"):
@@ -181,5 +180,6 @@ def test_multinode_example_validates_at_world_16():
     r = _cli(os.path.join(ROOT, "examples", "configs", "multinode_tp_ep.yaml"), 16)
     assert r.returncode == 0, r.stderr
     out = yaml.safe_load(r.stdout)
-    assert out["parallel"] == {"ep": 8, "tp": 2, "pp": 1, "etp": 1, "sequence_parallel": True, "backend": "auto"}
+    assert out["parallel"] == {"ep": 8, "tp": 2, "pp": 1, "etp": 1, "sequence_parallel": True, "pp_schedule": "1f1b",
+                               "virtual_stages": 1, "pp_blocks": None, "backend": "auto"}
     assert out["task"] == {"name": "lm"} and out["model"]["moe"]["num_experts"] == 32

@@ -90,7 +90,16 @@ def test_overrides_are_yaml_typed(tmp_path):
     ({"optim": {"betas": [0.9, 1.5]}}, r"'optim.betas\[1\]': got 1.5; it must be in \[0.0, 1.0\)"),
     ({"optim": {"min_lr_ratio": 2.0}}, r"'optim.min_lr_ratio': got 2.0; it must be in \[0, 1\]"),
     ({"parallel": {"ep": 0}}, r"'parallel.ep': got 0; it must be >= 1"),
-    ({"parallel": {"pp": 2}}, r"'parallel.pp': got 2; only 1 is allowed: pipeline parallelism is not"),
+    ({"parallel": {"pp": 0}}, r"'parallel.pp': got 0; it must be >= 1"),
+    ({"parallel": {"virtual_stages": 2}}, r"'parallel.virtual_stages': got 2; more than one chunk per pipeline "
+                                          r"rank needs parallel.pp_schedule=interleaved_1f1b"),
+    ({"parallel": {"pp": 2, "pp_schedule": "interleaved_1f1b"}},
+     r"'parallel.virtual_stages': got 1; the interleaved_1f1b schedule needs at least 2"),
+    ({"parallel": {"pp_schedule": "zb"}}, r"'parallel.pp_schedule': got 'zb'; allowed values: 'gpipe', '1f1b'"),
+    ({"parallel": {"pp_blocks": [1, 1]}}, r"'parallel.pp_blocks': got \[1, 1\]; it cuts the blocks over pipeline "
+                                          r"stages: it needs parallel.pp > 1"),
+    ({"parallel": {"pp": 2, "pp_blocks": [1, 0]}}, r"'parallel.pp_blocks\[1\]': got 0; it must be >= 1"),
+    ({"parallel": {"pp": 2, "pp_blocks": 3}}, r"'parallel.pp_blocks': got 3; it must be a list"),
     ({"parallel": {"tp": 0}}, r"'parallel.tp': got 0; it must be >= 1"),
     ({"parallel": {"backend": "mpi"}}, r"'parallel.backend': got 'mpi'; allowed values: 'auto', 'gloo'"),
     ({"telemetry": {"plots": "yes"}}, r"'telemetry.plots': got 'yes'; it must be true or false"),

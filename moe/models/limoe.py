@@ -46,6 +46,7 @@ from .transformer import (
     TransformerModel,
     dense_equivalent,
     init_weights,
+    seed_block,
     split_model_dict,
     sum_aux,
 )
@@ -164,26 +165,35 @@ class _GatherRows(torch.autograd.Function):
 class LIMoEModel(TransformerModel):
     """``u, v, aux = model(images, tokens, mask)``: L2-normalised embeddings u[B, K], v[B, K]."""
 
-    def __init__(self, cfg: LIMoEConfig, *, ep_group=None, dp_group=None, tp: Optional[TensorParallel] = None):
+    def __init__(self, cfg: LIMoEConfig, *, ep_group=None, dp_group=None, tp: Optional[TensorParallel] = None,
+                 pipe=None):
         super().__init__()
         if not isinstance(cfg, LIMoEConfig):
             raise TypeError(f"cfg must be a LIMoEConfig, got {type(cfg).__name__}")
         if tp is not None and tp.sp:
             raise ValueError("LIMoEModel: sequence parallelism is not supported (image and text token sets are "
                              "not sequences of one length); tensor parallelism without it is")
-        self.config, self.dp_group = cfg, dp_group
+        self.config, self.dp_group, self.pipe = cfg, dp_group, pipe
+        first, last = (True, True) if pipe is None else (pipe.is_first, pipe.is_last)
         D = cfg.transformer.d_model
-        self.patch_embed = nn.Conv2d(cfg.in_channels, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.image_pos_embed = nn.Parameter(torch.zeros(cfg.num_patches, D))
-        self.tok_embed = nn.Embedding(cfg.vocab_size, D)
-        self.text_pos_embed = nn.Parameter(torch.zeros(cfg.text_length, D))
-        self.modality_embed = nn.Embedding(2, D)
-        self.transformer = Transformer(cfg.transformer, ep_group=ep_group, dp_group=dp_group, prefix="blocks", tp=tp)
-        self.image_proj = nn.Linear(D, cfg.embed_dim, bias=False)
-        self.text_proj = nn.Linear(D, cfg.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+        if first:  # the embeddings live on the first pipeline stage
+            self.patch_embed = nn.Conv2d(cfg.in_channels, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+            self.image_pos_embed = nn.Parameter(torch.zeros(cfg.num_patches, D))
+            self.tok_embed = nn.Embedding(cfg.vocab_size, D)
+            self.text_pos_embed = nn.Parameter(torch.zeros(cfg.text_length, D))
+            self.modality_embed = nn.Embedding(2, D)
+        self.transformer = Transformer(cfg.transformer, ep_group=ep_group, dp_group=dp_group, prefix="blocks", tp=tp,
+                                       block_ids=None if pipe is None else pipe.block_ids, final_norm=last)
+        if last:  # the projections and the temperature on the last one
+            self.image_proj = nn.Linear(D, cfg.embed_dim, bias=False)
+            self.text_proj = nn.Linear(D, cfg.embed_dim, bias=False)
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
         self.tokenizer = ByteTokenizer()
         init_weights(self, cfg.init_seed, std=cfg.transformer.init_std, n_layers=cfg.transformer.n_layers)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
     # ------------------------------------------------------------------ pieces
     def scale(self) -> torch.Tensor:
@@ -193,8 +203,7 @@ class LIMoEModel(TransformerModel):
     def tokenize(self, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Texts -> (ids[B, L], mask[B, L]) as ``ImageTextCollator`` does (EOS appended, right padding)."""
         enc = self.tokenizer.encode_batch(list(texts), self.config.text_length, add_eos=True)
-        device = self.logit_scale.device
-        return enc.ids.to(device), enc.mask.to(device)
+        return enc.ids.to(self.device), enc.mask.to(self.device)
 
     def _embed_images(self, images_BISS: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -221,22 +230,37 @@ class LIMoEModel(TransformerModel):
                       ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Dict[str, torch.Tensor]]:
         """Run the shared tower on images[B_i, I, S, S] and/or text tokens[B_t, L] (mask[B_t, L]).
 
-        Returns (image outputs[B_i, P, D] or None, text outputs[B_t, L, D] or None, aux).
-        The MoE FFN of each block gets ``cat(image tokens, real text tokens)`` [T, D]
-        with modality ids [T] (0 image, 1 text).
+        Returns (image outputs[B_i, P, D] or None, text outputs[B_t, L, D] or None, aux), after
+        the final LayerNorm. The MoE FFN of each block gets ``cat(image tokens, real text
+        tokens)`` [T, D] with modality ids [T] (0 image, 1 text). One process only (a pipeline
+        stage holds part of the tower: use ``forward`` / ``encode_image`` / ``encode_text``).
         """
+        if self.pipe is not None:
+            raise RuntimeError("encode_tokens runs the whole tower; under pipeline parallelism use forward, "
+                               "encode_image or encode_text")
+        inputs = (images, tokens, mask)
+        state, aux = self.pipe_blocks(self.pipe_embed(*inputs), inputs, self.blocks.indices())
+        img, txt = state
+        ln = self.transformer.exit
+        return (ln(img) if img is not None else None, ln(txt) if txt is not None else None, aux)
+
+    # ---- pipeline pieces (moe.models.transformer): the state is (x_img[B, P, D] | None, x_txt[B, L, D] | None)
+    def pipe_embed(self, images, tokens, mask) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         if images is None and tokens is None:
             raise ValueError("give images, tokens or both")
         x_img = self._embed_images(images) if images is not None else None
-        real = None
-        if tokens is not None:
-            real = mask.to(torch.bool)
-            x_txt = self._embed_text(tokens, real)
-            txt_mask = real[:, None, None, :]  # [B, 1, 1, L]: keys that may be attended
-        else:
-            x_txt = None
+        x_txt = self._embed_text(tokens, None if mask is None else mask.to(torch.bool)) if tokens is not None else None
+        return x_img, x_txt
+
+    def pipe_blocks(self, state, inputs, block_ids):
+        x_img, x_txt = state
+        mask = inputs[2]
+        real = mask.to(torch.bool) if x_txt is not None else None
+        txt_mask = real[:, None, None, :] if real is not None else None  # [B, 1, 1, L]: keys that may be attended
         aux: Dict[str, torch.Tensor] = {}
-        for block in self.transformer.blocks:
+        for i in block_ids:
+            block = self.transformer.blocks[i]
+            seed_block(i)
             parts, mods = [], []
             if x_img is not None:
                 x_img = block.attend(x_img)
@@ -257,8 +281,24 @@ class LIMoEModel(TransformerModel):
                 x_img = y_TD[:n_img].view_as(x_img)
             if x_txt is not None:
                 x_txt = x_txt.masked_scatter(real[..., None], y_TD[n_img:])
-        ln = self.transformer.ln_f
-        return (ln(x_img) if x_img is not None else None, ln(x_txt) if x_txt is not None else None, aux)
+        return (x_img, x_txt), aux
+
+    def pipe_head(self, state, inputs) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+        """(u or None, v or None, exp(logit_scale)): the temperature travels with the embeddings so an
+        evaluation on any pipeline stage can score them."""
+        x_img, x_txt = state
+        ln = self.transformer.exit
+        mask = inputs[2]
+        u, v = self._pool_project(ln(x_img) if x_img is not None else None,
+                                  ln(x_txt) if x_txt is not None else None,
+                                  mask.to(torch.bool) if mask is not None else None)
+        return u, v, self.scale()
+
+    def state_shapes(self, inputs) -> list:
+        images, tokens, _ = inputs
+        D = self.config.transformer.d_model
+        return [None if images is None else (images.shape[0], self.config.num_patches, D),
+                None if tokens is None else (tokens.shape[0], tokens.shape[1], D)]
 
     def _joint_balance(self, layer) -> torch.Tensor:
         r = layer.last_routing
@@ -281,19 +321,20 @@ class LIMoEModel(TransformerModel):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
                 ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         """images[B, I, S, S], tokens[B, L], mask[B, L] -> (u[B, K], v[B, K], aux), rows L2-normalised, fp32."""
-        img, txt, aux = self.encode_tokens(images, tokens, mask)
-        u, v = self._pool_project(img, txt, mask.to(torch.bool))
+        if mask is None:
+            raise ValueError("mask must be a bool tensor of the tokens' shape")
+        (u, v, _), aux = self.run_pieces(images, tokens, mask)
         return u, v, aux
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images[B, I, S, S] -> u[B, K] (an image-only forward; aux discarded)."""
-        img, _, _ = self.encode_tokens(images=images)
-        return self._pool_project(img, None, None)[0]
+        return self.run_pieces(images, None, None)[0][0]
 
     def encode_text(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """tokens[B, L], mask[B, L] -> v[B, K] (a text-only forward; aux discarded)."""
-        _, txt, _ = self.encode_tokens(tokens=tokens, mask=mask)
-        return self._pool_project(None, txt, mask.to(torch.bool))[1]
+        if mask is None:
+            raise ValueError("mask must be a bool tensor of the tokens' shape")
+        return self.run_pieces(None, tokens, mask)[0][1]
 
     def contrastive_loss(self, u_BK: torch.Tensor, v_BK: torch.Tensor) -> torch.Tensor:
         """CLIP loss with the learned temperature; over the global batch when gathering negatives.

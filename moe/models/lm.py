@@ -88,33 +88,64 @@ class LanguageModel(TransformerModel):
     V_pad = ceil(V / tp) * tp rows, and ``forward`` returns this rank's vocabulary piece of
     the logits, [B, L, V_pad / tp] (padding logits at the dtype's minimum); ``self.loss``
     turns either form into the mean cross entropy.
+
+    ``pipe`` (a ``parallel.pipeline.StageRole``): pipeline parallelism; this rank then
+    builds only its blocks, the first stage the embeddings, the last the final norm and
+    the head (a tied head keeps a copy of the token embedding there).
     """
 
-    def __init__(self, cfg: LMConfig, *, ep_group=None, dp_group=None, tp: Optional[TensorParallel] = None):
+    def __init__(self, cfg: LMConfig, *, ep_group=None, dp_group=None, tp: Optional[TensorParallel] = None,
+                 pipe=None):
         super().__init__()
         if not isinstance(cfg, LMConfig):
             raise TypeError(f"cfg must be an LMConfig, got {type(cfg).__name__}")
         self.config = cfg
         self.tp = tp = tp or TensorParallel()
+        self.pipe = pipe
+        first, last = (True, True) if pipe is None else (pipe.is_first, pipe.is_last)
         D = cfg.transformer.d_model
-        self.tok_embed = tp.vocab_embedding(cfg.vocab_size, D)
-        self.pos_embed = nn.Parameter(torch.zeros(cfg.max_seq_len, D))
-        self.transformer = Transformer(cfg.transformer, ep_group=ep_group, dp_group=dp_group, prefix="blocks", tp=tp)
+        # the tied head needs the token embedding on the last stage too: a copy whose gradient
+        # is summed with the first stage's (parallel.grads, "pp_ends")
+        self.tok_embed = tp.vocab_embedding(cfg.vocab_size, D) if first or (last and cfg.tie_embeddings) else None
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.max_seq_len, D)) if first else None
+        self.transformer = Transformer(cfg.transformer, ep_group=ep_group, dp_group=dp_group, prefix="blocks", tp=tp,
+                                       block_ids=None if pipe is None else pipe.block_ids, final_norm=last)
         self.head = None
-        if not cfg.tie_embeddings:  # weight [V, D] either way: a linear head is an embedding-shaped matrix
+        if not cfg.tie_embeddings and last:  # weight [V, D] either way: a linear head is an embedding-shaped matrix
             self.head = tp.vocab_embedding(cfg.vocab_size, D) if tp.enabled else nn.Linear(D, cfg.vocab_size,
                                                                                           bias=False)
+        if pipe is not None and cfg.tie_embeddings and not (first and last):
+            pipe.mark_tied(self.tok_embed.weight)
         init_weights(self, cfg.init_seed, std=cfg.transformer.init_std, n_layers=cfg.transformer.n_layers)
 
-    def forward(self, ids_BL: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def _check_ids(self, ids_BL: torch.Tensor) -> None:
         if ids_BL.dim() != 2 or ids_BL.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"ids must be an integer tensor [B, L], got {tuple(ids_BL.shape)} {ids_BL.dtype}")
-        B, L = ids_BL.shape
-        if L > self.config.max_seq_len:
-            raise ValueError(f"sequence length {L} exceeds max_seq_len={self.config.max_seq_len}")
-        x = self.tok_embed(ids_BL) + self.pos_embed[:L]
-        h, aux = self.transformer(x)
-        return vocab_logits(h, self.tok_embed if self.head is None else self.head, self.tp), aux
+        if ids_BL.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence length {ids_BL.shape[1]} exceeds max_seq_len={self.config.max_seq_len}")
+
+    def forward(self, ids_BL: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        self._check_ids(ids_BL)
+        (logits,), aux = self.run_pieces(ids_BL)
+        return logits, aux
+
+    # ---- pipeline pieces (moe.models.transformer): the state is (x[B, L, D],), a sequence piece under SP
+    def pipe_embed(self, ids_BL: torch.Tensor) -> Tuple[torch.Tensor]:
+        self._check_ids(ids_BL)
+        x = self.tok_embed(ids_BL) + self.pos_embed[:ids_BL.shape[1]]
+        return (self.transformer.enter(x),)
+
+    def pipe_blocks(self, state, inputs, block_ids):
+        x, aux = self.transformer.run(state[0], block_ids)
+        return (x,), aux
+
+    def pipe_head(self, state, inputs) -> Tuple[torch.Tensor]:
+        h = self.transformer.exit(state[0])
+        return (vocab_logits(h, self.tok_embed if self.head is None else self.head, self.tp),)
+
+    def state_shapes(self, inputs) -> list:
+        B, L = inputs[0].shape
+        return [(B, L // self.tp.size if self.tp.sp else L, self.config.transformer.d_model)]
 
     def loss(self, logits: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross entropy (fp32) of ``forward``'s logits (vocabulary-parallel under tp;

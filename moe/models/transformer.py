@@ -19,9 +19,24 @@ blocks are plain dense MLPs of width ``moe.d_ffn`` (one expert, softmax weight 1
 nothing ever dropped, is exactly a dense MLP); ``dense_equivalent(cfg)`` uses that
 to make the dense baseline with the same active FFN FLOPs per token.
 ``compile_blocks(model)`` applies ``torch.compile`` to every block.
+
+Blocks are kept by their GLOBAL index (``BlockStack``): a pipeline stage builds only
+its blocks (``Transformer(block_ids=...)``) and their parameter names stay those of the
+whole model. During training every block re-seeds torch's RNG from the micro-batch's
+seed and its own index (``micro_batch_rng``), so the random numbers a block draws
+(dropout, GShard's random second expert, noise, jitter) do not depend on which blocks
+ran before it in the same process: a pipelined run draws what one process draws.
+
+The pipeline protocol of a ``TransformerModel`` (the stage pieces
+``parallel.pipeline`` runs): ``pipe_embed(*inputs) -> state`` (first stage),
+``pipe_blocks(state, inputs, block_ids) -> (state, aux)`` (any stage),
+``pipe_head(state, inputs) -> outputs`` (last stage) and ``state_shapes(inputs)``; the
+state is a tuple of float tensors [B, ..., D] that travels between stages.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import zlib
 from dataclasses import dataclass, fields, replace
@@ -53,6 +68,9 @@ from ..layer import MoELayer
 
 __all__ = [
     "OWNED_MOE_FIELDS",
+    "BlockStack",
+    "micro_batch_rng",
+    "seed_block",
     "TransformerConfig",
     "MLP",
     "Attention",
@@ -385,6 +403,51 @@ def sum_aux(total: Dict[str, torch.Tensor], aux: Mapping[str, torch.Tensor]) -> 
     return total
 
 
+_MICRO_SEED: contextvars.ContextVar = contextvars.ContextVar("micro_batch_seed", default=None)
+
+
+@contextlib.contextmanager
+def micro_batch_rng(seed: Optional[int]):
+    """Within this context every block re-seeds torch's RNG from ``(seed, block index)``
+    before it runs (``seed_block``); ``None`` leaves the RNG alone."""
+    token = _MICRO_SEED.set(seed)
+    try:
+        yield
+    finally:
+        _MICRO_SEED.reset(token)
+
+
+def seed_block(index: int) -> None:
+    """Seed torch's RNG for block ``index`` of the current micro-batch (no-op outside ``micro_batch_rng``)."""
+    seed = _MICRO_SEED.get()
+    if seed is not None:
+        torch.manual_seed((seed * 1_000_033 + (index + 1) * 2_654_435_761) % (2 ** 63 - 1))
+
+
+class BlockStack(nn.ModuleDict):
+    """Blocks keyed by their global index (``str(i)``, so names read ``blocks.<i>.attn...``).
+
+    Iterates over the blocks (not the keys) in index order and indexes by the global
+    block index, like the ``nn.ModuleList`` it replaces; a pipeline stage holds a subset.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module]):
+        super().__init__({str(b.index): b for b in sorted(blocks, key=lambda b: b.index)})
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, index) -> nn.Module:
+        return self._modules[str(index)]
+
+    def __contains__(self, index) -> bool:
+        return str(index) in self._modules
+
+    def indices(self) -> list:
+        """The global indices of the blocks held, ascending."""
+        return [int(k) for k in self._modules]
+
+
 class Transformer(nn.Module):
     """The block stack plus a final LayerNorm; MoE blocks are named ``<prefix>.<i>.moe``.
 
@@ -392,10 +455,14 @@ class Transformer(nn.Module):
     the two-hop exchange are created once here and shared by every MoE layer; that is
     collective over the whole world (``moe.dispatch.world_node_groups``), so every
     rank builds its model at the same time.
+
+    ``block_ids``: the global indices of the blocks to build (a pipeline stage's; default
+    all); ``final_norm``: whether to build ``ln_f`` (the last pipeline stage's).
     """
 
     def __init__(self, cfg: TransformerConfig, *, ep_group=None, dp_group=None, prefix: str = "blocks",
-                 tp: Optional[TensorParallel] = None):
+                 tp: Optional[TensorParallel] = None, block_ids: Optional[Sequence[int]] = None,
+                 final_norm: bool = True):
         super().__init__()
         if not isinstance(cfg, TransformerConfig):
             raise TypeError(f"cfg must be a TransformerConfig, got {type(cfg).__name__}")
@@ -405,10 +472,13 @@ class Transformer(nn.Module):
         if (ep_group is not None and any(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
                 and cfg.moe.dispatcher == "hierarchical"):
             node_groups = world_node_groups(ep_group, cfg.moe.node_size)
-        self.blocks = nn.ModuleList(Block(cfg, i, ep_group=ep_group, dp_group=dp_group, prefix=prefix,
-                                          node_groups=node_groups, tp=tp)
-                                    for i in range(cfg.n_layers))
-        self.ln_f = tp.mark_norm(nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps))
+        ids = range(cfg.n_layers) if block_ids is None else sorted(block_ids)
+        bad = [i for i in ids if not 0 <= i < cfg.n_layers]
+        if bad:
+            raise ValueError(f"block_ids {bad} out of range for n_layers={cfg.n_layers}")
+        self.blocks = BlockStack([Block(cfg, i, ep_group=ep_group, dp_group=dp_group, prefix=prefix,
+                                        node_groups=node_groups, tp=tp) for i in ids])
+        self.ln_f = tp.mark_norm(nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)) if final_norm else None
 
     def moe_layers(self) -> list:
         return [b.moe for b in self.blocks if b.is_moe]
@@ -420,22 +490,46 @@ class Transformer(nn.Module):
         With sequence parallelism x is whole (replicated over tp) and the result is this
         rank's sequence piece [B, L/tp, D] (``parallel.comm.bounds``).
         """
+        if self.tp.sp and (key_padding_mask is not None or modality is not None):
+            raise ValueError("sequence parallelism supports whole causal sequences only (no key padding mask, "
+                             "no modality ids)")
+        x_BLD, aux = self.run(self.enter(x_BLD), self.blocks.indices(), key_padding_mask=key_padding_mask,
+                              modality=modality)
+        return self.exit(x_BLD), aux
+
+    def enter(self, x_BLD: torch.Tensor) -> torch.Tensor:
+        """What enters the first block: x itself, or this rank's sequence piece under sequence parallelism."""
+        return self.tp.scatter_sequence(x_BLD) if self.tp.sp else x_BLD
+
+    def run(self, x_BLD: torch.Tensor, block_ids: Sequence[int], *, key_padding_mask: Optional[torch.Tensor] = None,
+            modality: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Blocks ``block_ids`` (held here, ascending) on x: (x, aux summed by name)."""
         aux: Dict[str, torch.Tensor] = {}
-        if self.tp.sp:
-            if key_padding_mask is not None or modality is not None:
-                raise ValueError("sequence parallelism supports whole causal sequences only (no key padding mask, "
-                                 "no modality ids)")
-            x_BLD = self.tp.scatter_sequence(x_BLD)
-        for block in self.blocks:
-            x_BLD, a = block(x_BLD, key_padding_mask=key_padding_mask, modality=modality)
+        for i in block_ids:
+            seed_block(i)
+            x_BLD, a = self.blocks[i](x_BLD, key_padding_mask=key_padding_mask, modality=modality)
             sum_aux(aux, a)
-        return self.ln_f(x_BLD), aux
+        return x_BLD, aux
+
+    def exit(self, x_BLD: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm (held by the last pipeline stage)."""
+        if self.ln_f is None:
+            raise RuntimeError("this pipeline stage has no final norm (it is held by the last stage)")
+        return self.ln_f(x_BLD)
 
 
 class TransformerModel(nn.Module):
-    """A model built around ``self.transformer`` (a ``Transformer``): its blocks and MoE layers."""
+    """A model built around ``self.transformer`` (a ``Transformer``): its blocks and MoE layers.
+
+    A subclass implements the pipeline protocol (module doc): ``pipe_embed``, ``pipe_blocks``,
+    ``pipe_head`` and ``state_shapes``; ``run_pieces(*inputs)`` chains them into ``(outputs,
+    aux)``. On a pipeline-parallel rank (``self.pipe``, a ``parallel.pipeline.StageRole``)
+    ``run_pieces`` relays the state through the stages instead, without gradients
+    (evaluation); training runs through ``parallel.pipeline.PipelineEngine``.
+    """
 
     transformer: Transformer
+    pipe = None
 
     @property
     def blocks(self):
@@ -443,6 +537,31 @@ class TransformerModel(nn.Module):
 
     def moe_layers(self) -> list:
         return self.transformer.moe_layers()
+
+    def pipe_embed(self, *inputs) -> Tuple[Optional[torch.Tensor], ...]:
+        """The first stage: model inputs -> the state entering block 0."""
+        raise NotImplementedError
+
+    def pipe_blocks(self, state: Tuple[Optional[torch.Tensor], ...], inputs: tuple,
+                  block_ids: Sequence[int]) -> Tuple[Tuple[Optional[torch.Tensor], ...], Dict[str, torch.Tensor]]:
+        """Blocks ``block_ids`` on the state: (state, aux summed by name)."""
+        raise NotImplementedError
+
+    def pipe_head(self, state: Tuple[Optional[torch.Tensor], ...], inputs: tuple) -> tuple:
+        """The last stage: the state after the last block -> the model's outputs (without aux)."""
+        raise NotImplementedError
+
+    def state_shapes(self, inputs: tuple) -> list:
+        """The shape of each state tensor for these inputs (None where a part is absent)."""
+        raise NotImplementedError
+
+    def run_pieces(self, *inputs) -> Tuple[tuple, Dict[str, torch.Tensor]]:
+        """``(outputs, aux)`` of the whole model (relayed through the stages under pipelining)."""
+        if self.pipe is not None:
+            return self.pipe.relay(self, inputs)
+        state = self.pipe_embed(*inputs)
+        state, aux = self.pipe_blocks(state, inputs, self.blocks.indices())
+        return self.pipe_head(state, inputs), aux
 
 
 # ----------------------------------------------------------------------------- deterministic init

@@ -30,14 +30,15 @@ def task_class(name: str, path: str = "task.name") -> type:
 
 
 def build_task(name: str, model_cfg: Optional[Mapping[str, Any]], data_cfg: Optional[Mapping[str, Any]], *,
-               groups=None, device="cpu") -> Task:
+               groups=None, device="cpu", pipeline=None) -> Task:
     """Build task ``name`` (a key of ``TASKS``) from the ``model`` and ``data`` YAML sections.
 
     ``model_cfg`` may name a preset: ``{"preset": "tiny_limoe", "n_layers": 2}``.
     ``groups``: None (single process) or an object with ``ep_group`` and ``dp_group``.
+    ``pipeline``: a ``parallel.stages.StagePlan`` (pp > 1: build only this rank's stage).
     """
     cls = task_class(name)
     if groups is not None and not (hasattr(groups, "ep_group") and hasattr(groups, "dp_group")):
         raise TypeError(f"groups must have ep_group and dp_group attributes (parallel.ProcessGroups), "
                         f"got {type(groups).__name__}")
-    return cls.from_dicts(model_cfg or {}, data_cfg or {}, groups=groups, device=device)
+    return cls.from_dicts(model_cfg or {}, data_cfg or {}, groups=groups, device=device, pipeline=pipeline)

@@ -18,6 +18,12 @@ A task owns its model and data. The trainer only calls:
   ``zero_shot_accuracy``, ``val_contrastive_loss`` (+ a few extra keys).
 - ``task.moe_layers()``: the model's ``moe.MoELayer`` s, for telemetry.
 
+A ``ModelTask`` also splits ``loss`` for pipeline parallelism (``parallel.pipeline``):
+``model_inputs(batch)`` (the model's positional inputs) and ``output_loss(outputs,
+batch)`` (the task loss of the model's outputs, without the aux losses). Built with
+``pipeline=`` (a ``parallel.stages.StagePlan`` with pp > 1) its model holds only this
+rank's stage.
+
 ``moe.tasks.TASKS`` maps each task name to its class; ``moe.tasks.build_task(name,
 model_cfg, data_cfg, groups=None, device="cpu")`` builds one from plain YAML dicts.
 A ``ModelTask`` subclass validates both sections without building anything
@@ -77,14 +83,22 @@ class ModelTask:
     data_config_cls: type
     model_cls: type
 
-    def __init__(self, model_config, data_config, *, groups=None, device="cpu"):
+    def __init__(self, model_config, data_config, *, groups=None, device="cpu", pipeline=None):
         self.model_config, self.data_config = model_config, data_config
         self.device = torch.device(device)
         from parallel.tensor import TensorParallel
 
+        pipe = None
+        if pipeline is not None and pipeline.pp > 1:
+            from parallel.pipeline import StageRole
+
+            if groups is None or groups.dims.pp != pipeline.pp:
+                raise ValueError(f"pipeline: a plan for pp={pipeline.pp} needs ProcessGroups with that pp size")
+            pipe = StageRole.from_groups(pipeline, groups)
+        extra = {"pipe": pipe} if pipe is not None else {}
         self.model = self.model_cls(model_config, ep_group=getattr(groups, "ep_group", None),
                                     dp_group=getattr(groups, "dp_group", None),
-                                    tp=TensorParallel.from_groups(groups)).to(self.device)
+                                    tp=TensorParallel.from_groups(groups), **extra).to(self.device)
 
     @classmethod
     def configs_from_dicts(cls, model_cfg: Optional[Mapping[str, Any]], data_cfg: Optional[Mapping[str, Any]]):
@@ -103,12 +117,29 @@ class ModelTask:
         """Checks across the two sections (a subclass adds its own); raise ``ConfigError``."""
 
     @classmethod
-    def from_dicts(cls, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], *, groups=None, device="cpu"):
+    def from_dicts(cls, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], *, groups=None, device="cpu",
+                   pipeline=None):
         model, data = cls.configs_from_dicts(model_cfg, data_cfg)
-        return cls(model, data, groups=groups, device=device)
+        return cls(model, data, groups=groups, device=device, pipeline=pipeline)
 
     def moe_layers(self) -> list:
         return self.model.moe_layers()
+
+    def model_inputs(self, batch: dict) -> tuple:
+        """The model's positional inputs taken from a batch."""
+        raise NotImplementedError
+
+    def output_loss(self, outputs: tuple, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """(task loss, extra float logs) of the model's outputs (``model.run_pieces``) on a batch."""
+        raise NotImplementedError
+
+    def loss(self, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Task loss + every aux loss, and the logs (see ``Task``)."""
+        outputs, aux = self.model.run_pieces(*self.model_inputs(batch))
+        task_loss, extra = self.output_loss(outputs, batch)
+        total, logs = loss_logs(task_loss, aux)
+        logs.update(extra)
+        return total, logs
 
     def micro_batch(self, step: int, start: int, count: int, *, seed: int) -> dict:
         """Samples ``start .. start + count - 1`` of the global batch of ``step`` (see ``Task``)."""

@@ -34,7 +34,7 @@ from ..checks import check_int, check_mapping, check_str, fail
 from ..data.shapes import ImageTextCollator, ShapesConfig, ShapesDataset, class_prompts
 from ..modes import eval_mode
 from ..models.limoe import LIMoEConfig, LIMoEModel, contrastive_loss, zero_shot_accuracy
-from .base import DataConfig, ModelTask, loss_logs, sample_rng
+from .base import DataConfig, ModelTask, sample_rng
 
 __all__ = ["LIMoEDataConfig", "LIMoETask"]
 
@@ -81,9 +81,10 @@ class LIMoETask(ModelTask):
 
     name, config_cls, data_config_cls, model_cls = "limoe", LIMoEConfig, LIMoEDataConfig, LIMoEModel
 
-    def __init__(self, model_config: LIMoEConfig, data_config: LIMoEDataConfig, *, groups=None, device="cpu"):
+    def __init__(self, model_config: LIMoEConfig, data_config: LIMoEDataConfig, *, groups=None, device="cpu",
+                 pipeline=None):
         self.check_configs(model_config, data_config)
-        super().__init__(model_config, data_config, groups=groups, device=device)
+        super().__init__(model_config, data_config, groups=groups, device=device, pipeline=pipeline)
         self.collate = ImageTextCollator(model_config.text_length)
         self._eval_cache: Optional[dict] = None
         if data_config.source == "shapes":
@@ -113,11 +114,13 @@ class LIMoETask(ModelTask):
         items = [self.train_set[int(sample_rng(seed, step, j, _SALT).integers(0, n))] for j in indices]
         return self._to_device(self.collate(items))
 
-    def loss(self, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
-        u, v, aux = self.model(batch["image"], batch["tokens"], batch["mask"])
-        total, logs = loss_logs(self.model.contrastive_loss(u, v), aux)
-        logs["logit_scale"] = float(self.model.scale().detach())
-        return total, logs
+    def model_inputs(self, batch: dict) -> tuple:
+        return batch["image"], batch["tokens"], batch["mask"]
+
+    def output_loss(self, outputs: tuple, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """The contrastive loss of (u, v) (negatives gathered over the data-parallel group) and the temperature."""
+        u, v, scale = outputs
+        return self.model.contrastive_loss(u, v), {"logit_scale": float(scale.detach())}
 
     # ------------------------------------------------------------------ evaluation
     def _eval_sets(self) -> dict:
@@ -180,8 +183,8 @@ class LIMoETask(ModelTask):
             losses, weights = [], []
             for start in range(0, len(items), bs):
                 b = self._to_device(self.collate(items[start:start + bs]))
-                u, v, _ = self.model(b["image"], b["tokens"], b["mask"])
-                losses.append(float(contrastive_loss(u, v, self.model.scale())))
+                (u, v, scale), _ = self.model.run_pieces(b["image"], b["tokens"], b["mask"])
+                losses.append(float(contrastive_loss(u, v, scale)))
                 weights.append(b["image"].shape[0])
             out["val_contrastive_loss"] = (sum(loss * w for loss, w in zip(losses, weights)) / sum(weights)
                                            if weights else float("nan"))

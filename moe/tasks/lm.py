@@ -28,7 +28,7 @@ from ..checks import check_int, check_number, check_str, fail
 from ..data.text import load_corpus
 from ..modes import eval_mode
 from ..models.lm import LanguageModel, LMConfig
-from .base import DataConfig, ModelTask, loss_logs, sample_rng
+from .base import DataConfig, ModelTask, sample_rng
 
 __all__ = ["LMDataConfig", "LMTask"]
 
@@ -70,9 +70,10 @@ class LMTask(ModelTask):
 
     name, config_cls, data_config_cls, model_cls = "lm", LMConfig, LMDataConfig, LanguageModel
 
-    def __init__(self, model_config: LMConfig, data_config: LMDataConfig, *, groups=None, device="cpu"):
+    def __init__(self, model_config: LMConfig, data_config: LMDataConfig, *, groups=None, device="cpu",
+                 pipeline=None):
         self.check_configs(model_config, data_config)
-        super().__init__(model_config, data_config, groups=groups, device=device)
+        super().__init__(model_config, data_config, groups=groups, device=device, pipeline=pipeline)
         self.seq_len = data_config.seq_len or model_config.max_seq_len
         source = data_config.source
         self.corpus = load_corpus(source if isinstance(source, str) else list(source),
@@ -103,9 +104,20 @@ class LMTask(ModelTask):
         return self._windows(self.corpus.train, starts)
 
     # ------------------------------------------------------------------ loss / eval
-    def loss(self, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
-        logits, aux = self.model(batch["tokens"])
-        return loss_logs(self.model.loss(logits, batch["targets"]), aux)
+    def model_inputs(self, batch: dict) -> tuple:
+        return (batch["tokens"],)
+
+    def output_loss(self, outputs: tuple, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Mean next-byte cross entropy of the logits."""
+        return self.model.loss(outputs[0], batch["targets"]), {}
+
+    def eval_loss(self, batch: dict) -> torch.Tensor:
+        """The mean cross entropy of a batch. Under pipelining it is computed on the last stage and
+        only the number is broadcast (not the logits)."""
+        pipe = self.model.pipe
+        if pipe is None:
+            return self.output_loss(self.model.run_pieces(batch["tokens"])[0], batch)[0]
+        return pipe.relay(self.model, (batch["tokens"],), then=lambda out: self.output_loss(out, batch)[0])[0]
 
     @torch.no_grad()
     def evaluate(self, *, max_batches: Optional[int] = None) -> Dict[str, float]:
@@ -122,8 +134,7 @@ class LMTask(ModelTask):
                 if chunk.numel() == 0:
                     break
                 batch = self._windows(val, chunk)
-                logits, _ = self.model(batch["tokens"])
-                total += float(self.model.loss(logits, batch["targets"])) * batch["targets"].numel()
+                total += float(self.eval_loss(batch)) * batch["targets"].numel()
                 count += batch["targets"].numel()
         val_loss = total / count
         return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0)),

@@ -6,7 +6,8 @@ A config file has these sections (every one optional except ``task`` and
     task: limoe                # or {name: limoe}; "lm", or "package.module:function" for your own task
     model: {preset: tiny_limoe}   # the task's model config (a preset + overrides, or every key)
     data: {}                      # the task's data config
-    parallel: {ep: 2, tp: 1, pp: 1, etp: 1, sequence_parallel: false, backend: auto}
+    parallel: {ep: 2, tp: 1, pp: 1, etp: 1, sequence_parallel: false, pp_schedule: 1f1b, virtual_stages: 1,
+               pp_blocks: null, backend: auto}
     optim: {lr: 1.0e-3, weight_decay: 0.01, betas: [0.9, 0.95], eps: 1.0e-8,
             warmup_steps: 10, schedule: cosine, min_lr_ratio: 0.1, grad_clip: 1.0}
     train: {steps: 100, global_batch_size: 16, micro_batch_size: null, seed: 0, log_every: 10, eval_every: 50,
@@ -51,6 +52,7 @@ from ..checks import (
 _CUSTOM_TASK = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 SCHEDULES = ("cosine", "linear", "constant")
 BACKENDS = ("auto", "gloo", "nccl")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")  # parallel.pipeline.SCHEDULES (kept import-light)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -66,10 +68,6 @@ def _gt(n):
 
 def _one_of(options):
     return (lambda v: v in options, f"allowed values: {', '.join(map(repr, options))}")
-
-
-def _not_yet(what):
-    return (lambda v: v == 1, f"only 1 is allowed: {what} is not supported by moe.train yet")
 
 
 def _opt(default, check=None):
@@ -97,20 +95,38 @@ class ParallelConfig:
     ``tp``: tensor parallelism of the dense part (attention heads, dense MLPs, the LM
     vocabulary); ``sequence_parallel``: also split the LM's residual stream along the
     sequence over the tp ranks (needs tp > 1); ``ep``: expert parallelism; ``etp``:
-    each expert's hidden units split over etp ranks; ``pp``: not supported yet. With
-    ``dp = world / (tp * pp)``, ``ep * etp`` must divide ``dp * tp``. The sizes are
-    checked against the launch's world size and the model by
+    each expert's hidden units split over etp ranks; ``pp``: pipeline stages
+    (``parallel.pipeline``), run by ``pp_schedule`` (``gpipe``, ``1f1b`` or
+    ``interleaved_1f1b`` with ``virtual_stages`` >= 2 chunks per rank); ``pp_blocks``: an
+    explicit cut, one block count per chunk (default: the balanced cut of
+    ``parallel.stages``). With ``dp = world / (tp * pp)``, ``ep * etp`` must divide
+    ``dp * tp``. The sizes are checked against the launch's world size and the model by
     ``moe.trainer.layout.check_layout`` before any process group exists.
     """
 
     ep: int = _opt(1, _ge(1))
     tp: int = _opt(1, _ge(1))
-    pp: int = _opt(1, _not_yet("pipeline parallelism"))
+    pp: int = _opt(1, _ge(1))
     etp: int = _opt(1, _ge(1))
     sequence_parallel: bool = False
+    pp_schedule: str = _opt("1f1b", _one_of(PP_SCHEDULES))
+    virtual_stages: int = _opt(1, _ge(1))
+    pp_blocks: Optional[List[int]] = None
     backend: str = _opt("auto", _one_of(BACKENDS))
 
     def validate(self, path: str) -> None:
+        if self.virtual_stages > 1 and self.pp_schedule != "interleaved_1f1b":
+            fail(f"{path}.virtual_stages", self.virtual_stages, f"more than one chunk per pipeline rank needs "
+                 f"{path}.pp_schedule=interleaved_1f1b (got {self.pp_schedule!r})")
+        if self.pp_schedule == "interleaved_1f1b" and self.virtual_stages < 2:
+            fail(f"{path}.virtual_stages", self.virtual_stages, "the interleaved_1f1b schedule needs at least 2 "
+                 f"chunks per pipeline rank (set {path}.virtual_stages >= 2, or use pp_schedule 1f1b)")
+        if self.pp_blocks is not None:
+            if self.pp == 1:
+                fail(f"{path}.pp_blocks", self.pp_blocks, f"it cuts the blocks over pipeline stages: it needs "
+                     f"{path}.pp > 1")
+            for i, k in enumerate(self.pp_blocks):
+                check_int(f"{path}.pp_blocks[{i}]", k, minimum=1)
         if self.sequence_parallel and self.tp == 1:
             fail(f"{path}.sequence_parallel", True, f"it needs {path}.tp > 1, got tp=1 (sequence parallelism "
                  "splits each sequence over the tensor-parallel ranks)")
@@ -246,6 +262,11 @@ def _convert(path: str, value: Any, tp: Any) -> Any:
         return value
     if origin in (dict, Dict, Mapping):
         return dict(check_mapping(path, value))
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            fail(path, value, "it must be a list", wrong_type=True)
+        (item,) = typing.get_args(tp)
+        return [_convert(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
     if origin in (tuple, Tuple):
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

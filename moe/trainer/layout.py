@@ -15,7 +15,12 @@ size of the launch (``parallel.launch.detect_launch().world_size``) and raises
   and a hierarchical dispatcher's ``model.moe.node_size`` dividing ``ep``;
 - ``parallel.sequence_parallel`` is set only with ``tp > 1``, only for the LM task,
   and the LM sequence length (``data.seq_len``, else ``model.max_seq_len``) is
-  divisible by ``tp``.
+  divisible by ``tp``;
+- the pipeline (``pp > 1``; built-in tasks only): the blocks cut into ``pp x
+  virtual_stages`` chunks (``stage_plan``: at least one block each, an explicit
+  ``parallel.pp_blocks`` adding up to ``model.n_layers``, equal chunks for the
+  interleaved schedule) and the schedule runs the step's micro-batches (``1f1b`` and
+  ``interleaved_1f1b`` need at least ``pp`` micro-batches per data-parallel rank).
 
 The vocabulary has no constraint: under ``tp`` the LM pads it to
 ``ceil(V / tp) * tp`` rows (the padding logits are masked, the padding rows never
@@ -29,7 +34,7 @@ from typing import List
 from ..checks import ConfigError, fail
 from .config import TrainConfig, from_dict
 
-__all__ = ["check_layout", "check_world", "check_model"]
+__all__ = ["check_layout", "check_world", "check_model", "check_pipeline", "stage_plan"]
 
 
 def _divisors(n: int) -> str:
@@ -99,6 +104,42 @@ def check_model(cfg: TrainConfig) -> None:
                  "the tensor-parallel ranks)")
 
 
+def stage_plan(cfg: TrainConfig):
+    """The ``parallel.stages.StagePlan`` of a built-in task's model under ``parallel.pp /
+    virtual_stages / pp_blocks`` (None when pp = 1); ``ConfigError`` when the blocks do not cut so."""
+    from moe.tasks import TASKS
+    from parallel.stages import plan_stages
+
+    p = cfg.parallel
+    if p.pp == 1:
+        return None
+    if cfg.task.name not in TASKS:
+        fail("parallel.pp", p.pp, f"pipeline parallelism needs a built-in task ({', '.join(sorted(TASKS))}): "
+             f"the pipeline stages are cut from their models; task {cfg.task.name!r} can use tp, ep and dp")
+    model, data = TASKS[cfg.task.name].configs_from_dicts(cfg.model, cfg.data)
+    seq_len = getattr(data, "seq_len", None) or getattr(model, "max_seq_len", None) or \
+        getattr(model, "num_patches", 1)
+    return plan_stages(model.transformer, p.pp, virtual_stages=p.virtual_stages, counts=p.pp_blocks,
+                       seq_len=seq_len)
+
+
+def check_pipeline(cfg: TrainConfig, world_size: int):
+    """The stage plan and the schedule against the micro-batches of a step; returns the plan (or None)."""
+    from parallel.pipeline import check_schedule
+
+    from .loop import StepSchedule
+
+    plan = stage_plan(cfg)
+    if plan is None:
+        return None
+    p = cfg.parallel
+    steps = StepSchedule.from_config(cfg.train, world_size // (p.tp * p.pp), 0)
+    problem = check_schedule(p.pp_schedule, p.pp, p.virtual_stages, steps.accumulation)
+    if problem:
+        fail("parallel.pp_schedule", p.pp_schedule, f"{problem}; this layout has {steps.describe()}")
+    return plan
+
+
 def check_layout(cfg: TrainConfig, world_size: int):
     """Every layout check (see the module docstring); returns the job's ``parallel.ParallelDims``.
 
@@ -111,4 +152,5 @@ def check_layout(cfg: TrainConfig, world_size: int):
     from_dict(cfg.to_dict())  # every field check again, for a config put together in Python
     dims = check_world(cfg, world_size)
     check_model(cfg)
+    check_pipeline(cfg, world_size)
     return dims

@@ -10,9 +10,11 @@ One optimizer step s, on every rank (``StepSchedule`` holds the numbers):
     this data-parallel rank takes its contiguous share of G / dp samples,
     cut into A = G / (micro * dp) micro-batches of ``micro`` samples
     engine.forward_backward: for each micro-batch m
-        torch.manual_seed(f(seed, s, global index of m))   # dropout, random routing
-        loss_m = task.loss(micro-batch m); backward(loss_m / A)
+        torch.manual_seed(f(seed, s, global index of m))   # dropout, random routing:
+        loss_m = task.loss(micro-batch m); backward(loss_m / A)   # every block re-seeds from it
       then gradients reduced: dense over dp, experts over edp (parallel.grads)
+      (pp > 1: parallel.pipeline runs the micro-batches through the stages with torch's
+      schedule, the same numbers; logs gathered over the stages)
     engine.clip_grad_norm(grad_clip)      # global norm, every parameter counted once
     engine.step(lr = schedule(s))
     every MoE layer's expert bias updated once, from the load of the whole global batch
@@ -37,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from moe.models import compile_blocks
+from moe.models.transformer import micro_batch_rng
 from parallel.engine import ReplicatedEngine
 from parallel.grads import is_expert_param
 
@@ -128,14 +131,30 @@ class Trainer:
         self._log_fn = log
         self.schedule = StepSchedule.from_config(cfg.train, groups.dims.dp, groups.dp_rank)
         seed_everything(cfg.train.seed)
-        self.task = task if task is not None else make_task(cfg, groups, self.device, task_builder)
+        from .layout import check_pipeline
+
+        self.stage_plan = check_pipeline(cfg, self.world) if groups.dims.pp > 1 else None
+        self.task = task if task is not None else make_task(cfg, groups, self.device, task_builder,
+                                                            pipeline=self.stage_plan)
         if cfg.train.compile:
             compile_blocks(self.task.model)
         self.model = self.task.model
         self.moe_layers = list(self.task.moe_layers())
         for layer in self.moe_layers:  # the expert bias moves once per optimizer step (apply_expert_bias_update)
             layer.defer_expert_bias_update = True
-        self.engine = ReplicatedEngine(self.model, groups, lambda model: build_optimizer(model, cfg.optim))
+        make_optimizer = lambda model: build_optimizer(model, cfg.optim)  # noqa: E731
+        if self.stage_plan is not None:
+            from parallel.pipeline import PipelineEngine
+
+            if getattr(self.model, "pipe", None) is None:
+                raise ValueError("parallel.pp > 1 needs a task whose model was built for its pipeline stage "
+                                 "(moe.tasks built-in tasks)")
+            sample = self.task.micro_batch(0, 0, self.schedule.micro, seed=cfg.train.seed)
+            self.engine = PipelineEngine(self.task, groups, self.model.pipe, make_optimizer,
+                                         schedule=cfg.parallel.pp_schedule, num_micro=self.schedule.accumulation,
+                                         sample_batch=sample, device=self.device)
+        else:
+            self.engine = ReplicatedEngine(self.model, groups, make_optimizer)
         self.optimizer = self.engine.optimizer
         self.out_dir = cfg.train.out_dir
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
@@ -180,7 +199,7 @@ class Trainer:
         self.eval_rec.reset()
         with eval_mode(self.model):
             metrics = {k: float(v) for k, v in self.task.evaluate(max_batches=self.cfg.train.eval_batches).items()}
-        routing = self.eval_rec.reduce(self.dp_group)
+        routing = self._stage_routing(self.eval_rec.reduce(self.dp_group))
         if self.is_main:
             result.history.append({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}})
             if self.cfg.telemetry.plots and routing:
@@ -200,6 +219,11 @@ class Trainer:
                            or dims[k] > 1)
         if self.groups.dims.sequence_parallel and dims["tp"] > 1:
             layout += ", sequence parallel"
+        if self.stage_plan is not None:
+            p = self.cfg.parallel
+            layout += (f", pp={dims['pp']} ({p.pp_schedule}"
+                       + (f", {p.virtual_stages} virtual stages" if p.virtual_stages > 1 else "")
+                       + f"; {self.stage_plan.describe()})")
         return (f"task {self.cfg.task.name}: {len(self.moe_layers)} MoE layer(s), params on this rank "
                 f"{_count(n_all)} ({_count(n_exp)} in experts); world {self.world} ({layout}); "
                 f"device {self.device}; {self.schedule.describe()}; steps {self.cfg.train.steps}")
@@ -237,17 +261,43 @@ class Trainer:
             self.train_rec.close()
             self.eval_rec.close()
 
+    def _micro_input(self, m: int):
+        """This rank's micro-batch ``m`` of the current step and its torch seed."""
+        sched, seed = self.schedule, self.cfg.train.seed
+        batch = self.task.micro_batch(self.step, sched.first_sample + m * sched.micro, sched.micro, seed=seed)
+        return batch, micro_batch_seed(seed, self.step, sched.micro_index(m))
+
     def _micro_loss(self, m: int):
         """Forward of this rank's micro-batch ``m`` of the current step: (loss, logs)."""
-        sched, seed = self.schedule, self.cfg.train.seed
-        torch.manual_seed(micro_batch_seed(seed, self.step, sched.micro_index(m)))
-        batch = self.task.micro_batch(self.step, sched.first_sample + m * sched.micro, sched.micro, seed=seed)
-        loss, logs = self.task.loss(batch)
+        batch, seed = self._micro_input(m)
+        torch.manual_seed(seed)
+        with micro_batch_rng(seed):
+            loss, logs = self.task.loss(batch)
         value = float(loss.detach())
+        self._check_finite(value, m)
+        return loss, {**{k: float(v) for k, v in logs.items()}, "loss": value}
+
+    def _check_finite(self, value: float, m: int) -> None:
         if not math.isfinite(value):
             raise FloatingPointError(f"loss is {value} at step {self.step + 1} on rank {self.rank} (micro-batch "
                                      f"{m}); stopping (the last checkpoint under {self.ckpt_root} is intact)")
-        return loss, {**{k: float(v) for k, v in logs.items()}, "loss": value}
+
+    def _forward_backward(self) -> List[Dict[str, float]]:
+        if self.stage_plan is None:
+            return self.engine.forward_backward(self.schedule.accumulation, self._micro_loss)
+        logs = self.engine.forward_backward(self.schedule.accumulation, self._micro_input)
+        for m, entry in enumerate(logs):  # the same logs on every stage: every rank stops together
+            self._check_finite(entry["loss"], m)
+        return logs
+
+    def _stage_routing(self, routing):
+        """Routing statistics of every pipeline stage's MoE layers (in block order), from this stage's."""
+        if self.stage_plan is None:
+            return routing
+        every = [None] * self.groups.dims.pp
+        dist.all_gather_object(every, routing, group=self.groups.pp_group)
+        merged = [r for part in every for r in part]
+        return sorted(merged, key=lambda r: [int(t) if t.isdigit() else t for t in r.name.split(".")])
 
     def _train_steps(self, result: TrainResult, sinks: Sinks, gpu: GPUMonitor) -> None:
         cfg, tcfg = self.cfg, self.cfg.train
@@ -258,7 +308,7 @@ class Trainer:
         while self.step < tcfg.steps:
             t0 = time.perf_counter()
             lr = lr_at(self.step, cfg.optim, tcfg.steps)
-            micro_logs = self.engine.forward_backward(self.schedule.accumulation, self._micro_loss)
+            micro_logs = self._forward_backward()
             grad_norm = self.engine.clip_grad_norm(cfg.optim.grad_clip)
             self.engine.step(lr)
             for layer in self.moe_layers:
@@ -290,7 +340,7 @@ class Trainer:
             dist.all_gather_object(every, keys)
             keys = sorted(set.intersection(*(set(k) for k in every)))
         means = all_reduce_mean({k: window[k] / n for k in keys}, self.dp_group)
-        routing = self.train_rec.reduce(self.dp_group)
+        routing = self._stage_routing(self.train_rec.reduce(self.dp_group))
         if not self.is_main:
             return
         row = train_row(self.step, lr, means, seconds=elapsed, samples=n * self.schedule.global_batch,

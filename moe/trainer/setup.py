@@ -31,10 +31,12 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def make_task(cfg: TrainConfig, groups, device: torch.device, task_builder: Optional[Callable] = None):
+def make_task(cfg: TrainConfig, groups, device: torch.device, task_builder: Optional[Callable] = None,
+              pipeline=None):
     """Build the task: ``task_builder`` if given, a ``module:function`` name, or ``moe.tasks.build_task``.
 
-    Every builder is called as ``builder(name, model_cfg, data_cfg, groups=..., device=...)``.
+    Every builder is called as ``builder(name, model_cfg, data_cfg, groups=..., device=...)``, plus
+    ``pipeline=`` (the ``parallel.stages.StagePlan``) under pipeline parallelism.
     """
     name = cfg.task.name
     if task_builder is None:
@@ -46,4 +48,5 @@ def make_task(cfg: TrainConfig, groups, device: torch.device, task_builder: Opti
                 raise ValueError(f"config key 'task.name': cannot import task builder {name!r} ({e})") from None
         else:
             from moe.tasks import build_task as task_builder
-    return task_builder(name, dict(cfg.model), dict(cfg.data), groups=groups, device=str(device))
+    extra = {} if pipeline is None else {"pipeline": pipeline}
+    return task_builder(name, dict(cfg.model), dict(cfg.data), groups=groups, device=str(device), **extra)

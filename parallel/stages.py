@@ -1,0 +1,165 @@
+"""Which blocks each pipeline stage holds: the stage plan (pure; no processes needed).
+
+Legend: N transformer blocks, S = pp pipeline ranks, V virtual stages per rank,
+C = S x V model chunks (the units ``torch.distributed.pipelining`` calls stages).
+
+The blocks are cut into C contiguous chunks; chunk c runs on pipeline rank
+``c % S`` ("loop" placement: rank r holds chunks r, r + S, r + 2S, ...; with V = 1
+chunk c is simply stage c). Chunk 0 also holds the embeddings, chunk C - 1 the final
+norm, the head and the task loss.
+
+The cut (``plan_stages``), in order of precedence:
+
+- ``counts``: an explicit list of C block counts (``parallel.pp_blocks``), each >= 1;
+- V > 1 (the interleaved schedule): N / C blocks per chunk; C must divide N, so every
+  chunk of the interleaved schedule has the same work;
+- otherwise the balanced cut: the contiguous split that minimises the largest chunk
+  cost, where a block costs its forward FLOPs per token (``block_costs``: attention
+  projections and scores, plus the FFN's ACTIVE FLOPs: an MoE block counts its k
+  experts of its expert width, and its router); ties go to the cut with fewer blocks
+  in the earlier chunks (the first stage also embeds, the last also runs the head).
+
+Blocks keep their GLOBAL index wherever they live (``model.transformer.blocks.<i>``), so
+parameter names and checkpoints do not depend on the plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from moe.checks import ConfigError
+
+__all__ = ["StagePlan", "plan_stages", "block_costs", "balanced_cut"]
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The cut of N blocks into C = ``pp * virtual_stages`` chunks (see the module doc).
+
+    ``chunks[c]``: the global block indices of chunk c (contiguous, ascending).
+    """
+
+    pp: int
+    virtual_stages: int
+    chunks: Tuple[Tuple[int, ...], ...]
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+    def rank_of_chunk(self, c: int) -> int:
+        """The pipeline rank (index in the pp group) that runs chunk ``c``."""
+        return c % self.pp
+
+    def chunks_of_rank(self, r: int) -> List[int]:
+        """Chunks of pipeline rank ``r`` in execution order."""
+        return list(range(r, self.num_chunks, self.pp))
+
+    def blocks_of_rank(self, r: int) -> List[int]:
+        """Every block pipeline rank ``r`` holds (ascending)."""
+        return [b for c in self.chunks_of_rank(r) for b in self.chunks[c]]
+
+    def is_first(self, r: int) -> bool:
+        """Whether rank ``r`` holds chunk 0 (the embeddings)."""
+        return self.rank_of_chunk(0) == r
+
+    def is_last(self, r: int) -> bool:
+        """Whether rank ``r`` holds the last chunk (final norm, head, loss)."""
+        return self.rank_of_chunk(self.num_chunks - 1) == r
+
+    def describe(self) -> str:
+        parts = []
+        for c, blocks in enumerate(self.chunks):
+            span = f"{blocks[0]}" if len(blocks) == 1 else f"{blocks[0]}-{blocks[-1]}"
+            parts.append(f"chunk {c} (rank {self.rank_of_chunk(c)}): blocks {span}")
+        return "; ".join(parts)
+
+
+def block_costs(cfg, seq_len: int) -> List[int]:
+    """Forward FLOPs per token of every block of a ``TransformerConfig`` at sequence length ``seq_len``.
+
+    Attention: 2 * 4 D^2 (qkv and out projections) + 2 * 2 L D (scores and the weighted sum);
+    FFN: 2 * (2 or 3 for SwiGLU) * D * F * k (an MoE block: k experts of its expert width,
+    plus its router, 2 D E).
+    """
+    from moe.models.transformer import _matmuls_per_ffn
+
+    D = cfg.d_model
+    costs = []
+    for i in range(cfg.n_layers):
+        cost = 8 * D * D + 4 * seq_len * D
+        if cfg.is_moe_layer(i):
+            cost += 2 * cfg.moe.router.top_k * _matmuls_per_ffn(cfg.activation, cfg.moe.d_ffn, D)
+            cost += 2 * D * cfg.moe.num_experts
+        else:
+            cost += 2 * _matmuls_per_ffn(cfg.activation, cfg.ffn_width(i), D)
+        costs.append(cost)
+    return costs
+
+
+def balanced_cut(costs: Sequence[float], parts: int) -> List[int]:
+    """Block counts of the contiguous cut of ``costs`` into ``parts`` non-empty chunks whose
+    largest chunk cost is smallest (ties: the earlier chunks get fewer blocks)."""
+    n = len(costs)
+    if not 1 <= parts <= n:
+        raise ValueError(f"balanced_cut: cannot cut {n} blocks into {parts} non-empty chunks")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    # best[p][i]: smallest max-chunk cost of cutting the LAST i blocks into p chunks
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    first_len = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0.0
+    for p in range(1, parts + 1):
+        for i in range(p, n + 1):
+            start = n - i
+            for take in range(1, i - (p - 1) + 1):  # the first of these p chunks takes `take` blocks
+                cost = max(prefix[start + take] - prefix[start], best[p - 1][i - take])
+                if cost < best[p][i]:  # strict: the smallest `take` wins a tie
+                    best[p][i], first_len[p][i] = cost, take
+    counts, i = [], n
+    for p in range(parts, 0, -1):
+        counts.append(first_len[p][i])
+        i -= first_len[p][i]
+    return counts
+
+
+def plan_stages(cfg, pp: int, *, virtual_stages: int = 1, counts: Optional[Sequence[int]] = None,
+                seq_len: int = 1) -> StagePlan:
+    """The ``StagePlan`` of a ``TransformerConfig`` (see the module doc for the rule).
+
+    Raises ``ConfigError`` naming ``parallel.pp`` / ``parallel.virtual_stages`` /
+    ``parallel.pp_blocks`` when the blocks do not split that way.
+    """
+    n, chunks = cfg.n_layers, pp * virtual_stages
+    if chunks > n:
+        key, value = ("parallel.pp", pp) if virtual_stages == 1 else ("parallel.virtual_stages", virtual_stages)
+        raise ConfigError(f"config key '{key}': got {value}; pp x virtual_stages = {pp} x {virtual_stages} = "
+                          f"{chunks} pipeline chunks need at least that many blocks, the model has "
+                          f"model.n_layers={n}")
+    if counts is not None:
+        counts = list(counts)
+        if len(counts) != chunks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in counts):
+            raise ConfigError(f"config key 'parallel.pp_blocks': got {counts}; it must list {chunks} block counts "
+                              f"(one per pipeline chunk: pp x virtual_stages = {pp} x {virtual_stages}), each >= 1")
+        if sum(counts) != n:
+            raise ConfigError(f"config key 'parallel.pp_blocks': got {counts}, which sums to {sum(counts)}; the "
+                              f"counts must add up to model.n_layers={n}")
+    elif virtual_stages > 1:
+        if n % chunks:
+            raise ConfigError(f"config key 'parallel.virtual_stages': got {virtual_stages}; the interleaved schedule "
+                              f"cuts the model.n_layers={n} blocks into pp x virtual_stages = {chunks} equal chunks, "
+                              f"so {chunks} must divide {n} (or list the cut in parallel.pp_blocks)")
+        counts = [n // chunks] * chunks
+    else:
+        counts = balanced_cut(block_costs(cfg, seq_len), chunks)
+    out, start = [], 0
+    for k in counts:
+        out.append(tuple(range(start, start + k)))
+        start += k
+    return StagePlan(pp=pp, virtual_stages=virtual_stages, chunks=tuple(out))
