@@ -289,6 +289,10 @@ class PipelineEngine:
         index = torch.arange(num_micro, device=self.device)
         try:
             self.schedule.step(mb=index, target=index if self.holds_last else None, return_outputs=False)
+        except RuntimeError as e:  # torch wraps a stage's error ("[Stage c] failed to run forward"): raise ours
+            if e.__cause__ is not None:
+                raise e.__cause__
+            raise
         finally:
             self._micro, self._cache = None, {}
         for p in self.model.parameters():  # the schedule summed the micro-batches' gradients

@@ -113,19 +113,21 @@ def balanced_cut(costs: Sequence[float], parts: int) -> List[int]:
     # best[p][i]: smallest max-chunk cost of cutting the LAST i blocks into p chunks
     inf = float("inf")
     best = [[inf] * (n + 1) for _ in range(parts + 1)]
-    first_len = [[0] * (n + 1) for _ in range(parts + 1)]
     best[0][0] = 0.0
     for p in range(1, parts + 1):
         for i in range(p, n + 1):
             start = n - i
             for take in range(1, i - (p - 1) + 1):  # the first of these p chunks takes `take` blocks
-                cost = max(prefix[start + take] - prefix[start], best[p - 1][i - take])
-                if cost < best[p][i]:  # strict: the smallest `take` wins a tie
-                    best[p][i], first_len[p][i] = cost, take
-    counts, i = [], n
+                best[p][i] = min(best[p][i], max(prefix[start + take] - prefix[start], best[p - 1][i - take]))
+    limit = best[parts][n]
+    # the optimum fixed, each chunk in turn takes the fewest blocks that let the rest stay within it
+    counts, start = [], 0
     for p in range(parts, 0, -1):
-        counts.append(first_len[p][i])
-        i -= first_len[p][i]
+        rest = n - start
+        take = next(t for t in range(1, rest - (p - 1) + 1)
+                    if prefix[start + t] - prefix[start] <= limit and best[p - 1][rest - t] <= limit)
+        counts.append(take)
+        start += take
     return counts
 
 

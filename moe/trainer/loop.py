@@ -224,7 +224,8 @@ class Trainer:
             layout += (f", pp={dims['pp']} ({p.pp_schedule}"
                        + (f", {p.virtual_stages} virtual stages" if p.virtual_stages > 1 else "")
                        + f"; {self.stage_plan.describe()})")
-        return (f"task {self.cfg.task.name}: {len(self.moe_layers)} MoE layer(s), params on this rank "
+        where = " on this pipeline stage" if self.stage_plan is not None else ""
+        return (f"task {self.cfg.task.name}: {len(self.moe_layers)} MoE layer(s){where}, params on this rank "
                 f"{_count(n_all)} ({_count(n_exp)} in experts); world {self.world} ({layout}); "
                 f"device {self.device}; {self.schedule.describe()}; steps {self.cfg.train.steps}")
 
