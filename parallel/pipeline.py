@@ -291,7 +291,7 @@ class PipelineEngine:
             self.schedule.step(mb=index, target=index if self.holds_last else None, return_outputs=False)
         except RuntimeError as e:  # torch wraps a stage's error ("[Stage c] failed to run forward"): raise ours
             if e.__cause__ is not None:
-                raise e.__cause__
+                raise e.__cause__ from e
             raise
         finally:
             self._micro, self._cache = None, {}
