@@ -1,18 +1,19 @@
 """Pipeline parallelism: our glue around ``torch.distributed.pipelining``.
 
-Legend: S pipeline ranks (pp), V virtual stages per rank, C = S x V chunks, M
-micro-batches per optimizer step on this data-parallel rank (the accumulation count).
+Legend (words, no glossary letters): ``pp`` pipeline ranks, ``virtual_stages`` chunks
+per rank (``pp x virtual_stages`` chunks in all), ``num_micro`` micro-batches per
+optimizer step on this data-parallel rank (the accumulation count).
 
 Who does what:
 - ``parallel.stages.StagePlan`` says which blocks each chunk holds (chunk c on pp rank
-  c % S); ``StageRole`` is this rank's part of it plus the pp group, handed to the model
+  c % pp); ``StageRole`` is this rank's part of it plus the pp group, handed to the model
   (``model.pipe``): the model builds only its blocks (first stage: the embeddings; last:
   the final norm and the head), and its ``run_pieces`` relays the state through the
   stages without gradients for evaluation (``StageRole.relay``).
 - ``PipelineEngine`` (the engine verbs of ``parallel.engine``) trains: one
   ``PipelineStage`` per chunk around a ``_Chunk`` module, driven by torch's schedule
   (``gpipe``: ``ScheduleGPipe``, ``1f1b``: ``Schedule1F1B``, ``interleaved_1f1b``:
-  ``ScheduleInterleaved1F1B``) over the M micro-batches.
+  ``ScheduleInterleaved1F1B``) over the ``num_micro`` micro-batches.
 
 How a micro-batch runs: every chunk gets the micro-batch index m (a keyword tensor the
 schedule splits for every stage) and fetches micro-batch m itself (data is a function of
@@ -25,8 +26,8 @@ Aux losses of the other chunks (MoE balancing losses, ``moe.losses``) are not pa
 any stage's output: ``AttachAux`` ties their sum to the chunk's output activation, an
 identity whose backward also hands the aux sum the gradient 1 (Megatron-core's
 MoE aux-loss trick), so their gradient reaches the routers with the same scale as in
-one process. Gradients are summed over the M micro-batches and divided by M
-afterwards (= one process back-propagating loss / M per micro-batch). Logs (the task
+one process. Gradients are summed over the micro-batches and divided by ``num_micro``
+afterwards (= one process back-propagating loss / num_micro per micro-batch). Logs (the task
 loss and every aux loss, per micro-batch) are gathered over the pp group, so every
 rank sees the whole loss.
 
@@ -225,7 +226,7 @@ class PipelineEngine:
 
     ``task``: the rank's task (``model_inputs``, ``output_loss``); ``groups``: its
     ``ProcessGroups``; ``role``: its ``StageRole`` (the model's ``pipe``);
-    ``schedule``: one of ``SCHEDULES``; ``num_micro``: M; ``sample_batch``: a micro-batch
+    ``schedule``: one of ``SCHEDULES``; ``num_micro``: micro-batches per step; ``sample_batch``: a micro-batch
     (to size the stage tensors); ``make_optimizer`` as for ``ReplicatedEngine``.
     """
 

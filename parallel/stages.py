@@ -1,18 +1,20 @@
 """Which blocks each pipeline stage holds: the stage plan (pure; no processes needed).
 
-Legend: N transformer blocks, S = pp pipeline ranks, V virtual stages per rank,
-C = S x V model chunks (the units ``torch.distributed.pipelining`` calls stages).
+Legend (words, no glossary letters): ``n_blocks`` transformer blocks, ``pp`` pipeline
+ranks, ``virtual_stages`` chunks per rank, ``n_chunks = pp x virtual_stages`` model
+chunks (the units ``torch.distributed.pipelining`` calls stages).
 
-The blocks are cut into C contiguous chunks; chunk c runs on pipeline rank
-``c % S`` ("loop" placement: rank r holds chunks r, r + S, r + 2S, ...; with V = 1
-chunk c is simply stage c). Chunk 0 also holds the embeddings, chunk C - 1 the final
+The blocks are cut into ``n_chunks`` contiguous chunks; chunk c runs on pipeline rank
+``c % pp`` ("loop" placement: rank r holds chunks r, r + pp, r + 2 pp, ...; with one
+virtual stage chunk c is simply stage c). Chunk 0 also holds the embeddings, the last chunk the final
 norm, the head and the task loss.
 
 The cut (``plan_stages``), in order of precedence:
 
-- ``counts``: an explicit list of C block counts (``parallel.pp_blocks``), each >= 1;
-- V > 1 (the interleaved schedule): N / C blocks per chunk; C must divide N, so every
-  chunk of the interleaved schedule has the same work;
+- ``counts``: an explicit list of ``n_chunks`` block counts (``parallel.pp_blocks``), each >= 1;
+- ``virtual_stages`` > 1 (the interleaved schedule): ``n_blocks / n_chunks`` blocks per
+  chunk; ``n_chunks`` must divide ``n_blocks``, so every chunk of the interleaved
+  schedule has the same work;
 - otherwise the balanced cut: the contiguous split that minimises the largest chunk
   cost, where a block costs its forward FLOPs per token (``block_costs``: attention
   projections and scores, plus the FFN's ACTIVE FLOPs: an MoE block counts its k
@@ -34,7 +36,7 @@ __all__ = ["StagePlan", "plan_stages", "block_costs", "balanced_cut"]
 
 @dataclass(frozen=True)
 class StagePlan:
-    """The cut of N blocks into C = ``pp * virtual_stages`` chunks (see the module doc).
+    """The cut of the blocks into ``pp * virtual_stages`` chunks (see the module doc).
 
     ``chunks[c]``: the global block indices of chunk c (contiguous, ascending).
     """

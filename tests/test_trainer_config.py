@@ -38,7 +38,7 @@ def test_defaults_and_shorthand():
 
 # The world size each example config is written for (its header comment).
 EXAMPLE_WORLDS = {"tiny_limoe.yaml": 4, "tiny_switch_lm.yaml": 2, "gshard_lm.yaml": 8, "limoe_cluster.yaml": 32,
-                  "multinode_tp_ep.yaml": 16}
+                  "multinode_tp_ep.yaml": 16, "multinode_tp_pp_ep.yaml": 32}
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "examples/configs/*.yaml"))))
@@ -91,7 +91,9 @@ def test_overrides_are_yaml_typed(tmp_path):
     ({"optim": {"min_lr_ratio": 2.0}}, r"'optim.min_lr_ratio': got 2.0; it must be in \[0, 1\]"),
     ({"parallel": {"ep": 0}}, r"'parallel.ep': got 0; it must be >= 1"),
     ({"parallel": {"pp": 0}}, r"'parallel.pp': got 0; it must be >= 1"),
-    ({"parallel": {"virtual_stages": 2}}, r"'parallel.virtual_stages': got 2; more than one chunk per pipeline "
+    ({"parallel": {"virtual_stages": 2}}, r"'parallel.virtual_stages': got 2; virtual stages are chunks of a "
+                                          r"pipeline: it needs parallel.pp > 1"),
+    ({"parallel": {"pp": 2, "virtual_stages": 2}}, r"'parallel.virtual_stages': got 2; more than one chunk per pipeline "
                                           r"rank needs parallel.pp_schedule=interleaved_1f1b"),
     ({"parallel": {"pp": 2, "pp_schedule": "interleaved_1f1b"}},
      r"'parallel.virtual_stages': got 1; the interleaved_1f1b schedule needs at least 2"),

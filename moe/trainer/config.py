@@ -115,10 +115,13 @@ class ParallelConfig:
     backend: str = _opt("auto", _one_of(BACKENDS))
 
     def validate(self, path: str) -> None:
+        if self.virtual_stages > 1 and self.pp == 1:
+            fail(f"{path}.virtual_stages", self.virtual_stages, f"virtual stages are chunks of a pipeline: it "
+                 f"needs {path}.pp > 1")
         if self.virtual_stages > 1 and self.pp_schedule != "interleaved_1f1b":
             fail(f"{path}.virtual_stages", self.virtual_stages, f"more than one chunk per pipeline rank needs "
                  f"{path}.pp_schedule=interleaved_1f1b (got {self.pp_schedule!r})")
-        if self.pp_schedule == "interleaved_1f1b" and self.virtual_stages < 2:
+        if self.pp > 1 and self.pp_schedule == "interleaved_1f1b" and self.virtual_stages < 2:
             fail(f"{path}.virtual_stages", self.virtual_stages, "the interleaved_1f1b schedule needs at least 2 "
                  f"chunks per pipeline rank (set {path}.virtual_stages >= 2, or use pp_schedule 1f1b)")
         if self.pp_blocks is not None:
