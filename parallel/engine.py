@@ -13,8 +13,10 @@ The loop calls only an engine's verbs, whatever the layout underneath:
 
 ``ReplicatedEngine`` is data + expert parallelism with a replicated optimizer (ZeRO
 stage 0): dense gradients averaged over the data-parallel group, expert gradients
-over the expert-data-parallel group (``parallel.grads``). Other engines (ZeRO,
-pipelining) implement the same verbs.
+over the expert-data-parallel group (``parallel.grads``). ``parallel.pipeline.
+PipelineEngine`` has the same verbs, except that a pipeline splits the forward, so its
+``forward_backward(num_micro, micro)`` takes ``micro(m) -> (micro-batch m, its seed)``
+and runs the task's pieces itself. The ZeRO engines will implement the same verbs.
 """
 from __future__ import annotations
 
