@@ -32,7 +32,24 @@ from .grads import allreduce_gradients, clip_gradients, sync_replicas
 LossFn = Callable[[int], Tuple[torch.Tensor, Dict[str, float]]]
 
 
-class ReplicatedEngine:
+class EngineBase:
+    """The verbs every engine shares once ``.grad`` holds the reduced gradient: ``clip_grad_norm`` and ``step``
+    (a subclass sets ``model``, ``groups`` and ``optimizer``)."""
+
+    model: nn.Module
+    groups: object
+    optimizer: torch.optim.Optimizer
+
+    def clip_grad_norm(self, max_norm: Optional[float]) -> float:
+        return clip_gradients(self.model, max_norm, self.groups)
+
+    def step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+
+
+class ReplicatedEngine(EngineBase):
     """Replicated parameters and optimizer over the data-parallel ranks (see the module doc).
 
     ``model``: the rank's model (expert parameters marked by ``parallel.grads``);
@@ -55,11 +72,3 @@ class ReplicatedEngine:
             logs.append(micro_logs)
         allreduce_gradients(self.model, self.groups)
         return logs
-
-    def clip_grad_norm(self, max_norm: Optional[float]) -> float:
-        return clip_gradients(self.model, max_norm, self.groups)
-
-    def step(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()

@@ -47,7 +47,8 @@ from torch import nn
 
 from moe.checks import check_int
 
-from .grads import allreduce_gradients, clip_gradients, sync_replicas
+from .engine import EngineBase
+from .grads import allreduce_gradients, sync_replicas
 from .shards import mark_partial_grad
 from .stages import StagePlan
 
@@ -221,7 +222,7 @@ class _Chunk(nn.Module):
         return state if len(state) > 1 else state[0]
 
 
-class PipelineEngine:
+class PipelineEngine(EngineBase):
     """Trains ``task.model`` (this rank's stage) with a torch pipelining schedule (module doc).
 
     ``task``: the rank's task (``model_inputs``, ``output_loss``); ``groups``: its
@@ -321,11 +322,3 @@ class PipelineEngine:
                 raise RuntimeError(f"pipeline: no stage reported the loss of micro-batch {m}")
             out.append({**aux, **extra, "task_loss": task_loss, "loss": task_loss + sum(aux.values())})
         return out
-
-    def clip_grad_norm(self, max_norm: Optional[float]) -> float:
-        return clip_gradients(self.model, max_norm, self.groups)
-
-    def step(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()

@@ -16,7 +16,14 @@ import copy
 
 import pytest
 
-from tests.helpers.layout import CAPACITY, TINY_LM, assert_same_training, run_layout
+from tests.helpers.layout import (
+    TINY_LIMOE,
+    TINY_LM,
+    assert_reload_across,
+    assert_same_training,
+    assert_same_with_drops,
+    run_layout,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -42,50 +49,22 @@ def test_lm_under_pipeline_parallelism_trains_like_one_process(nproc, overrides,
     assert_same_training(run, lm_oracle, rtol=1e-4)
 
 
-def test_ep_pp_with_capacity_drops_trains_like_one_process(tmp_path):
-    oracle = run_layout(LM, 1, tmp_path / "single", overrides=CAPACITY)
-    assert max(row["train/drop_rate"] for row in oracle.metrics) > 0  # the capacity really drops
-    run = run_layout(LM, 4, tmp_path / "ep2pp2", overrides=CAPACITY + ["parallel.pp=2", "parallel.ep=2"])
-    assert_same_training(run, oracle, rtol=1e-4)
-
-
-LIMOE = {
-    "task": "limoe",
-    "model": {"preset": "tiny_limoe", "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ffn": 64, "embed_dim": 16,
-              "moe": {"num_experts": 4, "d_ffn": 32}},
-    "data": {"zeroshot_size": 16, "val_size": 16, "eval_batch_size": 16},
-    "optim": {"lr": 1e-3, "warmup_steps": 0, "eps": 1e-6},
-    "train": {"steps": 5, "global_batch_size": 8, "micro_batch_size": 4, "seed": 3, "checkpoint_every": 0},
-}
-
-
 def test_limoe_under_pipeline_parallelism_trains_like_no_pp(tmp_path):
-    oracle = run_layout(LIMOE, 1, tmp_path / "single")
-    run = run_layout(LIMOE, 2, tmp_path / "pp2", overrides=["parallel.pp=2"])
+    oracle = run_layout(TINY_LIMOE, 1, tmp_path / "single")
+    run = run_layout(TINY_LIMOE, 2, tmp_path / "pp2", overrides=["parallel.pp=2"])
     assert_same_training(run, oracle, rtol=1e-4)
     a, b = oracle.evals[-1], run.evals[-1]  # the relayed evaluation scores the same model the same
     for key in ("eval/zero_shot_accuracy", "eval/val_contrastive_loss"):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
-def _final_eval(run):
-    rows = [r for r in run.evals if r["step"] == 5]
-    assert rows, run.stdout[-2000:]
-    return rows[-1]
+def test_ep_pp_with_capacity_drops_trains_like_one_process(tmp_path):
+    assert_same_with_drops(LM, 4, ["parallel.pp=2", "parallel.ep=2"], tmp_path)
 
 
 @pytest.mark.parametrize("save_pp,load_pp", [(2, 1), (1, 2)])
 def test_checkpoint_reloads_across_pp_with_equal_evaluation(save_pp, load_pp, tmp_path):
-    saved = run_layout(LM, save_pp, tmp_path / "save", overrides=[f"parallel.pp={save_pp}"])
-    config = copy.deepcopy(LM)
-    config["train"]["resume"] = str(saved.checkpoint)
-    loaded = run_layout(config, load_pp, tmp_path / "load", overrides=[f"parallel.pp={load_pp}"])
-    assert f"resumed from {saved.checkpoint} at step 5" in loaded.stdout
-    assert loaded.metrics == []  # nothing left to train: the run only evaluates
-    a, b = _final_eval(saved), _final_eval(loaded)
-    assert b["eval/val_loss"] == pytest.approx(a["eval/val_loss"], rel=1e-5)
-    for name in saved.params:
-        assert loaded.params[name].equal(saved.params[name]), name
+    assert_reload_across(LM, "pp", save_pp, load_pp, tmp_path)
 
 
 def test_a_non_finite_loss_stops_every_stage_with_a_clear_error(tmp_path):

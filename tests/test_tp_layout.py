@@ -11,11 +11,17 @@ A checkpoint saved at tp=2 evaluates the same at tp=1, and one saved at tp=1 the
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 
-from tests.helpers.layout import CAPACITY, TINY_LM, assert_same_training, run_layout
+from tests.helpers.layout import (
+    TINY_LIMOE,
+    TINY_LM,
+    assert_reload_across,
+    assert_same_training,
+    assert_same_with_drops,
+    run_layout,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -42,43 +48,15 @@ def test_lm_under_tensor_parallelism_trains_like_one_process(nproc, overrides, l
 
 
 def test_ep_tp_with_capacity_drops_trains_like_one_process(tmp_path):
-    oracle = run_layout(LM, 1, tmp_path / "single", overrides=CAPACITY)
-    assert max(row["train/drop_rate"] for row in oracle.metrics) > 0  # the capacity really drops
-    run = run_layout(LM, 4, tmp_path / "ep2tp2", overrides=CAPACITY + ["parallel.tp=2", "parallel.ep=2"])
-    assert_same_training(run, oracle, rtol=1e-4)
-
-
-LIMOE = {
-    "task": "limoe",
-    "model": {"preset": "tiny_limoe", "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ffn": 64, "embed_dim": 16,
-              "moe": {"num_experts": 4, "d_ffn": 32}},
-    "data": {"zeroshot_size": 16, "val_size": 16, "eval_batch_size": 16},
-    "optim": {"lr": 1e-3, "warmup_steps": 0, "eps": 1e-6},
-    "train": {"steps": 5, "global_batch_size": 8, "micro_batch_size": 4, "seed": 3, "checkpoint_every": 0},
-}
+    assert_same_with_drops(LM, 4, ["parallel.tp=2", "parallel.ep=2"], tmp_path)
 
 
 def test_limoe_under_tensor_parallelism_trains_like_no_tp(tmp_path):
-    oracle = run_layout(LIMOE, 1, tmp_path / "single")
-    run = run_layout(LIMOE, 2, tmp_path / "tp2", overrides=["parallel.tp=2"])
+    oracle = run_layout(TINY_LIMOE, 1, tmp_path / "single")
+    run = run_layout(TINY_LIMOE, 2, tmp_path / "tp2", overrides=["parallel.tp=2"])
     assert_same_training(run, oracle, rtol=1e-4)
-
-
-def _final_eval(run):
-    rows = [r for r in run.evals if r["step"] == 5]
-    assert rows, run.stdout[-2000:]
-    return rows[-1]
 
 
 @pytest.mark.parametrize("save_tp,load_tp", [(2, 1), (1, 2)])
 def test_checkpoint_reloads_across_tp_with_equal_evaluation(save_tp, load_tp, tmp_path):
-    saved = run_layout(LM, save_tp, tmp_path / "save", overrides=[f"parallel.tp={save_tp}"])
-    config = copy.deepcopy(LM)
-    config["train"]["resume"] = str(saved.checkpoint)
-    loaded = run_layout(config, load_tp, tmp_path / "load", overrides=[f"parallel.tp={load_tp}"])
-    assert f"resumed from {saved.checkpoint} at step 5" in loaded.stdout
-    assert loaded.metrics == []  # nothing left to train: the run only evaluates
-    a, b = _final_eval(saved), _final_eval(loaded)
-    assert b["eval/val_loss"] == pytest.approx(a["eval/val_loss"], rel=1e-5)
-    for name in saved.params:
-        assert loaded.params[name].equal(saved.params[name]), name
+    assert_reload_across(LM, "tp", save_tp, load_tp, tmp_path)

@@ -110,8 +110,24 @@ TINY_LM = {
     "optim": {"lr": 3e-3, "warmup_steps": 0, "grad_clip": 0.05, "eps": 1e-6},
     "train": {"steps": 5, "global_batch_size": 8, "micro_batch_size": 2, "seed": 7, "checkpoint_every": 0},
 }
-# ... and its GShard top-2 variant at capacity factor 1.0, which drops tokens.
+# The tiny LIMoE of the layout tests (two blocks, the second MoE; 2 micro-batches of 4 pairs).
+TINY_LIMOE = {
+    "task": "limoe",
+    "model": {"preset": "tiny_limoe", "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ffn": 64, "embed_dim": 16,
+              "moe": {"num_experts": 4, "d_ffn": 32}},
+    "data": {"zeroshot_size": 16, "val_size": 16, "eval_batch_size": 16},
+    "optim": {"lr": 1e-3, "warmup_steps": 0, "eps": 1e-6},
+    "train": {"steps": 5, "global_batch_size": 8, "micro_batch_size": 4, "seed": 3, "checkpoint_every": 0},
+}
+# ... and the LM's GShard top-2 variant at capacity factor 1.0, which drops tokens.
 CAPACITY = ["model.moe.router.policy=gshard", "model.moe.router.capacity_factor=1.0", "optim.grad_clip=1.0"]
+
+
+def final_eval(run: LayoutRun, step: int) -> Dict[str, float]:
+    """The last evaluation row the run logged at ``step``."""
+    rows = [r for r in run.evals if r["step"] == step]
+    assert rows, run.stdout[-2000:]
+    return rows[-1]
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -136,3 +152,28 @@ def assert_same_training(run: LayoutRun, oracle: LayoutRun, *, rtol: float = 1e-
     worst = max(oracle.params, key=lambda n: relative_error(run.params[n], oracle.params[n]))
     err = relative_error(run.params[worst], oracle.params[worst])
     assert err <= rtol, f"{what}: parameter {worst} differs by {err:.2e} (relative L2)"
+
+
+def assert_same_with_drops(config: Mapping, nproc: int, overrides: Sequence[str], out_dir) -> None:
+    """``config`` with ``CAPACITY`` (which really drops tokens) under ``overrides`` on ``nproc`` processes
+    trains like one process."""
+    oracle = run_layout(config, 1, os.path.join(str(out_dir), "single"), overrides=CAPACITY)
+    assert max(row["train/drop_rate"] for row in oracle.metrics) > 0  # the capacity really drops
+    run = run_layout(config, nproc, os.path.join(str(out_dir), "layout"), overrides=CAPACITY + list(overrides))
+    assert_same_training(run, oracle, rtol=1e-4)
+
+
+def assert_reload_across(config: Mapping, key: str, save: int, load: int, out_dir) -> None:
+    """A checkpoint of ``config`` saved at ``parallel.<key>=save`` resumes at ``=load`` with the same
+    parameters and the same final evaluation (nothing left to train)."""
+    saved = run_layout(config, save, os.path.join(str(out_dir), "save"), overrides=[f"parallel.{key}={save}"])
+    resumed = copy.deepcopy(dict(config))
+    resumed["train"] = {**resumed["train"], "resume": str(saved.checkpoint)}
+    loaded = run_layout(resumed, load, os.path.join(str(out_dir), "load"), overrides=[f"parallel.{key}={load}"])
+    steps = config["train"]["steps"]
+    assert f"resumed from {saved.checkpoint} at step {steps}" in loaded.stdout
+    assert loaded.metrics == []  # nothing left to train: the run only evaluates
+    a, b = final_eval(saved, steps), final_eval(loaded, steps)
+    assert abs(b["eval/val_loss"] - a["eval/val_loss"]) <= 1e-5 * abs(a["eval/val_loss"])
+    for name in saved.params:
+        assert loaded.params[name].equal(saved.params[name]), name
