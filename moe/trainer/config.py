@@ -240,8 +240,12 @@ class TrainConfig:
             return v
         return plain(dataclasses.asdict(self))
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, *, redacted: bool = False) -> str:
+        """The config as YAML; ``redacted``: secret-looking keys' values masked (``moe.trainer.redact``)."""
+        from .redact import redact
+
+        data = self.to_dict()
+        return yaml.safe_dump(redact(data) if redacted else data, sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -348,11 +352,16 @@ def resolve_sections(cfg: TrainConfig) -> Dict[str, Any]:
     return {"model": model.to_dict(), "data": dataclasses.asdict(data)}
 
 
-def resolved_yaml(cfg: TrainConfig) -> str:
-    """The config as YAML with the ``model`` and ``data`` sections resolved (``--print-config``)."""
+def resolved_yaml(cfg: TrainConfig, *, redacted: bool = False) -> str:
+    """The config as YAML with the ``model`` and ``data`` sections resolved (``--print-config``).
+
+    ``redacted``: secret-looking keys' values masked (``moe.trainer.redact``).
+    """
+    from .redact import redact
+
     out = cfg.to_dict()
     out.update(TrainConfig.to_dict(dataclasses.replace(cfg, **resolve_sections(cfg))))
-    return yaml.safe_dump(out, sort_keys=False)
+    return yaml.safe_dump(redact(out) if redacted else out, sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------

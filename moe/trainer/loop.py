@@ -237,7 +237,7 @@ class Trainer:
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
-                f.write(cfg.to_yaml())
+                f.write(cfg.to_yaml(redacted=True))  # secret-looking values masked (moe.trainer.redact)
         self._barrier()
         sinks = Sinks(self.out_dir, enabled=self.is_main, tensorboard=cfg.telemetry.tensorboard,
                       progress_bar=cfg.telemetry.progress_bar, total_steps=cfg.train.steps, log=self._log_fn)
