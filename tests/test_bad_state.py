@@ -245,9 +245,9 @@ def test_sequence_aux_function_with_no_tokens():
     experts = torch.zeros(0, 2, dtype=torch.long)
     for seq_len in (None, 0, 5):
         loss = L.sequence_aux_loss(probs, experts, 4, seq_len)
-        assert float(loss) == 0.0
+        assert float(loss.detach()) == 0.0 and loss.requires_grad
         loss.backward()
     assert float(L.sequence_aux_loss(probs, experts, 4, 0, modality=torch.zeros(0, dtype=torch.long),
-                                     num_modalities=2)) == 0.0
+                                     num_modalities=2).detach()) == 0.0
     with pytest.raises(ValueError, match="seq_len"):  # with tokens, a sequence still needs a length
         L.sequence_aux_loss(torch.full((4, 4), 0.25), torch.zeros(4, 2, dtype=torch.long), 4, 0)
