@@ -218,8 +218,10 @@ class MoELayer(nn.Module):
         """Statistics of the last forward, computed when read (no host sync per step).
 
         tokens_per_expert LongTensor[E] (kept, this rank's routing: under tp all T tokens,
-        the same on every tp rank), dropped_fraction, router_entropy (mean per-token entropy
-        of the router distribution), capacity, skipped, expert_rows (rows this rank's experts
+        the same on every tp rank), dropped_fraction, zero_weight_fraction (kept assignments
+        whose combine weight is below ``moe.routing_types.ZERO_WEIGHT``: computed, yet adding
+        ~nothing to y), router_entropy (mean per-token entropy of the router distribution),
+        capacity, skipped, expert_rows (rows this rank's experts
         computed: after the ep dispatch and, under etp, the etp gather; padding rows
         included), tokens_per_expert_by_modality LongTensor[M, E] when a modality was given,
         bytes_sent / bytes_received under expert parallelism. Empty before the first call.
@@ -231,6 +233,7 @@ class MoELayer(nn.Module):
         stats: Dict[str, object] = {
             "tokens_per_expert": routing.tokens_per_expert.detach().cpu(),
             "dropped_fraction": routing.dropped_fraction(),
+            "zero_weight_fraction": routing.zero_weight_fraction(),
             "router_entropy": float(routing.entropy()),
             "capacity": routing.capacity,
             "skipped": routing.skipped,

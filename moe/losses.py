@@ -128,9 +128,13 @@ def _check_modality(modality, num_tokens: int, num_modalities) -> None:
 
 
 def _check_seq_len(seq_len, num_tokens: int) -> None:
+    """``seq_len`` splits the T tokens into whole sequences; with no tokens (T = 0) there is
+    nothing to split, so any ``seq_len >= 0`` passes (an empty [B, 0, D] batch has L = 0)."""
     if seq_len is None:
         return
-    check_int("seq_len", seq_len, minimum=1)
+    check_int("seq_len", seq_len, minimum=0 if num_tokens == 0 else 1)
+    if num_tokens == 0:
+        return
     if num_tokens % seq_len != 0:
         raise ValueError(f"seq_len={seq_len} does not divide the number of tokens T={num_tokens}; "
                          "T must be a multiple of seq_len (tokens flattened sequence-major, [B*L])")
@@ -150,6 +154,8 @@ class _Groups:
     def __init__(self, num_tokens: int, modality: Optional[torch.Tensor], num_modalities: int,
                  seq_len: Optional[int], like: torch.Tensor):
         M = 1 if modality is None else num_modalities
+        if num_tokens == 0:  # no tokens: one empty group (the loss is 0), whatever seq_len says
+            seq_len = None
         L = num_tokens if seq_len is None else seq_len
         B = 1 if seq_len is None else num_tokens // seq_len
         if modality is None:
@@ -350,7 +356,8 @@ def sequence_aux_loss(probs: torch.Tensor, experts: torch.Tensor, num_experts: i
     [B, L] batch-major: ``x.reshape(B * L, d)``); for each sequence the
     :func:`load_balancing_loss` ``E * sum_i f_i * P_i`` is computed over its own
     tokens, and the results are averaged over sequences. ``seq_len=None``: all
-    tokens form one sequence. With ``modality``, for each modality the loss is
+    tokens form one sequence. No tokens (T = 0, also an empty [B, 0] batch with
+    ``seq_len=0``) gives 0, like every loss here. With ``modality``, for each modality the loss is
     averaged over the sequences that contain tokens of it, then averaged over
     present modalities. DeepSeek-V3 applies it to normalised sigmoid scores
     (:func:`aux_losses` normalises rows). DeepSeek-AI 2024 (DeepSeek-V3, eqs. 17-20).

@@ -118,8 +118,11 @@ def _noisy_topk(logits, noise_logits, k, training, generator):
         sorted_h = h.gather(1, order[:, : k + 1])
         in_top = torch.zeros(T, E, dtype=torch.bool, device=h.device).scatter(1, experts, True)
         threshold = torch.where(in_top, sorted_h[:, k : k + 1], sorted_h[:, k - 1 : k])
-        normal = torch.distributions.Normal(torch.zeros((), device=h.device), torch.ones((), device=h.device))
-        load = normal.cdf((logits - threshold) / std)
+        # std can underflow to 0 (softplus of a very negative noise logit); the floor keeps
+        # 0 / 0 out of Phi: a zero numerator gives Phi(0) = 1/2, any other the limit 0 or 1.
+        z = (logits - threshold) / std.clamp_min(torch.finfo(std.dtype).tiny)
+        load = torch.distributions.Normal(torch.zeros((), device=h.device), torch.ones((), device=h.device),
+                                          validate_args=False).cdf(z)
     return experts, weights, gate, load
 
 
@@ -134,6 +137,36 @@ def _expert_choice(probs, capacity):
     kept = positions_TK >= 0
     experts = torch.arange(E, device=probs.device).expand(T, E).contiguous()
     return experts, probs, kept, positions_TK
+
+
+def _all_finite(logits, noise_logits, expert_bias) -> bool:
+    """Whether the logits and the router state that picks experts are all finite (one host sync)."""
+    ok = torch.isfinite(logits).all()
+    if noise_logits is not None:
+        ok = ok & torch.isfinite(noise_logits).all()
+    if expert_bias is not None:
+        ok = ok & torch.isfinite(expert_bias).all()
+    return bool(ok)
+
+
+def _nonfinite_what(logits, noise_logits, expert_bias) -> str:
+    """Which of the router's inputs and state hold non-finite values, for the error message."""
+    T = logits.shape[0]
+    parts = []
+    bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+    if bad:
+        parts.append(f"router logits are not finite for {bad} of {T} tokens")
+    if noise_logits is not None:
+        bad = int((~torch.isfinite(noise_logits)).any(dim=1).sum())
+        if bad:
+            parts.append(f"noisy top-k noise logits (x @ noise_weight) are not finite for {bad} of {T} tokens")
+    if expert_bias is not None:
+        bad_e = torch.nonzero(~torch.isfinite(expert_bias)).flatten().tolist()
+        if bad_e:
+            values = [float(expert_bias[e]) for e in bad_e[:4]]
+            parts.append(f"the expert bias (router state, moved by RouterConfig.expert_bias_rate) is not finite "
+                         f"for expert(s) {bad_e[:8]}{' ...' if len(bad_e) > 8 else ''} (values {values})")
+    return "; ".join(parts)
 
 
 def _skipped_routing(logits, cfg, num_experts, modality, capacity):
@@ -172,8 +205,13 @@ def route(
 
     ``noise_logits[T, E]`` (x @ W_noise) is required by ``noisy_topk``;
     ``expert_bias[E]`` by ``expert_bias``. ``generator`` makes GShard's random 2nd
-    choice, the noise and the ``random`` drop policy reproducible. ``name`` names the
-    layer in the error raised for non-finite logits.
+    choice, the noise and the ``random`` drop policy reproducible.
+
+    Non-finite values in ``logits``, or in the router state that chooses experts
+    (``noise_logits`` for ``noisy_topk``, ``expert_bias`` for ``expert_bias``), raise a
+    ``FloatingPointError`` that starts with ``name`` (the layer) and says which of them
+    is bad; with ``RouterConfig.on_nonfinite='skip'`` the layer is skipped instead
+    (``Routing.skipped``: nothing dispatched, the balancing losses 0).
     """
     cfg = router_config
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
@@ -186,12 +224,18 @@ def route(
     validate_modality(modality, T, num_modalities=None)
     logits = logits.float()
     capacity = cfg.capacity_for(T, E, training)
-    # A host-side check (one sync); under torch.compile it is skipped: there a
-    # data-dependent raise cannot be part of the graph.
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
+    if cfg.policy == "noisy_topk" and noise_logits is None:
+        raise ValueError("policy='noisy_topk' needs noise_logits[T, E] (x @ W_noise)")
+    if cfg.policy == "expert_bias" and expert_bias is None:
+        raise ValueError("policy='expert_bias' needs expert_bias[E]")
+    bias = expert_bias if cfg.policy == "expert_bias" else None
+    noise = noise_logits if cfg.policy == "noisy_topk" else None
+    # A host-side check of the logits and of the router state that chooses experts (one
+    # sync); under torch.compile it is skipped: there a data-dependent raise cannot be part
+    # of the graph.
+    if not torch.compiler.is_compiling() and not _all_finite(logits, noise, bias):
         if cfg.on_nonfinite == "error":
-            bad = int((~torch.isfinite(logits)).any(dim=1).sum())
-            raise FloatingPointError(f"{name}: router logits are not finite for {bad} of {T} tokens "
+            raise FloatingPointError(f"{name}: {_nonfinite_what(logits, noise, bias)} "
                                      "(set RouterConfig(on_nonfinite='skip') to skip the layer for such steps)")
         return _skipped_routing(logits, cfg, E, modality, capacity)
     ops = get_backend(backend, logits.device).ops
@@ -205,13 +249,8 @@ def route(
                        tokens_per_expert, capacity, modality)
 
     if cfg.policy == "noisy_topk":
-        if noise_logits is None:
-            raise ValueError("policy='noisy_topk' needs noise_logits[T, E] (x @ W_noise)")
-        experts, weights, probs, load = _noisy_topk(logits, noise_logits, cfg.top_k, training, generator)
+        experts, weights, probs, load = _noisy_topk(logits, noise, cfg.top_k, training, generator)
     else:
-        bias = expert_bias if cfg.policy == "expert_bias" else None
-        if cfg.policy == "expert_bias" and bias is None:
-            raise ValueError("policy='expert_bias' needs expert_bias[E]")
         normalize = cfg.normalize_weights and cfg.policy != "switch"
         if cfg.policy == "gshard":
             normalize = True

@@ -12,6 +12,10 @@ import torch.distributed as dist
 
 from parallel import comm
 
+# A kept assignment whose combine weight is below this contributes less than a
+# millionth of its expert's output: for the statistics it is a zero weight.
+ZERO_WEIGHT = 1e-6
+
 
 @dataclass
 class Routing:
@@ -82,6 +86,19 @@ class Routing:
         """Fraction of dispatched assignments that capacity dropped (0.0 when none dispatched)."""
         n = int(self.dispatched.sum())
         return 0.0 if n == 0 else 1.0 - int(self.kept.sum()) / n
+
+    def zero_weight_count(self) -> torch.Tensor:
+        """Kept assignments whose combine weight is below ``ZERO_WEIGHT`` (0-d long tensor, no sync).
+
+        Such an assignment is computed but adds (almost) nothing to the output: a sigmoid
+        router whose scores all underflow to 0 gives y = 0 with nothing dropped.
+        """
+        return (self.kept & (self.weights.detach().abs() < ZERO_WEIGHT)).sum()
+
+    def zero_weight_fraction(self) -> float:
+        """Fraction of kept assignments whose combine weight is below ``ZERO_WEIGHT`` (0.0 when none kept)."""
+        n = int(self.kept.sum())
+        return 0.0 if n == 0 else int(self.zero_weight_count()) / n
 
     def piece(self, start: int, end: int) -> "Routing":
         """The routing of tokens ``[start, end)`` alone, as a routing of ALL T tokens decided them.

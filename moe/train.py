@@ -7,7 +7,8 @@
 ``--set key.path=value`` (repeatable) overrides a config value; the value is read
 as YAML (``3``, ``1.0e-3``, ``true``, ``null``, ``[0.9, 0.99]``). ``--print-config``
 prints the validated config, with the model and data sections resolved (preset
-expanded, every default shown), and exits. A bad value in any section exits with
+expanded, every default shown; the values of secret-looking keys such as ``hf_token``
+or ``api_key`` masked, see ``moe/trainer/redact.py``), and exits. A bad value in any section exits with
 status 2 and one ``config error:`` line naming its key path, before any process
 group or weight exists; so does a parallel layout (``parallel.tp`` / ``ep`` / ``etp``
 / ``sequence_parallel``) that does not fit the launch's world size or the model
@@ -56,7 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:  # every section, before any process group or weight exists
         cfg = load_config(args.config, args.overrides)
-        text = resolved_yaml(cfg)
+        text = resolved_yaml(cfg, redacted=True)
         check_launch_layout(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

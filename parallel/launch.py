@@ -5,10 +5,18 @@ Where the rank and world come from, in order:
 1. torchrun / ``torch.distributed.run`` (or any launcher that sets them): ``RANK``,
    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``.
 2. SLURM without torchrun (``srun python -m moe.train ...``, one task per rank):
-   ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``; the master is the first
-   host of ``SLURM_JOB_NODELIST`` (``scontrol show hostnames`` when available, else
-   our own parser), the port ``MASTER_PORT`` or one derived from ``SLURM_JOB_ID``.
-3. Neither: a single process (world 1) with an in-memory store.
+   ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``; the master is ``MASTER_ADDR``,
+   else loopback (127.0.0.1) when the job runs on one node, else the first host of
+   ``SLURM_JOB_NODELIST`` (``scontrol show hostnames`` when available, else our own
+   parser); the port ``MASTER_PORT`` or one derived from ``SLURM_JOB_ID``.
+3. Neither: a single process (world 1) with an in-memory store (no socket at all).
+
+Local runs rendezvous on loopback: without a master address the rendezvous is
+127.0.0.1, and when the master address is a loopback one (``localhost``, 127.x,
+``::1``) and this process group makes its own store (srun, or the environment set by
+hand), rank 0's store listens on that loopback address only, not on every interface
+(``torch.distributed.TCPStore`` alone binds every interface). Under torchrun the store
+is torchrun's own (``TORCHELASTIC_USE_AGENT_STORE``): its binding is torch's.
 
 Backend: ``MOE_DIST_BACKEND`` (``gloo`` | ``nccl``) or the ``backend`` argument;
 ``auto`` picks NCCL when CUDA is available, else gloo.
@@ -19,9 +27,11 @@ harness that already initialised one.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 BACKENDS = ("auto", "gloo", "nccl")
+LOOPBACK = "127.0.0.1"
 
 
 class LaunchError(RuntimeError):
@@ -139,13 +150,64 @@ def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if world > 1 and not nodelist:
             raise LaunchError("SLURM launch without SLURM_JOB_NODELIST / SLURM_NODELIST: cannot find the master host")
-        addr = env.get("MASTER_ADDR") or (first_host(nodelist) if nodelist else "127.0.0.1")
+        if env.get("MASTER_ADDR"):
+            addr = env["MASTER_ADDR"]
+        elif not nodelist or _slurm_single_node(env, nodelist):
+            addr = LOOPBACK  # every task on this node: no need to listen beyond it
+        else:
+            addr = first_host(nodelist)
         if "MASTER_PORT" in env:
             port = _int_env(env, "MASTER_PORT")
         else:  # the same on every task of the job, different between jobs
             port = 20000 + (_int_env(env, "SLURM_JOB_ID") % 20000 if "SLURM_JOB_ID" in env else 9500)
         return LaunchEnv(rank, world, local, addr, port, "slurm")
     return LaunchEnv(0, 1, 0, None, None, "single")
+
+
+def _slurm_single_node(env: Mapping[str, str], nodelist: str) -> bool:
+    """Whether the SLURM job runs on one node (``SLURM_NNODES`` / ``SLURM_JOB_NUM_NODES``, else the node list)."""
+    for name in ("SLURM_NNODES", "SLURM_JOB_NUM_NODES"):
+        if env.get(name, "").strip().isdigit():
+            return int(env[name]) == 1
+    try:
+        return len(expand_hostlist(nodelist)) == 1
+    except LaunchError:
+        return False
+
+
+def is_loopback(host: Optional[str]) -> bool:
+    """``localhost`` or a loopback IP address (127.0.0.0/8, ::1)."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_store(host: str, port: int, rank: int, world_size: int, timeout: timedelta) -> dist.TCPStore:
+    """The rendezvous store on a loopback ``host``: rank 0 serves it on a socket bound to that
+    address only (torch's ``TCPStore`` alone would listen on every interface); the others connect."""
+    host = LOOPBACK if host.lower() == "localhost" else host.strip("[]")
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, False, timeout)
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(max(128, world_size))
+    except OSError as e:
+        sock.close()
+        raise LaunchError(f"cannot serve the rendezvous on {host}:{port} ({e}); is MASTER_PORT in use?") from None
+    fd = sock.detach()  # the store owns the listening socket from here on
+    try:
+        return dist.TCPStore(host, port, world_size, True, timeout, master_listen_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def pick_backend(backend: str = "auto") -> str:
@@ -216,10 +278,17 @@ def init_distributed(backend: str = "auto", *, device: str = "auto",
     elif launch.source == "torchrun" and launch.world_size == 1 and not launch.master_addr:
         dist.init_process_group(name, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
-        os.environ["MASTER_ADDR"] = launch.master_addr or "127.0.0.1"
+        addr = launch.master_addr or LOOPBACK
+        os.environ["MASTER_ADDR"] = addr
         os.environ["MASTER_PORT"] = str(launch.master_port)
-        dist.init_process_group(name, init_method="env://", rank=launch.rank,
-                                world_size=launch.world_size, timeout=timeout)
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun serves the store
+        if is_loopback(addr) and launch.master_port is not None and not agent_store:
+            store = loopback_store(addr, launch.master_port, launch.rank, launch.world_size, timeout)
+            dist.init_process_group(name, store=store, rank=launch.rank, world_size=launch.world_size,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(name, init_method="env://", rank=launch.rank,
+                                    world_size=launch.world_size, timeout=timeout)
     return DistContext(launch.rank, launch.world_size, launch.local_rank, name, launch.source, dev,
                        owns_group=True)
 

@@ -13,7 +13,8 @@ A config file has these sections (every one optional except ``task`` and
     train: {steps: 100, global_batch_size: 16, micro_batch_size: null, seed: 0, log_every: 10, eval_every: 50,
             eval_batches: null, checkpoint_every: 50, keep_checkpoints: 0,
             out_dir: runs/x, resume: null, device: auto, compile: false}
-    telemetry: {tensorboard: true, plots: true, gpu_stats: true, progress_bar: true}
+    telemetry: {tensorboard: true, plots: true, gpu_stats: true, progress_bar: true,
+                idle_expert_steps: 100, drop_jump: 0.1}
 
 ``load_config(path, overrides)`` reads the YAML, applies ``--set a.b=value``
 overrides (the value is parsed as YAML, so ``3``, ``0.5``, ``true``, ``null`` and
@@ -191,12 +192,20 @@ class TrainLoopConfig:
 
 @dataclass
 class TelemetryConfig:
-    """What the trainer records besides the progress line."""
+    """What the trainer records besides the progress line, and when it warns about routing.
+
+    ``idle_expert_steps``: warn (once) when an expert has received no tokens for this many
+    consecutive training steps, counted in whole log windows (0: never); ``drop_jump``:
+    warn when a layer's drop rate rises by more than this between two log windows
+    (absolute: 0.1 = 10 percentage points; null: never). See ``moe.trainer.health``.
+    """
 
     tensorboard: bool = True
     plots: bool = True
     gpu_stats: bool = True
     progress_bar: bool = True
+    idle_expert_steps: int = _opt(100, _ge(0))
+    drop_jump: Optional[float] = _opt(0.1, (lambda v: 0.0 < v <= 1.0, "it must be in (0, 1], or null (no warning)"))
 
     def validate(self, path: str) -> None:
         pass
@@ -231,8 +240,12 @@ class TrainConfig:
             return v
         return plain(dataclasses.asdict(self))
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, *, redacted: bool = False) -> str:
+        """The config as YAML; ``redacted``: secret-looking keys' values masked (``moe.trainer.redact``)."""
+        from .redact import redact
+
+        data = self.to_dict()
+        return yaml.safe_dump(redact(data) if redacted else data, sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -339,11 +352,16 @@ def resolve_sections(cfg: TrainConfig) -> Dict[str, Any]:
     return {"model": model.to_dict(), "data": dataclasses.asdict(data)}
 
 
-def resolved_yaml(cfg: TrainConfig) -> str:
-    """The config as YAML with the ``model`` and ``data`` sections resolved (``--print-config``)."""
+def resolved_yaml(cfg: TrainConfig, *, redacted: bool = False) -> str:
+    """The config as YAML with the ``model`` and ``data`` sections resolved (``--print-config``).
+
+    ``redacted``: secret-looking keys' values masked (``moe.trainer.redact``).
+    """
+    from .redact import redact
+
     out = cfg.to_dict()
     out.update(TrainConfig.to_dict(dataclasses.replace(cfg, **resolve_sections(cfg))))
-    return yaml.safe_dump(out, sort_keys=False)
+    return yaml.safe_dump(redact(out) if redacted else out, sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from ..modes import eval_mode
 from . import checkpoint as ckpt
 from . import plots
 from .config import ConfigError, TrainConfig, TrainLoopConfig
+from .health import RoutingHealth
 from .optim import build_optimizer, lr_at
 from .setup import make_task, micro_batch_seed, seed_everything
 from .sinks import Sinks, train_row
@@ -164,6 +165,7 @@ class Trainer:
         names = [qualified.get(id(layer)) or f"moe{i}" for i, layer in enumerate(self.moe_layers)]
         self.train_rec = RoutingRecorder(self.moe_layers, names, training=True)
         self.eval_rec = RoutingRecorder(self.moe_layers, names, training=False)
+        self.health = RoutingHealth(cfg.telemetry.idle_expert_steps, cfg.telemetry.drop_jump)
 
     @property
     def dp_group(self):
@@ -235,7 +237,7 @@ class Trainer:
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
-                f.write(cfg.to_yaml())
+                f.write(cfg.to_yaml(redacted=True))  # secret-looking values masked (moe.trainer.redact)
         self._barrier()
         sinks = Sinks(self.out_dir, enabled=self.is_main, tensorboard=cfg.telemetry.tensorboard,
                       progress_bar=cfg.telemetry.progress_bar, total_steps=cfg.train.steps, log=self._log_fn)
@@ -346,8 +348,12 @@ class Trainer:
             return
         row = train_row(self.step, lr, means, seconds=elapsed, samples=n * self.schedule.global_batch,
                         routing=routing, hardware=gpu.read())
+        health, warnings = self.health.update(self.step, n, routing)
+        row.update(health)
         result.history.append(row)
         sinks.train(row, routing)
+        for line in warnings:
+            sinks.line(line)
 
     def _finish(self, result: TrainResult, sinks: Sinks) -> None:
         if self.cfg.telemetry.plots and result.history:

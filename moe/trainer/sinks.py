@@ -20,17 +20,22 @@ from .telemetry import LayerRouting
 __all__ = ["train_row", "format_train_line", "format_eval_line", "ScalarWriter", "Sinks"]
 
 _NOT_AUX = ("loss", "grad_norm")
+# Routing-health keys: shown in the console line by name (cv, idle), not as task logs.
+_HEALTH = ("train/load_cv", "train/zero_weight_rate", "train/skipped_forwards", "train/idle_experts")
 
 
 def train_row(step: int, lr: float, means: Mapping[str, float], *, seconds: float, samples: int,
               routing: Sequence[LayerRouting], hardware: Mapping[str, float]) -> Dict[str, float]:
-    """The metrics row of a log window: ``train/*`` means, speed, drop rate and ``gpu/*`` counters.
+    """The metrics row of a log window: ``train/*`` means, speed, routing health and ``gpu/*`` counters.
 
     ``means``: per-step means over the window (``loss``, ``grad_norm``, task logs);
     ``samples``: samples trained in the window (all ranks); ``routing``: the window's
     job-wide routing counts per MoE layer. ``train/routed_tokens``: tokens the first MoE
     layer routed in the window, all ranks together, each token once (tensor-parallel
-    ranks route the same tokens; they count once).
+    ranks route the same tokens; they count once). With MoE layers, the mean over layers
+    of ``train/load_cv`` (coefficient of variation of the kept tokens per expert) and
+    ``train/zero_weight_rate`` (kept assignments with a ~zero combine weight), and
+    ``train/skipped_forwards`` (layer forwards skipped for non-finite router values).
     """
     speed = {"samples_per_s": samples / max(seconds, 1e-9)}
     tokens = routing[0].tokens if routing else 0
@@ -38,6 +43,10 @@ def train_row(step: int, lr: float, means: Mapping[str, float], *, seconds: floa
         speed["tokens_per_s"] = tokens / max(seconds, 1e-9)
     drop = sum(r.drop_rate for r in routing) / len(routing) if routing else 0.0
     counts = {"train/routed_tokens": float(tokens)} if routing else {}
+    if routing:
+        counts["train/load_cv"] = sum(r.load_cv for r in routing) / len(routing)
+        counts["train/zero_weight_rate"] = sum(r.zero_weight_rate for r in routing) / len(routing)
+        counts["train/skipped_forwards"] = float(sum(r.skipped for r in routing))
     return {"step": step, "train/lr": lr, "train/drop_rate": drop, **counts,
             **{f"train/{k}": float(v) for k, v in means.items()},
             **{f"train/{k}": v for k, v in speed.items()},
@@ -52,14 +61,22 @@ def _rate(row: Mapping[str, float]) -> str:
 
 def _aux(row: Mapping[str, float]) -> Dict[str, float]:
     skip = {f"train/{k}" for k in _NOT_AUX} | {"train/lr", "train/drop_rate", "train/samples_per_s",
-                                               "train/tokens_per_s", "train/routed_tokens"}
+                                               "train/tokens_per_s", "train/routed_tokens", *_HEALTH}
     return {k[len("train/"):]: v for k, v in row.items() if k.startswith("train/") and k not in skip}
 
 
 def format_train_line(row: Mapping[str, float], total_steps: int) -> str:
-    """``step 4/10 | loss 1.2345 | lr 1.00e-03 | 812 tok/s | drop 0.3% | <task logs> | gpu ...``."""
+    """``step 4/10 | loss 1.2345 | lr 1.00e-03 | 812 tok/s | drop 0.3% | cv 0.12 | <task logs> | gpu ...``.
+
+    ``cv``: the load coefficient of variation, when the row has MoE layers; ``idle N``
+    when N experts are collapsed (``train/idle_experts`` > 0).
+    """
     parts = [f"step {row['step']}/{total_steps}", f"loss {row['train/loss']:.4f}", f"lr {row['train/lr']:.2e}",
              _rate(row), f"drop {100 * row['train/drop_rate']:.1f}%"]
+    if "train/load_cv" in row:
+        parts.append(f"cv {row['train/load_cv']:.2f}")
+    if row.get("train/idle_experts", 0) > 0:
+        parts.append(f"idle {int(row['train/idle_experts'])}")
     parts += [f"{k} {v:.4g}" for k, v in _aux(row).items()]
     if "gpu/gpu_util_pct" in row:
         parts.append(f"gpu {row.get('gpu/gpu_util_pct', 0):.0f}% {row.get('gpu/gpu_mem_used_gb', 0):.1f}GB "
@@ -93,13 +110,15 @@ class ScalarWriter:
             self._w.add_scalar(f"{prefix}/{k}" if prefix else k, float(v), step)
 
     def routing(self, prefix: str, layers: Sequence[LayerRouting], step: int) -> None:
-        """Per layer: drop rate, router entropy, kept tokens and load fraction per expert."""
+        """Per layer: drop rate, load CV, zero-weight rate, router entropy, kept tokens and load per expert."""
         if self._w is None:
             return
         for lr in layers:
             base = f"{prefix}/{lr.name}"
             self._w.add_scalar(f"{base}/drop_rate", lr.drop_rate, step)
             self._w.add_scalar(f"{base}/router_entropy", lr.entropy, step)
+            self._w.add_scalar(f"{base}/load_cv", lr.load_cv, step)
+            self._w.add_scalar(f"{base}/zero_weight_rate", lr.zero_weight_rate, step)
             load = lr.load
             for e in range(load.numel()):
                 self._w.add_scalar(f"{base}/tokens_per_expert/e{e:03d}", int(lr.tokens_per_expert[e]), step)

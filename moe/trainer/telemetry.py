@@ -6,7 +6,9 @@ Legend: E experts (global), M modalities; one record per MoE layer.
   calls, what each forward routed (read from ``layer.last_routing``, on its device,
   so there is no host sync per step): kept tokens per expert [E], kept tokens per
   expert per modality [M, E] (when the task passes modality ids), dispatched and
-  kept assignments (drop rate), router entropy and all-to-all bytes. ``reduce``
+  kept assignments (drop rate), kept assignments with a ~zero combine weight, router
+  entropy, skipped forwards (non-finite router values under ``on_nonfinite='skip'``)
+  and all-to-all bytes. ``reduce``
   sums those over the data-parallel group (every rank routes its own tokens, so
   this is the job-wide count, expert-parallel ranks included) and returns one
   ``LayerRouting`` per layer.
@@ -39,10 +41,28 @@ class LayerRouting:
     bytes_sent: int
     forwards: int
     tokens: int  # tokens the layer's routers saw (each counted once, whatever k)
+    zero_weight: int = 0  # kept assignments whose combine weight is below moe.routing_types.ZERO_WEIGHT
+    skipped: int = 0  # forwards skipped for non-finite router values (on_nonfinite='skip')
 
     @property
     def drop_rate(self) -> float:
         return 0.0 if self.dispatched == 0 else 1.0 - self.kept / self.dispatched
+
+    @property
+    def zero_weight_rate(self) -> float:
+        """Fraction of kept assignments with a ~zero combine weight (computed, adding ~nothing to y)."""
+        return 0.0 if self.kept == 0 else self.zero_weight / self.kept
+
+    @property
+    def load_cv(self) -> float:
+        """Coefficient of variation (population std / mean) of the kept tokens per expert.
+
+        0 at perfect balance, sqrt(E - 1) when one expert takes everything; 0 when
+        nothing was kept.
+        """
+        t = self.tokens_per_expert.double()
+        mean = float(t.mean()) if t.numel() else 0.0
+        return 0.0 if mean == 0.0 else float(((t - mean) ** 2).mean().sqrt()) / mean
 
     @property
     def load(self) -> torch.Tensor:
@@ -60,10 +80,10 @@ class _LayerAccumulator:
         self.reset()
 
     def reset(self) -> None:
-        # [E kept per expert | M*E kept per (modality, expert) | dispatched, kept, entropy sum]
+        # [E kept per expert | M*E kept per (modality, expert) | dispatched, kept, entropy sum, zero weight]
         self.sums: Optional[torch.Tensor] = None
         self.has_mod = False
-        self.bytes = self.forwards = self.seen = 0
+        self.bytes = self.forwards = self.seen = self.skipped = 0
 
     @torch.no_grad()
     def add(self, layer) -> None:
@@ -72,7 +92,7 @@ class _LayerAccumulator:
             return
         E, M = self.E, self.M
         if self.sums is None:
-            self.sums = torch.zeros(E + M * E + 3, dtype=torch.float64, device=routing.experts.device)
+            self.sums = torch.zeros(E + M * E + 4, dtype=torch.float64, device=routing.experts.device)
         s = self.sums
         s[:E] += routing.tokens_per_expert.to(s.device, torch.float64)
         by_modality = routing.tokens_by_modality(M)
@@ -82,26 +102,29 @@ class _LayerAccumulator:
         s[E + M * E] += routing.dispatched.sum()
         s[E + M * E + 1] += routing.kept.sum()
         s[E + M * E + 2] += routing.entropy().to(s.device, torch.float64)
+        s[E + M * E + 3] += routing.zero_weight_count().to(s.device, torch.float64)
         dispatcher = getattr(layer, "dispatcher", None)
         if dispatcher is not None:
             self.bytes += int(getattr(dispatcher, "bytes_sent", 0))
         self.forwards += 1
         self.seen += routing.num_tokens
+        self.skipped += int(routing.skipped)
 
     def pack(self) -> torch.Tensor:
         E, M = self.E, self.M
-        sums = self.sums.cpu() if self.sums is not None else torch.zeros(E + M * E + 3, dtype=torch.float64)
-        host = torch.tensor([float(self.has_mod), self.bytes, self.forwards, self.seen], dtype=torch.float64)
+        sums = self.sums.cpu() if self.sums is not None else torch.zeros(E + M * E + 4, dtype=torch.float64)
+        host = torch.tensor([float(self.has_mod), self.bytes, self.forwards, self.seen, self.skipped],
+                            dtype=torch.float64)
         return torch.cat([sums, host])
 
     def unpack(self, name: str, flat: torch.Tensor) -> LayerRouting:
         E, M = self.E, self.M
         tokens = flat[:E].round().long()
         by_mod = flat[E: E + M * E].round().long().view(M, E)
-        dispatched, kept, entropy, has_mod, nbytes, forwards, seen = flat[E + M * E:].tolist()
+        dispatched, kept, entropy, zero, has_mod, nbytes, forwards, seen, skipped = flat[E + M * E:].tolist()
         return LayerRouting(name, tokens, by_mod if has_mod > 0 else None, int(round(dispatched)),
                             int(round(kept)), entropy / forwards if forwards else 0.0, int(nbytes), int(forwards),
-                            int(round(seen)))
+                            int(round(seen)), zero_weight=int(round(zero)), skipped=int(round(skipped)))
 
 
 class RoutingRecorder:
