@@ -103,6 +103,10 @@ def test_missing_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path, f
     with open(os.path.join(root, ckpt.LATEST), "w") as f:  # names a checkpoint that is gone
         f.write("step_00000009\n")
     assert ckpt.latest_checkpoint(root) == first.checkpoint
+    # a crash while replacing step 4 by a save of the same step: step 4 renamed aside, no step 4
+    os.rename(first.checkpoint, first.checkpoint + ".old")
+    assert ckpt.latest_checkpoint(root) == os.path.join(root, "step_00000002")
+    os.rename(first.checkpoint + ".old", first.checkpoint)
     os.remove(os.path.join(root, ckpt.LATEST))
 
     lines = []
