@@ -36,9 +36,10 @@ test: setup
 	@if [ -f tools/nvcc_check.sh ]; then bash tools/nvcc_check.sh; fi
 	OMP_NUM_THREADS=1 $(VPY) -m pytest -q $(PYTEST_ARGS)
 
+# every demo starts over: train.overwrite deletes the previous demo's checkpoints in its out_dir
 demo: setup
 	OMP_NUM_THREADS=1 $(VPY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) \
-		-m moe.train --config $(DEMO_CONFIG)
+		-m moe.train --config $(DEMO_CONFIG) --set train.overwrite=true
 
 bench: setup
 	$(VPY) tools/bench_kernels.py --quick

@@ -12,7 +12,10 @@ or ``api_key`` masked, see ``moe/trainer/redact.py``), and exits. A bad value in
 status 2 and one ``config error:`` line naming its key path, before any process
 group or weight exists; so does a parallel layout (``parallel.tp`` / ``ep`` / ``etp``
 / ``sequence_parallel``) that does not fit the launch's world size or the model
-(``moe/trainer/layout.py``). See ``moe/trainer/config.py`` for every key.
+(``moe/trainer/layout.py``). A checkpoint problem (a fresh run in an out_dir holding
+another run's checkpoints, a damaged checkpoint, one that does not fit the model)
+exits with status 3 and one ``checkpoint error:`` line. See
+``moe/trainer/config.py`` for every key.
 """
 from __future__ import annotations
 
@@ -65,9 +68,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.print_config:
         print(text, end="")
         return 0
+    from moe.trainer.checkpoint import CheckpointError
     from moe.trainer.loop import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except CheckpointError as e:  # refused out_dir, damaged or unfitting checkpoint: the message says why
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

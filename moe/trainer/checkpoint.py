@@ -44,11 +44,28 @@ their parameter's shape and are stored the same way; ``step`` is a plain scalar.
 Saving and loading pieces need the ``ProcessGroups`` (``groups=``).
 
 Saving is atomic: every rank writes into ``<root>/step_XXXXXXXX.tmp``; after all
-ranks finished (DCP's final collective), rank 0 adds ``trainer.json``, renames the
-directory to ``step_XXXXXXXX`` and then atomically replaces the ``latest`` pointer
-file. A crash mid-save leaves only a ``.tmp`` directory behind and ``latest``
-pointing at the previous complete checkpoint. ``root`` must be on a file system
-every rank sees (a shared file system on multi-node jobs).
+ranks finished (DCP's final collective) the ranks hash the files DCP wrote (split
+over the ranks), and rank 0 adds ``trainer.json``, then, last, ``manifest.json``
+(size and sha256 of every other file of the directory), renames the directory to
+``step_XXXXXXXX`` and then atomically replaces the ``latest`` pointer file. A crash
+mid-save leaves only a ``.tmp`` directory behind and ``latest`` pointing at the
+previous complete checkpoint. ``root`` must be on a file system every rank sees (a
+shared file system on multi-node jobs).
+
+Loading checks before it reads a tensor: the layout version, every file against the
+manifest (``verify_checkpoint``: a missing, truncated or changed file is a
+``CorruptCheckpointError`` naming that file; checkpoints without a manifest, written
+before it existed, load unchecked), and the key set and global shapes against the
+model over all ranks together (a key the model needs and the checkpoint lacks, a
+model key stored that no rank declares, a shape that differs: one ``CheckpointError``
+on every rank, naming the differing config keys when ``model_config`` is given).
+
+``latest_checkpoint`` is the checkpoint ``latest`` names; without the pointer, or
+when it names no complete checkpoint, the newest complete ``step_<N>``. ``trainer.json`` holds
+the ``run_id`` of the run that wrote the checkpoint; ``keep`` prunes only the
+checkpoints of the saving ``run_id``, and a checkpoint of the same step written by
+another run is never replaced (``moe/trainer/resume.py`` decides which run a job
+continues).
 
 Optimizer state: AdamW (or Adam) only; missing state (a fresh optimizer) is
 created as zeros before loading so DCP has tensors to read into.
@@ -61,12 +78,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -80,16 +99,24 @@ from parallel.grads import is_expert_param
 from parallel.shards import TensorShard, shard_of
 
 LATEST = "latest"
+INFO = "trainer.json"
+MANIFEST = "manifest.json"
+UNKNOWN_RUN = "<unknown: trainer.json unreadable>"  # run_of() of a checkpoint whose trainer.json is damaged
 # Version of the global tensor layouts a checkpoint holds (``trainer.json``'s "layout_version").
 # 2: attention qkv rows head-major and SwiGLU units gate/up side by side (parallel.shards), so
 # a tensor-parallel piece is one contiguous slice. Checkpoints without it (version 1) hold qkv
 # as (q, k, v) blocks and SwiGLU as (gate, up) halves: they would load, into the wrong places.
 LAYOUT_VERSION = 2
 _PREFIX = "step_"
+_STEP_NAME = re.compile(r"^step_(\d{8,})$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match the model."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's files are damaged: missing, truncated or with other bytes than at save time."""
 
 
 # --------------------------------------------------------------------------------------
@@ -249,13 +276,36 @@ def full_state_dict(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
 
 
 # --------------------------------------------------------------------------------------
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+# Collectives over ``process_group`` (None: the default group); plain calls without one.
+def _group_rank(process_group=None) -> int:
+    return dist.get_rank(process_group) if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+def _group_size(process_group=None) -> int:
+    return dist.get_world_size(process_group) if dist.is_initialized() else 1
+
+
+def _barrier(process_group=None) -> None:
+    if _group_size(process_group) > 1:
+        dist.barrier(group=process_group)
+
+
+def _all_gather(obj: Any, process_group=None) -> List[Any]:
+    """Every rank's ``obj``, in group rank order."""
+    if _group_size(process_group) == 1:
+        return [obj]
+    out: List[Any] = [None] * _group_size(process_group)
+    dist.all_gather_object(out, obj, group=process_group)
+    return out
+
+
+def _from_rank0(obj: Any, process_group=None) -> Any:
+    """Group rank 0's ``obj``, on every rank."""
+    if _group_size(process_group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, group=process_group, group_src=0)
+    return box[0]
 
 
 @contextlib.contextmanager
@@ -266,60 +316,235 @@ def _quiet_single_process():
         yield
 
 
+# --------------------------------------------------------------------------------------
+# Directories, the ``latest`` pointer, trainer.json
 def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"{_PREFIX}{step:08d}")
 
 
-def latest_checkpoint(root: str) -> Optional[str]:
-    """The directory ``<root>/latest`` points at, or None when there is none yet."""
-    pointer = os.path.join(root, LATEST)
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        name = f.read().strip()
-    path = os.path.join(root, name)
-    if not os.path.isfile(os.path.join(path, ".metadata")):
-        raise CheckpointError(f"{pointer} points at {path!r}, which is not a complete checkpoint")
-    return path
+def step_of(path: str) -> Optional[int]:
+    """The step of a checkpoint directory named ``step_<N>``, else None."""
+    m = _STEP_NAME.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else None
+
+
+def _is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def checkpoint_dirs(root: str) -> List[str]:
+    """Every ``step_<N>`` directory under ``root``, complete or not, by step (no ``.tmp`` / ``.old``)."""
+    if not os.path.isdir(root):
+        return []
+    found = sorted((step_of(n), os.path.join(root, n)) for n in os.listdir(root) if step_of(n) is not None)
+    return [p for _, p in found if os.path.isdir(p)]
 
 
 def list_checkpoints(root: str) -> List[str]:
-    """Complete checkpoint directories under ``root``, oldest first."""
-    if not os.path.isdir(root):
-        return []
-    names = sorted(n for n in os.listdir(root) if n.startswith(_PREFIX) and not n.endswith(".tmp")
-                   and os.path.isfile(os.path.join(root, n, ".metadata")))
-    return [os.path.join(root, n) for n in names]
+    """Complete checkpoint directories under ``root`` (with DCP's ``.metadata``), oldest first."""
+    return [p for p in checkpoint_dirs(root) if _is_complete(p)]
 
 
+def resume_candidates(root: str) -> Tuple[List[str], List[str]]:
+    """The complete checkpoints under ``root`` in the order to try them, and notes on the pointer.
+
+    First the one ``latest`` names, then every other complete one, newest first. A
+    note says when ``latest`` is missing or names no complete checkpoint (a crash
+    between the rename of a save and the pointer's update, or a deleted file).
+    """
+    complete = list_checkpoints(root)
+    pointer, named, notes = os.path.join(root, LATEST), None, []
+    if os.path.isfile(pointer):
+        with open(pointer, errors="replace") as f:
+            name = f.read().strip()
+        path = os.path.join(root, name)
+        if name and name == os.path.basename(name) and path in complete:
+            named = path
+        else:
+            notes.append(f"{pointer} names {name!r}, which is not a complete checkpoint")
+    elif complete:
+        notes.append(f"{root} has no '{LATEST}' pointer")
+    return ([named] if named else []) + [p for p in reversed(complete) if p != named], notes
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """The complete checkpoint ``<root>/latest`` names; without a pointer, or when it names no
+    complete checkpoint, the newest complete one; None when there is none."""
+    order, _ = resume_candidates(root)
+    return order[0] if order else None
+
+
+def checkpoint_info(path: str) -> Dict[str, Any]:
+    """``trainer.json`` of the checkpoint ``path`` ({} for a bare DCP directory without one)."""
+    info_path = os.path.join(path, INFO)
+    if not os.path.isfile(info_path):
+        return {}
+    try:
+        with open(info_path) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"checkpoint file {info_path} cannot be read ({e})") from None
+    if not isinstance(info, dict):
+        raise CorruptCheckpointError(f"checkpoint file {info_path} holds a {type(info).__name__}, not a mapping")
+    return info
+
+
+def run_of(path: str) -> Any:
+    """The ``run_id`` that wrote ``path`` (None when it recorded none); ``UNKNOWN_RUN`` when
+    its ``trainer.json`` cannot be read."""
+    try:
+        return checkpoint_info(path).get("run_id")
+    except CheckpointError:
+        return UNKNOWN_RUN
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory, or a root holding checkpoints -> its latest (``latest_checkpoint``)."""
+    if _is_complete(path):
+        return path
+    if step_of(path) is not None and os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is incomplete: it has no .metadata (DCP's index)")
+    found = latest_checkpoint(path) if os.path.isdir(path) else None
+    if found is None:
+        raise CheckpointError(f"{path!r} is neither a checkpoint directory (with DCP's .metadata) "
+                              f"nor a directory holding complete step_* checkpoints")
+    return found
+
+
+# --------------------------------------------------------------------------------------
+# The manifest: size and sha256 of every file, written last by rank 0
+def _digest(path: str) -> Tuple[int, str]:
+    with open(path, "rb") as f:
+        return os.fstat(f.fileno()).st_size, hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_synced(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_manifest(path: str) -> Dict[str, Dict[str, Any]]:
+    """``{relative file name: {"size": bytes, "sha256": hex}}`` of ``<path>/manifest.json``."""
+    manifest_path = os.path.join(path, MANIFEST)
+    try:
+        with open(manifest_path) as f:
+            files = json.load(f)["files"]
+        ok = isinstance(files, dict) and all(
+            isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+            and not os.path.isabs(n) and ".." not in n.split("/") for n, e in files.items())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f"checkpoint file {manifest_path} cannot be read ({e})") from None
+    if not ok:
+        raise CorruptCheckpointError(f"checkpoint file {manifest_path} is not a manifest of this format")
+    return files
+
+
+def _check_file(path: str, name: str, entry: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with ``<path>/<name>`` against its manifest entry (None: nothing)."""
+    full = os.path.join(path, name)
+    if not os.path.isfile(full):
+        return f"checkpoint file {full} is missing (it is listed in {MANIFEST})"
+    try:
+        size, sha = _digest(full)
+    except OSError as e:
+        return f"checkpoint file {full} cannot be read ({e})"
+    if size < entry["size"]:
+        return f"checkpoint file {full} is truncated: {size} bytes, the manifest says {entry['size']}"
+    if size != entry["size"]:
+        return f"checkpoint file {full} has {size} bytes, the manifest says {entry['size']}"
+    if sha != entry["sha256"]:
+        return (f"checkpoint file {full} is damaged: its sha256 is {sha[:16]}..., the manifest written at "
+                f"save time says {entry['sha256'][:16]}... (its bytes changed after the save)")
+    return None
+
+
+def verify_checkpoint(path: str, *, process_group=None) -> bool:
+    """Check every file of the checkpoint ``path`` against its ``manifest.json``.
+
+    Collective when a process group is initialised: the files are split over the
+    ranks, and every rank raises the same ``CorruptCheckpointError``, naming the
+    first damaged file (missing, truncated, other bytes). Returns True when every
+    file matched, False when the checkpoint has no manifest (one written before
+    manifests existed, or a bare DCP directory): nothing could be checked.
+    """
+    problems: List[str] = []
+    has_manifest = os.path.isfile(os.path.join(path, MANIFEST))
+    files: Dict[str, Dict[str, Any]] = {}
+    if has_manifest:
+        try:
+            files = _read_manifest(path)
+        except CorruptCheckpointError as e:
+            problems.append(str(e))
+    names = sorted(files)
+    for name in names[_group_rank(process_group)::_group_size(process_group)]:
+        problem = _check_file(path, name, files[name])
+        if problem:
+            problems.append(problem)
+    every = _all_gather((has_manifest, problems), process_group)
+    problems = sorted({p for _, part in every for p in part})
+    if problems:
+        more = f" (and {len(problems) - 1} more damaged file(s))" if len(problems) > 1 else ""
+        raise CorruptCheckpointError(problems[0] + more)
+    return every[0][0]
+
+
+def _write_manifest(tmp: str, digests: Dict[str, Tuple[int, str]]) -> None:
+    """Rank 0, after every rank finished: hash what no rank hashed (trainer.json, any file DCP
+    wrote besides those its metadata lists), then write ``manifest.json`` last."""
+    for where, _, names in os.walk(tmp):
+        for n in names:
+            rel = os.path.relpath(os.path.join(where, n), tmp).replace(os.sep, "/")
+            if rel not in digests and rel != MANIFEST:
+                digests[rel] = _digest(os.path.join(tmp, rel))
+    files = {n: {"size": size, "sha256": sha} for n, (size, sha) in sorted(digests.items())}
+    _write_synced(os.path.join(tmp, MANIFEST), json.dumps({"format": 1, "files": files}, indent=1))
+
+
+# --------------------------------------------------------------------------------------
 def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     *, meta: Optional[Dict[str, Any]] = None, keep: int = 0, process_group=None,
-                    groups=None) -> str:
+                    groups=None, run_id: Optional[str] = None) -> str:
     """Save a checkpoint of ``step`` under ``root`` (collective: every rank calls it).
 
     Returns the checkpoint directory. ``meta`` (JSON-able) goes into
-    ``trainer.json`` next to DCP's files. ``keep > 0`` deletes all but the newest
-    ``keep`` checkpoints afterwards. ``groups`` (a ``parallel.ProcessGroups``):
-    required when the model holds tensor-parallel pieces.
+    ``trainer.json`` next to DCP's files, with ``run_id`` (the run writing it).
+    A checkpoint of the same step already there is replaced only when the same
+    ``run_id`` wrote it, else ``CheckpointError``. ``keep > 0`` deletes all but the
+    newest ``keep`` checkpoints of this ``run_id`` afterwards (never another
+    run's). ``groups`` (a ``parallel.ProcessGroups``): required when the model
+    holds tensor-parallel pieces.
     """
     final = step_dir(root, step)
     tmp = final + ".tmp"
-    if _rank() == 0:
+    rank, size = _group_rank(process_group), _group_size(process_group)
+    problem = None
+    if rank == 0:
         os.makedirs(root, exist_ok=True)
-        if os.path.exists(tmp):  # leftover from a crash during an earlier save
+        owner = run_of(final) if os.path.exists(final) else run_id
+        if owner != run_id:
+            who = "an unreadable trainer.json" if owner is UNKNOWN_RUN else f"run id {owner!r}"
+            problem = (f"{final} already holds a checkpoint of step {step} written by another run ({who}; "
+                       f"this run is {run_id!r}): not replacing it. Move it away or use another directory")
+        elif os.path.exists(tmp):  # leftover from a crash during an earlier save
             shutil.rmtree(tmp)
-    _barrier()
+    problem = _from_rank0(problem, process_group)
+    if problem:
+        raise CheckpointError(problem)
     with _quiet_single_process():
-        dcp.save(full_state_dict(model, optimizer, step, groups), checkpoint_id=tmp, process_group=process_group,
-                 no_dist=not dist.is_initialized())
-    _barrier()
-    if _rank() == 0:
-        info = {"step": int(step), "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                "torch": torch.__version__, "layout_version": LAYOUT_VERSION, **(meta or {})}
-        with open(os.path.join(tmp, "trainer.json"), "w") as f:
-            json.dump(info, f, indent=2, default=str)
-        if os.path.exists(final):  # saving the same step again (e.g. after a resume)
+        written = dcp.save(full_state_dict(model, optimizer, step, groups), checkpoint_id=tmp,
+                           process_group=process_group, no_dist=not dist.is_initialized())
+    # every rank finished writing (DCP's final collective): hash the files, split over the ranks
+    names = sorted({".metadata", *(s.relative_path for s in written.storage_data.values())})
+    mine = {n: _digest(os.path.join(tmp, n)) for n in names[rank::size]}
+    digests = {n: d for part in _all_gather(mine, process_group) for n, d in part.items()}
+    if rank == 0:
+        info = {"step": int(step), "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "world_size": size,
+                "torch": torch.__version__, "layout_version": LAYOUT_VERSION, **(meta or {}), "run_id": run_id}
+        _write_synced(os.path.join(tmp, INFO), json.dumps(info, indent=2, default=str))
+        _write_manifest(tmp, digests)
+        if os.path.exists(final):  # the same step again, from the same run (e.g. after a resume)
             old = final + ".old"
             shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)
@@ -328,57 +553,127 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: Optional[
         else:
             os.rename(tmp, final)
         pointer_tmp = os.path.join(root, LATEST + ".tmp")
-        with open(pointer_tmp, "w") as f:
-            f.write(os.path.basename(final) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(pointer_tmp, os.path.basename(final) + "\n")
         os.replace(pointer_tmp, os.path.join(root, LATEST))
         if keep > 0:
-            for old in list_checkpoints(root)[:-keep]:
+            own = [p for p in list_checkpoints(root) if run_of(p) == run_id]
+            for old in own[:-keep]:
                 if old != final:
                     shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    _barrier(process_group)
     return final
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory, or a root holding a ``latest`` pointer -> the directory."""
-    if os.path.isfile(os.path.join(path, ".metadata")):
-        return path
-    found = latest_checkpoint(path) if os.path.isdir(path) else None
-    if found is None:
-        raise CheckpointError(f"{path!r} is neither a checkpoint directory (with DCP's .metadata) "
-                              f"nor a directory with a '{LATEST}' pointer")
-    return found
+# --------------------------------------------------------------------------------------
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
 
 
-def _check_against(path: str, sd: Dict[str, Any]) -> None:
-    """Clear errors for keys the checkpoint lacks or holds with another (global) shape.
+def _differences(saved: Optional[Mapping[str, Any]], current: Optional[Mapping[str, Any]]
+                 ) -> Optional[List[Tuple[str, Any, Any]]]:
+    """``(key path, saved value, current value)`` for every differing leaf; None if either is unknown."""
+    if saved is None or current is None:
+        return None
+    a = _flatten(saved)
+    b = _flatten(json.loads(json.dumps(current, default=str)))  # as trainer.json holds it
+    absent = "<absent>"
+    return [(k, a.get(k, absent), b.get(k, absent)) for k in sorted(set(a) | set(b))
+            if a.get(k, absent) != b.get(k, absent)]
 
-    A DTensor's ``shape`` is the global shape, as is the stored ``size``.
-    """
-    reader = dcp.FileSystemReader(path)
-    stored = reader.read_metadata().state_dict_metadata
-    missing = sorted(k for k in sd if k not in stored)
+
+def config_differences(path: str, model_config: Optional[Mapping[str, Any]]) -> Optional[List[str]]:
+    """Keys where the checkpoint's saved ``model_config`` (trainer.json) differs from ``model_config``,
+    as ``"model.n_layers (saved 4, now 2)"``; None when either is unknown (an older
+    checkpoint, a library save without one)."""
+    diff = _differences(checkpoint_info(path).get("model_config"), model_config)
+    return None if diff is None else [_say_difference(d) for d in diff]
+
+
+def _say_difference(d: Tuple[str, Any, Any]) -> str:
+    return f"{d[0]} (saved {d[1]!r}, now {d[2]!r})"
+
+
+def _read_metadata(path: str):
+    try:
+        return dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:  # a truncated or foreign .metadata: unpickling raises anything
+        raise CorruptCheckpointError(f"checkpoint file {os.path.join(path, '.metadata')} cannot be read "
+                                     f"({type(e).__name__}: {e})") from None
+
+
+def _mismatch(path: str, missing: List[str], extra: List[str], shapes: List[str],
+              diff: Optional[List[Tuple[str, Any, Any]]]) -> str:
+    said = []
     if missing:
-        experts = [k for k in missing if ".expert_" in k]
-        hint = (" (expert keys are missing: was it saved with fewer experts?)" if experts else
-                " (was it saved from a different model?)")
-        raise CheckpointError(f"checkpoint {path} lacks {len(missing)} key(s) this model needs, e.g. "
-                              f"{missing[:4]}{hint}")
+        said.append(f"it lacks {len(missing)} key(s) this model needs, e.g. {missing[:4]}")
+    if extra:
+        said.append(f"it holds {len(extra)} key(s) this model lacks, e.g. {extra[:4]}")
+    if shapes:
+        said.append(shapes[0] + (f" (and {len(shapes) - 1} more shape(s) differ)" if len(shapes) > 1 else ""))
+    msg = f"checkpoint {path} does not fit this model: " + "; ".join(said)
+    if diff:
+        listed = ", ".join(_say_difference(d) for d in diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8
+                                                                       else "")
+        msg += f". Its saved config differs in {listed}"
+        if any(k.rsplit(".", 1)[-1] == "num_experts" for k, _, _ in diff):
+            msg += " (the number of experts differs: it was saved with other experts)"
+    elif diff is not None:
+        msg += " (its saved model config equals this one: did the model's code change?)"
+    elif (missing or extra) and all(".expert_" in k for k in missing + extra):
+        msg += (" (expert keys are missing: was it saved with fewer experts?)" if missing else
+                " (only expert keys differ: was it saved with more experts?)")
+    else:
+        msg += " (was it saved from a different model?)"
+    return msg
+
+
+def _check_against(path: str, sd: Dict[str, Any], process_group=None,
+                   diff: Optional[List[Tuple[str, Any, Any]]] = None) -> None:
+    """Every rank raises the same clear error when the checkpoint does not fit the model.
+
+    Wrong: a key some rank needs that the checkpoint lacks, a model key the
+    checkpoint holds that no rank declares (e.g. blocks of a deeper model: DCP would
+    ignore it), a (global) shape that differs. A DTensor's ``shape`` is the global
+    shape, as is the stored ``size``. Which stored keys are covered is OR-ed over the
+    ranks as a bit mask (pipeline stages and expert-parallel ranks each declare a part).
+    """
+    stored = _read_metadata(path).state_dict_metadata
+    names = sorted(k for k in stored if k.startswith("model."))
+    index = {k: i for i, k in enumerate(names)}
+    covered = bytearray((len(names) + 7) // 8)
+    missing, shapes = [], []
     for k, v in sd.items():
+        if k not in stored:
+            missing.append(k)
+            continue
+        if k in index:
+            covered[index[k] >> 3] |= 1 << (index[k] & 7)
         size = getattr(stored[k], "size", None)
         if isinstance(v, torch.Tensor) and size is not None and tuple(size) != tuple(v.shape):
-            raise CheckpointError(f"checkpoint {path}: '{k}' has shape {tuple(size)}, the model has "
-                                  f"{tuple(v.shape)}")
+            shapes.append(f"'{k}' has shape {tuple(size)}, the model has {tuple(v.shape)}")
+    every = _all_gather((bytes(covered), missing, shapes), process_group)
+    union = bytearray(len(covered))
+    for mask, _, _ in every:
+        for i, b in enumerate(mask):
+            union[i] |= b
+    missing = sorted({k for _, part, _ in every for k in part})
+    shapes = sorted({s for _, _, part in every for s in part})
+    extra = [k for i, k in enumerate(names) if not union[i >> 3] >> (i & 7) & 1]
+    if missing or extra or shapes:
+        raise CheckpointError(_mismatch(path, missing, extra, shapes, diff))
 
 
-def _check_layout_version(path: str) -> None:
-    info_path = os.path.join(path, "trainer.json")
-    if not os.path.isfile(info_path):  # a bare DCP directory: nothing to check
+def _check_layout_version(path: str, info: Mapping[str, Any]) -> None:
+    if not info:  # a bare DCP directory: nothing to check
         return
-    with open(info_path) as f:
-        version = json.load(f).get("layout_version", 1)
+    version = info.get("layout_version", 1)
     if version != LAYOUT_VERSION:
         raise CheckpointError(f"checkpoint {path} holds tensor layout version {version}, this code reads "
                               f"version {LAYOUT_VERSION} (attention qkv rows head-major, SwiGLU gate/up per "
@@ -387,19 +682,30 @@ def _check_layout_version(path: str) -> None:
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                    *, process_group=None, groups=None) -> int:
-    """Load ``path`` (a checkpoint or a root with ``latest``) in place; returns its step.
+                    *, process_group=None, groups=None, model_config: Optional[Mapping[str, Any]] = None,
+                    verify: bool = True) -> int:
+    """Load ``path`` (a checkpoint, or a root holding checkpoints) in place; returns its step.
 
     Works at any expert-parallel and tensor-parallel size: each rank reads the
     experts and the pieces it holds now (``groups``, a ``parallel.ProcessGroups``,
     is required when the model holds tensor-parallel pieces). Without
     ``optimizer`` only the model is read. Collective when a process group is
-    initialised.
+    initialised. ``verify``: check every file against the manifest first
+    (``verify_checkpoint``; this reads the whole checkpoint once more). A
+    checkpoint that does not fit the model is refused before anything is loaded;
+    ``model_config`` (what ``trainer.json``'s ``model_config`` would hold for this
+    model) lets that error name the config keys that differ.
     """
     path = resolve_checkpoint(path)
-    _check_layout_version(path)
+    info = checkpoint_info(path)
+    _check_layout_version(path, info)  # first: a checkpoint of another layout is not worth hashing
+    if verify:
+        verify_checkpoint(path, process_group=process_group)
     sd = full_state_dict(model, optimizer, 0, groups)
-    _check_against(path, sd)
-    with _quiet_single_process():
-        dcp.load(sd, checkpoint_id=path, process_group=process_group, no_dist=not dist.is_initialized())
+    _check_against(path, sd, process_group, _differences(info.get("model_config"), model_config))
+    try:
+        with _quiet_single_process():
+            dcp.load(sd, checkpoint_id=path, process_group=process_group, no_dist=not dist.is_initialized())
+    except Exception as e:  # a damaged file of a checkpoint without a manifest
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
     return int(sd["trainer.step"])

@@ -12,7 +12,7 @@ A config file has these sections (every one optional except ``task`` and
             warmup_steps: 10, schedule: cosine, min_lr_ratio: 0.1, grad_clip: 1.0}
     train: {steps: 100, global_batch_size: 16, micro_batch_size: null, seed: 0, log_every: 10, eval_every: 50,
             eval_batches: null, checkpoint_every: 50, keep_checkpoints: 0,
-            out_dir: runs/x, resume: null, device: auto, compile: false}
+            out_dir: runs/x, resume: null, overwrite: false, device: auto, compile: false}
     telemetry: {tensorboard: true, plots: true, gpu_stats: true, progress_bar: true,
                 idle_expert_steps: 100, drop_jump: 0.1}
 
@@ -164,7 +164,9 @@ class TrainLoopConfig:
     share, ``global_batch_size / dp``. Gradient accumulation steps =
     ``global_batch_size / (micro_batch_size * dp)``, checked when the job starts and
     the data-parallel size is known. The same two numbers train the same model on any
-    layout (see README, "Layout invariance").
+    layout (see README, "Layout invariance"). ``resume`` / ``overwrite``: which
+    checkpoint the run continues, and what happens to checkpoints of another run in
+    ``out_dir`` (refused unless ``overwrite: true`` deletes them): ``moe/trainer/resume.py``.
     """
 
     steps: int = _opt(100, _ge(1))
@@ -178,6 +180,7 @@ class TrainLoopConfig:
     keep_checkpoints: int = _opt(0, _ge(0))  # 0: keep all
     out_dir: str = "runs/default"
     resume: Optional[str] = None  # null: start fresh; "auto": latest in out_dir if any; or a path
+    overwrite: bool = False  # true: delete checkpoints of another run in out_dir instead of refusing to start
     device: str = _opt("auto", _one_of(DEVICES))
     compile: bool = False  # torch.compile every transformer block (moe.models.compile_blocks)
 

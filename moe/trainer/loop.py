@@ -46,7 +46,8 @@ from parallel.grads import is_expert_param
 from ..modes import eval_mode
 from . import checkpoint as ckpt
 from . import plots
-from .config import ConfigError, TrainConfig, TrainLoopConfig
+from . import resume as start
+from .config import ConfigError, TrainConfig, TrainLoopConfig, resolve_sections
 from .health import RoutingHealth
 from .optim import build_optimizer, lr_at
 from .setup import make_task, micro_batch_seed, seed_everything
@@ -108,6 +109,17 @@ class StepSchedule:
                 f"x dp {self.dp_size}")
 
 
+def _model_config(cfg: TrainConfig) -> Dict:
+    """What trainer.json records of the model (compared on resume): the task and its model
+    section resolved (preset expanded, every default), or as given when it cannot be resolved
+    (a task passed in by the caller under a name that is no importable builder)."""
+    try:
+        model = resolve_sections(cfg)["model"]
+    except ConfigError:
+        model = dict(cfg.model)
+    return {"task": cfg.task.name, "model": model}
+
+
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
@@ -161,6 +173,8 @@ class Trainer:
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
         self.plot_dir = os.path.join(self.out_dir, "plots")
         self.step = 0
+        self.run_id: Optional[str] = None  # set by maybe_resume: new, or the resumed checkpoint's
+        self.model_config = _model_config(cfg)
         qualified = {id(m): n for n, m in self.model.named_modules()}
         names = [qualified.get(id(layer)) or f"moe{i}" for i, layer in enumerate(self.moe_layers)]
         self.train_rec = RoutingRecorder(self.moe_layers, names, training=True)
@@ -175,26 +189,58 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
+    def _from_main(self, value):
+        """Rank 0's ``value`` on every rank (decisions taken from the file system)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     # ---- checkpoints -----------------------------------------------------------------
-    def maybe_resume(self, sinks: Sinks) -> Optional[str]:
-        resume = self.cfg.train.resume
-        if resume is None:
-            if self.is_main and ckpt.list_checkpoints(self.ckpt_root):
-                sinks.line(f"note: {self.ckpt_root} holds checkpoints; starting fresh "
-                           "(set train.resume=auto to continue from the latest)")
-            return None
-        path = ckpt.latest_checkpoint(self.ckpt_root) if resume == "auto" else ckpt.resolve_checkpoint(resume)
+    def maybe_resume(self, say: Callable[[str], None]) -> Optional[str]:
+        """Continue from the checkpoint ``train.resume`` asks for (``moe/trainer/resume.py``).
+
+        Refuses (``CheckpointError``) to start a run that would write over checkpoints of
+        another run in its out_dir, unless ``train.overwrite`` (then they are deleted
+        first); refuses a damaged checkpoint (``resume: auto`` skips it for an older
+        one) and one that does not fit the model, naming the config keys that differ.
+        Collective; writes nothing into out_dir unless deleting for ``overwrite``.
+        """
+        tcfg = self.cfg.train
+        path = start.pick_checkpoint(tcfg.resume, self.ckpt_root, say, share=self._from_main)
+        decided = None
+        if self.is_main:
+            run_id = start.run_id_for(path)
+            decided = (run_id, start.conflicts(self.ckpt_root, tcfg.resume, path, run_id))
+        self.run_id, found = self._from_main(decided)
+        if found:
+            if not tcfg.overwrite:
+                raise ckpt.CheckpointError(start.refusal(self.out_dir, tcfg.resume, path, found))
+            if self.is_main:
+                gone = start.clear(self.out_dir, self.ckpt_root, path, found)
+                say(f"train.overwrite: deleted {len(gone)} path(s) this run does not continue: "
+                    + ", ".join(os.path.relpath(g, self.out_dir) for g in gone))
+            self._barrier()
         if path is None:
-            sinks.line(f"resume=auto: no checkpoint under {self.ckpt_root} yet; starting fresh")
             return None
-        self.step = ckpt.load_checkpoint(path, self.model, self.optimizer, groups=self.groups)
-        sinks.line(f"resumed from {path} at step {self.step}")
+        self.step = ckpt.load_checkpoint(path, self.model, self.optimizer, groups=self.groups,
+                                         model_config=self.model_config, verify=False)  # verified above
+        say(f"resumed from {path} at step {self.step}")
+        differences = ckpt.config_differences(path, self.model_config)
+        if differences:
+            say(f"note: the checkpoint's model config differs in {', '.join(differences)}; its tensors fit "
+                "this model, so they were loaded")
+        if self.step > tcfg.steps:
+            say(f"warning: train.steps={tcfg.steps} is below the checkpoint's step {self.step}: nothing is "
+                f"trained, the run only evaluates the model as saved at step {self.step}")
         return path
 
     def save(self) -> str:
-        meta = {"task": self.cfg.task.name, "ep": self.groups.dims.ep, "config": self.cfg.to_dict()}
+        meta = {"task": self.cfg.task.name, "ep": self.groups.dims.ep, "config": self.cfg.to_dict(),
+                "model_config": self.model_config}
         return ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, meta=meta,
-                                    keep=self.cfg.train.keep_checkpoints, groups=self.groups)
+                                    keep=self.cfg.train.keep_checkpoints, groups=self.groups, run_id=self.run_id)
 
     # ---- eval ------------------------------------------------------------------------
     def evaluate(self, sinks: Sinks, result: TrainResult) -> Dict[str, float]:
@@ -234,6 +280,13 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg = self.cfg
         result = TrainResult(step=0, out_dir=self.out_dir)
+        notes: List[str] = []
+        try:  # before anything is written into out_dir: a refused run leaves it as it was
+            result.checkpoint = self.maybe_resume(notes.append)
+        except BaseException:
+            self.train_rec.close()
+            self.eval_rec.close()
+            raise
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
@@ -246,7 +299,8 @@ class Trainer:
             sinks.line(self._describe())
             if not gpu.available:
                 sinks.line(f"GPU telemetry off: {gpu.reason}")
-            result.checkpoint = self.maybe_resume(sinks)
+            for note in notes:
+                sinks.line(note)
             sinks.open_bar(self.step)
             self._train_steps(result, sinks, gpu)
             sinks.close_bar()
