@@ -43,6 +43,17 @@ class EngineBase:
     def clip_grad_norm(self, max_norm: Optional[float]) -> float:
         return clip_gradients(self.model, max_norm, self.groups)
 
+    def checkpoint_optimizer(self) -> torch.optim.Optimizer:
+        """What checkpoints save and load as the optimizer state: an Adam/AdamW-like object whose
+        ``param_groups`` hold the model's parameters and whose ``state[p]`` holds that parameter's
+        ``step`` / ``exp_avg`` / ``exp_avg_sq`` (``moe.trainer.checkpoint``). Here the optimizer itself;
+        an engine that keeps the state elsewhere (flat ZeRO partitions) returns a per-parameter view."""
+        return self.optimizer
+
+    def after_checkpoint_load(self) -> None:
+        """Called after a checkpoint was loaded into ``checkpoint_optimizer()`` (and the model): an engine
+        with a view pushes the loaded state into its own buffers. Nothing to do here."""
+
     def step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -181,5 +181,6 @@ def test_multinode_example_validates_at_world_16():
     assert r.returncode == 0, r.stderr
     out = yaml.safe_load(r.stdout)
     assert out["parallel"] == {"ep": 8, "tp": 2, "pp": 1, "etp": 1, "sequence_parallel": True, "pp_schedule": "1f1b",
-                               "virtual_stages": 1, "pp_blocks": None, "backend": "auto"}
+                               "virtual_stages": 1, "pp_blocks": None, "zero_stage": 0, "zero_engine": "auto",
+                               "backend": "auto"}
     assert out["task"] == {"name": "lm"} and out["model"]["moe"]["num_experts"] == 32

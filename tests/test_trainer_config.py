@@ -102,6 +102,18 @@ def test_overrides_are_yaml_typed(tmp_path):
                                           r"stages: it needs parallel.pp > 1"),
     ({"parallel": {"pp": 2, "pp_blocks": [1, 0]}}, r"'parallel.pp_blocks\[1\]': got 0; it must be >= 1"),
     ({"parallel": {"pp": 2, "pp_blocks": 3}}, r"'parallel.pp_blocks': got 3; it must be a list"),
+    ({"parallel": {"zero_stage": 4}}, r"'parallel.zero_stage': got 4; allowed values: 0, 1, 2, 3"),
+    ({"parallel": {"zero_stage": 3, "zero_engine": "deepspeed"}},
+     r"'parallel.zero_engine': got 'deepspeed'; DeepSpeed's MoE refuses ZeRO stage 3; stage 3 runs on zero_engine "
+     r"'fsdp2'"),
+    ({"parallel": {"zero_stage": 1, "zero_engine": "fsdp2"}},
+     r"'parallel.zero_engine': got 'fsdp2'; FSDP2 always shards gradients too \(stages 2 and 3\); stage 1 runs on"),
+    ({"parallel": {"zero_engine": "fsdp2"}}, r"'parallel.zero_engine': got 'fsdp2'; it chooses the engine of "
+                                             r"parallel.zero_stage 1-3"),
+    ({"parallel": {"zero_stage": 2, "pp": 2}}, r"'parallel.zero_stage': got 2; pipeline parallelism \(pp=2\) runs "
+                                               r"with the replicated optimizer: set zero_stage 0, or pp=1"),
+    ({"parallel": {"zero_stage": 3, "tp": 2}}, r"'parallel.zero_engine': got 'auto'; FSDP2 here does not compose "
+                                               r"with tensor parallelism \(tp=2, etp=1\): use zero_stage 1 or 2"),
     ({"parallel": {"tp": 0}}, r"'parallel.tp': got 0; it must be >= 1"),
     ({"parallel": {"backend": "mpi"}}, r"'parallel.backend': got 'mpi'; allowed values: 'auto', 'gloo'"),
     ({"telemetry": {"plots": "yes"}}, r"'telemetry.plots': got 'yes'; it must be true or false"),

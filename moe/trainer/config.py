@@ -7,7 +7,7 @@ A config file has these sections (every one optional except ``task`` and
     model: {preset: tiny_limoe}   # the task's model config (a preset + overrides, or every key)
     data: {}                      # the task's data config
     parallel: {ep: 2, tp: 1, pp: 1, etp: 1, sequence_parallel: false, pp_schedule: 1f1b, virtual_stages: 1,
-               pp_blocks: null, backend: auto}
+               pp_blocks: null, zero_stage: 0, zero_engine: auto, backend: auto}
     optim: {lr: 1.0e-3, weight_decay: 0.01, betas: [0.9, 0.95], eps: 1.0e-8,
             warmup_steps: 10, schedule: cosine, min_lr_ratio: 0.1, grad_clip: 1.0}
     train: {steps: 100, global_batch_size: 16, micro_batch_size: null, seed: 0, log_every: 10, eval_every: 50,
@@ -53,7 +53,9 @@ from ..checks import (
 _CUSTOM_TASK = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 SCHEDULES = ("cosine", "linear", "constant")
 BACKENDS = ("auto", "gloo", "nccl")
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")  # parallel.pipeline.SCHEDULES (kept import-light)
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+ZERO_ENGINES = ("auto", "deepspeed", "fsdp2")
+_ZERO_READY: Tuple[str, ...] = ()  # the ZeRO engines that exist (parallel.zero)  # parallel.pipeline.SCHEDULES (kept import-light)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -113,9 +115,21 @@ class ParallelConfig:
     pp_schedule: str = _opt("1f1b", _one_of(PP_SCHEDULES))
     virtual_stages: int = _opt(1, _ge(1))
     pp_blocks: Optional[List[int]] = None
+    zero_stage: int = _opt(0, (lambda v: v in (0, 1, 2, 3), "allowed values: 0, 1, 2, 3"))
+    zero_engine: str = _opt("auto", _one_of(ZERO_ENGINES))
     backend: str = _opt("auto", _one_of(BACKENDS))
 
+    @property
+    def zero_engine_name(self) -> Optional[str]:
+        """The engine that runs ``zero_stage`` (``auto``: DeepSpeed for 1 and 2, FSDP2 for 3); None at stage 0."""
+        if self.zero_stage == 0:
+            return None
+        if self.zero_engine != "auto":
+            return self.zero_engine
+        return "deepspeed" if self.zero_stage in (1, 2) else "fsdp2"
+
     def validate(self, path: str) -> None:
+        self._validate_zero(path)
         if self.virtual_stages > 1 and self.pp == 1:
             fail(f"{path}.virtual_stages", self.virtual_stages, f"virtual stages are chunks of a pipeline: it "
                  f"needs {path}.pp > 1")
@@ -134,6 +148,30 @@ class ParallelConfig:
         if self.sequence_parallel and self.tp == 1:
             fail(f"{path}.sequence_parallel", True, f"it needs {path}.tp > 1, got tp=1 (sequence parallelism "
                  "splits each sequence over the tensor-parallel ranks)")
+
+
+    def _validate_zero(self, path: str) -> None:
+        stage, engine = self.zero_stage, self.zero_engine_name
+        if stage == 0:
+            if self.zero_engine != "auto":
+                fail(f"{path}.zero_engine", self.zero_engine, f"it chooses the engine of {path}.zero_stage 1-3; "
+                     "with zero_stage 0 (the replicated optimizer) leave it at 'auto'")
+            return
+        if engine == "deepspeed" and stage == 3:
+            fail(f"{path}.zero_engine", self.zero_engine, "DeepSpeed's MoE refuses ZeRO stage 3; stage 3 runs on "
+                 "zero_engine 'fsdp2' (or 'auto')")
+        if engine == "fsdp2" and stage == 1:
+            fail(f"{path}.zero_engine", self.zero_engine, "FSDP2 always shards gradients too (stages 2 and 3); "
+                 "stage 1 runs on zero_engine 'deepspeed' (or 'auto')")
+        if self.pp > 1:
+            fail(f"{path}.zero_stage", stage, f"pipeline parallelism (pp={self.pp}) runs with the replicated "
+                 "optimizer: set zero_stage 0, or pp=1 to use ZeRO")
+        if engine == "fsdp2" and (self.tp > 1 or self.etp > 1):
+            fail(f"{path}.zero_engine", self.zero_engine, f"FSDP2 here does not compose with tensor parallelism "
+                 f"(tp={self.tp}, etp={self.etp}): use zero_stage 1 or 2 on zero_engine 'deepspeed', or tp=etp=1")
+        if engine not in _ZERO_READY:
+            fail(f"{path}.zero_stage", stage, f"the {engine} engine is being built (issue 11): only zero_stage 0 "
+                 "runs today")
 
 
 @dataclass

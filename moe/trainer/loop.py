@@ -166,6 +166,12 @@ class Trainer:
             self.engine = PipelineEngine(self.task, groups, self.model.pipe, make_optimizer,
                                          schedule=cfg.parallel.pp_schedule, num_micro=self.schedule.accumulation,
                                          sample_batch=sample, device=self.device)
+        elif cfg.parallel.zero_stage > 0:
+            from parallel.zero import build_zero_engine
+
+            self.engine = build_zero_engine(cfg.parallel.zero_engine_name, self.model, groups, cfg.optim,
+                                            stage=cfg.parallel.zero_stage, num_micro=self.schedule.accumulation,
+                                            device=self.device)
         else:
             self.engine = ReplicatedEngine(self.model, groups, make_optimizer)
         self.optimizer = self.engine.optimizer
@@ -224,8 +230,9 @@ class Trainer:
             self._barrier()
         if path is None:
             return None
-        self.step = ckpt.load_checkpoint(path, self.model, self.optimizer, groups=self.groups,
+        self.step = ckpt.load_checkpoint(path, self.model, self.engine.checkpoint_optimizer(), groups=self.groups,
                                          model_config=self.model_config, verify=False)  # verified above
+        self.engine.after_checkpoint_load()
         say(f"resumed from {path} at step {self.step}")
         differences = ckpt.config_differences(path, self.model_config)
         if differences:
@@ -239,7 +246,8 @@ class Trainer:
     def save(self) -> str:
         meta = {"task": self.cfg.task.name, "ep": self.groups.dims.ep, "config": self.cfg.to_dict(),
                 "model_config": self.model_config}
-        return ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, meta=meta,
+        return ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.engine.checkpoint_optimizer(),
+                                    meta=meta,
                                     keep=self.cfg.train.keep_checkpoints, groups=self.groups, run_id=self.run_id)
 
     # ---- eval ------------------------------------------------------------------------
