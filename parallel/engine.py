@@ -9,7 +9,8 @@ The loop calls only an engine's verbs, whatever the layout underneath:
 - ``clip_grad_norm(max_norm)``: the global gradient norm (every parameter counted once,
   whichever rank holds it), after clipping to ``max_norm`` when it is exceeded.
 - ``step(lr)``: one optimizer step at learning rate ``lr``.
-- ``model`` / ``optimizer``: what checkpoints save and load.
+- ``model`` / ``optimizer``: what checkpoints save and load (through ``checkpoint_optimizer``).
+- ``memory()``: bytes of parameters, gradients and optimizer state this rank holds.
 
 ``ReplicatedEngine`` is data + expert parallelism with a replicated optimizer (ZeRO
 stage 0): dense gradients averaged over the data-parallel group, expert gradients
@@ -32,6 +33,12 @@ from .grads import allreduce_gradients, clip_gradients, sync_replicas
 LossFn = Callable[[int], Tuple[torch.Tensor, Dict[str, float]]]
 
 
+def _local_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor on this rank (a DTensor's local shard)."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
+
+
 class EngineBase:
     """The verbs every engine shares once ``.grad`` holds the reduced gradient: ``clip_grad_norm`` and ``step``
     (a subclass sets ``model``, ``groups`` and ``optimizer``)."""
@@ -42,6 +49,15 @@ class EngineBase:
 
     def clip_grad_norm(self, max_norm: Optional[float]) -> float:
         return clip_gradients(self.model, max_norm, self.groups)
+
+    def memory(self) -> Dict[str, int]:
+        """Bytes this rank holds of parameters, gradients and optimizer state, from the live tensors
+        (a DTensor counts its local shard). ZeRO engines that keep gradients or state in their own
+        buffers override it."""
+        return {"params": sum(_local_bytes(p) for p in self.model.parameters()),
+                "grads": sum(_local_bytes(p.grad) for p in self.model.parameters() if p.grad is not None),
+                "optimizer": sum(_local_bytes(v) for state in self.optimizer.state.values() for v in state.values()
+                                 if isinstance(v, torch.Tensor))}
 
     def checkpoint_optimizer(self) -> torch.optim.Optimizer:
         """What checkpoints save and load as the optimizer state: an Adam/AdamW-like object whose

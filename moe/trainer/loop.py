@@ -29,6 +29,7 @@ one go or N/2 + resume + N/2 give the same losses and parameters.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -120,6 +121,10 @@ def _model_config(cfg: TrainConfig) -> Dict:
     return {"task": cfg.task.name, "model": model}
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
@@ -180,6 +185,7 @@ class Trainer:
         self.plot_dir = os.path.join(self.out_dir, "plots")
         self.step = 0
         self.run_id: Optional[str] = None  # set by maybe_resume: new, or the resumed checkpoint's
+        self.memory: Optional[List[Dict[str, int]]] = None  # every rank's engine.memory() after the first step
         self.model_config = _model_config(cfg)
         qualified = {id(m): n for n, m in self.model.named_modules()}
         names = [qualified.get(id(layer)) or f"moe{i}" for i, layer in enumerate(self.moe_layers)]
@@ -364,6 +370,26 @@ class Trainer:
         merged = [r for part in every for r in part]
         return sorted(merged, key=lambda r: [int(t) if t.isdigit() else t for t in r.name.split(".")])
 
+    def _report_memory(self, sinks: Sinks) -> None:
+        """Every rank's bytes of parameters, gradients and optimizer state (``engine.memory()``, live tensors
+        after the first step): one line on the console, every rank in ``<out_dir>/memory.json``."""
+        mine = {k: int(v) for k, v in self.engine.memory().items()}
+        every = [mine]
+        if self.world > 1:
+            every = [None] * self.world
+            dist.all_gather_object(every, mine)
+        self.memory = every
+        if not self.is_main:
+            return
+        with open(os.path.join(self.out_dir, "memory.json"), "w") as f:
+            json.dump({"step": self.step, "bytes_per_rank": every}, f, indent=1)
+        parts = []
+        for key, name in (("params", "params"), ("grads", "grads"), ("optimizer", "optimizer state")):
+            low, high = min(m[key] for m in every), max(m[key] for m in every)
+            parts.append(f"{name} {_mib(low)}" + (f"-{_mib(high)}" if high != low else "") + " MiB")
+        sinks.line(f"memory per rank after step {self.step} ({self.world} rank(s), each in memory.json): "
+                   + ", ".join(parts))
+
     def _train_steps(self, result: TrainResult, sinks: Sinks, gpu: GPUMonitor) -> None:
         cfg, tcfg = self.cfg, self.cfg.train
         self.model.train()
@@ -382,6 +408,8 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             busy += time.perf_counter() - t0
             self.step += 1
+            if self.memory is None:  # after this run's first step every buffer exists
+                self._report_memory(sinks)
             keys = set.intersection(*(set(logs) for logs in micro_logs))
             step_logs = {k: sum(logs[k] for logs in micro_logs) / len(micro_logs) for k in keys}
             step_logs["grad_norm"] = grad_norm
