@@ -12,6 +12,11 @@ status 2 and one ``config error:`` line naming its key path, before any process
 group or weight exists; so does a parallel layout (``parallel.tp`` / ``ep`` / ``etp``
 / ``sequence_parallel``) that does not fit the launch's world size or the model
 (``moe/trainer/layout.py``). See ``moe/trainer/config.py`` for every key.
+
+Exit status: 0 when the run finished its steps; 2 for a config error; 75
+(``EXIT_PREEMPTED``) on every rank when SIGTERM or SIGINT stopped it after a step and
+a checkpoint (``moe/trainer/preemption.py``; ``train.resume: auto`` continues it); 1
+(a traceback) for any other error.
 """
 from __future__ import annotations
 
@@ -65,9 +70,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(text, end="")
         return 0
     from moe.trainer.loop import run
+    from moe.trainer.preemption import EXIT_PREEMPTED
 
-    run(cfg)
-    return 0
+    result = run(cfg)
+    return EXIT_PREEMPTED if result.stopped_by else 0
 
 
 if __name__ == "__main__":
