@@ -254,7 +254,9 @@ def test_sbatch_sigterm_stops_every_rank_after_one_step_with_a_checkpoint(cluste
     stopped = [line for line in text.splitlines() if line.startswith("stopped by SIGTERM after step ")]
     assert len(stopped) == 1, f"job {job} ended {state}\n--- job log ---\n{text[-4000:]}"
     step = int(stopped[0].split("after step ")[1].split()[0])
-    assert f"stopping after step {step} of 1000000: SIGTERM received by ranks 0-1; saving a checkpoint" in text
+    # SLURM signals the tasks one after the other: the ranks may agree before the second one got it
+    assert any(f"stopping after step {step} of 1000000: SIGTERM received by {who}; saving a checkpoint" in text
+               for who in ("rank 0", "rank 1", "ranks 0-1")), text[-4000:]
     assert stopped[0].endswith(f"step_{step:08d}; exit code 75; continue with train.resume: auto in the same "
                                "train.out_dir")
     assert (tmp_path / "out" / "checkpoints" / f"step_{step:08d}" / ".metadata").is_file()
