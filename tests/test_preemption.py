@@ -6,8 +6,8 @@ peer ends the job after ``parallel.timeout_s`` with an error naming the key.
 The oracle of every equality is an uninterrupted run of the same config and layout (the same
 numbers bit for bit: resuming restores parameters, optimizer state and step, and every random
 number is a function of (seed, step)). Faults come from ``tests.helpers.faults`` (the rank signals,
-kills or hangs itself at a given step); the signalled step is drawn at random and named in every
-assertion message.
+kills or hangs itself at a given step); the signalled step is drawn at random, and the checks of
+the stopped run name it.
 """
 from __future__ import annotations
 
@@ -33,8 +33,6 @@ from moe.trainer.preemption import EXIT_PREEMPTED
 from tests.helpers.distributed import free_port
 from tests.helpers.layout import ROOT, TINY_LM, _final_params, assert_same_training, run_layout
 from tests.helpers.toy import toy_config
-
-pytestmark = pytest.mark.distributed
 
 TOY = toy_config("unused", train={"checkpoint_every": 0, "eval_every": 0}).to_dict()
 PP2 = ["parallel.pp=2"]  # TINY_LM on 2 pipeline stages, one block each, 4 micro-batches per step
@@ -140,6 +138,8 @@ def pp2_oracle(tmp_path_factory):
     return run_layout(LM, 2, tmp_path_factory.mktemp("pp2_oracle"), overrides=PP2)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_sigterm_on_one_process_saves_exits_75_and_resumes_to_the_same_parameters(toy_oracle, tmp_path):
     steps = TOY["train"]["steps"]
     k = random.randrange(1, steps)  # the signal arrives while step k runs
@@ -148,6 +148,8 @@ def test_sigterm_on_one_process_saves_exits_75_and_resumes_to_the_same_parameter
     assert_same_training(resumed, toy_oracle, rtol=0.0)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_sigint_stops_like_sigterm(tmp_path):
     k = random.randrange(1, TOY["train"]["steps"])
     done = _ranks(TOY, 1, tmp_path, fault=f"SIGINT@{k}:0")
@@ -156,14 +158,19 @@ def test_sigint_stops_like_sigterm(tmp_path):
     assert _latest_step(tmp_path) == k and "Traceback" not in done[0].stderr
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_sigterm_on_one_pipeline_stage_stops_both_after_the_same_step(pp2_oracle, tmp_path):
     """Only rank 1 (the last stage) gets the signal; both ranks stop after step k, save it and exit 75."""
     steps = LM["train"]["steps"]
     k = random.randrange(1, steps)
     resumed = _stop_and_resume(LM, 2, tmp_path, PP2, f"SIGTERM@{k}:1", k, steps, "rank 1")
+    assert _resumed_from(resumed.stdout, k), f"SIGTERM at step {k}: not resumed from it\n{resumed.stdout}"
     assert_same_training(resumed, pp2_oracle, rtol=0.0)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_a_rank_killed_under_torchrun_restarts_from_the_checkpoint_with_the_same_parameters(pp2_oracle, tmp_path):
     """Rank 1 SIGKILLs itself during step 4 (checkpoint every 2 steps); torchrun restarts both ranks once."""
     marker = tmp_path / "killed"
@@ -187,6 +194,8 @@ def test_a_rank_killed_under_torchrun_restarts_from_the_checkpoint_with_the_same
         assert torch.equal(params[name], want), name
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_a_hung_peer_ends_the_job_after_parallel_timeout_s(tmp_path):
     """Rank 1 sleeps in step 2; rank 0 waits in the data-parallel gradient all-reduce (a subgroup)."""
     done = _ranks(TOY, 2, tmp_path, ["parallel.timeout_s=3", "train.steps=3"], fault="HANG@2:1", hung=[1],
