@@ -456,9 +456,11 @@ def new_node_groups(ep_groups_ranks: Sequence[Sequence[int]], ranks_per_node: in
     ranks ``[n*G, (n+1)*G)`` share node n. Must be called on every rank (torch's
     ``new_group`` rule); creates all groups in the same order everywhere. Returns
     ``(intra_group, inter_group)`` for the calling rank (``(None, None)`` if it is
-    in no ep group).
+    in no ep group). The groups get the job's collective timeout (``parallel.launch.group_timeout``).
     """
-    me = dist.get_rank()
+    from parallel.launch import group_timeout
+
+    me, timeout = dist.get_rank(), group_timeout()
     mine = (None, None)
     for ranks in ep_groups_ranks:
         ranks = list(ranks)
@@ -467,8 +469,8 @@ def new_node_groups(ep_groups_ranks: Sequence[Sequence[int]], ranks_per_node: in
                 f"ranks_per_node={ranks_per_node} must be positive and divide the ep group size {len(ranks)}"
             )
         G = ranks_per_node
-        intra = [dist.new_group(ranks[n * G : (n + 1) * G]) for n in range(len(ranks) // G)]
-        inter = [dist.new_group(ranks[g::G]) for g in range(G)]
+        intra = [dist.new_group(ranks[n * G : (n + 1) * G], timeout=timeout) for n in range(len(ranks) // G)]
+        inter = [dist.new_group(ranks[g::G], timeout=timeout) for g in range(G)]
         if me in ranks:
             i = ranks.index(me)
             mine = (intra[i // G], inter[i % G])

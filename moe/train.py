@@ -12,10 +12,14 @@ or ``api_key`` masked, see ``moe/trainer/redact.py``), and exits. A bad value in
 status 2 and one ``config error:`` line naming its key path, before any process
 group or weight exists; so does a parallel layout (``parallel.tp`` / ``ep`` / ``etp``
 / ``sequence_parallel``) that does not fit the launch's world size or the model
-(``moe/trainer/layout.py``). A checkpoint problem (a fresh run in an out_dir holding
-another run's checkpoints, a damaged checkpoint, one that does not fit the model)
-exits with status 3 and one ``checkpoint error:`` line. See
-``moe/trainer/config.py`` for every key.
+(``moe/trainer/layout.py``). See ``moe/trainer/config.py`` for every key.
+
+Exit status: 0 when the run finished its steps; 2 for a config error; 3 for a checkpoint
+problem (a fresh run in an out_dir holding another run's checkpoints, a damaged checkpoint,
+one that does not fit the model), with one ``checkpoint error:`` line; 75
+(``EXIT_PREEMPTED``) on every rank when SIGTERM or SIGINT stopped it after a step and
+a checkpoint (``moe/trainer/preemption.py``; ``train.resume: auto`` continues it); 1
+(a traceback) for any other error.
 """
 from __future__ import annotations
 
@@ -70,13 +74,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     from moe.trainer.checkpoint import CheckpointError
     from moe.trainer.loop import run
+    from moe.trainer.preemption import EXIT_PREEMPTED
 
     try:
-        run(cfg)
+        result = run(cfg)
     except CheckpointError as e:  # refused out_dir, damaged or unfitting checkpoint: the message says why
         print(f"checkpoint error: {e}", file=sys.stderr)
         return 3
-    return 0
+    return EXIT_PREEMPTED if result.stopped_by else 0
 
 
 if __name__ == "__main__":

@@ -132,9 +132,12 @@ class ParallelDims:
         ``world_size == self.world_size``: torch requires each ``new_group`` call
         on every rank in the same order, which this does (dimensions in
         ``GROUP_NAMES`` order, groups by smallest rank). ``rank`` defaults to
-        ``torch.distributed.get_rank()``.
+        ``torch.distributed.get_rank()``. Every group gets the collective timeout
+        ``parallel.launch.init_distributed`` gave the world group (``group_timeout``).
         """
         import torch.distributed as dist
+
+        from .launch import group_timeout
 
         if not dist.is_initialized():
             raise RuntimeError("ParallelDims.build: call torch.distributed.init_process_group first")
@@ -147,13 +150,13 @@ class ParallelDims:
         groups, ranks = {}, {}
         for name in GROUP_NAMES:
             for members in self.group_ranks(name):
-                handle = dist.new_group(members)
+                handle = dist.new_group(members, timeout=group_timeout())
                 if rank in members:
                     groups[name], ranks[name] = handle, members
         ends = None
         if self.pp > 1:  # the first and last stage of every pipeline (a tied embedding lives on both)
             for members in self.group_ranks("pp"):
-                handle = dist.new_group([members[0], members[-1]])
+                handle = dist.new_group([members[0], members[-1]], timeout=group_timeout())
                 if rank in members:
                     ends = handle
         return ProcessGroups(

@@ -18,12 +18,24 @@ hand), rank 0's store listens on that loopback address only, not on every interf
 (``torch.distributed.TCPStore`` alone binds every interface). Under torchrun the store
 is torchrun's own (``TORCHELASTIC_USE_AGENT_STORE``): its binding is torch's.
 
+Under torchrun with ``--max-restarts``, the restarted workers' group must not meet
+the keys the failed ones left in torchrun's shared store: ``attempt_store``.
+
 Backend: ``MOE_DIST_BACKEND`` (``gloo`` | ``nccl``) or the ``backend`` argument;
 ``auto`` picks NCCL when CUDA is available, else gloo.
 
 ``init_distributed()`` returns a ``DistContext``; ``ctx.close()`` destroys the
 process group only if this call created it, so the same code runs inside a test
 harness that already initialised one.
+
+Collective timeout: ``init_distributed(timeout_s=...)`` (the trainer passes
+``parallel.timeout_s``, default 600 s) bounds how long any collective waits for its
+peers, in the world group and, through ``group_timeout()``, in every group the job
+creates afterwards (``ParallelDims.build``, the hierarchical dispatcher's node groups;
+``torch.distributed.new_group`` would otherwise use torch's own default, 30 min for
+gloo). A peer that hung or died then ends the job with an error instead of a hang:
+gloo raises on the waiting ranks (``explain_timeout`` adds a note naming the key), and
+NCCL's watchdog aborts the process with its own "collective operation timeout" line.
 """
 from __future__ import annotations
 
@@ -42,6 +54,7 @@ import torch.distributed as dist
 
 BACKENDS = ("auto", "gloo", "nccl")
 LOOPBACK = "127.0.0.1"
+_GROUP_TIMEOUT: Optional[timedelta] = None  # set by init_distributed for the groups created after it
 
 
 class LaunchError(RuntimeError):
@@ -237,9 +250,69 @@ class DistContext:
 
     def close(self) -> None:
         """Destroy the process group if ``init_distributed`` created it (idempotent)."""
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        global _GROUP_TIMEOUT
+        if self.owns_group:
+            _GROUP_TIMEOUT = None
+            if dist.is_initialized():
+                dist.destroy_process_group()
         self.owns_group = False
+
+
+def group_timeout() -> Optional[timedelta]:
+    """The collective timeout of the world group ``init_distributed`` created, for the job's later groups.
+
+    ``None`` when this process's group was started otherwise (a test harness): then
+    ``torch.distributed.new_group`` applies torch's default, as it would without us.
+    """
+    return _GROUP_TIMEOUT
+
+
+_TIMEOUT_MARKS = ("timed out waiting", "collective operation timeout")  # gloo, NCCL watchdog
+
+
+def explain_timeout(exc: BaseException, timeout_s: float) -> bool:
+    """Add a note naming ``parallel.timeout_s`` to a collective's timeout error; True if it was one.
+
+    Recognises gloo's "Timed out waiting <ms> for <op>" and NCCL's "collective operation
+    timeout"; any other exception is left as it is.
+    """
+    text = str(exc).lower()
+    if not any(mark in text for mark in _TIMEOUT_MARKS):
+        return False
+    exc.add_note(f"a collective waited longer than parallel.timeout_s={timeout_s:g} s for its peers: another "
+                 "rank hung or died (its own log shows why); raise parallel.timeout_s if the ranks may "
+                 "legitimately wait that long (e.g. a slow checkpoint file system)")
+    return True
+
+
+def attempt_store(launch: LaunchEnv, timeout: timedelta, env: Optional[Mapping[str, str]] = None):
+    """The store of a torchrun worker's process group, keyed by its attempt; None: ``env://`` as usual.
+
+    torchrun's agent shares its TCP store with its workers (``TORCHELASTIC_USE_AGENT_STORE=True``:
+    the c10d rendezvous, ``--standalone``, or ``--master_port``) and keeps it across restarts, so
+    the workers of a restart (``--max-restarts``) would read the connection addresses their
+    predecessors left there and fail to connect (torch 2.13: "Gloo connectFullMesh failed ...
+    Connection refused"). With one agent (``GROUP_WORLD_SIZE`` 1: every worker on this machine)
+    every worker has the same ``TORCHELASTIC_RESTART_COUNT``, so the group's keys go under
+    ``moe/attempt_<count>``. With several agents the counts can differ (only the agent whose
+    worker failed counts a restart), so a restarted worker stops with a ``LaunchError`` naming
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which gives every rendezvous round a fresh store.
+    """
+    env = os.environ if env is None else env
+    if launch.source != "torchrun" or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = _int_env(env, "TORCHELASTIC_RESTART_COUNT") if "TORCHELASTIC_RESTART_COUNT" in env else 0
+    agents = _int_env(env, "GROUP_WORLD_SIZE") if "GROUP_WORLD_SIZE" in env else 1
+    if agents > 1:
+        if attempt > 0:
+            raise LaunchError(f"torchrun restarted this worker (TORCHELASTIC_RESTART_COUNT={attempt}) on one of "
+                              f"{agents} nodes that share the rendezvous store: the restarted process group cannot "
+                              "connect through it; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the environment of "
+                              "every torchrun (with --rdzv-backend=c10d) so each restart gets a fresh store")
+        return None
+    store = dist.TCPStore(launch.master_addr or "127.0.0.1", launch.master_port, launch.world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"moe/attempt_{attempt}", store)
 
 
 def _pick_device(device: str, local_rank: int) -> torch.device:
@@ -255,12 +328,15 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(backend: str = "auto", *, device: str = "auto",
-                     timeout_s: float = 1800.0) -> DistContext:
+                     timeout_s: float = 600.0) -> DistContext:
     """Initialise ``torch.distributed`` from the environment (or reuse a live group).
 
     Returns a ``DistContext`` with this process's rank, the backend and the device
-    to train on (``cuda:LOCAL_RANK`` with CUDA unless ``device='cpu'``).
+    to train on (``cuda:LOCAL_RANK`` with CUDA unless ``device='cpu'``). ``timeout_s``:
+    the collective timeout of the new group and of the groups created after it
+    (``group_timeout``); a live group keeps its own.
     """
+    global _GROUP_TIMEOUT
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -282,13 +358,16 @@ def init_distributed(backend: str = "auto", *, device: str = "auto",
         os.environ["MASTER_ADDR"] = addr
         os.environ["MASTER_PORT"] = str(launch.master_port)
         agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun serves the store
-        if is_loopback(addr) and launch.master_port is not None and not agent_store:
+        store = attempt_store(launch, timeout)
+        if store is None and is_loopback(addr) and launch.master_port is not None and not agent_store:
             store = loopback_store(addr, launch.master_port, launch.rank, launch.world_size, timeout)
-            dist.init_process_group(name, store=store, rank=launch.rank, world_size=launch.world_size,
-                                    timeout=timeout)
-        else:
+        if store is None:
             dist.init_process_group(name, init_method="env://", rank=launch.rank,
                                     world_size=launch.world_size, timeout=timeout)
+        else:
+            dist.init_process_group(name, store=store, rank=launch.rank, world_size=launch.world_size,
+                                    timeout=timeout)
+    _GROUP_TIMEOUT = timeout
     return DistContext(launch.rank, launch.world_size, launch.local_rank, name, launch.source, dev,
                        owns_group=True)
 

@@ -230,3 +230,35 @@ def test_sbatch_srun_launcher_two_tasks(cluster, tmp_path):
     assert "launcher srun" in text and "world 2 (dp=2, ep=2, edp=1)" in text
     assert "step 4/4 | loss " in text, text
     assert (out / "checkpoints" / "step_00000004" / ".metadata").is_file()
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_sbatch_sigterm_stops_every_rank_after_one_step_with_a_checkpoint(cluster, tmp_path, launcher):
+    """What ``#SBATCH --signal=TERM@120`` does before the time limit, sent now with ``scancel --signal``."""
+    text = open(SBATCH).read()
+    assert "\n#SBATCH --signal=TERM@120\n" in text
+    cfg_path = tmp_path / "toy.yaml"
+    cfg_path.write_text(toy_config(tmp_path / "out", parallel={"ep": 2}).to_yaml())
+    log = tmp_path / "job.out"
+    job = cluster.sbatch([f"--output={log}", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--time=5",
+                          SBATCH, str(cfg_path), "--set", "train.steps=1000000", "--set", "train.log_every=10",
+                          "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0"],
+                         env_extra={"PYTHON": sys.executable, "MOE_LAUNCHER": launcher})
+    end = time.monotonic() + 120
+    while time.monotonic() < end and not (log.exists() and "step 20/1000000 |" in log.read_text()):
+        time.sleep(0.5)
+    assert log.exists() and "step 20/1000000 |" in log.read_text(), f"job {job} did not train\n{cluster.logs()}"
+    subprocess.run(["scancel", "--signal=TERM", job], env=cluster.env, check=True, timeout=10)
+    state = cluster.wait_job(job, timeout=120)
+    text = log.read_text()
+    stopped = [line for line in text.splitlines() if line.startswith("stopped by SIGTERM after step ")]
+    assert len(stopped) == 1, f"job {job} ended {state}\n--- job log ---\n{text[-4000:]}"
+    step = int(stopped[0].split("after step ")[1].split()[0])
+    # SLURM signals the tasks one after the other: the ranks may agree before the second one got it
+    assert any(f"stopping after step {step} of 1000000: SIGTERM received by {who}; saving a checkpoint" in text
+               for who in ("rank 0", "rank 1", "ranks 0-1")), text[-4000:]
+    assert stopped[0].endswith(f"step_{step:08d}; exit code 75; continue with train.resume: auto in the same "
+                               "train.out_dir")
+    assert (tmp_path / "out" / "checkpoints" / f"step_{step:08d}" / ".metadata").is_file()
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    assert state == "FAILED", state  # exit status 75, not 0: the job did not finish its steps

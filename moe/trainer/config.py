@@ -7,11 +7,11 @@ A config file has these sections (every one optional except ``task`` and
     model: {preset: tiny_limoe}   # the task's model config (a preset + overrides, or every key)
     data: {}                      # the task's data config
     parallel: {ep: 2, tp: 1, pp: 1, etp: 1, sequence_parallel: false, pp_schedule: 1f1b, virtual_stages: 1,
-               pp_blocks: null, zero_stage: 0, zero_engine: auto, backend: auto}
+               pp_blocks: null, zero_stage: 0, zero_engine: auto, backend: auto, timeout_s: 600}
     optim: {lr: 1.0e-3, weight_decay: 0.01, betas: [0.9, 0.95], eps: 1.0e-8,
             warmup_steps: 10, schedule: cosine, min_lr_ratio: 0.1, grad_clip: 1.0}
     train: {steps: 100, global_batch_size: 16, micro_batch_size: null, seed: 0, log_every: 10, eval_every: 50,
-            eval_batches: null, checkpoint_every: 50, keep_checkpoints: 0,
+            eval_batches: null, checkpoint_every: 1000, keep_checkpoints: 0,
             out_dir: runs/x, resume: null, overwrite: false, device: auto, compile: false}
     telemetry: {tensorboard: true, plots: true, gpu_stats: true, progress_bar: true,
                 idle_expert_steps: 100, drop_jump: 0.1}
@@ -57,6 +57,7 @@ PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 ZERO_ENGINES = ("auto", "deepspeed", "fsdp2")
 _ZERO_READY: Tuple[str, ...] = ()  # the ZeRO engines that exist (parallel.zero)  # parallel.pipeline.SCHEDULES (kept import-light)
 DEVICES = ("auto", "cpu", "cuda")
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # parallel.timeout_s: a week; a collective waiting longer is a hang
 
 
 # --------------------------------------------------------------------------------------
@@ -105,6 +106,12 @@ class ParallelConfig:
     ``parallel.stages``). With ``dp = world / (tp * pp)``, ``ep * etp`` must divide
     ``dp * tp``. The sizes are checked against the launch's world size and the model by
     ``moe.trainer.layout.check_layout`` before any process group exists.
+
+    ``timeout_s``: how long any collective (all-reduce, all-to-all, pipeline send/recv,
+    barrier) waits for its peers before the job ends with an error naming this key,
+    instead of hanging forever on a peer that hung or died. It is given to every process
+    group of the job (``parallel.launch``); raise it when a rank may legitimately wait
+    longer, e.g. for a slow checkpoint file system (at most a week).
     """
 
     ep: int = _opt(1, _ge(1))
@@ -118,6 +125,7 @@ class ParallelConfig:
     zero_stage: int = _opt(0, (lambda v: v in (0, 1, 2, 3), "allowed values: 0, 1, 2, 3"))
     zero_engine: str = _opt("auto", _one_of(ZERO_ENGINES))
     backend: str = _opt("auto", _one_of(BACKENDS))
+    timeout_s: float = 600.0
 
     @property
     def zero_engine_name(self) -> Optional[str]:
@@ -130,6 +138,7 @@ class ParallelConfig:
 
     def validate(self, path: str) -> None:
         self._validate_zero(path)
+        check_number(f"{path}.timeout_s", self.timeout_s, minimum=0.0, min_open=True, maximum=MAX_TIMEOUT_S)
         if self.virtual_stages > 1 and self.pp == 1:
             fail(f"{path}.virtual_stages", self.virtual_stages, f"virtual stages are chunks of a pipeline: it "
                  f"needs {path}.pp > 1")
@@ -214,7 +223,7 @@ class TrainLoopConfig:
     log_every: int = _opt(10, _ge(1))
     eval_every: int = _opt(0, _ge(0))  # 0: only at the end
     eval_batches: Optional[int] = _opt(None, _ge(1))  # null: the task's whole eval set
-    checkpoint_every: int = _opt(0, _ge(0))  # 0: only at the end
+    checkpoint_every: int = _opt(1000, _ge(0))  # 0: only at the end (and on SIGTERM/SIGINT)
     keep_checkpoints: int = _opt(0, _ge(0))  # 0: keep all
     out_dir: str = "runs/default"
     resume: Optional[str] = None  # null: start fresh; "auto": latest in out_dir if any; or a path

@@ -18,6 +18,8 @@ One optimizer step s, on every rank (``StepSchedule`` holds the numbers):
     engine.clip_grad_norm(grad_clip)      # global norm, every parameter counted once
     engine.step(lr = schedule(s))
     every MoE layer's expert bias updated once, from the load of the whole global batch
+    every rank of the world: stop now? (one-integer all-reduce: did any rank get SIGTERM/SIGINT;
+      if so every rank saves a checkpoint of step s and the run ends, moe.trainer.preemption)
 
 A micro-batch is the routing group: capacity, drops and balancing losses are those
 of one process running the same micro-batch. So any layout with the same
@@ -51,6 +53,7 @@ from . import resume as start
 from .config import ConfigError, TrainConfig, TrainLoopConfig, resolve_sections
 from .health import RoutingHealth
 from .optim import build_optimizer, lr_at
+from .preemption import StopSignals
 from .setup import make_task, micro_batch_seed, seed_everything
 from .sinks import Sinks, train_row
 from .telemetry import GPUMonitor, RoutingRecorder, all_reduce_mean
@@ -67,6 +70,7 @@ class TrainResult:
     checkpoint: Optional[str] = None
     plots: List[str] = field(default_factory=list)
     out_dir: str = ""
+    stopped_by: Optional[str] = None  # "SIGTERM" / "SIGINT": stopped early by a signal (moe.trainer.preemption)
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,7 @@ class Trainer:
         self.train_rec = RoutingRecorder(self.moe_layers, names, training=True)
         self.eval_rec = RoutingRecorder(self.moe_layers, names, training=False)
         self.health = RoutingHealth(cfg.telemetry.idle_expert_steps, cfg.telemetry.drop_jump)
+        self.stop = StopSignals(self.world)
 
     @property
     def dp_group(self):
@@ -309,6 +314,7 @@ class Trainer:
         sinks = Sinks(self.out_dir, enabled=self.is_main, tensorboard=cfg.telemetry.tensorboard,
                       progress_bar=cfg.telemetry.progress_bar, total_steps=cfg.train.steps, log=self._log_fn)
         gpu = GPUMonitor(self.device, enabled=cfg.telemetry.gpu_stats)
+        self.stop.arm()  # SIGTERM/SIGINT from here on: stop after a step, with a checkpoint
         try:
             sinks.line(self._describe())
             if not gpu.available:
@@ -318,15 +324,19 @@ class Trainer:
             sinks.open_bar(self.step)
             self._train_steps(result, sinks, gpu)
             sinks.close_bar()
-            result.final_metrics = self.evaluate(sinks, result)
+            if self.stop.stopped_by is None:
+                result.final_metrics = self.evaluate(sinks, result)
             here = os.path.abspath(ckpt.step_dir(self.ckpt_root, self.step))
             if result.checkpoint is None or os.path.abspath(result.checkpoint) != here:
                 result.checkpoint = self.save()
-            result.step = self.step
+            result.step, result.stopped_by = self.step, self.stop.stopped_by
             if self.is_main:
                 self._finish(result, sinks)
+            if result.stopped_by:  # no rank exits (75) before rank 0 printed its last line
+                self._barrier()
             return result
         finally:
+            self.stop.disarm()
             sinks.close()
             gpu.close()
             self.train_rec.close()
@@ -421,6 +431,11 @@ class Trainer:
             if self.step % tcfg.log_every == 0 or self.step == tcfg.steps:
                 self._log_window(result, sinks, gpu, window, window_steps, busy, lr)
                 window, window_steps, busy = {}, 0, 0.0
+            if self.step < tcfg.steps and self.stop.should_stop():  # collective: every rank, after this step
+                if window_steps:
+                    self._log_window(result, sinks, gpu, window, window_steps, busy, lr)
+                sinks.line(self.stop.stopping_line(self.step, tcfg.steps))
+                break
             if tcfg.eval_every and self.step % tcfg.eval_every == 0 and self.step < tcfg.steps:
                 self.evaluate(sinks, result)
             if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
@@ -458,6 +473,8 @@ class Trainer:
         acc = result.final_metrics.get("zero_shot_accuracy")
         if acc is not None:
             sinks.line(f"zero-shot accuracy: {acc:.2f}")
+        if result.stopped_by:
+            sinks.line(self.stop.stopped_line(self.step, self.cfg.train.steps, os.path.abspath(result.checkpoint)))
 
 
 # --------------------------------------------------------------------------------------
@@ -466,12 +483,15 @@ def run(cfg: TrainConfig, *, task_builder: Optional[Callable] = None,
     """The whole job: process group (from torchrun / SLURM / none), groups, task, ``fit``.
 
     The process group is destroyed afterwards if this call created it, also when
-    training raises (checkpoints already written stay intact).
+    training raises (checkpoints already written stay intact). Its collectives wait at
+    most ``parallel.timeout_s`` for a peer; a timeout error gets a note naming the key.
+    ``result.stopped_by`` is set when SIGTERM/SIGINT stopped the run early
+    (``moe.trainer.preemption``; ``python -m moe.train`` then exits with ``EXIT_PREEMPTED``).
     """
-    from parallel.launch import build_groups, init_distributed
+    from parallel.launch import build_groups, explain_timeout, init_distributed
     from parallel.tensor import clear_megatron_state
 
-    ctx = init_distributed(cfg.parallel.backend, device=cfg.train.device)
+    ctx = init_distributed(cfg.parallel.backend, device=cfg.train.device, timeout_s=cfg.parallel.timeout_s)
     try:
         from .layout import check_layout
 
@@ -480,6 +500,10 @@ def run(cfg: TrainConfig, *, task_builder: Optional[Callable] = None,
         groups = build_groups(p.ep, tp=p.tp, pp=p.pp, etp=p.etp, sequence_parallel=p.sequence_parallel)
         trainer = Trainer(cfg, groups=groups, device=ctx.device, task_builder=task_builder, log=log)
         return trainer.fit()
+    except Exception as e:
+        if ctx.world_size > 1:
+            explain_timeout(e, cfg.parallel.timeout_s)  # a hung peer: name parallel.timeout_s
+        raise
     finally:
         clear_megatron_state()
         ctx.close()
