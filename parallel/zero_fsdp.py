@@ -9,8 +9,13 @@ How the model is cut (bottom-up, one ``fully_shard`` call per unit):
   over a 1-D mesh of this rank's **edp** group: each edp rank keeps a dim-0 slice of the
   rank's E_l experts (whole experts: a slice of the expert dimension);
 - every transformer ``Block`` (attention, norms, router, dense MLP, shared experts)
-  over a 1-D mesh of the **dp** group;
+  over a 1-D mesh of the **dp** group; a model that runs its blocks piecewise instead of
+  through ``Block.forward`` (LIMoE: ``attend`` twice, then ``feed_forward``) says so with
+  ``fsdp_block_units = False`` and its blocks' dense parameters join the root unit;
 - the root model (embeddings, final norm, head, anything left) over the dp mesh.
+  0-d parameters (LIMoE's logit scale), which ``fully_shard`` cannot split, stay
+  replicated: their gradient is averaged over dp by ``parallel.grads`` and counted once
+  in the norm.
 
 Parameters become ``DTensor`` s sharded on dim 0 (their local shard is what this rank
 keeps), gradients after backward are the reduce-scattered shards, and the AdamW
@@ -24,7 +29,8 @@ all-gathers, as in the replicated engine.
 
 Gradients: every unit reduce-scatters with a SUM and divides by dp
 (``set_gradient_divide_factor(dp)`` with ``set_force_sum_reduction_for_comms(True)``:
-gloo has no pre-multiplied sum). Dense gradients are thus averaged over dp; an
+gloo has no pre-multiplied sum; on a 1-rank mesh, edp = 1, without it: torch 2.13 would
+divide by dp twice there). Dense gradients are thus averaged over dp; an
 expert gradient, which already sums the contributions of the ep group's tokens
 (the all-to-all backward brings them home), is summed over edp and divided by dp,
 the rule of ``parallel.grads.allreduce_gradients``. Each micro-batch's backward
@@ -58,7 +64,7 @@ from moe.experts import Experts
 from moe.models.transformer import Block
 
 from .engine import EngineBase, LossFn
-from .grads import is_expert_param, mark_expert_params, sync_replicas
+from .grads import allreduce_gradients, is_expert_param, mark_expert_params, sync_replicas
 
 __all__ = ["FSDP2Engine", "ENTRY_METHODS"]
 
@@ -125,19 +131,29 @@ class FSDP2Engine(EngineBase):
         dp_mesh = DeviceMesh.from_group(groups.dp_group, device_type)
         edp_mesh = DeviceMesh.from_group(groups.edp_group, device_type)
         experts = [m for m in model.modules() if isinstance(m, Experts) and is_expert_param(m.w1)]
-        blocks = [m for m in model.modules() if isinstance(m, Block)]
+        # a model whose blocks are not entered through Block.forward (LIMoE) keeps them in the root unit
+        per_block = getattr(model, "fsdp_block_units", True)
+        blocks = [m for m in model.modules() if isinstance(m, Block)] if per_block else []
         units: List[nn.Module] = []
         for m in experts:
             units.append(fully_shard(m, mesh=edp_mesh, reshard_after_forward=reshard))
         for m in blocks:
             units.append(fully_shard(m, mesh=dp_mesh, reshard_after_forward=reshard))
-        units.append(fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard))
+        # fully_shard cannot split 0-d parameters (LIMoE's logit scale): they stay replicated, with
+        # their gradient averaged over dp here (parallel.grads) and their state on every rank
+        self.replicated = [p for p in model.parameters() if p.dim() == 0 and p.requires_grad]
+        if any(is_expert_param(p) for p in self.replicated):
+            raise ValueError("FSDP2Engine: an expert parameter is 0-d; experts are stacked [E_l, ...] tensors")
+        units.append(fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard,
+                                 ignored_params=set(self.replicated) or None))
         self.units = units
         for m in experts:  # fully_shard made new Parameters: mark them again
             mark_expert_params(m, dims.ep)
-        for unit in units:
+        for unit, mesh in zip(units, [edp_mesh] * len(experts) + [dp_mesh] * (len(units) - len(experts))):
             unit.set_gradient_divide_factor(float(dims.dp))
-            unit.set_force_sum_reduction_for_comms(True)
+            # gloo has no pre-multiplied sum: force SUM then divide. Not on a 1-rank mesh (edp = 1): torch
+            # 2.13 then divides the local copy by the factor AND post-divides it again (factor squared)
+            unit.set_force_sum_reduction_for_comms(mesh.size() > 1)
             unit.set_reduce_scatter_unused_params(True, recurse=False)
         for name in ENTRY_METHODS:
             if hasattr(type(model), name):
@@ -153,6 +169,7 @@ class FSDP2Engine(EngineBase):
             loss, micro_logs = loss_fn(m)
             (loss / num_micro).backward()  # reduce-scatters into the sharded gradients
             logs.append(micro_logs)
+        allreduce_gradients(self.replicated, self.groups)
         return logs
 
     @torch.no_grad()
@@ -161,14 +178,17 @@ class FSDP2Engine(EngineBase):
         shards over edp and ep), then every shard scaled when it exceeds ``max_norm``."""
         dense = torch.zeros((), dtype=torch.float64)
         expert = torch.zeros((), dtype=torch.float64)
-        grads = []
+        replicated = torch.zeros((), dtype=torch.float64)  # equal on every rank: counted once
+        grads, alike = [], {id(p) for p in self.replicated}
         for p in self.model.parameters():
             if p.grad is None:
                 continue
             g = _local(p.grad)
             grads.append(g)
             square = g.detach().double().pow(2).sum().cpu()
-            if is_expert_param(p):
+            if id(p) in alike:
+                replicated += square
+            elif is_expert_param(p):
                 expert += square
             else:
                 dense += square
@@ -179,7 +199,7 @@ class FSDP2Engine(EngineBase):
         for name in ("edp", "ep"):
             if getattr(dims, name) > 1:
                 dist.all_reduce(sums[1:2], group=getattr(groups, f"{name}_group"))
-        norm = float(sums.sum().sqrt())
+        norm = float((sums.sum().cpu() + replicated).sqrt())
         if max_norm and norm > max_norm:
             scale = max_norm / (norm + 1e-6)
             for g in grads:

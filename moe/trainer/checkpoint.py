@@ -43,6 +43,15 @@ piece of that expert along ``dim - 1``. The optimizer's exp_avg / exp_avg_sq hav
 their parameter's shape and are stored the same way; ``step`` is a plain scalar.
 Saving and loading pieces need the ``ProcessGroups`` (``groups=``).
 
+ZeRO on FSDP2 (``parallel.zero_fsdp``): parameters and their AdamW moments are
+``DTensor`` s sharded on dim 0. A dense one already carries its global shape and
+offset and is declared as it is (DCP stores the shards as chunks of the global
+tensor). A stacked expert tensor is a dim-0 shard of this expert-parallel rank's
+E_l experts over its expert-data-parallel group, i.e. whole experts: the local
+experts are declared as plain ``expert_<g>`` tensors, g counted from the shard's
+offset. Both load into any layout and zero stage, and a checkpoint of any layout
+loads into them (the shards are filled in place).
+
 Saving is atomic: every rank writes into ``<root>/step_XXXXXXXX.tmp``; after all
 ranks finished (DCP's final collective) the ranks hash the files DCP wrote (split
 over the ranks), and rank 0 adds ``trainer.json``, then, last, ``manifest.json``
