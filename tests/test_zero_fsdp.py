@@ -17,7 +17,9 @@ likewise.
 
 Memory: at world 4 with ep=2 (dp 4, edp 2) the bytes of dense parameters, gradients and
 AdamW moments on each rank are the stage-0 figure / dp, those of experts the stage-0 figure
-/ edp, counted from the live tensors of the stage-0 and the ZeRO engines in one run.
+/ edp (exactly over the ranks together; per rank within the rounding of pieces of
+ceil(dim0 / size) rows), counted from the live tensors of the stage-0 and the ZeRO engines
+in one run; ``engine.memory()`` reports those figures.
 """
 from __future__ import annotations
 
