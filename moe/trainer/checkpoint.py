@@ -43,6 +43,15 @@ piece of that expert along ``dim - 1``. The optimizer's exp_avg / exp_avg_sq hav
 their parameter's shape and are stored the same way; ``step`` is a plain scalar.
 Saving and loading pieces need the ``ProcessGroups`` (``groups=``).
 
+ZeRO on FSDP2 (``parallel.zero_fsdp``): parameters and their AdamW moments are
+``DTensor`` s sharded on dim 0. A dense one already carries its global shape and
+offset and is declared as it is (DCP stores the shards as chunks of the global
+tensor). A stacked expert tensor is a dim-0 shard of this expert-parallel rank's
+E_l experts over its expert-data-parallel group, i.e. whole experts: the local
+experts are declared as plain ``expert_<g>`` tensors, g counted from the shard's
+offset. Both load into any layout and zero stage, and a checkpoint of any layout
+loads into them (the shards are filled in place).
+
 Saving is atomic: every rank writes into ``<root>/step_XXXXXXXX.tmp``; after all
 ranks finished (DCP's final collective) the ranks hash the files DCP wrote (split
 over the ranks), and rank 0 adds ``trainer.json``, then, last, ``manifest.json``
@@ -93,6 +102,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from moe.experts import Experts
 from parallel.grads import is_expert_param
@@ -182,6 +192,32 @@ def _expert_slice_shard(name: str, shard: Optional[TensorShard]) -> Optional[Ten
     return dataclasses.replace(shard, dim=shard.dim - 1)
 
 
+def _expert_rows(name: str, t: torch.Tensor, shard: Optional[TensorShard]) -> Tuple[torch.Tensor, int]:
+    """The experts (dim-0 rows) of a stacked expert tensor this rank holds and the local index of the first.
+
+    A plain tensor: itself and 0. A ``DTensor`` sharded along the expert dimension (ZeRO on FSDP2,
+    ``parallel.zero_fsdp``: an expert-parallel rank's E_l experts split over its expert-data-parallel
+    group): its local shard (a view, so loading writes the live shard) and that shard's offset.
+    """
+    if not isinstance(t, DTensor):
+        return t, 0
+    if shard is not None or any(not (pl.is_replicate() or pl.is_shard(0)) for pl in t.placements):
+        raise CheckpointError(f"'{name}' is a DTensor with placements {tuple(t.placements)}"
+                              + (f" and a tensor-parallel piece ({shard})" if shard is not None else "")
+                              + ": expert tensors are saved per expert only when split along the expert dimension")
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return t.to_local(), int(offset[0])
+
+
+def _dense(name: str, t: torch.Tensor, shard: Optional[TensorShard]) -> torch.Tensor:
+    """A dense tensor as DCP declares it; a ``DTensor`` (ZeRO on FSDP2: a dim-0 shard over the data-parallel
+    ranks) carries its global shape and offset already."""
+    if isinstance(t, DTensor) and shard is not None:
+        raise CheckpointError(f"'{name}' is both a DTensor {tuple(t.placements)} and a tensor-parallel piece "
+                              f"({shard}): ZeRO on FSDP2 does not compose with tensor parallelism")
+    return t
+
+
 def model_state_dict(model: nn.Module, groups=None) -> Dict[str, torch.Tensor]:
     """The model's tensors under global-expert keys (views of the live tensors).
 
@@ -202,11 +238,12 @@ def model_state_dict(model: nn.Module, groups=None) -> Dict[str, torch.Tensor]:
         t = t.detach()
         if key in expert_keys:
             slice_shard = _expert_slice_shard(key, shard)
-            for i in range(t.shape[0]):
-                name = f"{key}.expert_{expert_keys[key] + i}"
-                out[name] = pieces.wrap(name, t[i], slice_shard)
+            rows, first = _expert_rows(key, t, shard)
+            for i in range(rows.shape[0]):
+                name = f"{key}.expert_{expert_keys[key] + first + i}"
+                out[name] = pieces.wrap(name, rows[i], slice_shard)
         else:
-            out[key] = pieces.wrap(key, t, shard)
+            out[key] = pieces.wrap(key, _dense(key, t, shard), shard)
     return out
 
 
@@ -251,13 +288,16 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, gro
                 like_param = v.dim() > 0 and v.shape == p.shape
                 if id(p) in first_of:
                     slice_shard = _expert_slice_shard(name, shard) if like_param else None
-                    for i in range(p.shape[0]):
-                        key = f"{name}.expert_{first_of[id(p)] + i}.{k}"
+                    held, first = _expert_rows(name, p.detach(), shard)  # the experts this rank holds
+                    rows = _expert_rows(f"{name}.{k}", v, shard)[0] if like_param else None
+                    for i in range(held.shape[0]):
+                        key = f"{name}.expert_{first_of[id(p)] + first + i}.{k}"
                         # scalar state (step) is shared by every expert slice of the stack
-                        out[key] = pieces.wrap(key, v[i], slice_shard) if like_param else v
+                        out[key] = pieces.wrap(key, rows[i], slice_shard) if like_param else v
                 else:
                     key = f"{name}.{k}"
-                    out[key] = pieces.wrap(key, v, shard if like_param else None)
+                    out[key] = pieces.wrap(key, _dense(key, v, shard) if like_param else v,
+                                           shard if like_param else None)
     return out
 
 

@@ -55,7 +55,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 BACKENDS = ("auto", "gloo", "nccl")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 ZERO_ENGINES = ("auto", "deepspeed", "fsdp2")
-_ZERO_READY: Tuple[str, ...] = ()  # the ZeRO engines that exist (parallel.zero)  # parallel.pipeline.SCHEDULES (kept import-light)
+_ZERO_READY: Tuple[str, ...] = ("fsdp2",)  # the ZeRO engines that exist (parallel.zero)  # parallel.pipeline.SCHEDULES (kept import-light)
 DEVICES = ("auto", "cpu", "cuda")
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # parallel.timeout_s: a week; a collective waiting longer is a hang
 
