@@ -77,11 +77,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    t = _local(t)
-    return t.numel() * t.element_size()
-
-
 def _enter(model: nn.Module, name: str) -> None:
     """Make ``model.<name>`` run FSDP's pre/post-forward hooks of the root like ``forward`` does (the
     outermost call only: a ``forward`` that calls ``run_pieces`` runs them once)."""
@@ -211,15 +206,6 @@ class FSDP2Engine(EngineBase):
         if dist.is_initialized() and self.groups.dims.dp > 1 and dist.get_backend(self.groups.dp_group) == "nccl":
             return t.to(torch.device("cuda", torch.cuda.current_device()))
         return t
-
-    def memory(self) -> Dict[str, int]:
-        """Bytes this rank holds of parameters, gradients and optimizer state: the local shards of the
-        live tensors (gathered parameters of a unit between its forward and backward not counted)."""
-        params = list(self.model.parameters())
-        return {"params": sum(_nbytes(p) for p in params),
-                "grads": sum(_nbytes(p.grad) for p in params if p.grad is not None),
-                "optimizer": sum(_nbytes(v) for state in self.optimizer.state.values() for v in state.values()
-                                 if isinstance(v, torch.Tensor))}
 
     def checkpoint_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer itself (its state is per parameter shard); every unit is resharded first, so
