@@ -31,9 +31,23 @@ import torch
 from tests.helpers.distributed import run_distributed
 from tests.helpers.layout import TINY_LM, assert_same_training, run_layout
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
 LM = TINY_LM
+
+
+@pytest.mark.parametrize("parallel,match", [
+    ({"zero_stage": 2, "tp": 2, "sequence_parallel": True},
+     r"'parallel.sequence_parallel': got True; DeepSpeed ZeRO \(zero_stage 2\) composes with tensor parallelism "
+     r"\(tp\) but not with sequence parallelism or expert tensor parallelism .* or zero_stage 0"),
+    ({"zero_stage": 1, "etp": 2}, r"'parallel.etp': got 2; DeepSpeed ZeRO \(zero_stage 1\) composes with tensor"),
+])
+def test_config_refuses_what_deepspeed_cannot_compose_with(parallel, match):
+    from moe.checks import ConfigError
+    from moe.trainer.config import from_dict
+
+    with pytest.raises(ConfigError, match=match):
+        from_dict(copy.deepcopy(LM) | {"parallel": parallel})
+    accepted = from_dict(copy.deepcopy(LM) | {"parallel": {"zero_stage": 2, "tp": 2, "ep": 2}}).parallel
+    assert accepted.zero_engine_name == "deepspeed"
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +63,8 @@ def lm_oracle(tmp_path_factory):
     (4, ["parallel.zero_stage=2", "parallel.ep=2"]),
     (4, ["parallel.zero_stage=2", "parallel.tp=2"]),
 ], ids=["zero1-w2", "zero2-w2", "zero1-w4", "zero2-w4", "ep2-zero2-w4", "tp2-zero2-w4"])
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_deepspeed_zero_trains_like_one_process(nproc, overrides, lm_oracle, tmp_path):
     run = run_layout(LM, nproc, tmp_path, overrides=overrides)
     assert_same_training(run, lm_oracle, rtol=1e-4)
@@ -60,6 +76,8 @@ def _from_step(run, step: int):
 
 
 @pytest.mark.parametrize("save_stage,load_stage", [(2, 0), (0, 2)], ids=["zero2-to-zero0", "zero0-to-zero2"])
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_checkpoint_mid_run_resumes_across_zero_stages(save_stage, load_stage, lm_oracle, tmp_path):
     config = copy.deepcopy(LM)
     config["train"] = {**config["train"], "checkpoint_every": 3}
@@ -117,6 +135,8 @@ def _memory(rank, world, stage):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_optimizer_state_per_rank_shrinks_by_the_data_parallel_factors(stage):
     for figures0, before, after, (dp, edp) in run_distributed(_memory, 4, stage, timeout=240):
         assert (dp, edp) == (4, 2)
