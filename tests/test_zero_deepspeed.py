@@ -100,14 +100,14 @@ def _touch_all(model):
     return sum((p.float() ** 2).sum() for p in model.parameters()) * 1e-3, {}
 
 
-def _memory(rank, world, stage):
+def _memory(rank, world):
     from moe.trainer.config import from_dict
     from moe.trainer.optim import build_optimizer
     from moe.trainer.setup import make_task
     from parallel import ParallelDims, ReplicatedEngine, is_expert_param
     from parallel.zero_deepspeed import DeepSpeedEngine
 
-    cfg = from_dict(copy.deepcopy(LM) | {"parallel": {"ep": 2, "zero_stage": stage}})
+    cfg = from_dict(copy.deepcopy(LM) | {"parallel": {"ep": 2, "zero_stage": 1}})
     groups = ParallelDims.from_world(world, ep=2).build()
     # stage 0: the replicated optimizer after one step, from its live tensors
     torch.manual_seed(0)
@@ -120,40 +120,42 @@ def _memory(rank, world, stage):
         kind = "expert" if is_expert_param(p) else "dense"
         figures0[kind][0] += _bytes([p])
         figures0[kind][1] += _bytes(v for v in replicated.optimizer.state[p].values() if v.dim() > 0)
-    # the same model under DeepSpeed ZeRO, after one step
-    torch.manual_seed(0)
-    model = make_task(cfg, groups, torch.device("cpu")).model
-    engine = DeepSpeedEngine(model, groups, cfg.optim, stage=stage, num_micro=1, device=torch.device("cpu"))
-    before = engine.memory()
-    engine.forward_backward(1, lambda m: _touch_all(model))
-    engine.clip_grad_norm(None)
-    engine.step(1e-3)
-    after = engine.memory()
-    if rank == 0:
-        print(f"memory rank 0, world {world}, ep 2, zero {stage}: {after}; stage 0: {figures0}")
-    return figures0, before, after, (groups.dims.dp, groups.dims.edp)
+    # the same model under DeepSpeed ZeRO 1 and 2: at start and after one step
+    figures = {}
+    for stage in (1, 2):
+        torch.manual_seed(0)
+        model = make_task(cfg, groups, torch.device("cpu")).model
+        engine = DeepSpeedEngine(model, groups, cfg.optim, stage=stage, num_micro=1, device=torch.device("cpu"))
+        before = engine.memory()
+        engine.forward_backward(1, lambda m, model=model: _touch_all(model))
+        engine.clip_grad_norm(None)
+        engine.step(1e-3)
+        figures[stage] = (before, engine.memory())
+        if rank == 0:
+            print(f"memory rank 0, world {world}, ep 2, zero {stage}: {figures[stage][1]}; stage 0: {figures0}")
+    return figures0, figures, (groups.dims.dp, groups.dims.edp)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_optimizer_state_per_rank_shrinks_by_the_data_parallel_factors(stage):
-    for figures0, before, after, (dp, edp) in run_distributed(_memory, 4, stage, timeout=240):
+def test_optimizer_state_per_rank_shrinks_by_the_data_parallel_factors():
+    for figures0, figures, (dp, edp) in run_distributed(_memory, 4, timeout=240):
         assert (dp, edp) == (4, 2)
         (dense_p, dense_opt), (expert_p, expert_opt) = figures0["dense"], figures0["expert"]
         assert expert_p > 0 and dense_p > 0
-        # DeepSpeed pads each of its 4 flat groups (dense / expert x decay / no decay) to a multiple of the
+        # DeepSpeed pads each of its flat groups (dense / expert x decay / no decay) to a multiple of the
         # partition count times a small alignment: a few elements per group, here at most 64 bytes each
         pad = 4 * 64
-        shares = dense_opt / dp + expert_opt / edp  # moments: 2 fp32 per element + a step per group
-        assert shares <= after["optimizer"] <= shares + pad + 4 * 4, (after, figures0)
-        assert before["optimizer"] == after["optimizer"]  # the figure at start is the one after a step
-        assert after["optimizer"] * 2 < dense_opt + expert_opt  # the point of it
-        # parameters: every rank holds the whole model, plus its fp32 master partition
-        masters = dense_p / dp + expert_p / edp
-        assert dense_p + expert_p + masters <= after["params"] <= dense_p + expert_p + masters + pad
-        if stage == 1:  # a full gradient per parameter, cut to the partition at the boundary
-            assert after["grads"] == dense_p + expert_p
-        else:  # the whole parameters with elements in this rank's partition: more than its share (a
-            # parameter cut by a partition boundary counts on both sides), less than every gradient
-            assert masters <= after["grads"] < dense_p + expert_p
+        shares = dense_opt / dp + expert_opt / edp  # AdamW's 2 moments, partitioned
+        masters = dense_p / dp + expert_p / edp  # the fp32 master partition
+        for stage, (before, after) in figures.items():
+            assert shares <= after["optimizer"] <= shares + pad + 4 * 4, (stage, after, figures0)  # + steps
+            assert before["optimizer"] == after["optimizer"]  # the figure at start is the one after a step
+            assert after["optimizer"] * 2 < dense_opt + expert_opt  # the point of it
+            # parameters: every rank holds the whole model, plus its fp32 master partition
+            assert dense_p + expert_p + masters <= after["params"] <= dense_p + expert_p + masters + pad
+            if stage == 1:  # a full gradient per parameter, cut to the partition at the boundary
+                assert after["grads"] == dense_p + expert_p
+            else:  # the whole parameters with elements in this rank's partition: more than its share (a
+                # parameter cut by a partition boundary counts on both sides), less than every gradient
+                assert masters <= after["grads"] < dense_p + expert_p
