@@ -43,7 +43,9 @@ parameters whose ``state[p]`` holds ``step`` / ``exp_avg`` / ``exp_avg_sq`` gath
 the partitions (``deepspeed.utils.safe_get_full_optimizer_state``: an all-reduce over the
 parameter's partition group); ``after_checkpoint_load()`` writes the loaded state and the
 loaded weights (the fp32 master partitions) back into the partitions
-(``safe_set_full_optimizer_state`` / ``safe_set_full_fp32_param``). DeepSpeed's own
+(``safe_set_full_optimizer_state`` / ``safe_set_full_fp32_param``). The view holds the FULL state
+of every parameter of the rank: it lives from ``checkpoint_optimizer()`` until the load is pushed
+back or the next ``forward_backward``. DeepSpeed's own
 ``save_checkpoint`` is not used: it saves only rank 0's experts.
 
 Not here: ZeRO stage 3 (DeepSpeed's MoE refuses it: ``parallel.zero_fsdp``), pipeline
@@ -266,6 +268,7 @@ class DeepSpeedEngine(EngineBase):
         if num_micro != self.num_micro:
             raise ValueError(f"DeepSpeedEngine.forward_backward: num_micro={num_micro}, but the engine was "
                              f"built for {self.num_micro} micro-batches per step (DeepSpeed's accumulation count)")
+        self._view = None  # a saved checkpoint's gathered (full-size) state: not kept while training
         logs = []
         for m in range(num_micro):
             self.ds.set_gradient_accumulation_boundary(m == num_micro - 1)
@@ -294,7 +297,7 @@ class DeepSpeedEngine(EngineBase):
 
     def _has_state(self) -> bool:
         state = self._zero.optimizer.state
-        return all(len(state[flat]) > 0 for flat in self._zero.single_partition_of_fp32_groups)
+        return all(len(state.get(flat, ())) > 0 for flat in self._zero.single_partition_of_fp32_groups)
 
     def _step_count(self) -> float:
         steps = {float(self._zero.optimizer.state[flat]["step"]) for flat in self._zero.single_partition_of_fp32_groups}
