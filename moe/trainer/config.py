@@ -55,7 +55,6 @@ SCHEDULES = ("cosine", "linear", "constant")
 BACKENDS = ("auto", "gloo", "nccl")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 ZERO_ENGINES = ("auto", "deepspeed", "fsdp2")
-_ZERO_READY: Tuple[str, ...] = ("fsdp2",)  # the ZeRO engines that exist (parallel.zero)  # parallel.pipeline.SCHEDULES (kept import-light)
 DEVICES = ("auto", "cpu", "cuda")
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # parallel.timeout_s: a week; a collective waiting longer is a hang
 
@@ -178,9 +177,12 @@ class ParallelConfig:
         if engine == "fsdp2" and (self.tp > 1 or self.etp > 1):
             fail(f"{path}.zero_engine", self.zero_engine, f"FSDP2 here does not compose with tensor parallelism "
                  f"(tp={self.tp}, etp={self.etp}): use zero_stage 1 or 2 on zero_engine 'deepspeed', or tp=etp=1")
-        if engine not in _ZERO_READY:
-            fail(f"{path}.zero_stage", stage, f"the {engine} engine is being built (issue 11): only zero_stage 0 "
-                 "runs today")
+        if engine == "deepspeed" and (self.sequence_parallel or self.etp > 1):
+            key, value = ("sequence_parallel", True) if self.sequence_parallel else ("etp", self.etp)
+            fail(f"{path}.{key}", value, f"DeepSpeed ZeRO (zero_stage {stage}) composes with tensor parallelism "
+                 "(tp) but not with sequence parallelism or expert tensor parallelism (their partial gradients "
+                 f"need a sum over tp that DeepSpeed does not do): set {path}.sequence_parallel false and "
+                 f"{path}.etp 1, or zero_stage 0")
 
 
 @dataclass

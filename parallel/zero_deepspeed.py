@@ -1,0 +1,399 @@
+"""ZeRO stages 1 and 2 on DeepSpeed, with this project's own experts and process groups.
+
+Legend: P a parameter's element count; dp / edp / ep / tp the ``ParallelDims`` sizes.
+
+``DeepSpeedEngine`` has the verbs of ``parallel.engine`` and hands the model to
+``deepspeed.initialize`` with a torch ``AdamW`` (never DeepSpeed's fused optimizer: it
+JIT-builds a C++ op) whose groups are ``moe.trainer.optim.build_optimizer``'s (weight decay
+on matrices only) split by ``deepspeed.moe.utils.split_params_into_different_moe_groups_for_
+optimizer``: dense decay / no-decay groups, and the same two for the expert parameters
+(marked ``allreduce=False``, ``group_name="ep_size_<ep>"`` by ``parallel.grads``), which
+ZeRO partitions over the expert-data-parallel group. Stage 1 partitions the optimizer
+state (fp32 master weights, AdamW's moments) over the data-parallel ranks; stage 2 the
+reduced gradients as well. Our groups are DeepSpeed's groups:
+
+- an ``mpu`` built from ``ProcessGroups`` (data-parallel = our dp group, model-parallel =
+  our tp group, no pipeline) is passed to ``deepspeed.initialize``;
+- our ep / edp groups are written into DeepSpeed's expert / expert-data-parallel group
+  dicts under the name ``ep_size_<ep>`` (its own ``_create_expert_and_data_parallel``
+  lays ranks out differently under tensor parallelism, and its ``groups.initialize`` is
+  deprecated);
+- DeepSpeed decides that a model has MoE layers only from instances of its own
+  ``deepspeed.moe.layer.MoE`` (without one it crashes in the ZeRO gradient averaging):
+  the module handed to it is a wrapper holding our model and one parameter-free marker
+  of that class (``_MoEMarker``; the model itself is not changed).
+
+DeepSpeed sums dense gradients over dp and expert gradients over edp and divides both by
+dp: the gradient of the global-batch mean loss, as ``parallel.grads.allreduce_gradients``.
+Under tensor parallelism a tp piece is marked ``tensor_model_parallel`` (its squared norm
+is summed over tp), and so is every expert parameter: each rank then holds a different
+part of the expert gradients (edp partition x ep experts), and the norm sums them all.
+
+Verbs: ``forward_backward`` runs each micro-batch's forward (``loss_fn``) and
+``engine.backward`` with the accumulation boundary set on the last one (DeepSpeed divides
+each loss by the accumulation count and reduces the gradients; stage 2 reduce-scatters
+them into this rank's partition). ``clip_grad_norm(max_norm)`` returns DeepSpeed's global
+norm of the reduced gradients (every parameter once) and sets its clipping threshold;
+``step(lr)`` sets the learning rate and runs ``engine.step()``, which clips and updates
+the partitions and all-gathers the parameters.
+
+Checkpoints (``moe.trainer.checkpoint``: the FULL optimizer state per parameter key):
+``checkpoint_optimizer()`` is a per-parameter view, a torch ``AdamW`` over the model's
+parameters whose ``state[p]`` holds ``step`` / ``exp_avg`` / ``exp_avg_sq`` gathered from
+the partitions (``deepspeed.utils.safe_get_full_optimizer_state``: an all-reduce over the
+parameter's partition group); ``after_checkpoint_load()`` writes the loaded state and the
+loaded weights (the fp32 master partitions) back into the partitions
+(``safe_set_full_optimizer_state`` / ``safe_set_full_fp32_param``). The view holds the FULL state
+of every parameter of the rank: it lives from ``checkpoint_optimizer()`` until the load is pushed
+back or the next ``forward_backward``. DeepSpeed's own
+``save_checkpoint`` is not used: it saves only rank 0's experts.
+
+Not here: ZeRO stage 3 (DeepSpeed's MoE refuses it: ``parallel.zero_fsdp``), pipeline
+parallelism, sequence parallelism and expert tensor parallelism (their partial gradients
+need a sum over tp that DeepSpeed does not do): ``moe.trainer.config`` refuses them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from moe.checks import check_int
+
+from .engine import EngineBase, LossFn
+from .grads import expert_group_name, is_expert_param
+from .shards import partial_grad_group, shard_of
+
+__all__ = ["DeepSpeedEngine", "ADAM_KEYS"]
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+_BUCKET_NUMEL = 50_000_000  # elements per reduce / all-gather bucket (DeepSpeed's default 5e8 = 2 GB fp32)
+
+
+def _import_deepspeed():
+    """``deepspeed``, quiet, without its shared-memory comm op: that op (JIT-built, ~60 s on the
+    first run) serves only ``inference_all_reduce``, which training never calls."""
+    import importlib
+
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    # by module path: the attribute ``deepspeed.comm.torch`` is the torch package itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    ds_logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+def _set_local_rank(device) -> None:
+    """DeepSpeed refuses to start without ``LOCAL_RANK`` and picks its CUDA device from it: set it from
+    ``device`` when no launcher did (our SLURM and test launches), and check it otherwise."""
+    device = torch.device(device)
+    index = 0
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    given = os.environ.get("LOCAL_RANK")
+    if given is None:
+        os.environ["LOCAL_RANK"] = str(index)
+    elif device.type == "cuda" and int(given) != index:
+        raise ValueError(f"DeepSpeedEngine: LOCAL_RANK={given} but the model is on {device}; DeepSpeed would "
+                         f"use cuda:{given}")
+
+
+class _MPU:
+    """The model-parallel unit DeepSpeed asks for its groups, answered from our ``ProcessGroups``:
+    data parallel = dp, model (= tensor) parallel = tp, no pipeline parallelism."""
+
+    def __init__(self, groups):
+        self._g = groups
+
+    def get_data_parallel_group(self):
+        return self._g.dp_group
+
+    def get_data_parallel_world_size(self):
+        return self._g.dims.dp
+
+    def get_data_parallel_rank(self):
+        return self._g.dp_rank
+
+    def get_data_parallel_group_ranks(self):
+        return list(self._g.group_ranks["dp"])
+
+    def get_tensor_model_parallel_group(self):
+        return self._g.tp_group
+
+    def get_tensor_model_parallel_world_size(self):
+        return self._g.dims.tp
+
+    def get_tensor_model_parallel_rank(self):
+        return self._g.tp_rank
+
+    def get_tensor_model_parallel_src_rank(self):
+        return self._g.group_ranks["tp"][0]
+
+    get_model_parallel_group = get_tensor_model_parallel_group
+    get_model_parallel_world_size = get_tensor_model_parallel_world_size
+    get_model_parallel_rank = get_tensor_model_parallel_rank
+    get_model_parallel_src_rank = get_tensor_model_parallel_src_rank
+
+    def get_pipeline_model_parallel_group(self):
+        return self._g.pp_group
+
+    def get_pipeline_model_parallel_world_size(self):
+        return 1
+
+    def get_pipeline_model_parallel_rank(self):
+        return 0
+
+    get_pipe_parallel_group = get_pipeline_model_parallel_group
+    get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
+    get_pipe_parallel_rank = get_pipeline_model_parallel_rank
+
+
+def _marker_class():
+    from deepspeed.moe.layer import MoE
+
+    class _MoEMarker(MoE):
+        """A parameter-free instance of DeepSpeed's ``MoE``: its presence tells DeepSpeed the model has
+        expert parameters (see the module doc). Never called."""
+
+        def __init__(self, num_experts: int, ep_size: int):
+            nn.Module.__init__(self)  # MoE's own constructor builds experts and groups: bypassed
+            self.num_experts, self.ep_size = num_experts, ep_size
+            self.num_local_experts = num_experts // ep_size
+            self.expert_group_name = expert_group_name(ep_size)
+            self.enable_expert_tensor_parallelism = False
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            """The groups are ours, written into DeepSpeed's dicts before ``deepspeed.initialize``."""
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("_MoEMarker only marks a model for DeepSpeed; it is never called")
+
+    return _MoEMarker
+
+
+class _Wrapped(nn.Module):
+    """What DeepSpeed sees: our model (unchanged) and the MoE marker."""
+
+    def __init__(self, model: nn.Module, marker: nn.Module):
+        super().__init__()
+        self.model, self.marker = model, marker
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def _register_expert_groups(groups) -> str:
+    """Write our ep / edp groups into DeepSpeed's group dicts (see the module doc); returns the name."""
+    from deepspeed.utils import groups as ds_groups
+
+    name = expert_group_name(groups.dims.ep)
+    ds_groups._EXPERT_PARALLEL_GROUP[name] = groups.ep_group
+    ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = list(groups.group_ranks["ep"])
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = groups.edp_group
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = list(groups.group_ranks["edp"])
+    return name
+
+
+def _param_groups(model: nn.Module, optim_cfg) -> List[dict]:
+    """``moe.trainer.optim.build_optimizer``'s groups (decay on matrices only), named for DeepSpeed's split."""
+    from moe.trainer.optim import build_optimizer
+
+    reference = build_optimizer(model, optim_cfg)  # the one place that decides which parameters decay
+    names = ("decay", "no_decay")
+    return [{"params": list(g["params"]), "weight_decay": g["weight_decay"], "name": names[i]}
+            for i, g in enumerate(reference.param_groups)]
+
+
+class DeepSpeedEngine(EngineBase):
+    """ZeRO stage 1 or 2 on DeepSpeed (see the module doc).
+
+    ``model``: the rank's model (expert parameters marked by ``parallel.grads``); ``groups``: its
+    ``ProcessGroups``; ``optim_cfg``: ``moe.trainer.config.OptimConfig``; ``stage``: 1 or 2;
+    ``num_micro``: micro-batches per optimizer step; ``device``: where the model lives.
+    """
+
+    def __init__(self, model: nn.Module, groups, optim_cfg, *, stage: int, num_micro: int, device):
+        if stage not in (1, 2):
+            raise ValueError(f"DeepSpeedEngine: stage must be 1 or 2 (ZeRO stage 3 runs on FSDP2), got {stage!r}")
+        check_int("num_micro", num_micro, minimum=1)
+        dims = groups.dims
+        if dims.pp > 1 or dims.etp > 1 or dims.sequence_parallel:
+            raise ValueError(f"DeepSpeedEngine: pp={dims.pp}, etp={dims.etp}, sequence_parallel="
+                             f"{dims.sequence_parallel} are not supported (pp=1, etp=1, no sequence parallelism)")
+        partial = [n for n, p in model.named_parameters() if partial_grad_group(p) is not None]
+        if partial:
+            raise ValueError(f"DeepSpeedEngine: parameters with partial gradients ({partial[0]}, ...) need a sum "
+                             "over their group that DeepSpeed does not do")
+        deepspeed = _import_deepspeed()
+        _set_local_rank(device)
+        self.model, self.groups, self.stage, self.num_micro = model, groups, stage, num_micro
+        self.optim_cfg = optim_cfg
+        if dims.tp > 1:  # the norm: tp pieces and experts differ between the model-parallel ranks
+            for p in model.parameters():
+                if is_expert_param(p) or shard_of(p) is not None:
+                    p.tensor_model_parallel = True
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        _register_expert_groups(groups)
+        num_experts = max([m.num_local_experts * dims.ep for m in model.modules()
+                           if hasattr(m, "num_local_experts") and hasattr(m, "experts")] or [dims.ep])
+        wrapped = _Wrapped(model, _marker_class()(num_experts, dims.ep))
+        param_groups = split_params_into_different_moe_groups_for_optimizer(_param_groups(model, optim_cfg))
+        param_groups = [g for g in param_groups if g["params"]]
+        torch_optim = torch.optim.AdamW(param_groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
+                                        eps=optim_cfg.eps)
+        config = {
+            "train_micro_batch_size_per_gpu": 1,  # batches are ours; DeepSpeed only checks the product
+            "gradient_accumulation_steps": num_micro,
+            "gradient_clipping": float(optim_cfg.grad_clip or 0.0),  # DeepSpeed's default is 1.0
+            "zero_optimization": {"stage": stage, "contiguous_gradients": True, "reduce_scatter": True,
+                                  "overlap_comm": False, "reduce_bucket_size": _BUCKET_NUMEL,
+                                  "allgather_bucket_size": _BUCKET_NUMEL},
+            "fp16": {"enabled": False},
+            "bf16": {"enabled": False},
+            "steps_per_print": 2 ** 62,
+            "wall_clock_breakdown": False,
+        }
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=wrapped, optimizer=torch_optim, config=config,
+                                                             mpu=_MPU(groups), dist_init_required=False)
+        self._zero = self.optimizer  # DeepSpeed's ZeRO optimizer (its .optimizer is the torch AdamW)
+        self._view: Optional[torch.optim.AdamW] = None
+
+    # ---- the verbs -----------------------------------------------------------------
+    def forward_backward(self, num_micro: int, loss_fn: LossFn) -> List[Dict[str, float]]:
+        if num_micro != self.num_micro:
+            raise ValueError(f"DeepSpeedEngine.forward_backward: num_micro={num_micro}, but the engine was "
+                             f"built for {self.num_micro} micro-batches per step (DeepSpeed's accumulation count)")
+        self._view = None  # a saved checkpoint's gathered (full-size) state: not kept while training
+        logs = []
+        for m in range(num_micro):
+            self.ds.set_gradient_accumulation_boundary(m == num_micro - 1)
+            self._zero.clear_backward_seen_flag()  # what engine.forward does before each forward
+            loss, micro_logs = loss_fn(m)
+            self.ds.backward(loss)  # divides by num_micro; reduces on the boundary
+            logs.append(micro_logs)
+        return logs
+
+    def clip_grad_norm(self, max_norm: Optional[float]) -> float:
+        self._zero.clip_grad = float(max_norm or 0.0)
+        return float(self._zero.scaled_global_norm())
+
+    def step(self, lr: float) -> None:
+        for group in self._zero.optimizer.param_groups:
+            group["lr"] = lr
+        self.ds.set_gradient_accumulation_boundary(True)
+        self.ds.step()
+
+    # ---- checkpoints ---------------------------------------------------------------
+    def _adam(self) -> torch.optim.AdamW:
+        """A torch AdamW over the model's parameters with the job's groups; it never steps."""
+        from moe.trainer.optim import build_optimizer
+
+        return build_optimizer(self.model, self.optim_cfg)
+
+    def _has_state(self) -> bool:
+        state = self._zero.optimizer.state
+        return all(len(state.get(flat, ())) > 0 for flat in self._zero.single_partition_of_fp32_groups)
+
+    def _step_count(self) -> float:
+        steps = {float(self._zero.optimizer.state[flat]["step"]) for flat in self._zero.single_partition_of_fp32_groups}
+        if len(steps) != 1:
+            raise RuntimeError(f"DeepSpeedEngine: the ZeRO partitions have different step counts {sorted(steps)}")
+        return steps.pop()
+
+    def _link_state(self) -> None:
+        """Point every parameter's fragment at its slice of AdamW's state. DeepSpeed links them once,
+        right after the FIRST group's first step, when the other groups have no state yet: their
+        parameters would find none (``ValueError: exp_avg not found in optimizer state fragment``)."""
+        self._zero._hp_optimizer_states_linked = False
+        self._zero._lazy_init_hp_params_optimizer_state()
+
+    def checkpoint_optimizer(self) -> torch.optim.AdamW:
+        """A per-parameter view of the partitioned state (see the module doc); collective over dp."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        view = self._adam()
+        if self._has_state():
+            self._link_state()
+            step = self._step_count()
+            for group in view.param_groups:
+                for p in group["params"]:
+                    state = {"step": torch.tensor(step, dtype=torch.float32)}
+                    for key in ADAM_KEYS:
+                        state[key] = safe_get_full_optimizer_state(p, key).to(p.dtype).reshape(p.shape)
+                    view.state[p] = state
+        self._view = view
+        return view
+
+    def _create_state(self, step: float) -> None:
+        """AdamW's state for every partition (AdamW creates it lazily at its first step)."""
+        opt = self._zero.optimizer
+        for flat in self._zero.single_partition_of_fp32_groups:
+            opt.state[flat] = {"step": torch.tensor(step, dtype=torch.float32),
+                               **{key: torch.zeros_like(flat) for key in ADAM_KEYS}}
+
+    @torch.no_grad()
+    def after_checkpoint_load(self) -> None:
+        """Push what a checkpoint loaded into the view (optimizer state) and into the model (weights)
+        into DeepSpeed's partitions."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        view, self._view = self._view, None
+        if view is None:
+            raise RuntimeError("DeepSpeedEngine.after_checkpoint_load: load a checkpoint into "
+                               "checkpoint_optimizer() first")
+        params = [p for g in view.param_groups for p in g["params"]]
+        steps = {float(view.state[p]["step"]) for p in params if "step" in view.state[p]}
+        if len(steps) > 1:
+            raise RuntimeError(f"DeepSpeedEngine: the checkpoint's parameters have different step counts "
+                               f"{sorted(steps)}")
+        step = steps.pop() if steps else 0.0
+        if not self._has_state():
+            self._create_state(step)
+        self._link_state()
+        for flat in self._zero.single_partition_of_fp32_groups:
+            self._zero.optimizer.state[flat]["step"].fill_(step)
+        for p in params:
+            safe_set_full_fp32_param(p, p.detach().float())
+            for key in ADAM_KEYS:
+                if key in view.state[p]:
+                    safe_set_full_optimizer_state(p, view.state[p][key].float(), key)
+
+    # ---- memory --------------------------------------------------------------------
+    def memory(self) -> Dict[str, int]:
+        """Bytes this rank holds, from the live tensors (see ``docs/zero.md``):
+
+        - ``params``: the model's parameters (every rank holds them all, in DeepSpeed's flat buffers)
+          plus this rank's fp32 master partition;
+        - ``grads``: stage 1: a full gradient per parameter (reduced at the boundary, then cut to this
+          rank's partition); stage 2: DeepSpeed's buffer of the gradients of this rank's partition (whole
+          parameters: one cut by a partition boundary counts on both sides). Communication buckets
+          (``reduce_bucket_size`` elements) are not counted, as for stage 0;
+        - ``optimizer``: AdamW's moments of this rank's partitions (``exp_avg``, ``exp_avg_sq``,
+          ``step``), as they are or, before the first step, as AdamW will create them.
+        """
+        zero = self._zero
+        params = sum(flat.numel() * flat.element_size() for flat in zero.bit16_groups_flat)
+        masters = zero.single_partition_of_fp32_groups
+        params += sum(flat.numel() * flat.element_size() for flat in masters)
+        if self._has_state():
+            optimizer = sum(t.numel() * t.element_size() for flat in masters
+                            for t in zero.optimizer.state[flat].values() if isinstance(t, torch.Tensor))
+        else:
+            optimizer = sum(len(ADAM_KEYS) * flat.numel() * flat.element_size() + 4 for flat in masters)
+        if self.stage == 1:
+            grads = params_bytes_of(self.model)
+        elif zero.grads_in_partition is not None:
+            grads = zero.grads_in_partition.numel() * zero.grads_in_partition.element_size()
+        else:  # what the first backward allocates: every parameter that has elements in this partition
+            grads = sum(p.numel() * p.element_size() for group in zero.params_in_partition for p in group)
+        return {"params": int(params), "grads": int(grads), "optimizer": int(optimizer)}
+
+
+def params_bytes_of(model: nn.Module) -> int:
+    """Bytes of every trainable parameter of ``model`` (what a full gradient set takes)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
