@@ -67,6 +67,8 @@ def lm_oracle(tmp_path_factory):
 @pytest.mark.slow
 def test_deepspeed_zero_trains_like_one_process(nproc, overrides, lm_oracle, tmp_path):
     run = run_layout(LM, nproc, tmp_path, overrides=overrides)
+    stage = overrides[0].split("=")[1]
+    assert f"ZeRO stage {stage} on deepspeed" in run.stdout, run.stdout[:600]  # the start-up line names it
     assert_same_training(run, lm_oracle, rtol=1e-4)
 
 

@@ -66,6 +66,8 @@ def zero3_w2(tmp_path_factory):
 def test_lm_under_fsdp2_trains_like_one_process(nproc, overrides, lm_oracle, request, tmp_path):
     run = request.getfixturevalue("zero3_w2") if (nproc, overrides) == (2, ZERO3) else \
         run_layout(LM, nproc, tmp_path, overrides=overrides)
+    stage = overrides[0].split("=")[1]
+    assert f"ZeRO stage {stage} on fsdp2" in run.stdout, run.stdout[:600]  # the start-up line names it
     assert_same_training(run, lm_oracle, rtol=1e-4)
 
 

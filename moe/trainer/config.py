@@ -281,6 +281,9 @@ class TrainConfig:
             fail(join(path, "train.compile"), True,
                  f"torch.compile is not supported with tensor parallelism yet (parallel.tp={p.tp}, "
                  f"parallel.etp={p.etp}); set it to false")
+        if self.train.compile and p.zero_stage > 0:
+            fail(join(path, "train.compile"), True, f"torch.compile is not supported with ZeRO yet "
+                 f"(parallel.zero_stage={p.zero_stage}); set it to false, or zero_stage 0")
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain-data form (what ``from_dict`` accepts); tuples become lists."""

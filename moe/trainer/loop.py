@@ -286,6 +286,8 @@ class Trainer:
                            or dims[k] > 1)
         if self.groups.dims.sequence_parallel and dims["tp"] > 1:
             layout += ", sequence parallel"
+        if self.cfg.parallel.zero_stage > 0:
+            layout += f", ZeRO stage {self.cfg.parallel.zero_stage} on {self.cfg.parallel.zero_engine_name}"
         if self.stage_plan is not None:
             p = self.cfg.parallel
             layout += (f", pp={dims['pp']} ({p.pp_schedule}"
