@@ -47,6 +47,18 @@ class EngineBase:
     groups: object
     optimizer: torch.optim.Optimizer
 
+    def accumulate(self, num_micro: int, loss_fn: LossFn) -> List[Dict[str, float]]:
+        """Zero the gradients, then back-propagate ``loss_fn(m) / num_micro`` for every micro-batch m on this
+        rank (the gradients add up); returns each micro-batch's logs. The reduction over ranks is the caller's."""
+        check_int("num_micro", num_micro, minimum=1)
+        self.optimizer.zero_grad(set_to_none=True)
+        logs = []
+        for m in range(num_micro):
+            loss, micro_logs = loss_fn(m)
+            (loss / num_micro).backward()
+            logs.append(micro_logs)
+        return logs
+
     def clip_grad_norm(self, max_norm: Optional[float]) -> float:
         return clip_gradients(self.model, max_norm, self.groups)
 
@@ -90,12 +102,6 @@ class ReplicatedEngine(EngineBase):
         self.optimizer = make_optimizer(model)
 
     def forward_backward(self, num_micro: int, loss_fn: LossFn) -> List[Dict[str, float]]:
-        check_int("num_micro", num_micro, minimum=1)
-        self.optimizer.zero_grad(set_to_none=True)
-        logs = []
-        for m in range(num_micro):
-            loss, micro_logs = loss_fn(m)
-            (loss / num_micro).backward()
-            logs.append(micro_logs)
+        logs = self.accumulate(num_micro, loss_fn)
         allreduce_gradients(self.model, self.groups)
         return logs

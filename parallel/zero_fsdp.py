@@ -157,13 +157,7 @@ class FSDP2Engine(EngineBase):
 
     # ---- the verbs ----------------------------------------------------------------------
     def forward_backward(self, num_micro: int, loss_fn: LossFn) -> List[Dict[str, float]]:
-        check_int("num_micro", num_micro, minimum=1)
-        self.optimizer.zero_grad(set_to_none=True)
-        logs = []
-        for m in range(num_micro):
-            loss, micro_logs = loss_fn(m)
-            (loss / num_micro).backward()  # reduce-scatters into the sharded gradients
-            logs.append(micro_logs)
+        logs = self.accumulate(num_micro, loss_fn)  # each backward reduce-scatters into the sharded gradients
         allreduce_gradients(self.replicated, self.groups)
         return logs
 
