@@ -27,6 +27,6 @@ def test_multinode_pipeline_example_validates_at_world_32():
     cfg = yaml.safe_load(r.stdout)
     assert cfg["parallel"] == {"ep": 8, "tp": 2, "pp": 2, "etp": 1, "sequence_parallel": True,
                                "pp_schedule": "interleaved_1f1b", "virtual_stages": 2, "pp_blocks": None,
-                               "zero_stage": 0, "zero_engine": "auto", "backend": "auto"}
+                               "zero_stage": 0, "zero_engine": "auto", "backend": "auto", "timeout_s": 600.0}
     assert cfg["task"] == {"name": "lm"}
     assert (cfg["model"]["n_layers"], cfg["model"]["moe"]["num_experts"]) == (16, 32)

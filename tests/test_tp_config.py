@@ -182,5 +182,5 @@ def test_multinode_example_validates_at_world_16():
     out = yaml.safe_load(r.stdout)
     assert out["parallel"] == {"ep": 8, "tp": 2, "pp": 1, "etp": 1, "sequence_parallel": True, "pp_schedule": "1f1b",
                                "virtual_stages": 1, "pp_blocks": None, "zero_stage": 0, "zero_engine": "auto",
-                               "backend": "auto"}
+                               "backend": "auto", "timeout_s": 600.0}
     assert out["task"] == {"name": "lm"} and out["model"]["moe"]["num_experts"] == 32
