@@ -82,25 +82,12 @@ class StagePlan:
 
 
 def block_costs(cfg, seq_len: int) -> List[int]:
-    """Forward FLOPs per token of every block of a ``TransformerConfig`` at sequence length ``seq_len``.
+    """Forward FLOPs per token of every block of a ``TransformerConfig`` at sequence length ``seq_len``
+    (``moe.models.flops.block_flops_per_token``): attention projections and scores, the FFN's ACTIVE
+    FLOPs (an MoE block: k experts of its expert width) and the router."""
+    from moe.models.flops import block_flops_per_token
 
-    Attention: 2 * 4 D^2 (qkv and out projections) + 2 * 2 L D (scores and the weighted sum);
-    FFN: 2 * (2 or 3 for SwiGLU) * D * F * k (an MoE block: k experts of its expert width,
-    plus its router, 2 D E).
-    """
-    from moe.models.transformer import _matmuls_per_ffn
-
-    D = cfg.d_model
-    costs = []
-    for i in range(cfg.n_layers):
-        cost = 8 * D * D + 4 * seq_len * D
-        if cfg.is_moe_layer(i):
-            cost += 2 * cfg.moe.router.top_k * _matmuls_per_ffn(cfg.activation, cfg.moe.d_ffn, D)
-            cost += 2 * D * cfg.moe.num_experts
-        else:
-            cost += 2 * _matmuls_per_ffn(cfg.activation, cfg.ffn_width(i), D)
-        costs.append(cost)
-    return costs
+    return block_flops_per_token(cfg, seq_len)
 
 
 def balanced_cut(costs: Sequence[float], parts: int) -> List[int]:

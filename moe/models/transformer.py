@@ -65,6 +65,7 @@ from ..config import ACTIVATIONS, MoEConfig, RouterConfig
 from ..dispatch import world_node_groups
 from ..experts import Experts
 from ..layer import MoELayer
+from .flops import ffn_matmuls
 
 __all__ = [
     "OWNED_MOE_FIELDS",
@@ -225,11 +226,6 @@ def split_model_dict(d: Mapping[str, Any], own: Sequence[str], path: str = "mode
 
 # ----------------------------------------------------------------------------- FLOPs and the dense baseline
 
-def _matmuls_per_ffn(activation: str, width: int, d_model: int) -> int:
-    # multiply-adds of one FFN on one token: D*F in, F*D out; SwiGLU's input is [D, 2F]
-    return (3 if activation == "swiglu" else 2) * d_model * width
-
-
 def active_ffn_flops_per_token(cfg) -> int:
     """Forward FLOPs (2 per multiply-add) of the FFNs one token passes through, summed over layers.
 
@@ -245,7 +241,7 @@ def active_ffn_flops_per_token(cfg) -> int:
     total = 0
     for i in range(t.n_layers):
         k = t.moe.router.top_k if t.is_moe_layer(i) else 1
-        total += 2 * k * _matmuls_per_ffn(t.activation, t.ffn_width(i), t.d_model)
+        total += 2 * k * ffn_matmuls(t.activation, t.ffn_width(i), t.d_model)
     return total
 
 

@@ -125,6 +125,12 @@ class ModelTask:
     def moe_layers(self) -> list:
         return self.model.moe_layers()
 
+    def flops_per_sample(self) -> int:
+        """Forward model FLOPs of one training sample (``moe.models.flops``; the LM at its ``seq_len``)."""
+        from ..models.flops import forward_flops_per_sample
+
+        return forward_flops_per_sample(self.model_config, seq_len=getattr(self, "seq_len", None))
+
     def model_inputs(self, batch: dict) -> tuple:
         """The model's positional inputs taken from a batch."""
         raise NotImplementedError

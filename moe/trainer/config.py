@@ -14,7 +14,7 @@ A config file has these sections (every one optional except ``task`` and
             eval_batches: null, checkpoint_every: 1000, keep_checkpoints: 0,
             out_dir: runs/x, resume: null, overwrite: false, device: auto, compile: false}
     telemetry: {tensorboard: true, plots: true, gpu_stats: true, progress_bar: true,
-                idle_expert_steps: 100, drop_jump: 0.1}
+                idle_expert_steps: 100, drop_jump: 0.1, peak_tflops: null}
 
 ``load_config(path, overrides)`` reads the YAML, applies ``--set a.b=value``
 overrides (the value is parsed as YAML, so ``3``, ``0.5``, ``true``, ``null`` and
@@ -250,6 +250,9 @@ class TelemetryConfig:
     consecutive training steps, counted in whole log windows (0: never); ``drop_jump``:
     warn when a layer's drop rate rises by more than this between two log windows
     (absolute: 0.1 = 10 percentage points; null: never). See ``moe.trainer.health``.
+    ``peak_tflops``: the peak of ONE device in TFLOP/s for the logged MFU (``train/mfu``);
+    null: looked up from the GPU's NVML name (``moe.trainer.telemetry.PEAK_BF16_TFLOPS``,
+    dense bf16), and no MFU on CPU or an unknown GPU.
     """
 
     tensorboard: bool = True
@@ -258,6 +261,7 @@ class TelemetryConfig:
     progress_bar: bool = True
     idle_expert_steps: int = _opt(100, _ge(0))
     drop_jump: Optional[float] = _opt(0.1, (lambda v: 0.0 < v <= 1.0, "it must be in (0, 1], or null (no warning)"))
+    peak_tflops: Optional[float] = _opt(None, (lambda v: v is None or v > 0, "it must be > 0, or null (look it up)"))
 
     def validate(self, path: str) -> None:
         pass

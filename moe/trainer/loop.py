@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from moe.models import compile_blocks
+from moe.models.flops import TRAIN_FLOPS_PER_FORWARD
 from moe.models.transformer import micro_batch_rng
 from parallel.engine import ReplicatedEngine
 from parallel.grads import is_expert_param
@@ -56,7 +57,7 @@ from .optim import build_optimizer, lr_at
 from .preemption import StopSignals
 from .setup import make_task, micro_batch_seed, seed_everything
 from .sinks import Sinks, train_row
-from .telemetry import GPUMonitor, RoutingRecorder, all_reduce_mean
+from .telemetry import GPUMonitor, RoutingRecorder, all_reduce_mean, peak_tflops_for
 
 
 @dataclass
@@ -196,6 +197,9 @@ class Trainer:
         self.train_rec = RoutingRecorder(self.moe_layers, names, training=True)
         self.eval_rec = RoutingRecorder(self.moe_layers, names, training=False)
         self.health = RoutingHealth(cfg.telemetry.idle_expert_steps, cfg.telemetry.drop_jump)
+        flops = getattr(self.task, "flops_per_sample", None)  # a custom task may not say
+        self.flops_per_sample: Optional[int] = flops() if callable(flops) else None
+        self.peak_flops: Optional[float] = None  # FLOP/s of all devices together, for train/mfu (fit)
         self.stop = StopSignals(self.world)
 
     @property
@@ -321,6 +325,7 @@ class Trainer:
             sinks.line(self._describe())
             if not gpu.available:
                 sinks.line(f"GPU telemetry off: {gpu.reason}")
+            self._set_peak(sinks, gpu)
             for note in notes:
                 sinks.line(note)
             sinks.open_bar(self.step)
@@ -381,6 +386,18 @@ class Trainer:
         dist.all_gather_object(every, routing, group=self.groups.pp_group)
         merged = [r for part in every for r in part]
         return sorted(merged, key=lambda r: [int(t) if t.isdigit() else t for t in r.name.split(".")])
+
+    def _set_peak(self, sinks: Sinks, gpu: GPUMonitor) -> None:
+        """The device peak behind ``train/mfu``: ``telemetry.peak_tflops``, else the GPU's known peak."""
+        peak, source = self.cfg.telemetry.peak_tflops, "telemetry.peak_tflops"
+        if peak is None:
+            peak, source = peak_tflops_for(gpu.name), f"the dense bf16 peak of {gpu.name}"
+        if peak is None or self.flops_per_sample is None:
+            return
+        self.peak_flops = peak * 1e12 * self.world
+        flops = TRAIN_FLOPS_PER_FORWARD * self.flops_per_sample * self.schedule.global_batch
+        sinks.line(f"model FLOPs per step {flops:.3e} (3 x forward, active parameters); MFU against "
+                   f"{peak:g} TFLOP/s per device ({source}) x {self.world} device(s)")
 
     def _report_memory(self, sinks: Sinks) -> None:
         """Every rank's bytes of parameters, gradients and optimizer state (``engine.memory()``, live tensors
@@ -454,7 +471,8 @@ class Trainer:
         if not self.is_main:
             return
         row = train_row(self.step, lr, means, seconds=elapsed, samples=n * self.schedule.global_batch,
-                        routing=routing, hardware=gpu.read())
+                        routing=routing, hardware=gpu.read(), flops_per_sample=self.flops_per_sample,
+                        samples_per_step=self.schedule.global_batch, peak_flops=self.peak_flops)
         health, warnings = self.health.update(self.step, n, routing)
         row.update(health)
         result.history.append(row)

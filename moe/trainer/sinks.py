@@ -15,6 +15,8 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 
+from moe.models.flops import TRAIN_FLOPS_PER_FORWARD
+
 from .telemetry import LayerRouting
 
 __all__ = ["train_row", "format_train_line", "format_eval_line", "ScalarWriter", "Sinks"]
@@ -22,10 +24,12 @@ __all__ = ["train_row", "format_train_line", "format_eval_line", "ScalarWriter",
 _NOT_AUX = ("loss", "grad_norm")
 # Routing-health keys: shown in the console line by name (cv, idle), not as task logs.
 _HEALTH = ("train/load_cv", "train/zero_weight_rate", "train/skipped_forwards", "train/idle_experts")
+_THROUGHPUT = ("train/model_flops_per_step", "train/model_tflops_per_s", "train/mfu")
 
 
 def train_row(step: int, lr: float, means: Mapping[str, float], *, seconds: float, samples: int,
-              routing: Sequence[LayerRouting], hardware: Mapping[str, float]) -> Dict[str, float]:
+              routing: Sequence[LayerRouting], hardware: Mapping[str, float], flops_per_sample: Optional[float] = None,
+              samples_per_step: int = 0, peak_flops: Optional[float] = None) -> Dict[str, float]:
     """The metrics row of a log window: ``train/*`` means, speed, routing health and ``gpu/*`` counters.
 
     ``means``: per-step means over the window (``loss``, ``grad_norm``, task logs);
@@ -36,6 +40,11 @@ def train_row(step: int, lr: float, means: Mapping[str, float], *, seconds: floa
     of ``train/load_cv`` (coefficient of variation of the kept tokens per expert) and
     ``train/zero_weight_rate`` (kept assignments with a ~zero combine weight), and
     ``train/skipped_forwards`` (layer forwards skipped for non-finite router values).
+
+    Throughput in model FLOPs (``moe.models.flops``: training = 3 x forward, active parameters)
+    when ``flops_per_sample`` (forward FLOPs of one sample) is given: ``train/model_flops_per_step``
+    (``samples_per_step`` samples), ``train/model_tflops_per_s`` (all devices together) and, with
+    ``peak_flops`` (FLOP/s of all devices together), ``train/mfu`` = achieved / peak.
     """
     speed = {"samples_per_s": samples / max(seconds, 1e-9)}
     tokens = routing[0].tokens if routing else 0
@@ -47,6 +56,12 @@ def train_row(step: int, lr: float, means: Mapping[str, float], *, seconds: floa
         counts["train/load_cv"] = sum(r.load_cv for r in routing) / len(routing)
         counts["train/zero_weight_rate"] = sum(r.zero_weight_rate for r in routing) / len(routing)
         counts["train/skipped_forwards"] = float(sum(r.skipped for r in routing))
+    if flops_per_sample:
+        achieved = TRAIN_FLOPS_PER_FORWARD * flops_per_sample * samples / max(seconds, 1e-9)
+        counts["train/model_flops_per_step"] = float(TRAIN_FLOPS_PER_FORWARD * flops_per_sample * samples_per_step)
+        counts["train/model_tflops_per_s"] = achieved / 1e12
+        if peak_flops:
+            counts["train/mfu"] = achieved / peak_flops
     return {"step": step, "train/lr": lr, "train/drop_rate": drop, **counts,
             **{f"train/{k}": float(v) for k, v in means.items()},
             **{f"train/{k}": v for k, v in speed.items()},
@@ -61,7 +76,8 @@ def _rate(row: Mapping[str, float]) -> str:
 
 def _aux(row: Mapping[str, float]) -> Dict[str, float]:
     skip = {f"train/{k}" for k in _NOT_AUX} | {"train/lr", "train/drop_rate", "train/samples_per_s",
-                                               "train/tokens_per_s", "train/routed_tokens", *_HEALTH}
+                                               "train/tokens_per_s", "train/routed_tokens", *_HEALTH,
+                                               *_THROUGHPUT}
     return {k[len("train/"):]: v for k, v in row.items() if k.startswith("train/") and k not in skip}
 
 
@@ -69,7 +85,7 @@ def format_train_line(row: Mapping[str, float], total_steps: int) -> str:
     """``step 4/10 | loss 1.2345 | lr 1.00e-03 | 812 tok/s | drop 0.3% | cv 0.12 | <task logs> | gpu ...``.
 
     ``cv``: the load coefficient of variation, when the row has MoE layers; ``idle N``
-    when N experts are collapsed (``train/idle_experts`` > 0).
+    when N experts are collapsed (``train/idle_experts`` > 0); ``mfu`` when a peak is known.
     """
     parts = [f"step {row['step']}/{total_steps}", f"loss {row['train/loss']:.4f}", f"lr {row['train/lr']:.2e}",
              _rate(row), f"drop {100 * row['train/drop_rate']:.1f}%"]
@@ -77,6 +93,8 @@ def format_train_line(row: Mapping[str, float], total_steps: int) -> str:
         parts.append(f"cv {row['train/load_cv']:.2f}")
     if row.get("train/idle_experts", 0) > 0:
         parts.append(f"idle {int(row['train/idle_experts'])}")
+    if "train/mfu" in row:
+        parts.append(f"mfu {100 * row['train/mfu']:.1f}%")
     parts += [f"{k} {v:.4g}" for k, v in _aux(row).items()]
     if "gpu/gpu_util_pct" in row:
         parts.append(f"gpu {row.get('gpu/gpu_util_pct', 0):.0f}% {row.get('gpu/gpu_mem_used_gb', 0):.1f}GB "

@@ -197,6 +197,27 @@ def all_reduce_mean(values: Dict[str, float], group=None) -> Dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------
+# Dense bf16 tensor-core peaks per device in TFLOP/s (vendor datasheets; sparsity not counted),
+# matched against the NVML device name: the first key contained in it wins (most specific first).
+PEAK_BF16_TFLOPS = (
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0),
+    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+    ("A10G", 70.0), ("A10", 125.0), ("A6000", 155.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0),
+    ("V100", 125.0),  # fp16 tensor cores (V100 has no bf16)
+)
+
+
+def peak_tflops_for(device_name: Optional[str]) -> Optional[float]:
+    """The dense bf16 peak (TFLOP/s) of a GPU named ``device_name`` (NVML's name), or None if unknown."""
+    if not device_name:
+        return None
+    name = device_name.upper()
+    for key, peak in PEAK_BF16_TFLOPS:
+        if key.upper() in name:
+            return peak
+    return None
+
+
 class GPUMonitor:
     """NVML counters of this process's GPU; ``available`` False on CPU (with ``reason``)."""
 
@@ -222,6 +243,17 @@ class GPUMonitor:
             self.available = True
         except Exception as e:  # noqa: BLE001 - missing library / driver: telemetry just goes off
             self.reason = f"NVML unavailable ({type(e).__name__}: {e})"
+
+    @property
+    def name(self) -> Optional[str]:
+        """NVML's name of this GPU (e.g. "NVIDIA H100 80GB HBM3"), or None when off."""
+        if not self.available:
+            return None
+        try:
+            name = self._nvml.nvmlDeviceGetName(self._handle)
+        except Exception:  # noqa: BLE001
+            return None
+        return name.decode() if isinstance(name, bytes) else str(name)
 
     def read(self) -> Dict[str, float]:
         """{gpu_util_pct, gpu_mem_used_gb, gpu_mem_total_gb, gpu_power_w} or {} when off."""
