@@ -80,3 +80,20 @@ def test_the_trainer_logs_mfu_against_the_configured_peak(tmp_path):
     for row in run.metrics:
         assert row["train/model_flops_per_step"] == 3 * per_sample * TINY_LM["train"]["global_batch_size"]
         assert row["train/mfu"] == pytest.approx(row["train/model_tflops_per_s"] / 0.5)
+
+
+@pytest.mark.distributed
+def test_profile_writes_a_trace_of_the_chosen_steps(tmp_path):
+    """telemetry.profile {start_step: 2, steps: 2}: one chrome-trace JSON for rank 0 with the steps' ops."""
+    import glob
+    import json
+    import os
+
+    run = run_layout(TINY_LM, 1, tmp_path, overrides=["telemetry.profile={start_step: 2, steps: 2}"])
+    assert "profiler: steps 2-3 traced to" in run.stdout
+    traces = glob.glob(os.path.join(tmp_path, "run", "profile", "rank0*.pt.trace.json"))
+    assert len(traces) == 1, os.listdir(os.path.join(tmp_path, "run", "profile"))
+    with open(traces[0]) as f:
+        events = json.load(f)["traceEvents"]
+    names = {e.get("name", "") for e in events}
+    assert any("aten::mm" in n or "aten::addmm" in n for n in names)  # the steps' matrix products were recorded

@@ -14,7 +14,7 @@ A config file has these sections (every one optional except ``task`` and
             eval_batches: null, checkpoint_every: 1000, keep_checkpoints: 0,
             out_dir: runs/x, resume: null, overwrite: false, device: auto, compile: false}
     telemetry: {tensorboard: true, plots: true, gpu_stats: true, progress_bar: true,
-                idle_expert_steps: 100, drop_jump: 0.1, peak_tflops: null}
+                idle_expert_steps: 100, drop_jump: 0.1, peak_tflops: null, profile: null}
 
 ``load_config(path, overrides)`` reads the YAML, applies ``--set a.b=value``
 overrides (the value is parsed as YAML, so ``3``, ``0.5``, ``true``, ``null`` and
@@ -243,6 +243,18 @@ class TrainLoopConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """``telemetry.profile``: a torch profiler trace of steps ``start_step .. start_step + steps - 1``
+    (1-based), written per rank to ``<out_dir>/profile/`` in TensorBoard's profiler-plugin format."""
+
+    start_step: int = _opt(2, _ge(1))
+    steps: int = _opt(2, _ge(1))
+
+    def validate(self, path: str) -> None:
+        pass
+
+
+@dataclass
 class TelemetryConfig:
     """What the trainer records besides the progress line, and when it warns about routing.
 
@@ -252,7 +264,8 @@ class TelemetryConfig:
     (absolute: 0.1 = 10 percentage points; null: never). See ``moe.trainer.health``.
     ``peak_tflops``: the peak of ONE device in TFLOP/s for the logged MFU (``train/mfu``);
     null: looked up from the GPU's NVML name (``moe.trainer.telemetry.PEAK_BF16_TFLOPS``,
-    dense bf16), and no MFU on CPU or an unknown GPU.
+    dense bf16), and no MFU on CPU or an unknown GPU. ``profile``: ``{start_step, steps}`` for a
+    torch profiler trace of a few steps (``ProfileConfig``; null: none).
     """
 
     tensorboard: bool = True
@@ -262,6 +275,7 @@ class TelemetryConfig:
     idle_expert_steps: int = _opt(100, _ge(0))
     drop_jump: Optional[float] = _opt(0.1, (lambda v: 0.0 < v <= 1.0, "it must be in (0, 1], or null (no warning)"))
     peak_tflops: Optional[float] = _opt(None, (lambda v: v is None or v > 0, "it must be > 0, or null (look it up)"))
+    profile: Optional[ProfileConfig] = None
 
     def validate(self, path: str) -> None:
         pass

@@ -54,6 +54,7 @@ from . import resume as start
 from .config import ConfigError, TrainConfig, TrainLoopConfig, resolve_sections
 from .health import RoutingHealth
 from .optim import build_optimizer, lr_at
+from .profiling import StepProfiler
 from .preemption import StopSignals
 from .setup import make_task, micro_batch_seed, seed_everything
 from .sinks import Sinks, train_row
@@ -200,6 +201,7 @@ class Trainer:
         flops = getattr(self.task, "flops_per_sample", None)  # a custom task may not say
         self.flops_per_sample: Optional[int] = flops() if callable(flops) else None
         self.peak_flops: Optional[float] = None  # FLOP/s of all devices together, for train/mfu (fit)
+        self.profiler = StepProfiler(cfg.telemetry.profile, self.out_dir, self.rank, self.device)
         self.stop = StopSignals(self.world)
 
     @property
@@ -344,6 +346,7 @@ class Trainer:
             return result
         finally:
             self.stop.disarm()
+            self.profiler.close()  # a run that ends inside the window writes what it recorded
             sinks.close()
             gpu.close()
             self.train_rec.close()
@@ -426,6 +429,7 @@ class Trainer:
         window: Dict[str, float] = {}
         window_steps, busy = 0, 0.0  # busy: seconds spent in training steps (evals/saves excluded)
         while self.step < tcfg.steps:
+            self.profiler.begin(self.step + 1)
             t0 = time.perf_counter()
             lr = lr_at(self.step, cfg.optim, tcfg.steps)
             micro_logs = self._forward_backward()
@@ -437,6 +441,9 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             busy += time.perf_counter() - t0
             self.step += 1
+            traced = self.profiler.end(self.step)
+            if traced:
+                sinks.line(traced)
             if self.memory is None:  # after this run's first step every buffer exists
                 self._report_memory(sinks)
             keys = set.intersection(*(set(logs) for logs in micro_logs))
