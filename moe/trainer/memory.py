@@ -38,7 +38,7 @@ def _one_rank(rank: int, world: int, config: str, overrides: List[str], out_dir:
 
 def measure(config: str, world: int, overrides: List[str]) -> List[Dict[str, int]]:
     """Every rank's ``engine.memory()`` after one step at learning rate 0 (see the module doc)."""
-    from tests.helpers.distributed import run_distributed
+    from parallel.spawn import run_distributed
 
     with tempfile.TemporaryDirectory() as out_dir:
         return run_distributed(_one_rank, world, config, list(overrides), out_dir, timeout=600)
