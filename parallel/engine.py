@@ -12,6 +12,13 @@ The loop calls only an engine's verbs, whatever the layout underneath:
 - ``model`` / ``optimizer``: what checkpoints save and load (through ``checkpoint_optimizer``).
 - ``memory()``: bytes of parameters, gradients and optimizer state this rank holds.
 
+Mixed precision (``parallel.precision``): the forward runs under the engine's
+``precision.autocast`` (the loop's ``loss_fn`` for these engines, the schedule for a
+pipeline); with fp16 loss scaling the loop sets ``loss_scale`` before ``forward_backward``
+(every micro-batch loss is multiplied by it before its backward), then calls
+``unscale_grads(1 / loss_scale)`` before ``clip_grad_norm``, and ``skip_step()`` instead of
+``step`` when the global norm is not finite.
+
 ``ReplicatedEngine`` is data + expert parallelism with a replicated optimizer (ZeRO
 stage 0): dense gradients averaged over the data-parallel group, expert gradients
 over the expert-data-parallel group (``parallel.grads``). ``parallel.pipeline.
@@ -29,6 +36,7 @@ from torch import nn
 from moe.checks import check_int
 
 from .grads import allreduce_gradients, clip_gradients, sync_replicas
+from .precision import Precision
 
 LossFn = Callable[[int], Tuple[torch.Tensor, Dict[str, float]]]
 
@@ -46,6 +54,8 @@ class EngineBase:
     model: nn.Module
     groups: object
     optimizer: torch.optim.Optimizer
+    precision: Precision = Precision()
+    loss_scale: float = 1.0  # fp16: the loss scaler's scale for the next forward_backward
 
     def accumulate(self, num_micro: int, loss_fn: LossFn) -> List[Dict[str, float]]:
         """Zero the gradients, then back-propagate ``loss_fn(m) / num_micro`` for every micro-batch m on this
@@ -55,12 +65,25 @@ class EngineBase:
         logs = []
         for m in range(num_micro):
             loss, micro_logs = loss_fn(m)
-            (loss / num_micro).backward()
+            scaled = loss if self.loss_scale == 1.0 else loss * self.loss_scale  # fp16: a power of two, exact
+            (scaled / num_micro).backward()
             logs.append(micro_logs)
         return logs
 
     def clip_grad_norm(self, max_norm: Optional[float]) -> float:
         return clip_gradients(self.model, max_norm, self.groups)
+
+    @torch.no_grad()
+    def unscale_grads(self, factor: float) -> None:
+        """Multiply every gradient this rank holds by ``factor`` (fp16: ``1 / loss_scale``, after the reduction)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+
+    def skip_step(self) -> None:
+        """The step whose gradients were not finite (fp16 overflow): drop them, leave the parameters
+        and the optimizer state as they are."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def memory(self) -> Dict[str, int]:
         """Bytes this rank holds of parameters, gradients and optimizer state, from the live tensors
@@ -96,8 +119,9 @@ class ReplicatedEngine(EngineBase):
     ``make_optimizer``: builds the optimizer for the model's parameters.
     """
 
-    def __init__(self, model: nn.Module, groups, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]):
-        self.model, self.groups = model, groups
+    def __init__(self, model: nn.Module, groups, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                 *, precision: Precision = Precision()):
+        self.model, self.groups, self.precision = model, groups, precision
         sync_replicas(model, groups)
         self.optimizer = make_optimizer(model)
 
