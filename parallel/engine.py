@@ -36,7 +36,7 @@ from torch import nn
 from moe.checks import check_int
 
 from .grads import allreduce_gradients, clip_gradients, sync_replicas
-from .precision import Precision
+from .precision import FP32, Precision
 
 LossFn = Callable[[int], Tuple[torch.Tensor, Dict[str, float]]]
 
@@ -54,7 +54,7 @@ class EngineBase:
     model: nn.Module
     groups: object
     optimizer: torch.optim.Optimizer
-    precision: Precision = Precision()
+    precision: Precision = FP32
     loss_scale: float = 1.0  # fp16: the loss scaler's scale for the next forward_backward
 
     def accumulate(self, num_micro: int, loss_fn: LossFn) -> List[Dict[str, float]]:
@@ -120,7 +120,7 @@ class ReplicatedEngine(EngineBase):
     """
 
     def __init__(self, model: nn.Module, groups, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 *, precision: Precision = Precision()):
+                 *, precision: Precision = FP32):
         self.model, self.groups, self.precision = model, groups, precision
         sync_replicas(model, groups)
         self.optimizer = make_optimizer(model)

@@ -29,7 +29,7 @@ from typing import Dict, Iterator, Optional
 
 import torch
 
-__all__ = ["PRECISIONS", "Precision", "LossScaler", "compute_dtype", "fp32_region"]
+__all__ = ["PRECISIONS", "FP32", "Precision", "LossScaler", "compute_dtype", "fp32_region"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,6 +75,9 @@ class Precision:
                 "deepspeed": f"DeepSpeed torch_autocast {name}, fp32 gradient reduction and partitions"}[engine]
         scaling = "; dynamic loss scaling (skipped steps counted)" if self.loss_scaling else ""
         return f"{common}; {comm}{scaling}"
+
+
+FP32 = Precision("fp32")
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

@@ -13,13 +13,13 @@ as in ``moe.trainer.optim``, ``grad_clip``), ``num_micro`` the gradient accumula
 """
 from __future__ import annotations
 
-from .precision import Precision
+from .precision import FP32, Precision
 
 __all__ = ["build_zero_engine"]
 
 
 def build_zero_engine(engine: str, model, groups, optim_cfg, *, stage: int, num_micro: int, device,
-                      precision: Precision = Precision()):
+                      precision: Precision = FP32):
     """The ZeRO engine ``engine`` ("deepspeed" or "fsdp2") for ``stage`` (see the module doc)."""
     kw = dict(stage=stage, num_micro=num_micro, device=device, precision=precision)
     if engine == "deepspeed":

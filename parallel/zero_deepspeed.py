@@ -65,6 +65,7 @@ from moe.checks import check_int
 
 from .engine import EngineBase, LossFn
 from .grads import expert_group_name, is_expert_param
+from .precision import FP32, Precision
 from .shards import partial_grad_group, shard_of
 
 __all__ = ["DeepSpeedEngine", "ADAM_KEYS"]
@@ -216,7 +217,8 @@ class DeepSpeedEngine(EngineBase):
     ``num_micro``: micro-batches per optimizer step; ``device``: where the model lives.
     """
 
-    def __init__(self, model: nn.Module, groups, optim_cfg, *, stage: int, num_micro: int, device):
+    def __init__(self, model: nn.Module, groups, optim_cfg, *, stage: int, num_micro: int, device,
+                 precision: Precision = FP32):
         if stage not in (1, 2):
             raise ValueError(f"DeepSpeedEngine: stage must be 1 or 2 (ZeRO stage 3 runs on FSDP2), got {stage!r}")
         check_int("num_micro", num_micro, minimum=1)
@@ -231,7 +233,7 @@ class DeepSpeedEngine(EngineBase):
         deepspeed = _import_deepspeed()
         _set_local_rank(device)
         self.model, self.groups, self.stage, self.num_micro = model, groups, stage, num_micro
-        self.optim_cfg = optim_cfg
+        self.optim_cfg, self.precision = optim_cfg, precision
         if dims.tp > 1:  # the norm: tp pieces and experts differ between the model-parallel ranks
             for p in model.parameters():
                 if is_expert_param(p) or shard_of(p) is not None:

@@ -41,6 +41,13 @@ The trainer and the tasks enter the model through ``run_pieces`` (and LIMoE's
 ``encode_*``), not ``forward``: those methods run FSDP's root pre/post-forward hooks
 (``_enter``), once per outermost call.
 
+Mixed precision (``train.precision`` bf16 / fp16, ``parallel.precision``): every unit but the
+routers gathers its parameters in the compute dtype and reduce-scatters gradients in fp32
+(``MixedPrecisionPolicy(param_dtype, reduce_dtype=fp32, cast_forward_inputs=False)``: the
+residual stream stays in the dtype autocast leaves it in, fp32); the sharded parameters, the
+gradients and AdamW's state stay fp32. Each router is a unit of its own with the default
+(fp32) policy, so the router computes from fp32 weights, as in every other engine.
+
 Parameters created by ``fully_shard`` are new ``nn.Parameter`` objects: the expert
 markers of ``parallel.grads`` (``allreduce``, ``group_name``) are set on them again.
 Checkpoints (``moe.trainer.checkpoint``) declare dense DTensors at their global
@@ -56,15 +63,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from moe.checks import check_int
 from moe.experts import Experts
+from moe.router import Router
 from moe.models.transformer import Block
 
 from .engine import EngineBase, LossFn
 from .grads import allreduce_gradients, is_expert_param, mark_expert_params, sync_replicas
+from .precision import FP32, Precision
 
 __all__ = ["FSDP2Engine", "ENTRY_METHODS"]
 
@@ -107,7 +116,8 @@ class FSDP2Engine(EngineBase):
     job's ``moe.trainer.config.OptimConfig``; ``num_micro``: micro-batches per step.
     """
 
-    def __init__(self, model: nn.Module, groups, optim_cfg, *, stage: int, num_micro: int, device):
+    def __init__(self, model: nn.Module, groups, optim_cfg, *, stage: int, num_micro: int, device,
+                 precision: Precision = FP32):
         from moe.trainer.optim import build_optimizer
 
         if stage not in (2, 3):
@@ -120,26 +130,35 @@ class FSDP2Engine(EngineBase):
                 raise ValueError(f"parallel.{key}={getattr(dims, key)}: the FSDP2 engine needs {key}=1 "
                                  "(tensor and pipeline parallelism run with zero_stage 0, or zero 1-2 on deepspeed)")
         self.model, self.groups, self.stage, self.num_micro = model, groups, stage, num_micro
+        self.precision = precision
         device_type = torch.device(device).type
         sync_replicas(model, groups)  # every replica shards the same tensors
         reshard = stage == 3
+        # bf16/fp16: parameters gathered in the compute dtype, gradients reduced (and kept) in fp32
+        mp = MixedPrecisionPolicy()
+        if precision.mixed:
+            mp = MixedPrecisionPolicy(param_dtype=precision.dtype, reduce_dtype=torch.float32,
+                                      cast_forward_inputs=False)
         dp_mesh = DeviceMesh.from_group(groups.dp_group, device_type)
         edp_mesh = DeviceMesh.from_group(groups.edp_group, device_type)
         experts = [m for m in model.modules() if isinstance(m, Experts) and is_expert_param(m.w1)]
         # a model whose blocks are not entered through Block.forward (LIMoE) keeps them in the root unit
         per_block = getattr(model, "fsdp_block_units", True)
         blocks = [m for m in model.modules() if isinstance(m, Block)] if per_block else []
+        routers = [m for m in model.modules() if isinstance(m, Router)] if precision.mixed else []
         units: List[nn.Module] = []
         for m in experts:
-            units.append(fully_shard(m, mesh=edp_mesh, reshard_after_forward=reshard))
-        for m in blocks:
+            units.append(fully_shard(m, mesh=edp_mesh, reshard_after_forward=reshard, mp_policy=mp))
+        for m in routers:  # the router stays fp32 under every precision (parallel.precision)
             units.append(fully_shard(m, mesh=dp_mesh, reshard_after_forward=reshard))
+        for m in blocks:
+            units.append(fully_shard(m, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp))
         # fully_shard cannot split 0-d parameters (LIMoE's logit scale): they stay replicated, with
         # their gradient averaged over dp here (parallel.grads) and their state on every rank
         self.replicated = [p for p in model.parameters() if p.dim() == 0 and p.requires_grad]
         if any(is_expert_param(p) for p in self.replicated):
             raise ValueError("FSDP2Engine: an expert parameter is 0-d; experts are stacked [E_l, ...] tensors")
-        units.append(fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard,
+        units.append(fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp,
                                  ignored_params=set(self.replicated) or None))
         self.units = units
         for m in experts:  # fully_shard made new Parameters: mark them again
