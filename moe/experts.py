@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.precision import compute_dtype
 from parallel.shards import TensorShard, mark_partial_grad, mark_shard, take_piece
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -145,7 +146,7 @@ class Experts(nn.Module):
     def _bias(self, h: torch.Tensor, b: Optional[torch.Tensor], counts_El: torch.Tensor) -> torch.Tensor:
         if b is None:
             return h
-        return h + torch.repeat_interleave(b, counts_El, dim=0, output_size=h.shape[0])
+        return h + torch.repeat_interleave(b.to(h.dtype), counts_El, dim=0, output_size=h.shape[0])
 
     def forward(self, rows_ND: torch.Tensor, counts_El: torch.Tensor, *,
                 padded_capacity: Optional[int] = None, output_bias: bool = True) -> torch.Tensor:
@@ -178,10 +179,14 @@ class Experts(nn.Module):
             if rows_ND.shape[0] != int(counts_El.sum()):
                 raise ValueError(f"rows has {rows_ND.shape[0]} rows but counts sum to {int(counts_El.sum())}")
             self.last_rows = rows_ND.shape[0]
-        w1, w2 = self.w1.to(rows_ND.dtype), self.w2.to(rows_ND.dtype)
-        h = self._act(self._bias(mm(rows_ND, w1, counts_El), self.b1, counts_El))
+        # mixed precision: grouped_mm is outside autocast's op list, so cast to its dtype here (fp32: no-op)
+        dtype = compute_dtype(rows_ND)
+        rows = rows_ND.to(dtype)
+        w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
+        h = self._act(self._bias(mm(rows, w1, counts_El), self.b1, counts_El))
         out = mm(h, w2, counts_El)
-        return self._bias(out, self.b2, counts_El) if output_bias else out
+        out = self._bias(out, self.b2, counts_El) if output_bias else out
+        return out.to(rows_ND.dtype)
 
     def expert_mlp(self, e: int, x_TD: torch.Tensor) -> torch.Tensor:
         """Local expert ``e`` applied to every row of x (dense oracle building block;

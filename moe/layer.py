@@ -197,6 +197,10 @@ class MoELayer(nn.Module):
             self._last_bytes = (self.dispatcher.bytes_sent, self.dispatcher.bytes_received)
         return y_TD.view(x.shape), aux
 
+    def discard_expert_bias_update(self) -> None:
+        """Forget the load summed since the last update (a skipped optimizer step: fp16 overflow)."""
+        self._pending_load = None
+
     def apply_expert_bias_update(self) -> None:
         """Update the expert bias from the load summed since the last update, over ``dp_group``.
 

@@ -1,5 +1,8 @@
 """The learned router: fp32 logits from token features, then ``moe.route``.
 
+Everything here runs in fp32, also under bf16/fp16 autocast (``parallel.precision.fp32_region``):
+the softmax / sigmoid, top-k and the balancing losses of ``moe.route`` see fp32 logits.
+
 Legend: T tokens, D model width, E experts.
 """
 from __future__ import annotations
@@ -8,6 +11,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from parallel.precision import fp32_region
 
 from .config import MoEConfig
 from .routing import rng_device, route
@@ -33,21 +38,23 @@ class Router(nn.Module):
 
     def logits(self, x_TD: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Router logits[T, E] in fp32 (with Switch input jitter in training)."""
-        x = x_TD.float()
-        eps = self.config.router.jitter_eps
-        if self.training and eps > 0:
-            u = torch.rand(x.shape, generator=generator, device=rng_device(generator))
-            x = x * (1.0 - eps + 2.0 * eps * u.to(x.device))
-        return x @ self.weight.float().t()
+        with fp32_region(x_TD.device.type):
+            x = x_TD.float()
+            eps = self.config.router.jitter_eps
+            if self.training and eps > 0:
+                u = torch.rand(x.shape, generator=generator, device=rng_device(generator))
+                x = x * (1.0 - eps + 2.0 * eps * u.to(x.device))
+            return x @ self.weight.float().t()
 
     def forward(self, x_TD: torch.Tensor, modality: Optional[torch.Tensor] = None, *,
                 generator: Optional[torch.Generator] = None) -> Routing:
         rc = self.config.router
-        noise = x_TD.float() @ self.noise_weight.float().t() if self.noise_weight is not None else None
-        return route(self.logits(x_TD, generator), rc, modality=modality, generator=generator,
-                     training=self.training, noise_logits=noise,
-                     expert_bias=self.expert_bias if rc.policy == "expert_bias" else None,
-                     backend=self.config.backend, name=self.name)
+        with fp32_region(x_TD.device.type):  # the router stays fp32 under bf16/fp16 autocast (parallel.precision)
+            noise = x_TD.float() @ self.noise_weight.float().t() if self.noise_weight is not None else None
+            return route(self.logits(x_TD, generator), rc, modality=modality, generator=generator,
+                         training=self.training, noise_logits=noise,
+                         expert_bias=self.expert_bias if rc.policy == "expert_bias" else None,
+                         backend=self.config.backend, name=self.name)
 
     @torch.no_grad()
     def update_expert_bias(self, load_E: torch.Tensor) -> None:

@@ -71,6 +71,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.print_config:
         print(text, end="")
+        import torch
+
+        device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        for line in cfg.effective_lines(device):
+            print(f"# effective: {line}")
         return 0
     from moe.trainer.checkpoint import CheckpointError
     from moe.trainer.loop import run

@@ -98,12 +98,21 @@ class EngineBase:
         """What checkpoints save and load as the optimizer state: an Adam/AdamW-like object whose
         ``param_groups`` hold the model's parameters and whose ``state[p]`` holds that parameter's
         ``step`` / ``exp_avg`` / ``exp_avg_sq`` (``moe.trainer.checkpoint``). Here the optimizer itself;
-        an engine that keeps the state elsewhere (flat ZeRO partitions) returns a per-parameter view."""
-        return self.optimizer
+        an engine that keeps the state elsewhere (flat ZeRO partitions) returns a per-parameter view, and
+        so does this one for an optimizer that keeps ``step`` per group (apex FusedAdam: ``moe.trainer.fused``)."""
+        if isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            return self.optimizer
+        from moe.trainer.fused import AdamView
+
+        self._adam_view = AdamView(self.optimizer)
+        return self._adam_view.view()
 
     def after_checkpoint_load(self) -> None:
         """Called after a checkpoint was loaded into ``checkpoint_optimizer()`` (and the model): an engine
-        with a view pushes the loaded state into its own buffers. Nothing to do here."""
+        with a view pushes the loaded state into its own buffers."""
+        view, self._adam_view = getattr(self, "_adam_view", None), None
+        if view is not None:
+            view.push()
 
     def step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

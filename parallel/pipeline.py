@@ -35,6 +35,13 @@ The engine passes all stage shapes to ``PipelineStage`` (``input_args`` /
 ``output_args`` / ``input_grads`` / ``output_grads``): without them each stage runs an
 extra forward to infer shapes, which would double-count MoE load statistics and
 expert-bias updates (``../shared/ENGINES.md``).
+
+Mixed precision (``parallel.precision``): each chunk runs under the precision's autocast, the
+last chunk's loss in fp32 (``fp32_output_loss``). The stage tensors keep the parameters' dtype,
+fp32: autocast leaves the residual stream in fp32 (a bf16 matmul output added to an fp32
+stream is fp32), so a pipeline trains the numbers of one process in every precision. With fp16
+loss scaling every loss term (the last chunk's loss and each ``AttachAux`` sum) is multiplied
+by ``loss_scale`` before the backward.
 """
 from __future__ import annotations
 
@@ -49,6 +56,7 @@ from moe.checks import check_int
 
 from .engine import EngineBase
 from .grads import allreduce_gradients, sync_replicas
+from .precision import FP32, Precision
 from .shards import mark_partial_grad
 from .stages import StagePlan
 
@@ -201,24 +209,26 @@ class _Chunk(nn.Module):
         batch, seed = engine.micro_batch(m)
         inputs = task.model_inputs(batch)
         torch.manual_seed(seed)
-        with micro_batch_rng(seed):
+        with micro_batch_rng(seed), engine.precision.autocast(engine.device.type):
             if self.first:
                 state = model.pipe_embed(*inputs)
             state, aux = model.pipe_blocks(tuple(state), inputs, self.block_ids)
+            head = model.pipe_head(state, inputs) if self.last else None
         logs = engine.logs.setdefault(m, {"aux": {}})
         for k, v in aux.items():
             logs["aux"][k] = logs["aux"].get(k, 0.0) + float(v.detach())
+        scale = engine.loss_scale  # fp16 loss scaling: every loss term scaled before the backward
         if self.last:
-            task_loss, extra = task.output_loss(model.pipe_head(state, inputs), batch)
+            task_loss, extra = task.fp32_output_loss(head, batch)
             logs["task_loss"], logs["extra"] = float(task_loss.detach()), extra
             total = task_loss
             for v in aux.values():
                 total = total + v
-            return total
+            return total if scale == 1.0 else total * scale
         state = tuple(t for t in state if t is not None)
         if aux:
             total = sum(aux.values())
-            state = (AttachAux.apply(state[0], total),) + state[1:]
+            state = (AttachAux.apply(state[0], total if scale == 1.0 else total * scale),) + state[1:]
         return state if len(state) > 1 else state[0]
 
 
@@ -232,7 +242,7 @@ class PipelineEngine(EngineBase):
     """
 
     def __init__(self, task, groups, role: StageRole, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 *, schedule: str, num_micro: int, sample_batch: dict, device):
+                 *, schedule: str, num_micro: int, sample_batch: dict, device, precision: Precision = FP32):
         from torch.distributed.pipelining import (
             PipelineStage,
             Schedule1F1B,
@@ -245,7 +255,7 @@ class PipelineEngine(EngineBase):
         if problem:
             raise ValueError(f"PipelineEngine: {problem}")
         self.task, self.model, self.groups, self.role = task, task.model, groups, role
-        self.num_micro = num_micro
+        self.num_micro, self.precision = num_micro, precision
         self.device = torch.device(device)
         sync_replicas(self.model, groups)
         self.optimizer = make_optimizer(self.model)

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 
 from ..checks import build_at, check_int, check_keys
+from parallel.precision import fp32_region
+
 from ..models.presets import resolve_model_config
 
 __all__ = ["Task", "ModelTask", "DataConfig", "sample_rng", "loss_logs"]
@@ -139,10 +141,18 @@ class ModelTask:
         """(task loss, extra float logs) of the model's outputs (``model.run_pieces``) on a batch."""
         raise NotImplementedError
 
+    def fp32_output_loss(self, outputs: tuple, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """``output_loss`` in fp32 whatever the precision: floating outputs cast to fp32, autocast off
+        (under bf16/fp16 the loss and its reductions stay fp32, ``parallel.precision``)."""
+        cast = tuple(o.float() if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in outputs)
+        device_type = next((o.device.type for o in cast if isinstance(o, torch.Tensor)), "cpu")
+        with fp32_region(device_type):
+            return self.output_loss(cast, batch)
+
     def loss(self, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Task loss + every aux loss, and the logs (see ``Task``)."""
         outputs, aux = self.model.run_pieces(*self.model_inputs(batch))
-        task_loss, extra = self.output_loss(outputs, batch)
+        task_loss, extra = self.fp32_output_loss(outputs, batch)
         total, logs = loss_logs(task_loss, aux)
         logs.update(extra)
         return total, logs

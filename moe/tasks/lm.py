@@ -116,8 +116,8 @@ class LMTask(ModelTask):
         only the number is broadcast (not the logits)."""
         pipe = self.model.pipe
         if pipe is None:
-            return self.output_loss(self.model.run_pieces(batch["tokens"])[0], batch)[0]
-        return pipe.relay(self.model, (batch["tokens"],), then=lambda out: self.output_loss(out, batch)[0])[0]
+            return self.fp32_output_loss(self.model.run_pieces(batch["tokens"])[0], batch)[0]
+        return pipe.relay(self.model, (batch["tokens"],), then=lambda out: self.fp32_output_loss(out, batch)[0])[0]
 
     @torch.no_grad()
     def evaluate(self, *, max_batches: Optional[int] = None) -> Dict[str, float]:

@@ -12,7 +12,8 @@ A config file has these sections (every one optional except ``task`` and
             warmup_steps: 10, schedule: cosine, min_lr_ratio: 0.1, grad_clip: 1.0}
     train: {steps: 100, global_batch_size: 16, micro_batch_size: null, seed: 0, log_every: 10, eval_every: 50,
             eval_batches: null, checkpoint_every: 1000, keep_checkpoints: 0,
-            out_dir: runs/x, resume: null, overwrite: false, device: auto, compile: false}
+            out_dir: runs/x, resume: null, overwrite: false, device: auto, compile: false, precision: fp32,
+            fused: auto}
     telemetry: {tensorboard: true, plots: true, gpu_stats: true, progress_bar: true,
                 idle_expert_steps: 100, drop_jump: 0.1, peak_tflops: null, profile: null}
 
@@ -25,6 +26,10 @@ naming it and its lines. ``model`` and ``data`` belong to the task:
 ``resolve_sections(cfg)`` validates them through the task's config classes
 (``moe.tasks.TASKS``), which ``python -m moe.train`` does before any process group
 exists. ``train.compile: true`` applies ``torch.compile`` to every transformer block.
+``train.precision`` (fp32 | bf16 | fp16): mixed precision with fp32 master weights, the router
+and losses in fp32, fp16 with dynamic loss scaling (``parallel.precision``, docs/precision.md);
+``train.fused`` (auto | off): NVIDIA apex's FusedAdam and fused LayerNorm when apex is importable
+on a GPU, else torch's fused AdamW on CUDA, plain ops on CPU (``moe.trainer.fused``).
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
+
+from parallel.precision import PRECISIONS
 
 from ..checks import (
     ConfigError,
@@ -56,6 +63,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 ZERO_ENGINES = ("auto", "deepspeed", "fsdp2")
 DEVICES = ("auto", "cpu", "cuda")
+FUSED = ("auto", "off")
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # parallel.timeout_s: a week; a collective waiting longer is a hang
 
 
@@ -232,6 +240,8 @@ class TrainLoopConfig:
     overwrite: bool = False  # true: delete checkpoints of another run in out_dir instead of refusing to start
     device: str = _opt("auto", _one_of(DEVICES))
     compile: bool = False  # torch.compile every transformer block (moe.models.compile_blocks)
+    precision: str = _opt("fp32", _one_of(PRECISIONS))  # bf16 / fp16: autocast, fp32 master weights (docs/precision.md)
+    fused: str = _opt("auto", _one_of(FUSED))  # auto: apex FusedAdam + fused LayerNorm if importable (moe.trainer.fused)
 
     def validate(self, path: str) -> None:
         if self.micro_batch_size is not None and self.global_batch_size % self.micro_batch_size:
@@ -302,6 +312,24 @@ class TrainConfig:
         if self.train.compile and p.zero_stage > 0:
             fail(join(path, "train.compile"), True, f"torch.compile is not supported with ZeRO yet "
                  f"(parallel.zero_stage={p.zero_stage}); set it to false, or zero_stage 0")
+
+    @property
+    def engine_kind(self) -> str:
+        """The engine this job runs on: "pipeline", "deepspeed", "fsdp2" or "replicated"."""
+        if self.parallel.pp > 1:
+            return "pipeline"
+        return self.parallel.zero_engine_name if self.parallel.zero_stage > 0 else "replicated"
+
+    def effective_lines(self, device_type: str) -> List[str]:
+        """What the precision and fused-kernel keys mean for this job on ``device_type`` (``--print-config``)."""
+        from parallel.precision import Precision
+
+        from .fused import choose
+
+        precision = Precision(self.train.precision)
+        fused = choose(self.train.fused, device_type, engine_owns_optimizer=self.parallel.zero_stage > 0)
+        return [f"precision {precision.name} on the {self.engine_kind} engine: {precision.describe(self.engine_kind)}",
+                fused.describe()]
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain-data form (what ``from_dict`` accepts); tuples become lists."""

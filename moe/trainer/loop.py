@@ -18,6 +18,9 @@ One optimizer step s, on every rank (``StepSchedule`` holds the numbers):
     engine.clip_grad_norm(grad_clip)      # global norm, every parameter counted once
     engine.step(lr = schedule(s))
     every MoE layer's expert bias updated once, from the load of the whole global batch
+    (train.precision bf16/fp16: every forward under autocast, parallel.precision; fp16: the losses
+      scaled before the backward, gradients unscaled before the norm, and a step whose norm is not
+      finite skipped: no update, no expert-bias update, counted in train/skipped_steps)
     every rank of the world: stop now? (one-integer all-reduce: did any rank get SIGTERM/SIGINT;
       if so every rank saves a checkpoint of step s and the run ends, moe.trainer.preemption)
 
@@ -45,11 +48,13 @@ from moe.models import compile_blocks
 from moe.models.flops import TRAIN_FLOPS_PER_FORWARD
 from moe.models.transformer import micro_batch_rng
 from parallel.engine import ReplicatedEngine
+from parallel.precision import LossScaler, Precision
 from parallel.grads import is_expert_param
 
 from ..modes import eval_mode
 from . import checkpoint as ckpt
 from . import plots
+from . import fused
 from . import resume as start
 from .config import ConfigError, TrainConfig, TrainLoopConfig, resolve_sections
 from .health import RoutingHealth
@@ -163,10 +168,16 @@ class Trainer:
         if cfg.train.compile:
             compile_blocks(self.task.model)
         self.model = self.task.model
+        self.precision = Precision(cfg.train.precision)
+        self.scaler: Optional[LossScaler] = LossScaler() if self.precision.loss_scaling else None
+        zero = cfg.parallel.zero_stage > 0
+        self.fused = fused.choose(cfg.train.fused, self.device.type, engine_owns_optimizer=zero)
+        if self.fused.norm == "apex":
+            fused.fuse_norms(self.model)
         self.moe_layers = list(self.task.moe_layers())
         for layer in self.moe_layers:  # the expert bias moves once per optimizer step (apply_expert_bias_update)
             layer.defer_expert_bias_update = True
-        make_optimizer = lambda model: build_optimizer(model, cfg.optim)  # noqa: E731
+        make_optimizer = lambda model: build_optimizer(model, cfg.optim, kind=self.fused.optimizer)  # noqa: E731
         if self.stage_plan is not None:
             from parallel.pipeline import PipelineEngine
 
@@ -176,16 +187,17 @@ class Trainer:
             sample = self.task.micro_batch(0, 0, self.schedule.micro, seed=cfg.train.seed)
             self.engine = PipelineEngine(self.task, groups, self.model.pipe, make_optimizer,
                                          schedule=cfg.parallel.pp_schedule, num_micro=self.schedule.accumulation,
-                                         sample_batch=sample, device=self.device)
+                                         sample_batch=sample, device=self.device, precision=self.precision)
         elif cfg.parallel.zero_stage > 0:
             from parallel.zero import build_zero_engine
 
             self.engine = build_zero_engine(cfg.parallel.zero_engine_name, self.model, groups, cfg.optim,
                                             stage=cfg.parallel.zero_stage, num_micro=self.schedule.accumulation,
-                                            device=self.device)
+                                            device=self.device, precision=self.precision)
         else:
-            self.engine = ReplicatedEngine(self.model, groups, make_optimizer)
+            self.engine = ReplicatedEngine(self.model, groups, make_optimizer, precision=self.precision)
         self.optimizer = self.engine.optimizer
+        self.engine_kind = cfg.engine_kind
         self.out_dir = cfg.train.out_dir
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
         self.plot_dir = os.path.join(self.out_dir, "plots")
@@ -250,6 +262,9 @@ class Trainer:
         self.step = ckpt.load_checkpoint(path, self.model, self.engine.checkpoint_optimizer(), groups=self.groups,
                                          model_config=self.model_config, verify=False)  # verified above
         self.engine.after_checkpoint_load()
+        scaler_state = ckpt.checkpoint_info(path).get("loss_scaler")
+        if self.scaler is not None and scaler_state is not None:
+            self.scaler.load_state_dict(scaler_state)
         say(f"resumed from {path} at step {self.step}")
         differences = ckpt.config_differences(path, self.model_config)
         if differences:
@@ -263,6 +278,8 @@ class Trainer:
     def save(self) -> str:
         meta = {"task": self.cfg.task.name, "ep": self.groups.dims.ep, "config": self.cfg.to_dict(),
                 "model_config": self.model_config}
+        if self.scaler is not None:
+            meta["loss_scaler"] = self.scaler.state_dict()
         return ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.engine.checkpoint_optimizer(),
                                     meta=meta,
                                     keep=self.cfg.train.keep_checkpoints, groups=self.groups, run_id=self.run_id)
@@ -270,7 +287,7 @@ class Trainer:
     # ---- eval ------------------------------------------------------------------------
     def evaluate(self, sinks: Sinks, result: TrainResult) -> Dict[str, float]:
         self.eval_rec.reset()
-        with eval_mode(self.model):
+        with eval_mode(self.model), self.precision.autocast(self.device.type):
             metrics = {k: float(v) for k, v in self.task.evaluate(max_batches=self.cfg.train.eval_batches).items()}
         routing = self._stage_routing(self.eval_rec.reduce(self.dp_group))
         if self.is_main:
@@ -302,7 +319,8 @@ class Trainer:
         where = " on this pipeline stage" if self.stage_plan is not None else ""
         return (f"task {self.cfg.task.name}: {len(self.moe_layers)} MoE layer(s){where}, params on this rank "
                 f"{_count(n_all)} ({_count(n_exp)} in experts); world {self.world} ({layout}); "
-                f"device {self.device}; {self.schedule.describe()}; steps {self.cfg.train.steps}")
+                f"device {self.device}; {self.schedule.describe()}; steps {self.cfg.train.steps}; "
+                f"precision {self.precision.name}")
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
@@ -325,6 +343,8 @@ class Trainer:
         self.stop.arm()  # SIGTERM/SIGINT from here on: stop after a step, with a checkpoint
         try:
             sinks.line(self._describe())
+            sinks.line(f"precision {self.precision.name}: {self.precision.describe(self.engine_kind)}")
+            sinks.line(self.fused.describe())
             if not gpu.available:
                 sinks.line(f"GPU telemetry off: {gpu.reason}")
             self._set_peak(sinks, gpu)
@@ -362,7 +382,7 @@ class Trainer:
         """Forward of this rank's micro-batch ``m`` of the current step: (loss, logs)."""
         batch, seed = self._micro_input(m)
         torch.manual_seed(seed)
-        with micro_batch_rng(seed):
+        with micro_batch_rng(seed), self.precision.autocast(self.device.type):
             loss, logs = self.task.loss(batch)
         value = float(loss.detach())
         self._check_finite(value, m)
@@ -380,6 +400,30 @@ class Trainer:
         for m, entry in enumerate(logs):  # the same logs on every stage: every rank stops together
             self._check_finite(entry["loss"], m)
         return logs
+
+    def _optimizer_step(self, lr: float):
+        """Forward/backward of the step's micro-batches, clip, update: (micro logs, grad norm, skipped).
+
+        fp16 (``parallel.precision.LossScaler``): the losses are scaled before the backward, the
+        reduced gradients unscaled before the norm; a non-finite global norm skips the update
+        (parameters, optimizer state and expert biases unchanged) and backs the scale off.
+        """
+        scaler = self.scaler
+        if scaler is not None:
+            self.engine.loss_scale = scaler.scale
+        micro_logs = self._forward_backward()
+        if scaler is not None:
+            self.engine.unscale_grads(1.0 / scaler.scale)
+        grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
+        if scaler is not None and scaler.update(LossScaler.finite(grad_norm)):
+            self.engine.skip_step()
+            for layer in self.moe_layers:
+                layer.discard_expert_bias_update()
+            return micro_logs, grad_norm, True
+        self.engine.step(lr)
+        for layer in self.moe_layers:
+            layer.apply_expert_bias_update()
+        return micro_logs, grad_norm, False
 
     def _stage_routing(self, routing):
         """Routing statistics of every pipeline stage's MoE layers (in block order), from this stage's."""
@@ -432,11 +476,11 @@ class Trainer:
             self.profiler.begin(self.step + 1)
             t0 = time.perf_counter()
             lr = lr_at(self.step, cfg.optim, tcfg.steps)
-            micro_logs = self._forward_backward()
-            grad_norm = self.engine.clip_grad_norm(cfg.optim.grad_clip)
-            self.engine.step(lr)
-            for layer in self.moe_layers:
-                layer.apply_expert_bias_update()
+            micro_logs, grad_norm, skipped = self._optimizer_step(lr)
+            if skipped:
+                sinks.line(f"step {self.step + 1}: gradients overflowed in fp16, the step is skipped (parameters "
+                           f"unchanged); loss scale -> {self.scaler.scale:g}, {self.scaler.skipped_steps} skipped "
+                           "so far (train/skipped_steps)")
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             busy += time.perf_counter() - t0
@@ -474,6 +518,8 @@ class Trainer:
             dist.all_gather_object(every, keys)
             keys = sorted(set.intersection(*(set(k) for k in every)))
         means = all_reduce_mean({k: window[k] / n for k in keys}, self.dp_group)
+        if self.scaler is not None:  # the same on every rank
+            means.update(loss_scale=self.scaler.scale, skipped_steps=float(self.scaler.skipped_steps))
         routing = self._stage_routing(self.train_rec.reduce(self.dp_group))
         if not self.is_main:
             return

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..experts import Experts
 from .config import OptimConfig
+from .fused import make_adamw
 
 __all__ = ["build_optimizer", "lr_at"]
 
@@ -31,11 +32,12 @@ def _is_matrix(p: torch.Tensor, stacked: bool) -> bool:
     return p.dim() - (1 if stacked else 0) >= 2
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, *, kind: str = "torch") -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices, none on biases, norms and scalars.
 
     Expert parameters are stacks over experts (``moe.experts.Experts``): w1/w2 [E, ., .]
-    are matrices, b1/b2 [E, .] are biases, so their leading dim is not counted.
+    are matrices, b1/b2 [E, .] are biases, so their leading dim is not counted. ``kind``: which
+    implementation (``moe.trainer.fused``: "torch", "torch-fused" or "apex").
     """
     stacked = {id(p) for m in model.modules() if isinstance(m, Experts) for p in m.parameters(recurse=False)}
     decay, no_decay = [], []
@@ -45,4 +47,4 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return make_adamw(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, kind=kind)
