@@ -103,7 +103,7 @@ class LossScaler:
     by ``growth``. ``state_dict`` / ``load_state_dict`` carry it through checkpoints."""
 
     def __init__(self, init_scale: float = 2.0 ** 16, *, growth: float = 2.0, backoff: float = 0.5,
-                 growth_interval: int = 1000, min_scale: float = 1.0):
+                 growth_interval: int = 2000, min_scale: float = 1.0):
         if not (init_scale > 0 and growth > 1 and 0 < backoff < 1 and growth_interval >= 1 and min_scale > 0):
             raise ValueError(f"LossScaler: init_scale={init_scale} > 0, growth={growth} > 1, 0 < backoff={backoff} "
                              f"< 1, growth_interval={growth_interval} >= 1, min_scale={min_scale} > 0 are required")

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: build moe._C (with its CUDA kernels), run the GPU kernel
-# tests, then the GPU benchmarks.
+# tests, then the GPU benchmarks and a short bf16 training (tokens/s and MFU).
 #
 #   bash tools/gpu_check.sh            # build + tests/gpu + quick GPU benchmark
 #   BENCH_ARGS="--T 4096 16384 --d 256 1024 --E 8 64 --k 1 2 8" bash tools/gpu_check.sh   # full grid
 #   SKIP_BUILD=1 bash tools/gpu_check.sh                                                     # reuse the build
+#   TRAIN_ARGS="--set train.steps=300" bash tools/gpu_check.sh                               # longer bf16 run
 #
 # Exits non-zero when the build or a test fails. Without a GPU the tests skip and the
 # benchmark is not run.
@@ -37,6 +38,23 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   echo "== GPU benchmark"
   # shellcheck disable=SC2086
   "$PY" tools/bench_kernels.py --device cuda ${BENCH_ARGS:---quick --repeats 20 --warmup 5}
+  echo "== bf16 training on the GPU: the switch LM preset (d_model 512, 8 layers, 16 experts, 512-byte sequences), 100 steps"
+  # a real width, so the matmuls (not the launch overhead) set the pace; MFU against the known bf16 peak
+  "$PY" -m moe.train --config examples/configs/tiny_switch_lm.yaml --set model.preset=switch \
+    --set parallel.ep=1 --set train.device=cuda --set train.precision=bf16 --set train.steps=100 \
+    --set train.global_batch_size=32 --set train.micro_batch_size=32 --set train.log_every=25 \
+    --set train.eval_every=0 --set train.checkpoint_every=0 --set data.eval_batches=2 \
+    --set train.out_dir=runs/gpu_check_bf16 --set train.overwrite=true --set telemetry.progress_bar=false \
+    ${TRAIN_ARGS:-}
+  "$PY" - <<'PYEOF'
+import json
+rows = [json.loads(line) for line in open("runs/gpu_check_bf16/metrics.jsonl") if '"train/loss"' in line]
+last = rows[-1]  # the last log window: steady state, past the first steps' warm-up
+mfu = last.get("train/mfu")
+print(f"bf16 training, steps {last['step'] - 24}-{last['step']}: {last['train/tokens_per_s']:.0f} tokens/s, "
+      f"{last['train/model_tflops_per_s']:.1f} model TFLOP/s, MFU "
+      + (f"{100 * mfu:.1f}%" if mfu is not None else "n/a (unknown GPU: set telemetry.peak_tflops)"))
+PYEOF
 else
-  echo "== no GPU: benchmark skipped"
+  echo "== no GPU: benchmark and bf16 training skipped"
 fi
