@@ -37,6 +37,37 @@ norm of the reduced gradients (every parameter once) and sets its clipping thres
 ``step(lr)`` sets the learning rate and runs ``engine.step()``, which clips and updates
 the partitions and all-gathers the parameters.
 
+Mixed precision (``train.precision``, ``parallel.precision``): the loop's ``loss_fn`` runs the
+forward under ``precision.autocast``; parameters, gradients, their reduction, the fp32 master
+partitions and AdamW's state stay fp32. DeepSpeed's own ``bf16`` / ``fp16`` modes stay off: they cast
+the model to 16 bits (the router would compute from bf16 weights, and the model's state, which
+checkpoints save, would hold 16-bit copies, not the masters); with fp32 gradient accumulation ZeRO-1
+would become DeepSpeed's ``BF16_Optimizer`` (no ``single_partition_of_fp32_groups``, no
+``scaled_global_norm``: another engine); and DeepSpeed's CPU accelerator has no fp16.
+
+- bf16: DeepSpeed's ``torch_autocast`` section on (dtype bfloat16) with no
+  ``lower_precision_safe_modules``: every gradient is reduced in fp32, as FSDP2's
+  ``reduce_dtype=fp32``, so DeepSpeed trains the replicated engine's numbers. ``reduce_dtype=
+  torch.bfloat16`` (opt-in) names the matmul layers (``LOW_PRECISION_COMM_MODULES``: ``nn.Linear``
+  and ``moe.experts.Experts``, matched by exact class; never the router, norms or embeddings): their
+  gradients are then reduced in bf16 (half the bytes; DeepSpeed keeps a bf16 bucket for them),
+  within bf16 round-off of the fp32 reduction, not within the 1e-4 of the layout tests.
+- fp16: nothing in DeepSpeed's config (its static loss scale stays 1). ``forward_backward``
+  multiplies every micro-batch loss by ``loss_scale`` (the loop's ``LossScaler``) before
+  ``engine.backward``; ``unscale_grads(factor)`` multiplies the reduced gradient partitions
+  (``averaged_gradients``: what DeepSpeed's norm and step read) by ``factor``, so ``clip_grad_norm``
+  returns the true norm and ``step`` applies the unscaled, clipped gradients; ``skip_step`` takes
+  DeepSpeed's own overflow path (its ZeRO optimizer's ``has_overflow`` answers True for that one
+  step): the gradients are dropped, the partitions and AdamW's state are left alone, and its
+  ``skipped_steps`` and ``global_steps`` count the step.
+- the model's parameters are DeepSpeed's flat "bit16" groups, fp32 here, which every step copies
+  from the fp32 masters: the model weights a checkpoint saves are the masters bit for bit.
+  ``memory()`` is unchanged: no 16-bit copies exist (communication buckets are not counted).
+
+In ``precision.describe`` terms: bf16 "DeepSpeed torch_autocast bf16 (its bf16/fp16 modes off),
+fp32 parameters, gradient reduction and partitions"; fp16 "DeepSpeed in fp32 (no fp16 mode): losses
+scaled before its backward, its reduced partitions unscaled; fp32 gradient reduction and partitions".
+
 Checkpoints (``moe.trainer.checkpoint``: the FULL optimizer state per parameter key):
 ``checkpoint_optimizer()`` is a per-parameter view, a torch ``AdamW`` over the model's
 parameters whose ``state[p]`` holds ``step`` / ``exp_avg`` / ``exp_avg_sq`` gathered from
@@ -55,6 +86,7 @@ need a sum over tp that DeepSpeed does not do): ``moe.trainer.config`` refuses t
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Dict, List, Optional
 
@@ -199,6 +231,48 @@ def _register_expert_groups(groups) -> str:
     return name
 
 
+# reduce_dtype=bf16: the modules whose gradients DeepSpeed then reduces in bf16 (torch_autocast's
+# ``lower_precision_safe_modules``, matched by exact class): the matmul weights; never the router
+LOW_PRECISION_COMM_MODULES = ("torch.nn.modules.linear.Linear", "moe.experts.Experts")
+_COMM_DTYPE_ATTR = "comm_dtype"  # deepspeed.runtime.torch_autocast.PARAM_COMM_DTYPE_ATTR_NAME
+
+
+def _check_reduce_dtype(precision: Precision, reduce_dtype: torch.dtype) -> None:
+    allowed = [torch.float32] + ([torch.bfloat16] if precision.name == "bf16" else [])
+    if reduce_dtype not in allowed:
+        raise ValueError(f"DeepSpeedEngine: reduce_dtype={reduce_dtype} with precision {precision.name!r}; allowed: "
+                         f"{', '.join(map(str, allowed))} (bf16 gradient reduction needs precision 'bf16')")
+
+
+def precision_config(precision: Precision, reduce_dtype: torch.dtype = torch.float32) -> dict:
+    """DeepSpeed's precision sections for ``precision`` (see the module doc): its ``fp16`` / ``bf16``
+    modes stay off (parameters, gradients and partitions fp32); bf16 turns on ``torch_autocast``,
+    whose lower-precision gradient reduction covers ``LOW_PRECISION_COMM_MODULES`` when
+    ``reduce_dtype`` is bf16 and nothing otherwise."""
+    _check_reduce_dtype(precision, reduce_dtype)
+    config = {"fp16": {"enabled": False}, "bf16": {"enabled": False}}
+    if precision.name == "bf16":
+        modules = list(LOW_PRECISION_COMM_MODULES) if reduce_dtype == torch.bfloat16 else []
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": modules}
+    return config
+
+
+def _clear_stale_comm_dtypes(model: nn.Module) -> None:
+    """Drop the per-parameter communication dtype an earlier DeepSpeed engine with bf16 reduction left on
+    ``model``: DeepSpeed marks parameters and never unmarks them, and once one engine of the process
+    enabled ``torch_autocast`` every later ZeRO optimizer reads the marks."""
+    for p in model.parameters():
+        if hasattr(p, _COMM_DTYPE_ATTR):
+            delattr(p, _COMM_DTYPE_ATTR)
+
+
+def _check_scale(name: str, value) -> float:
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"DeepSpeedEngine: {name} must be a finite number > 0, got {value!r}")
+    return value
+
+
 def _param_groups(model: nn.Module, optim_cfg) -> List[dict]:
     """``moe.trainer.optim.build_optimizer``'s groups (decay on matrices only), named for DeepSpeed's split."""
     from moe.trainer.optim import build_optimizer
@@ -214,14 +288,16 @@ class DeepSpeedEngine(EngineBase):
 
     ``model``: the rank's model (expert parameters marked by ``parallel.grads``); ``groups``: its
     ``ProcessGroups``; ``optim_cfg``: ``moe.trainer.config.OptimConfig``; ``stage``: 1 or 2;
-    ``num_micro``: micro-batches per optimizer step; ``device``: where the model lives.
+    ``num_micro``: micro-batches per optimizer step; ``device``: where the model lives; ``precision``:
+    ``train.precision``; ``reduce_dtype``: fp32, or bf16 with precision bf16 (the module doc).
     """
 
     def __init__(self, model: nn.Module, groups, optim_cfg, *, stage: int, num_micro: int, device,
-                 precision: Precision = FP32):
+                 precision: Precision = FP32, reduce_dtype: torch.dtype = torch.float32):
         if stage not in (1, 2):
             raise ValueError(f"DeepSpeedEngine: stage must be 1 or 2 (ZeRO stage 3 runs on FSDP2), got {stage!r}")
         check_int("num_micro", num_micro, minimum=1)
+        _check_reduce_dtype(precision, reduce_dtype)
         dims = groups.dims
         if dims.pp > 1 or dims.etp > 1 or dims.sequence_parallel:
             raise ValueError(f"DeepSpeedEngine: pp={dims.pp}, etp={dims.etp}, sequence_parallel="
@@ -233,7 +309,7 @@ class DeepSpeedEngine(EngineBase):
         deepspeed = _import_deepspeed()
         _set_local_rank(device)
         self.model, self.groups, self.stage, self.num_micro = model, groups, stage, num_micro
-        self.optim_cfg, self.precision = optim_cfg, precision
+        self.optim_cfg, self.precision, self.reduce_dtype = optim_cfg, precision, reduce_dtype
         if dims.tp > 1:  # the norm: tp pieces and experts differ between the model-parallel ranks
             for p in model.parameters():
                 if is_expert_param(p) or shard_of(p) is not None:
@@ -255,11 +331,11 @@ class DeepSpeedEngine(EngineBase):
             "zero_optimization": {"stage": stage, "contiguous_gradients": True, "reduce_scatter": True,
                                   "overlap_comm": False, "reduce_bucket_size": _BUCKET_NUMEL,
                                   "allgather_bucket_size": _BUCKET_NUMEL},
-            "fp16": {"enabled": False},
-            "bf16": {"enabled": False},
+            **precision_config(precision, reduce_dtype),
             "steps_per_print": 2 ** 62,
             "wall_clock_breakdown": False,
         }
+        _clear_stale_comm_dtypes(model)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=wrapped, optimizer=torch_optim, config=config,
                                                              mpu=_MPU(groups), dist_init_required=False)
         self._zero = self.optimizer  # DeepSpeed's ZeRO optimizer (its .optimizer is the torch AdamW)
@@ -270,12 +346,15 @@ class DeepSpeedEngine(EngineBase):
         if num_micro != self.num_micro:
             raise ValueError(f"DeepSpeedEngine.forward_backward: num_micro={num_micro}, but the engine was "
                              f"built for {self.num_micro} micro-batches per step (DeepSpeed's accumulation count)")
+        scale = _check_scale("loss_scale", self.loss_scale)
         self._view = None  # a saved checkpoint's gathered (full-size) state: not kept while training
         logs = []
         for m in range(num_micro):
             self.ds.set_gradient_accumulation_boundary(m == num_micro - 1)
             self._zero.clear_backward_seen_flag()  # what engine.forward does before each forward
             loss, micro_logs = loss_fn(m)
+            if scale != 1.0:  # fp16: a power of two, exact; DeepSpeed's own loss scale stays 1
+                loss = loss * scale
             self.ds.backward(loss)  # divides by num_micro; reduces on the boundary
             logs.append(micro_logs)
         return logs
@@ -289,6 +368,40 @@ class DeepSpeedEngine(EngineBase):
             group["lr"] = lr
         self.ds.set_gradient_accumulation_boundary(True)
         self.ds.step()
+
+    def _grad_partitions(self) -> List[torch.Tensor]:
+        """The reduced gradients DeepSpeed will step with: this rank's partition of every group, as the
+        tensors its norm and its step read (``averaged_gradients``; padding included)."""
+        zero = self._zero
+        grads = [zero.averaged_gradients.get(i) for i in range(len(zero.bit16_groups))]
+        if any(g is None for g in grads):
+            raise RuntimeError("DeepSpeedEngine: no reduced gradients; call forward_backward first")
+        return [t for group in grads for t in group if t is not None]
+
+    @torch.no_grad()
+    def unscale_grads(self, factor: float) -> None:
+        """Multiply the reduced gradient partitions by ``factor`` (fp16: ``1 / loss_scale``), so that
+        ``clip_grad_norm`` and ``step`` see the true gradients."""
+        factor = _check_scale("unscale_grads factor", factor)
+        if factor != 1.0:
+            torch._foreach_mul_(self._grad_partitions(), factor)
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients and leave the partitions and AdamW's state as they are, through
+        DeepSpeed's own overflow path (its ``skipped_steps`` and ``global_steps`` count the step, its
+        gradient buffers are released): its ZeRO optimizer is told that the gradients overflowed."""
+        zero = self._zero
+        checked = zero.check_grad_overflow
+        zero.check_grad_overflow = True
+        zero.has_overflow = lambda partition_gradients=True: True  # an instance attribute: shadows the method
+        try:
+            self.ds.set_gradient_accumulation_boundary(True)
+            self.ds.step()
+        finally:
+            del zero.has_overflow
+            zero.check_grad_overflow = checked
+        if self.ds.was_step_applied():
+            raise RuntimeError("DeepSpeedEngine.skip_step: DeepSpeed applied the step it was told to skip")
 
     # ---- checkpoints ---------------------------------------------------------------
     def _adam(self) -> torch.optim.AdamW:
