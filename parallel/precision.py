@@ -72,7 +72,10 @@ class Precision:
         comm = {"replicated": "gradients all-reduced in fp32",
                 "pipeline": "fp32 activations between stages, gradients all-reduced in fp32",
                 "fsdp2": f"FSDP2 MixedPrecisionPolicy(param_dtype={name}, reduce_dtype=fp32)",
-                "deepspeed": f"DeepSpeed torch_autocast {name}, fp32 gradient reduction and partitions"}[engine]
+                "deepspeed": (f"DeepSpeed torch_autocast {name} (its bf16/fp16 modes off), fp32 parameters, "
+                              "gradient reduction and partitions" if name == "bf16" else
+                              "DeepSpeed in fp32 (no fp16 mode of its own): losses scaled before its backward, its "
+                              "reduced partitions unscaled; fp32 gradient reduction and partitions")}[engine]
         scaling = "; dynamic loss scaling (skipped steps counted)" if self.loss_scaling else ""
         return f"{common}; {comm}{scaling}"
 

@@ -234,3 +234,16 @@ def test_layouts_in_bf16_track_one_process(runs, tmp_path, layout):
         assert abs(a["train/loss"] - b["train/loss"]) <= TRACK_RTOL * abs(b["train/loss"]), (a, b)
     assert run.params.keys() == ref.params.keys()
     assert _global_error(run.params, ref.params) <= TRACK_RTOL
+
+
+def test_tensor_parallel_mixed_precision_is_refused_on_cpu():
+    from moe.trainer.config import ConfigError, from_dict
+    from moe.trainer.layout import check_precision
+
+    raw = _lm()
+    raw["parallel"] = {"tp": 2}
+    raw["train"].update(device="cpu", precision="bf16")
+    with pytest.raises(ConfigError, match=r"train.precision.*'bf16'.*parallel.tp=2 it needs GPUs"):
+        check_precision(from_dict(raw))
+    raw["train"]["precision"] = "fp32"
+    check_precision(from_dict(raw))

@@ -153,4 +153,19 @@ def check_layout(cfg: TrainConfig, world_size: int):
     dims = check_world(cfg, world_size)
     check_model(cfg)
     check_pipeline(cfg, world_size)
+    check_precision(cfg)
     return dims
+
+
+def check_precision(cfg: TrainConfig) -> None:
+    """bf16 / fp16 with tensor parallelism needs CUDA: megatron-core's tensor-parallel linear layers restore only
+    CUDA's autocast state in their backward (``custom_bwd(device_type="cuda")``), so under CPU autocast their
+    backward multiplies a bf16 gradient by an fp32 weight and fails."""
+    import torch
+
+    device = cfg.train.device
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if cfg.train.precision != "fp32" and cfg.parallel.tp > 1 and on_cpu:
+        fail("train.precision", cfg.train.precision,
+             f"with parallel.tp={cfg.parallel.tp} it needs GPUs: megatron-core's tensor-parallel layers restore "
+             "only CUDA's autocast state in their backward; use fp32 on CPU (or tp=1)")
