@@ -154,9 +154,9 @@ def test_checkpoint_holds_fp32_master_weights(runs):
         "scale": 2.0 ** 16, "good_steps": STEPS, "skipped_steps": 0}
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_resume_is_exact(tmp_path, precision):
-    """N steps in one go equal N/2 + resume + N/2 in bf16 / fp16 (loss scaler state included)."""
+def test_resume_is_exact(tmp_path):
+    """N steps in one go equal N/2 + resume + N/2 in fp16 (autocast as bf16, plus the loss scaler's state)."""
+    precision = "fp16"
     cfg = _lm(steps=4, checkpoint_every=2)
     over = [f"train.precision={precision}"]
     whole = run_layout(cfg, 1, tmp_path / "whole", overrides=over)
