@@ -12,7 +12,8 @@ A config file has these sections (every one optional except ``task`` and
             warmup_steps: 10, schedule: cosine, min_lr_ratio: 0.1, grad_clip: 1.0}
     train: {steps: 100, global_batch_size: 16, micro_batch_size: null, seed: 0, log_every: 10, eval_every: 50,
             eval_batches: null, checkpoint_every: 1000, keep_checkpoints: 0,
-            out_dir: runs/x, resume: null, overwrite: false, device: auto, compile: false}
+            out_dir: runs/x, resume: null, overwrite: false, device: auto, compile: false,
+            activation_checkpointing: none}
     telemetry: {tensorboard: true, plots: true, gpu_stats: true, progress_bar: true,
                 idle_expert_steps: 100, drop_jump: 0.1, peak_tflops: null, profile: null}
 
@@ -25,6 +26,9 @@ naming it and its lines. ``model`` and ``data`` belong to the task:
 ``resolve_sections(cfg)`` validates them through the task's config classes
 (``moe.tasks.TASKS``), which ``python -m moe.train`` does before any process group
 exists. ``train.compile: true`` applies ``torch.compile`` to every transformer block.
+``train.activation_checkpointing``: ``none``, ``moe`` (recompute every MoE layer in the
+backward) or ``block`` (recompute whole transformer blocks); the recompute replays the
+routing of the forward (``moe.recompute``); not with ``train.compile``.
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ _CUSTOM_TASK = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 SCHEDULES = ("cosine", "linear", "constant")
 BACKENDS = ("auto", "gloo", "nccl")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+ACTIVATION_CHECKPOINTING = ("none", "moe", "block")  # moe.recompute.MODES
 ZERO_ENGINES = ("auto", "deepspeed", "fsdp2")
 DEVICES = ("auto", "cpu", "cuda")
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # parallel.timeout_s: a week; a collective waiting longer is a hang
@@ -216,6 +221,10 @@ class TrainLoopConfig:
     layout (see README, "Layout invariance"). ``resume`` / ``overwrite``: which
     checkpoint the run continues, and what happens to checkpoints of another run in
     ``out_dir`` (refused unless ``overwrite: true`` deletes them): ``moe/trainer/resume.py``.
+    ``activation_checkpointing``: ``none``; ``moe``: every MoE layer's router, dispatch, experts
+    and combine run again in the backward instead of keeping their activations; ``block``: whole
+    transformer blocks do. Random routing draws and routing state are replayed, so the gradients
+    are those without it (``moe.recompute``).
     """
 
     steps: int = _opt(100, _ge(1))
@@ -232,6 +241,8 @@ class TrainLoopConfig:
     overwrite: bool = False  # true: delete checkpoints of another run in out_dir instead of refusing to start
     device: str = _opt("auto", _one_of(DEVICES))
     compile: bool = False  # torch.compile every transformer block (moe.models.compile_blocks)
+    # Recompute in the backward: 'moe' layers or whole 'block's, routing replayed (moe.recompute)
+    activation_checkpointing: str = _opt("none", _one_of(ACTIVATION_CHECKPOINTING))
 
     def validate(self, path: str) -> None:
         if self.micro_batch_size is not None and self.global_batch_size % self.micro_batch_size:
@@ -299,6 +310,10 @@ class TrainConfig:
             fail(join(path, "train.compile"), True,
                  f"torch.compile is not supported with tensor parallelism yet (parallel.tp={p.tp}, "
                  f"parallel.etp={p.etp}); set it to false")
+        if self.train.compile and self.train.activation_checkpointing != "none":
+            fail(join(path, "train.activation_checkpointing"), self.train.activation_checkpointing,
+                 "activation checkpointing is not supported with train.compile: true yet; set it to 'none', "
+                 "or train.compile to false")
         if self.train.compile and p.zero_stage > 0:
             fail(join(path, "train.compile"), True, f"torch.compile is not supported with ZeRO yet "
                  f"(parallel.zero_stage={p.zero_stage}); set it to false, or zero_stage 0")

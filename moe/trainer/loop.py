@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from moe.models import compile_blocks
+from moe.recompute import apply_activation_checkpointing
 from moe.models.flops import TRAIN_FLOPS_PER_FORWARD
 from moe.models.transformer import micro_batch_rng
 from parallel.engine import ReplicatedEngine
@@ -162,6 +163,8 @@ class Trainer:
                                                             pipeline=self.stage_plan)
         if cfg.train.compile:
             compile_blocks(self.task.model)
+        if cfg.train.activation_checkpointing != "none":
+            apply_activation_checkpointing(self.task.model, cfg.train.activation_checkpointing)
         self.model = self.task.model
         self.moe_layers = list(self.task.moe_layers())
         for layer in self.moe_layers:  # the expert bias moves once per optimizer step (apply_expert_bias_update)
