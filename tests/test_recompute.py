@@ -268,7 +268,7 @@ def test_a_nondeterministic_recompute_is_refused():
 def test_trainer_block_checkpointing_trains_exactly_like_none(tmp_path):
     from tests.helpers.layout import CAPACITY, TINY_LM, assert_same_training, run_layout
 
-    extra = CAPACITY + ["model.dropout=0.1", "model.n_layers=4"]
+    extra = CAPACITY + ["model.dropout=0.1", "model.n_layers=4", "train.steps=3"]
     ref = run_layout(TINY_LM, 1, tmp_path / "none", overrides=extra)
     assert max(row["train/drop_rate"] for row in ref.metrics) > 0
     run = run_layout(TINY_LM, 1, tmp_path / "block", overrides=extra + ["train.activation_checkpointing=block"])
