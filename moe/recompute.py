@@ -162,6 +162,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
     if mode == "block" and not blocks:
         raise ValueError(f"activation checkpointing 'block' needs transformer blocks (moe.models.transformer.Block); "
                          f"{type(model).__name__} has none (use 'moe' for MoE layers)")
+    if mode != "none" and any("attend" in vars(b) or "feed_forward" in vars(b) for b in blocks):
+        raise ValueError(f"activation checkpointing {mode!r}: the blocks of {type(model).__name__} are compiled "
+                         "(moe.models.compile_blocks); torch.compile with checkpointing is not supported")
     for block in blocks:
         block.recompute = mode == "block"
     for layer in layers:

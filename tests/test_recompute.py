@@ -237,6 +237,12 @@ def test_modes_and_errors():
         apply_activation_checkpointing(MoELayer(moe_config("topk", "position")), "block")
     model = apply_activation_checkpointing(_model("topk", "position", "block"), "none")
     assert not any(b.recompute for b in model.blocks) and not any(m.recompute for m in model.moe_layers())
+    from moe.models.transformer import compile_blocks
+
+    with pytest.raises(ValueError, match="compiled"):
+        apply_activation_checkpointing(compile_blocks(_model("topk", "position", "none")), "moe")
+    with pytest.raises(ValueError, match="activation checkpointing"):
+        compile_blocks(_model("topk", "position", "moe"))
 
 
 def test_trainer_config_key():

@@ -660,6 +660,9 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     if blocks is None:
         raise TypeError(f"model must have transformer blocks (.transformer.blocks or .blocks), "
                         f"got {type(model).__name__}")
+    if any(block.recompute or (block.is_moe and block.moe.recompute) for block in blocks):
+        raise ValueError("compile_blocks: these blocks use activation checkpointing (moe.recompute), which "
+                         "torch.compile does not support here; turn it off (mode 'none') or do not compile")
     for block in blocks:
         block.attend = torch.compile(block.attend, **compile_kwargs)
         block.feed_forward = torch.compile(block.feed_forward, **compile_kwargs)
