@@ -84,9 +84,9 @@ def _layer_state(layer: MoELayer) -> dict:
 
 # ----------------------------------------------------------------------------- one layer, explicit generator
 
-def _layer_step(policy: str, drop: str, mode: str, counter: list) -> dict:
+def _layer_step(policy: str, drop: str, mode: str, counter: list, ep_group=None, seed: int = 99) -> dict:
     torch.manual_seed(0)
-    layer = MoELayer(moe_config(policy, drop, shared_expert_ffn=8, residual_moe=True))
+    layer = MoELayer(moe_config(policy, drop, shared_expert_ffn=8, residual_moe=True), ep_group=ep_group)
     _perturb_router([layer])
     apply_activation_checkpointing(layer, mode)
     inner = layer._compute
@@ -97,7 +97,7 @@ def _layer_step(policy: str, drop: str, mode: str, counter: list) -> dict:
 
     layer._compute = counted
     g = torch.Generator().manual_seed(1234)
-    data = torch.Generator().manual_seed(99)
+    data = torch.Generator().manual_seed(seed)
     x = torch.randn(2, T // 2, D, generator=data).requires_grad_(True)
     w = torch.randn(2, T // 2, D, generator=data)
     y, aux = layer(x, generator=g)
@@ -295,6 +295,13 @@ def _ep_rank(rank, world):
             out[(policy, mode)] = model.moe_layers()[0].last_stats["bytes_sent"]
         # the layer experts are split over the ep ranks and tokens really travel
         assert model.moe_layers()[0].num_local_experts == E // 2
+    # One layer with an explicit generator (which torch's checkpoint does not restore), 'moe' mode.
+    for policy, drop in (("gshard", "random"), ("noisy_topk", "position")):
+        calls = []
+        ref = _layer_step(policy, drop, "none", calls, ep_group=groups.ep_group, seed=99 + rank)
+        got = _layer_step(policy, drop, "moe", calls, ep_group=groups.ep_group, seed=99 + rank)
+        assert len(calls) == 3  # the reference forward, the forward and its recompute
+        _assert_same(got, ref, f"ep=2 layer {policy}/{drop} moe, generator")
     return out
 
 
