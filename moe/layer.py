@@ -33,6 +33,12 @@ every shape is static, and the host-side checks (non-finite logits, modality id
 range) are skipped inside the graph. Dropless routing has data-dependent shapes.
 ``MoEConfig.pad_to_capacity`` asks for the padded layout in eager mode too (same
 output; under expert parallelism the padding rows travel as well).
+
+Activation checkpointing (``layer.recompute``, or a checkpointed transformer block; see
+``moe.recompute``): ``_compute`` (router -> ... -> combine, aux losses) runs again in the
+backward. Its routing is recorded in the forward and replayed there (the same generator
+and RNG states and expert bias, decisions checked), and the side effects (expert-bias load
+and update, ``last_routing``, byte counts, ``Experts.last_rows``) are those of the forward alone.
 """
 from __future__ import annotations
 
