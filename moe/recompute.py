@@ -24,7 +24,9 @@ How this module makes the recompute change nothing:
   and checks that the decisions are the recorded ones, raising ``RuntimeError`` if not
   (never a silent wrong gradient). The differentiable part of the routing (logits, weights,
   probs, the noisy top-k load) is thus recomputed from the same random draws, so its gradient
-  is the one without checkpointing, bit for bit.
+  is the one without checkpointing, bit for bit. (Reusing the forward's Routing tensors instead
+  would not do: their autograd graph is the one checkpointing frees, and the jitter and noise
+  values enter the gradient, so they must be drawn again, identically.)
 - The layer's side effects happen in the first forward only: the expert-bias load (and a
   non-deferred bias update), ``last_routing`` and the exchange byte counts; forward hooks that
   count (the trainer's routing telemetry) skip a recompute (``is_recomputing``). The recompute
@@ -44,7 +46,8 @@ Modes (``apply_activation_checkpointing(model, mode)``, called once after buildi
   kept). A model that calls the two halves itself (LIMoE: ``attend`` per modality, then one
   ``feed_forward``) gets each half checkpointed instead.
 
-Without gradients (evaluation, ``torch.no_grad``) nothing is checkpointed.
+Without gradients (evaluation, ``torch.no_grad``) nothing is checkpointed. ``torch.compile``
+(``moe.models.compile_blocks``, ``train.compile``) together with checkpointing is refused.
 """
 from __future__ import annotations
 
