@@ -33,6 +33,12 @@ every shape is static, and the host-side checks (non-finite logits, modality id
 range) are skipped inside the graph. Dropless routing has data-dependent shapes.
 ``MoEConfig.pad_to_capacity`` asks for the padded layout in eager mode too (same
 output; under expert parallelism the padding rows travel as well).
+
+Activation checkpointing (``layer.recompute``, or a checkpointed transformer block; see
+``moe.recompute``): ``_compute`` (router -> ... -> combine, aux losses) runs again in the
+backward. Its routing is recorded in the forward and replayed there (the same generator
+and RNG states and expert bias, decisions checked), and the side effects (expert-bias load
+and update, ``last_routing``, byte counts, ``Experts.last_rows``) are those of the forward alone.
 """
 from __future__ import annotations
 
@@ -44,7 +50,7 @@ from torch import nn
 
 from parallel import comm
 
-from . import losses
+from . import losses, recompute
 from .config import MoEConfig
 from .dispatch import build_dispatcher, etp_compute
 from .experts import Experts
@@ -127,6 +133,9 @@ class MoELayer(nn.Module):
         # so the update sees the load of the whole global batch (all micro-batches, all dp ranks).
         self.defer_expert_bias_update = False
         self._pending_load: Optional[torch.Tensor] = None
+        # Activation checkpointing of this layer ('moe' mode, set by moe.recompute): router, dispatch,
+        # experts and combine run again in the backward, replaying the routing of the forward.
+        self.recompute = False
 
     # ----------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor, modality: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -166,9 +175,47 @@ class MoELayer(nn.Module):
                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """x[..., D] (modality[...] ids) -> (y[..., D], {loss name: coefficient * loss})."""
         modality_T = self._check_input(x, modality)
+        x_TD = x.reshape(-1, self.config.d_model)
+        seq_len = x.shape[-2] if x.dim() >= 3 else None
+        tape = recompute.current_tape()
+        if self.recompute and tape is None:  # activation checkpointing 'moe' (moe.recompute)
+            y_TD, aux, routing = recompute.checkpoint(self._compute, x_TD, modality_T, generator, seq_len)
+        else:
+            y_TD, aux, routing = self._compute(x_TD, modality_T, generator, seq_len)
+        if tape is not None and tape.replaying:  # a recompute of a checkpointed block: no side effects
+            return y_TD.view(x.shape), aux
         cfg = self.config
-        x_TD = x.reshape(-1, cfg.d_model)
-        routing = self.router(x_TD, modality_T, generator=generator)
+        if self.training and cfg.router.policy == "expert_bias" and not routing.skipped:
+            load = torch.bincount(routing.experts.reshape(-1), minlength=cfg.num_experts)
+            self._pending_load = load if self._pending_load is None else self._pending_load + load
+            if not self.defer_expert_bias_update:
+                self.apply_expert_bias_update()
+        self.last_routing = routing
+        if self.dispatcher is not None:
+            self._last_bytes = (self.dispatcher.bytes_sent, self.dispatcher.bytes_received)
+        return y_TD.view(x.shape), aux
+
+    def _compute(self, x_TD: torch.Tensor, modality_T: Optional[torch.Tensor],
+                 generator: Optional[torch.Generator], seq_len: Optional[int]
+                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Routing]:
+        """Router -> permute -> [exchange] -> experts -> [exchange] -> combine (+ shared expert), and
+        the aux losses: (y[T, D], aux, routing). What activation checkpointing runs again; in such a
+        recompute the routing is replayed and the statistics the latest forward left are kept."""
+        tape = recompute.current_tape()
+        if tape is None or not tape.replaying:
+            return self._compute_once(x_TD, modality_T, generator, seq_len, tape)
+        kept = (self.experts.last_rows, self.dispatcher.dispatch_stats if self.dispatcher is not None else None,
+                self.dispatcher.combine_stats if self.dispatcher is not None else None)
+        try:
+            return self._compute_once(x_TD, modality_T, generator, seq_len, tape)
+        finally:
+            self.experts.last_rows = kept[0]
+            if self.dispatcher is not None:
+                self.dispatcher.dispatch_stats, self.dispatcher.combine_stats = kept[1], kept[2]
+
+    def _compute_once(self, x_TD, modality_T, generator, seq_len, tape):
+        cfg = self.config
+        routing = self._route(x_TD, modality_T, generator, tape)
         # Padded expert buffers when asked, and under torch.compile (static shapes), given a capacity.
         pad = routing.capacity is not None and (cfg.pad_to_capacity or torch.compiler.is_compiling())
         # Under tp: this rank's piece of the tokens only (x and routing pieces; y gathered below).
@@ -180,22 +227,53 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             dense = self.shared.expert_mlp(0, x_TD)
             if self.residual_coef is not None:
-                coef = torch.softmax(self.residual_coef(x_TD).float(), dim=-1).to(x.dtype)
+                coef = torch.softmax(self.residual_coef(x_TD).float(), dim=-1).to(x_TD.dtype)
                 y_TD = y_TD * coef[:, :1] + dense * coef[:, 1:]
             else:
                 y_TD = y_TD + dense
-        seq_len = x.shape[-2] if x.dim() >= 3 else None
         aux = losses.aux_losses(routing, cfg.aux_losses, num_modalities=cfg.num_modalities,
                                 min_experts=cfg.limoe_min_experts, seq_len=seq_len)
-        if self.training and cfg.router.policy == "expert_bias" and not routing.skipped:
-            load = torch.bincount(routing.experts.reshape(-1), minlength=cfg.num_experts)
-            self._pending_load = load if self._pending_load is None else self._pending_load + load
-            if not self.defer_expert_bias_update:
-                self.apply_expert_bias_update()
-        self.last_routing = routing
-        if self.dispatcher is not None:
-            self._last_bytes = (self.dispatcher.bytes_sent, self.dispatcher.bytes_received)
-        return y_TD.view(x.shape), aux
+        return y_TD, aux, routing
+
+    def _route(self, x_TD: torch.Tensor, modality_T: Optional[torch.Tensor],
+               generator: Optional[torch.Generator], tape: Optional[recompute.Tape]) -> Routing:
+        """``self.router(...)``; inside a checkpointed region recorded by the forward and replayed by
+        the recompute (same generator states, same expert bias, decisions checked: ``moe.recompute``)."""
+        if tape is None:
+            return self.router(x_TD, modality_T, generator=generator)
+        bias_policy = self.config.router.policy == "expert_bias"
+        if not tape.replaying:
+            record = recompute.RouteRecord(
+                layer=self.name, generator_state=None if generator is None else generator.get_state(),
+                cpu_rng_state=torch.get_rng_state(),
+                expert_bias=self.router.expert_bias.detach().clone() if bias_policy else None)
+            routing = self.router(x_TD, modality_T, generator=generator)
+            record.decisions = (routing.experts.detach(), routing.dispatched.detach(), routing.positions.detach())
+            record.skipped = routing.skipped
+            tape.add(record)
+            return routing
+        record = tape.next(self.name)
+        caller_state = None if generator is None else generator.get_state()
+        live_bias = self.router._buffers["expert_bias"]
+        try:
+            if generator is not None:
+                generator.set_state(record.generator_state)
+            torch.set_rng_state(record.cpu_rng_state)
+            if bias_policy:
+                self.router._buffers["expert_bias"] = record.expert_bias
+            routing = self.router(x_TD, modality_T, generator=generator)
+        finally:
+            if generator is not None:
+                generator.set_state(caller_state)
+            self.router._buffers["expert_bias"] = live_bias
+        same = routing.skipped == record.skipped and all(
+            a.shape == b.shape and torch.equal(a, b)
+            for a, b in zip((routing.experts, routing.dispatched, routing.positions), record.decisions))
+        if not same:
+            raise RuntimeError(f"{self.name}: activation checkpointing recomputed a routing that differs from the "
+                               "first forward's (experts, GShard's dispatched choices or capacity slots); its "
+                               "gradient would be wrong. Is the router input non-deterministic?")
+        return routing
 
     def discard_expert_bias_update(self) -> None:
         """Forget the load summed since the last update (a skipped optimizer step: fp16 overflow)."""

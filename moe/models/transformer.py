@@ -18,7 +18,10 @@ explicitly: nothing is read from global state.
 blocks are plain dense MLPs of width ``moe.d_ffn`` (one expert, softmax weight 1,
 nothing ever dropped, is exactly a dense MLP); ``dense_equivalent(cfg)`` uses that
 to make the dense baseline with the same active FFN FLOPs per token.
-``compile_blocks(model)`` applies ``torch.compile`` to every block.
+``compile_blocks(model)`` applies ``torch.compile`` to every block. Activation checkpointing
+(``moe.recompute.apply_activation_checkpointing``) sets ``Block.recompute`` (mode ``block``:
+``Block.forward``, or each half a model calls itself, runs again in the backward) or
+``MoELayer.recompute`` (mode ``moe``); the recompute replays the routing of the forward.
 
 Blocks are kept by their GLOBAL index (``BlockStack``): a pipeline stage builds only
 its blocks (``Transformer(block_ids=...)``) and their parameter names stay those of the
@@ -61,6 +64,7 @@ from ..checks import (
     fail,
     join,
 )
+from .. import recompute
 from ..config import ACTIVATIONS, MoEConfig, RouterConfig
 from ..dispatch import world_node_groups
 from ..experts import Experts
@@ -353,9 +357,17 @@ class Block(nn.Module):
                                 node_groups=node_groups, name=f"{prefix}.{index}.moe", **groups)
         else:
             self.mlp = MLP(cfg.d_model, cfg.ffn_width(index), cfg.activation, tp=tp)
+        # Activation checkpointing 'block' (set by moe.recompute.apply_activation_checkpointing): the
+        # block (or each half a model calls itself) runs again in the backward, routing replayed.
+        self.recompute = False
 
     def attend(self, x_BLD: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Residual attention half: x[B, L, D] -> x + attn(ln1(x)); mask as for ``Attention``."""
+        if self.recompute and recompute.current_tape() is None:  # a model calling the halves itself
+            return recompute.checkpoint(self._attend, x_BLD, mask)
+        return self._attend(x_BLD, mask)
+
+    def _attend(self, x_BLD: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = self.attn(self.ln1(x_BLD), mask, causal=self.causal)
         with self.tp.rank_rng(self.tp.sp and self.training and self.drop.p > 0):  # a sequence piece's own mask
             return x_BLD + self.drop(y)
@@ -367,6 +379,12 @@ class Block(nn.Module):
         x is [T, D] for a flat token set (LIMoE, padded text) or [B, L, D] for whole
         sequences (then the MoE layer's sequence-level losses see L as the sequence length).
         """
+        if self.recompute and recompute.current_tape() is None:  # a model calling the halves itself
+            return recompute.checkpoint(self._feed_forward, x, modality)
+        return self._feed_forward(x, modality)
+
+    def _feed_forward(self, x: torch.Tensor, modality: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         h = self.ln2(x)
         if self.is_moe:  # the MoE layer takes the whole token set (replicated over tp)
             y, aux = self.moe(self.tp.gather_sequence(h), modality)
@@ -382,6 +400,12 @@ class Block(nn.Module):
 
         modality: LongTensor[B, L] of modality ids, or None.
         """
+        if self.recompute and recompute.current_tape() is None:  # activation checkpointing 'block'
+            return recompute.checkpoint(self._forward, x_BLD, key_padding_mask, modality)
+        return self._forward(x_BLD, key_padding_mask, modality)
+
+    def _forward(self, x_BLD: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                 modality: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         B, L, D = x_BLD.shape
         mask = attention_mask(key_padding_mask, self.causal, L, x_BLD.device) if key_padding_mask is not None else None
         x = self.attend(x_BLD, mask)
@@ -636,6 +660,9 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     if blocks is None:
         raise TypeError(f"model must have transformer blocks (.transformer.blocks or .blocks), "
                         f"got {type(model).__name__}")
+    if any(block.recompute or (block.is_moe and block.moe.recompute) for block in blocks):
+        raise ValueError("compile_blocks: these blocks use activation checkpointing (moe.recompute), which "
+                         "torch.compile does not support here; turn it off (mode 'none') or do not compile")
     for block in blocks:
         block.attend = torch.compile(block.attend, **compile_kwargs)
         block.feed_forward = torch.compile(block.feed_forward, **compile_kwargs)

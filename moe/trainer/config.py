@@ -13,7 +13,7 @@ A config file has these sections (every one optional except ``task`` and
     train: {steps: 100, global_batch_size: 16, micro_batch_size: null, seed: 0, log_every: 10, eval_every: 50,
             eval_batches: null, checkpoint_every: 1000, keep_checkpoints: 0,
             out_dir: runs/x, resume: null, overwrite: false, device: auto, compile: false, precision: fp32,
-            fused: auto}
+            fused: auto, activation_checkpointing: none}
     telemetry: {tensorboard: true, plots: true, gpu_stats: true, progress_bar: true,
                 idle_expert_steps: 100, drop_jump: 0.1, peak_tflops: null, profile: null}
 
@@ -30,6 +30,9 @@ exists. ``train.compile: true`` applies ``torch.compile`` to every transformer b
 and losses in fp32, fp16 with dynamic loss scaling (``parallel.precision``, docs/precision.md);
 ``train.fused`` (auto | off): NVIDIA apex's FusedAdam and fused LayerNorm when apex is importable
 on a GPU, else torch's fused AdamW on CUDA, plain ops on CPU (``moe.trainer.fused``).
+``train.activation_checkpointing``: ``none``, ``moe`` (recompute every MoE layer in the
+backward) or ``block`` (recompute whole transformer blocks); the recompute replays the
+routing of the forward (``moe.recompute``); not with ``train.compile``.
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ _CUSTOM_TASK = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 SCHEDULES = ("cosine", "linear", "constant")
 BACKENDS = ("auto", "gloo", "nccl")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+ACTIVATION_CHECKPOINTING = ("none", "moe", "block")  # moe.recompute.MODES
 ZERO_ENGINES = ("auto", "deepspeed", "fsdp2")
 DEVICES = ("auto", "cpu", "cuda")
 FUSED = ("auto", "off")
@@ -224,6 +228,10 @@ class TrainLoopConfig:
     layout (see README, "Layout invariance"). ``resume`` / ``overwrite``: which
     checkpoint the run continues, and what happens to checkpoints of another run in
     ``out_dir`` (refused unless ``overwrite: true`` deletes them): ``moe/trainer/resume.py``.
+    ``activation_checkpointing``: ``none``; ``moe``: every MoE layer's router, dispatch, experts
+    and combine run again in the backward instead of keeping their activations; ``block``: whole
+    transformer blocks do. Random routing draws and routing state are replayed, so the gradients
+    are those without it (``moe.recompute``).
     """
 
     steps: int = _opt(100, _ge(1))
@@ -242,6 +250,8 @@ class TrainLoopConfig:
     compile: bool = False  # torch.compile every transformer block (moe.models.compile_blocks)
     precision: str = _opt("fp32", _one_of(PRECISIONS))  # bf16 / fp16: autocast, fp32 master weights (docs/precision.md)
     fused: str = _opt("auto", _one_of(FUSED))  # auto: apex FusedAdam + fused LayerNorm if importable (moe.trainer.fused)
+    # Recompute in the backward: 'moe' layers or whole 'block's, routing replayed (moe.recompute)
+    activation_checkpointing: str = _opt("none", _one_of(ACTIVATION_CHECKPOINTING))
 
     def validate(self, path: str) -> None:
         if self.micro_batch_size is not None and self.global_batch_size % self.micro_batch_size:
@@ -309,6 +319,10 @@ class TrainConfig:
             fail(join(path, "train.compile"), True,
                  f"torch.compile is not supported with tensor parallelism yet (parallel.tp={p.tp}, "
                  f"parallel.etp={p.etp}); set it to false")
+        if self.train.compile and self.train.activation_checkpointing != "none":
+            fail(join(path, "train.activation_checkpointing"), self.train.activation_checkpointing,
+                 "activation checkpointing is not supported with train.compile: true yet; set it to 'none', "
+                 "or train.compile to false")
         if self.train.compile and p.zero_stage > 0:
             fail(join(path, "train.compile"), True, f"torch.compile is not supported with ZeRO yet "
                  f"(parallel.zero_stage={p.zero_stage}); set it to false, or zero_stage 0")

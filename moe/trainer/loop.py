@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from moe.models import compile_blocks
+from moe.recompute import apply_activation_checkpointing
 from moe.models.flops import TRAIN_FLOPS_PER_FORWARD
 from moe.models.transformer import micro_batch_rng
 from parallel.engine import ReplicatedEngine
@@ -167,6 +168,8 @@ class Trainer:
                                                             pipeline=self.stage_plan)
         if cfg.train.compile:
             compile_blocks(self.task.model)
+        if cfg.train.activation_checkpointing != "none":
+            apply_activation_checkpointing(self.task.model, cfg.train.activation_checkpointing)
         self.model = self.task.model
         self.precision = Precision(cfg.train.precision)
         self.scaler: Optional[LossScaler] = LossScaler() if self.precision.loss_scaling else None

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe.recompute import is_recomputing
+
 
 @dataclass
 class LayerRouting:
@@ -145,7 +147,8 @@ class RoutingRecorder:
 
     def _hook(self, i: int):
         def hook(module, args, output):
-            if self.enabled and (self.training is None or module.training == self.training):
+            # a block recomputed in the backward (activation checkpointing) was counted in its forward
+            if self.enabled and (self.training is None or module.training == self.training) and not is_recomputing():
                 self.acc[i].add(module)
         return hook
 
