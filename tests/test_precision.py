@@ -207,7 +207,7 @@ def _overflow_rank(rank, world, out_dir):
     trainer.fit()
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl")) if "train/loss" in line]
     snapshot["rows"] = [(r["step"], r["train/loss_scale"], r["train/skipped_steps"]) for r in rows]
-    snapshot["lines"] = [line for line in lines if "skipped" in line]
+    snapshot["lines"] = [line for line in lines if "overflowed" in line]
     return snapshot
 
 
