@@ -247,3 +247,37 @@ def test_tensor_parallel_mixed_precision_is_refused_on_cpu():
         check_precision(from_dict(raw))
     raw["train"]["precision"] = "fp32"
     check_precision(from_dict(raw))
+
+
+def _ep_bf16_rank(rank, world, early_cast):
+    """An ep=2 layer under bf16 autocast: its output, input gradient and weight gradients, and its bytes."""
+    import moe as moe_pkg
+    import moe.layer as layer_mod
+    from parallel.dims import ParallelDims
+
+    groups = ParallelDims.from_world(world, ep=2).build()
+    torch.manual_seed(0)
+    cfg = moe_pkg.MoEConfig(d_model=16, d_ffn=32, num_experts=4, aux_losses={"load_balancing": 0.1},
+                            router=moe_pkg.RouterConfig(policy="gshard", top_k=2, capacity_factor=1.0))
+    layer = moe_pkg.MoELayer(cfg, ep_group=groups.ep_group)
+    if not early_cast:  # the all-to-alls in fp32: the experts cast their rows themselves
+        layer_mod.compute_dtype = lambda t: t.dtype
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(32, 16, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(x)
+    ((y * torch.randn(y.shape, generator=g)).sum() + sum(aux.values())).backward()
+    return {"y": y.detach(), "dx": x.grad, "w1": layer.experts.w1.grad, "router": layer.router.weight.grad,
+            "bytes": layer.last_stats["bytes_sent"], "dtype": y.dtype}
+
+
+@pytest.mark.distributed
+def test_expert_parallel_all_to_all_moves_bf16():
+    """Under bf16 the all-to-alls move bf16 rows (half the bytes of fp32) and give the very same numbers."""
+    early = run_distributed(_ep_bf16_rank, 2, True)
+    late = run_distributed(_ep_bf16_rank, 2, False)
+    for a, b in zip(early, late):
+        assert a["dtype"] == torch.float32
+        for key in ("y", "dx", "w1", "router"):
+            assert torch.equal(a[key], b[key]), key
+        assert b["bytes"] > 0 and a["bytes"] * 2 == b["bytes"]
