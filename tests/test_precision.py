@@ -281,3 +281,13 @@ def test_expert_parallel_all_to_all_moves_bf16():
         for key in ("y", "dx", "w1", "router"):
             assert torch.equal(a[key], b[key]), key
         assert b["bytes"] > 0 and a["bytes"] * 2 == b["bytes"]
+
+
+def test_activation_checkpointing_under_fp16_changes_nothing(runs, tmp_path):
+    """Recomputed blocks replay autocast (and the routing) as well: block checkpointing in fp16 trains
+    bit for bit what the fp16 run without it trains."""
+    run = run_layout(_lm(), 1, tmp_path, overrides=["train.precision=fp16", "train.activation_checkpointing=block"])
+    ref = runs["fp16"]
+    assert run.losses() == ref.losses()
+    for n, p in ref.params.items():
+        assert torch.equal(run.params[n], p), n
