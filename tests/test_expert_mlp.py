@@ -152,3 +152,14 @@ def test_errors_name_the_value():
     assert not hasattr(get_backend("torch", "cpu").ops, "expert_mlp")  # the reference: torch path
     with pytest.raises(NotImplementedError, match="cpp"):
         OpSet("triton").expert_mlp(rows, torch.tensor([10, 0, 0, 0, 0]), ex.w1, None, ex.w2, None, "gelu")
+
+
+def test_second_backward_through_the_same_graph_fails_clearly():
+    # The backward overwrites the saved pre-activation with its gradient; autograd's version
+    # check then refuses a second backward instead of computing from the overwritten tensor.
+    ex = _experts("gelu", bias=False)
+    rows = torch.randn(20, 32, requires_grad=True)
+    out = ex(rows, torch.tensor([20, 0, 0, 0, 0]))
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

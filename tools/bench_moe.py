@@ -214,13 +214,14 @@ def measure(steps: Dict[str, Callable[[], None]], device: torch.device, warmup: 
             step()
     _sync(device)
     times: Dict[str, List[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
+    for r in range(repeats):
         for name, step in steps.items():
             _sync(device)
             start = time.perf_counter()
             step()
             _sync(device)
             times[name].append(time.perf_counter() - start)
+            print(f"repeat {r}: {name} {times[name][-1]:.3f} s", file=sys.stderr, flush=True)
     peaks = {name: peak_bytes(step, device) for name, step in steps.items()}
     return {name: dict(median_s=statistics.median(t), min_s=min(t), max_s=max(t), times_s=t, peak_bytes=peaks[name])
             for name, t in times.items()}

@@ -13,7 +13,9 @@
 // single-threaded (ATen runs nested parallel work inline, and MKL/OpenBLAS do not nest).
 //
 // Saved for the backward: the pre-activation h[N, H] only (the ideal autograd graph keeps
-// h and act(h)); the activation and its derivative are recomputed from h per tile.
+// h and act(h)); the activation and its derivative are recomputed from h per tile, and
+// the backward overwrites h with dh (the op declares h mutated: a second backward through
+// the same graph fails autograd's saved-tensor version check instead of reading dh).
 // Backward phase A, one task per (expert, hidden-unit chunk) walking the expert's rows in
 // tiles: act(h), dA = g @ w2^T, dw2 += act(h)^T @ g, dh = act'(h, dA), dw1 += x^T @ dh,
 // db1 += sum dh (the weight gradients of a chunk belong to that task alone: no reduction
@@ -167,20 +169,20 @@ void activate(const at::Tensor& h, at::Tensor& a, int64_t activation) {
   }
 }
 
-// dh = d act(h) / dh applied to dA; h, dh [m, H], dA [m, F]; tmp [m, F] scratch (SwiGLU).
-void activate_backward(const at::Tensor& dA, const at::Tensor& h, at::Tensor& dh, at::Tensor& tmp,
-                       int64_t activation) {
+// h <- d act(h) / dh applied to dA, in place (h, [m, H], is read only where it is
+// overwritten, element by element); dA [m, F]; s, tmp [m, F] scratch (SwiGLU).
+void activate_backward_inplace(const at::Tensor& dA, at::Tensor& h, at::Tensor& s, at::Tensor& tmp,
+                               int64_t activation) {
   switch (activation) {
-    case kGelu: at::gelu_backward_out(dh, dA, h); break;
-    case kRelu: at::threshold_backward_out(dh, dA, h, 0); break;
-    case kSilu: at::silu_backward_out(dh, dA, h); break;
+    case kGelu: at::gelu_backward_out(h, dA, h); break;
+    case kRelu: at::threshold_backward_out(h, dA, h, 0); break;
+    case kSilu: at::silu_backward_out(h, dA, h); break;
     default: {
-      const auto gate = h.slice(1, 0, h.size(1), 2), up = h.slice(1, 1, h.size(1), 2);
-      auto dgate = dh.slice(1, 0, dh.size(1), 2), dup = dh.slice(1, 1, dh.size(1), 2);
-      at::silu_out(tmp, gate);
-      at::mul_out(dup, dA, tmp);           // d up = dA * silu(gate)
-      at::mul_out(tmp, dA, up);            // d silu(gate) = dA * up
-      at::silu_backward_out(dgate, tmp, gate);
+      auto gate = h.slice(1, 0, h.size(1), 2), up = h.slice(1, 1, h.size(1), 2);
+      at::mul_out(tmp, dA, up);               // d silu(gate) = dA * up
+      at::silu_out(s, gate);
+      at::mul_out(up, dA, s);                 // d up = dA * silu(gate)
+      at::silu_backward_out(gate, tmp, gate); // d gate
     }
   }
 }
@@ -227,19 +229,22 @@ std::vector<at::Tensor> expert_mlp_backward_cpu(const at::Tensor& grad_out_in, c
                                                 bool need_w2, bool need_b2, int64_t row_tile) {
   check_inputs(x_in, w1_in, std::nullopt, w2_in, std::nullopt, activation);
   TORCH_CHECK_VALUE(row_tile >= 1, "row_tile=", row_tile, " is not allowed; it must be >= 1");
-  const auto x = x_in.detach().contiguous(), h = h_in.detach().contiguous();
-  const auto g = grad_out_in.detach().contiguous();
+  const auto x = x_in.detach().contiguous(), g = grad_out_in.detach().contiguous();
   const auto w1 = w1_in.detach().contiguous(), w2 = w2_in.detach().contiguous();
   const int64_t N = x.size(0), D = x.size(1), E = w1.size(0), H = w1.size(2), F = w2.size(1);
   const int64_t U = H / std::max<int64_t>(F, 1);
-  TORCH_CHECK_VALUE(g.sizes() == x.sizes() && h.sizes() == at::IntArrayRef({N, H}), "grad_out ", g.sizes(),
-                    " and h ", h.sizes(), " must be [", N, ", ", D, "] and [", N, ", ", H, "]");
+  TORCH_CHECK_VALUE(g.sizes() == x.sizes() && h_in.sizes() == at::IntArrayRef({N, H}), "grad_out ", g.sizes(),
+                    " and h ", h_in.sizes(), " must be [", N, ", ", D, "] and [", N, ", ", H, "]");
+  TORCH_CHECK_VALUE(h_in.is_contiguous() && h_in.scalar_type() == x.scalar_type(),
+                    "h must be the contiguous pre-activation of the forward, of dtype ", x.scalar_type());
+  // h is overwritten with dh = d loss / d h: no second [N, H] buffer (the op declares it mutated).
+  auto h = h_in.detach();
+  auto& dh = h;
   const auto cnt = check_counts(counts, E, N);
   std::vector<int64_t> start(E + 1, 0);
   for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + cnt[e];
 
   const auto opts = x.options();
-  auto dh = at::empty({N, H}, opts);
   auto gw1 = need_w1 ? at::empty({E, D, H}, opts) : at::Tensor();
   auto gw2 = need_w2 ? at::empty({E, F, D}, opts) : at::Tensor();
   auto gb1 = need_b1 ? at::empty({E, H}, opts) : at::Tensor();
@@ -284,8 +289,7 @@ std::vector<at::Tensor> expert_mlp_backward_cpu(const at::Tensor& grad_out_in, c
       const int64_t m = std::min(tile, cnt[t.e] - r), r0 = start[t.e] + r;
       const double beta = r == 0 ? 0.0 : 1.0;
       const auto xt = x.narrow(0, r0, m), gt = g.narrow(0, r0, m);
-      const auto ht = h.narrow(0, r0, m).narrow(1, c0, cw);
-      auto dht = dh.narrow(0, r0, m).narrow(1, c0, cw);
+      auto ht = h.narrow(0, r0, m).narrow(1, c0, cw);  // h in, dh out
       auto a = buf[0].narrow(0, 0, m).narrow(1, 0, t.fc);
       auto dA = buf[1].narrow(0, 0, m).narrow(1, 0, t.fc);
       auto tmp = buf[2].narrow(0, 0, m).narrow(1, 0, t.fc);
@@ -294,7 +298,8 @@ std::vector<at::Tensor> expert_mlp_backward_cpu(const at::Tensor& grad_out_in, c
         at::addmm_out(gw2c, gw2c, a.t(), gt, beta, 1.0);
       }
       at::mm_out(dA, gt, w2c.t());
-      activate_backward(dA, ht, dht, tmp, activation);
+      activate_backward_inplace(dA, ht, a, tmp, activation);
+      const auto& dht = ht;
       if (need_w1) at::addmm_out(gw1c, gw1c, xt.t(), dht, beta, 1.0);
       if (need_b1) {
         if (r == 0) at::sum_out(gb1c, dht, at::IntArrayRef{0});

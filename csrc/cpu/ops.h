@@ -58,6 +58,7 @@ std::vector<at::Tensor> expert_mlp_forward_cpu(const at::Tensor& x, const at::Te
                                                int64_t activation, int64_t row_tile);
 
 // {grad_x, grad_w1, grad_b1, grad_w2, grad_b2}; each undefined unless its need_* flag is set.
+// h (the forward's second output) is overwritten with the gradient wrt h.
 std::vector<at::Tensor> expert_mlp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                                 const at::Tensor& h, const at::Tensor& counts,
                                                 const at::Tensor& w1, const at::Tensor& w2,

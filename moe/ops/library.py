@@ -22,7 +22,8 @@ output shapes (data-dependent sizes such as ``num_rows`` come in as ints), so
   moe::expert_mlp(x[N,D], counts[E], w1[E,D,H], b1?, w2[E,F,D], b2?, activation, impl)
       -> out[N,D], h[N,H] (pre-activation, kept for the backward; impl "cpp" only)
   moe::expert_mlp_backward(grad_out, x, h, counts, w1, w2, activation, need_x, need_w1, need_b1,
-      need_w2, need_b2, impl) -> grad_x, grad_w1, grad_b1, grad_w2, grad_b2 (each [0] when not needed)
+      need_w2, need_b2, impl) -> grad_x, grad_w1, grad_b1, grad_w2, grad_b2 (each [0] when not
+      needed); overwrites h with the gradient wrt h
 
 Differentiable: permute_rows wrt x (and its backward wrt grad_rows, so double backward
 works), unpermute_rows wrt rows and weights, router_topk wrt logits through weights,
@@ -244,7 +245,9 @@ def _(x, counts, w1, b1, w2, b2, activation, impl):
     return x.new_empty(x.shape), x.new_empty((x.shape[0], w1.shape[2]))
 
 
-@torch.library.custom_op("moe::expert_mlp_backward", mutates_args=())
+# It overwrites h with d loss / d h (no second [N, H] buffer); declared mutated, so a second
+# backward through the same graph fails autograd's saved-tensor check instead of reading dh.
+@torch.library.custom_op("moe::expert_mlp_backward", mutates_args=("h",))
 def _expert_mlp_backward(grad_out: Tensor, x: Tensor, h: Tensor, counts: Tensor, w1: Tensor, w2: Tensor,
                          activation: str, need_x: bool, need_w1: bool, need_b1: bool, need_w2: bool,
                          need_b2: bool, impl: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
