@@ -324,14 +324,16 @@ def _dist_rank(rank: int, world: int, cfg: Dict, cf: Optional[float], warmup: in
             dist.barrier()
             times[n].append(time.perf_counter() - start)
     stats = ours.last_stats
-    # Our bytes: what the all-to-alls moved forward; the backward moves the same again.
-    ours_bytes = 2 * (stats["bytes_sent"] + stats["bytes_received"])
+    # Bytes this rank sent to other ranks per step: the dispatcher counts the forward's dispatch and
+    # combine (self-sends excluded); the backward's reverse all-to-alls move the same again.
+    ours_bytes = 2 * stats["bytes_sent"]
     out = {"ours": dict(median_s=statistics.median(times["ours"]), bytes_per_step=ours_bytes)}
     if deepspeed:
-        # DeepSpeed sends its whole padded [E, C, d] buffer to the other ranks and back, forward and backward.
+        # DeepSpeed all-to-alls its whole padded [E, C, d] buffer (the other ranks' share of it) in the
+        # dispatch and the combine, forward and backward: four exchanges per step.
         C = _ds_capacity(cfg, cf, world)
         item = torch.tensor([], dtype=dtype).element_size()
-        ds_bytes = 4 * 2 * cfg["E"] * C * cfg["d"] * item * (world - 1) // world
+        ds_bytes = 4 * cfg["E"] * C * cfg["d"] * item * (world - 1) // world
         out["deepspeed"] = dict(median_s=statistics.median(times["deepspeed"]), bytes_per_step=ds_bytes)
     return out
 
