@@ -103,6 +103,9 @@ class Experts(nn.Module):
         self.init_std = init_std
         # False: ``forward`` runs one matmul per expert (the readable twin; for benchmarks).
         self.grouped_gemm = True
+        # The op backend (``moe.ops.get_backend``) whose fused ``expert_mlp`` ``forward`` uses
+        # when it has one for the inputs (cpp on CPU); "torch" keeps the grouped_mm path.
+        self.backend = "auto"
         self.last_rows = 0
         self.reset_parameters()
 
@@ -164,7 +167,33 @@ class Experts(nn.Module):
                 return torch.bmm(a.view(E, C, a.shape[1]), b).view(E * C, b.shape[2])
 
             return self._compute(rows_ND, counts_El, padded_mm, output_bias)
+        rows = rows_ND.to(compute_dtype(rows_ND))  # mixed precision: the autocast dtype (fp32: no-op)
+        fused = self._fused_ops(rows)
+        if fused is not None:
+            return self._compute_fused(fused, rows, counts_El, output_bias).to(rows_ND.dtype)
         return self._compute(rows_ND, counts_El, grouped_matmul if self.grouped_gemm else loop_matmul, output_bias)
+
+    def _fused_ops(self, rows_ND: torch.Tensor):
+        """The op set whose fused ``expert_mlp`` runs this call, or None (torch path): eager
+        only, grouped GEMM on, and a backend with kernels for these inputs."""
+        if torch.compiler.is_compiling() or not self.grouped_gemm:
+            return None
+        from .ops import get_backend
+
+        ops = get_backend(self.backend, rows_ND.device).ops
+        supported = getattr(ops, "expert_mlp_supported", None)
+        if supported is None or not supported(rows_ND, self.w1.to(rows_ND.dtype), self.w2.to(rows_ND.dtype)):
+            return None
+        return ops
+
+    def _compute_fused(self, ops, rows_ND, counts_El, output_bias):
+        if rows_ND.shape[0] != int(counts_El.sum()):
+            raise ValueError(f"rows has {rows_ND.shape[0]} rows but counts sum to {int(counts_El.sum())}")
+        self.last_rows = rows_ND.shape[0]
+        dtype = rows_ND.dtype
+        b1 = None if self.b1 is None else self.b1.to(dtype)
+        b2 = None if self.b2 is None or not output_bias else self.b2.to(dtype)
+        return ops.expert_mlp(rows_ND, counts_El, self.w1.to(dtype), b1, self.w2.to(dtype), b2, self.activation)
 
     def forward_loop(self, rows_ND: torch.Tensor, counts_El: torch.Tensor) -> torch.Tensor:
         """Same as ``forward`` with one matmul per expert (the oracle)."""

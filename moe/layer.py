@@ -124,6 +124,9 @@ class MoELayer(nn.Module):
         self.shared = (Experts(1, config.d_model, config.shared_expert_ffn, config.activation, bias=config.bias,
                                init_std=config.init_std, dtype=dtype, device=device)
                        if config.shared_expert_ffn else None)
+        for experts in (self.experts, self.shared):  # their fused expert MLP follows the layer's op backend
+            if experts is not None:
+                experts.backend = config.backend
         self.residual_coef = (nn.Linear(config.d_model, 2, dtype=dtype, device=device)
                               if config.residual_moe else None)
         self.last_routing: Optional[Routing] = None

@@ -15,7 +15,7 @@ void register_cuda_kernels(pybind11::module& m);  // csrc/cuda/bindings.cpp
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "MoE kernels: router top-k, slot assignment, permute, unpermute (CPU; CUDA when built)";
+  m.doc() = "MoE kernels: router top-k, slot assignment, permute, unpermute, grouped expert MLP (CPU; CUDA when built)";
   namespace py = pybind11;
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("router_topk_cpu", &moe::router_topk_cpu, nogil, py::arg("logits"), py::arg("k"),
@@ -32,6 +32,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weights"));
   m.def("unpermute_rows_backward_cpu", &moe::unpermute_rows_backward_cpu, nogil, py::arg("grad_y"),
         py::arg("rows"), py::arg("dest"), py::arg("weights"), py::arg("need_rows"), py::arg("need_weights"));
+  m.def("expert_mlp_forward_cpu", &moe::expert_mlp_forward_cpu, nogil, py::arg("x"), py::arg("counts"),
+        py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("activation"), py::arg("row_tile"));
+  m.def("expert_mlp_backward_cpu", &moe::expert_mlp_backward_cpu, nogil, py::arg("grad_out"), py::arg("x"),
+        py::arg("h"), py::arg("counts"), py::arg("w1"), py::arg("w2"), py::arg("activation"), py::arg("need_x"),
+        py::arg("need_w1"), py::arg("need_b1"), py::arg("need_w2"), py::arg("need_b2"), py::arg("row_tile"));
 #ifdef MOE_WITH_CUDA
   m.attr("has_cuda") = true;
   moe::register_cuda_kernels(m);

@@ -48,4 +48,21 @@ std::vector<at::Tensor> unpermute_rows_backward_cpu(const at::Tensor& grad_y, co
                                                     const at::Tensor& dest, const at::Tensor& weights,
                                                     bool need_rows, bool need_weights);
 
+// Grouped expert MLP (csrc/cpu/expert_mlp.cpp). x[N,D] expert-major by counts[E];
+// w1[E,D,H], b1[E,H]?, w2[E,F,D], b2[E,D]?; activation 0 gelu, 1 relu, 2 silu, 3 swiglu
+// (H = 2F, unit-major). Returns {out[N,D], h[N,H]} (h: the pre-activation, kept for the
+// backward). row_tile: rows per GEMM task.
+std::vector<at::Tensor> expert_mlp_forward_cpu(const at::Tensor& x, const at::Tensor& counts,
+                                               const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                                               const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+                                               int64_t activation, int64_t row_tile);
+
+// {grad_x, grad_w1, grad_b1, grad_w2, grad_b2}; each undefined unless its need_* flag is set.
+// h (the forward's second output) is overwritten with the gradient wrt h.
+std::vector<at::Tensor> expert_mlp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                const at::Tensor& h, const at::Tensor& counts,
+                                                const at::Tensor& w1, const at::Tensor& w2,
+                                                int64_t activation, bool need_x, bool need_w1, bool need_b1,
+                                                bool need_w2, bool need_b2, int64_t row_tile);
+
 }  // namespace moe

@@ -19,6 +19,11 @@ output shapes (data-dependent sizes such as ``num_rows`` come in as ints), so
   moe::unpermute_rows(rows[N,D], dest[T,k], weights[T,k], impl) -> y[T,D]
   moe::unpermute_rows_backward(grad_y, rows, dest, weights, need_rows, need_weights, impl)
       -> grad_rows[N,D] (or [0]), grad_weights[T,k] (or [0])
+  moe::expert_mlp(x[N,D], counts[E], w1[E,D,H], b1?, w2[E,F,D], b2?, activation, impl)
+      -> out[N,D], h[N,H] (pre-activation, kept for the backward; impl "cpp" only)
+  moe::expert_mlp_backward(grad_out, x, h, counts, w1, w2, activation, need_x, need_w1, need_b1,
+      need_w2, need_b2, impl) -> grad_x, grad_w1, grad_b1, grad_w2, grad_b2 (each [0] when not
+      needed); overwrites h with the gradient wrt h
 
 Differentiable: permute_rows wrt x (and its backward wrt grad_rows, so double backward
 works), unpermute_rows wrt rows and weights, router_topk wrt logits through weights,
@@ -215,6 +220,71 @@ def _unpermute_backward(ctx, grad_y):
 _unpermute_rows.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 
 
+# ---------------------------------------------------------------- expert_mlp
+# The grouped expert MLP (CPU kernels only): out = act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]
+# over the rows of each expert; h (the pre-activation) is its second output, kept for
+# the backward (which recomputes the activation from it).
+ACTIVATION_CODES = {"gelu": 0, "relu": 1, "silu": 2, "swiglu": 3}
+EXPERT_MLP_IMPLS = ("cpp",)
+EXPERT_MLP_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+# Rows per GEMM task: big enough for an efficient single-threaded GEMM, small enough that
+# the activation tile stays in cache and the tasks balance over the threads.
+EXPERT_MLP_ROW_TILE = 256
+
+
+@torch.library.custom_op("moe::expert_mlp", mutates_args=())
+def _expert_mlp(x: Tensor, counts: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+                activation: str, impl: str) -> Tuple[Tensor, Tensor]:
+    out, h = _kernel(impl, "expert_mlp_forward")(x, counts, w1, b1, w2, b2, ACTIVATION_CODES[activation],
+                                                 EXPERT_MLP_ROW_TILE)
+    return out, h
+
+
+@_expert_mlp.register_fake
+def _(x, counts, w1, b1, w2, b2, activation, impl):
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], w1.shape[2]))
+
+
+# It overwrites h with d loss / d h (no second [N, H] buffer); declared mutated, so a second
+# backward through the same graph fails autograd's saved-tensor check instead of reading dh.
+@torch.library.custom_op("moe::expert_mlp_backward", mutates_args=("h",))
+def _expert_mlp_backward(grad_out: Tensor, x: Tensor, h: Tensor, counts: Tensor, w1: Tensor, w2: Tensor,
+                         activation: str, need_x: bool, need_w1: bool, need_b1: bool, need_w2: bool,
+                         need_b2: bool, impl: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _kernel(impl, "expert_mlp_backward")(grad_out, x, h, counts, w1, w2, ACTIVATION_CODES[activation],
+                                                 need_x, need_w1, need_b1, need_w2, need_b2, EXPERT_MLP_ROW_TILE)
+    return tuple(_empty_if_none(g, x) for g in grads)
+
+
+@_expert_mlp_backward.register_fake
+def _(grad_out, x, h, counts, w1, w2, activation, need_x, need_w1, need_b1, need_w2, need_b2, impl):
+    E, D, H = w1.shape
+    shapes = ((x.shape, need_x), ((E, D, H), need_w1), ((E, H), need_b1), (w2.shape, need_w2), ((E, D), need_b2))
+    return tuple(x.new_empty(shape if need else (0,)) for shape, need in shapes)
+
+
+def _expert_mlp_setup(ctx, inputs, output):
+    x, counts, w1, b1, w2, b2, activation, impl = inputs
+    ctx.save_for_backward(x, output[1], counts, w1, w2)
+    ctx.activation, ctx.impl = activation, impl
+    ctx.mark_non_differentiable(output[1])
+
+
+def _expert_mlp_backward_fn(ctx, grad_out, grad_h):
+    x, h, counts, w1, w2 = ctx.saved_tensors
+    need_x, _, need_w1, need_b1, need_w2, need_b2, _, _ = ctx.needs_input_grad
+    if grad_out is None:
+        grad_out = torch.zeros_like(x)
+    grads = torch.ops.moe.expert_mlp_backward(grad_out.contiguous(), x, h, counts, w1, w2, ctx.activation,
+                                              need_x, need_w1, need_b1, need_w2, need_b2, ctx.impl)
+    gx, gw1, gb1, gw2, gb2 = (g if need else None
+                              for g, need in zip(grads, (need_x, need_w1, need_b1, need_w2, need_b2)))
+    return gx, None, gw1, gb1, gw2, gb2, None, None
+
+
+_expert_mlp.register_autograd(_expert_mlp_backward_fn, setup_context=_expert_mlp_setup)
+
+
 # ---------------------------------------------------------------- user-facing wrappers
 def _check_int(name: str, value, minimum: int) -> None:
     # Under torch.compile with dynamic shapes a size arrives as a torch.SymInt, which check_int
@@ -265,6 +335,26 @@ class OpSet:
         _check_2d("dest", dest_TK, "[T, k]")
         _check_int("num_rows", num_rows, 0)
         return torch.ops.moe.permute_rows(x_TD, dest_TK.long(), num_rows, self.impl)
+
+    def expert_mlp_supported(self, rows_ND: Tensor, w1: Tensor, w2: Tensor) -> bool:
+        """Whether ``expert_mlp`` runs these inputs (else the caller keeps its torch path)."""
+        return (self.impl in EXPERT_MLP_IMPLS and rows_ND.device.type == "cpu" and rows_ND.dim() == 2
+                and rows_ND.dtype in EXPERT_MLP_DTYPES and w1.dtype == rows_ND.dtype and w2.dtype == rows_ND.dtype)
+
+    def expert_mlp(self, rows_ND: Tensor, counts_El: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+                   b2: Optional[Tensor], activation: str) -> Tensor:
+        """act(rows @ w1[e] + b1[e]) @ w2[e] + b2[e] over the rows of each expert e (rows
+        expert-major by ``counts``); the fused twin of ``moe.experts.Experts.forward_loop``.
+
+        w1[E_l, D, H] (H = F, SwiGLU: 2F unit-major), w2[E_l, F, D], biases optional.
+        Differentiable wrt rows, weights and biases.
+        """
+        if self.impl not in EXPERT_MLP_IMPLS:
+            raise NotImplementedError(f"expert_mlp has kernels for impl in {EXPERT_MLP_IMPLS}, not {self.impl!r}")
+        check_choice("activation", activation, tuple(ACTIVATION_CODES))
+        _check_2d("rows", rows_ND, "[N, D]")
+        out, _ = torch.ops.moe.expert_mlp(rows_ND, counts_El.long(), w1, b1, w2, b2, activation, self.impl)
+        return out
 
     def unpermute_rows(self, rows_ND: Tensor, dest_TK: Tensor, weights_TK: Tensor) -> Tensor:
         """See ``moe.ops.reference.unpermute_rows``."""

@@ -1,0 +1,324 @@
+// Grouped expert MLP on CPU: out = act(x @ w1[e] + b1[e]) @ w2[e] + b2[e] for the rows of
+// every expert e, forward and backward, as many single-threaded GEMM tasks run in parallel.
+//
+// Legend: E experts, N rows (expert-major: expert e owns counts[e] consecutive rows),
+// D model width, F hidden units, H = U*F columns of w1 (U = 2 for SwiGLU, unit-major:
+// columns 2f and 2f+1 are the gate and the up projection of unit f, else U = 1).
+//
+// Why: torch's CPU grouped GEMM runs one multi-threaded GEMM per expert, which on a few
+// cores spends much of its time splitting small GEMMs and synchronising, and the
+// activation is a separate pass over [N, H]. Here one task = one (expert, row tile) in
+// the forward (GEMM, activation on the cache-hot tile, GEMM), and tasks are scheduled
+// dynamically over the OpenMP threads; a GEMM called inside the parallel region is
+// single-threaded (ATen runs nested parallel work inline, and MKL/OpenBLAS do not nest).
+//
+// Saved for the backward: the pre-activation h[N, H] only (the ideal autograd graph keeps
+// h and act(h)); the activation and its derivative are recomputed from h per tile, and
+// the backward overwrites h with dh (the op declares h mutated: a second backward through
+// the same graph fails autograd's saved-tensor version check instead of reading dh).
+// Backward phase A, one task per (expert, hidden-unit chunk) walking the expert's rows in
+// tiles: act(h), dA = g @ w2^T, dw2 += act(h)^T @ g, dh = act'(h, dA), dw1 += x^T @ dh,
+// db1 += sum dh (the weight gradients of a chunk belong to that task alone: no reduction
+// across tasks). Phase B, one task per (expert, row tile): dx = dh @ w1^T.
+// The activations are ATen's own kernels (gelu erf form, relu, silu, SwiGLU =
+// silu(gate) * up), so results match moe/experts.py to fp32 rounding of the GEMMs.
+#include "common.h"
+#include "ops.h"
+
+#include <ATen/ThreadLocalState.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/gelu_backward.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/silu_backward.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/threshold_backward.h>
+
+#include <exception>
+#include <mutex>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace moe {
+namespace {
+
+enum Activation : int64_t { kGelu = 0, kRelu = 1, kSilu = 2, kSwiglu = 3 };
+
+struct RowTask {
+  int64_t e, r0, m;  // expert, first row, rows
+};
+
+struct UnitTask {
+  int64_t e, f0, fc;  // expert, first hidden unit, units
+};
+
+// Runs body(task index) for every task over the intra-op threads, dynamically scheduled,
+// with the caller's thread-local state (grad mode, dispatch keys) in every worker. The
+// first exception thrown by a task is rethrown here, after the region.
+template <typename Body>
+void run_tasks(int64_t num_tasks, const Body& body) {
+  if (num_tasks == 0) return;
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), num_tasks));
+#ifdef _OPENMP
+  if (threads > 1 && !omp_in_parallel()) {
+    at::ThreadLocalState state;
+    std::exception_ptr error;
+    std::mutex error_mutex;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t i = 0; i < num_tasks; ++i) {
+      at::ThreadLocalStateGuard guard(state);
+      try {
+        body(i, omp_get_thread_num());
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < num_tasks; ++i) body(i, 0);
+}
+
+int64_t workers() {
+#ifdef _OPENMP
+  if (omp_in_parallel()) return 1;
+#endif
+  return std::max<int64_t>(1, at::get_num_threads());
+}
+
+std::vector<int64_t> check_counts(const at::Tensor& counts, int64_t E, int64_t N) {
+  check_cpu(counts, "counts");
+  check_dim(counts, 1, "counts", "[E]");
+  TORCH_CHECK_VALUE(counts.size(0) == E, "counts has ", counts.size(0), " experts but the weights have ", E);
+  auto c = counts.to(at::kLong).contiguous();
+  std::vector<int64_t> out(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + E);
+  int64_t total = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK_VALUE(out[e] >= 0, "counts[", e, "] = ", out[e], " is negative; counts must be >= 0");
+    total += out[e];
+  }
+  TORCH_CHECK_VALUE(total == N, "counts sum to ", total, " but x has ", N, " rows; they must be equal");
+  return out;
+}
+
+// Row tiles of every expert, the largest first (better dynamic balance), each at most
+// `tile` rows; an expert's rows are cut into equal tiles.
+std::vector<RowTask> row_tasks(const std::vector<int64_t>& counts, int64_t tile) {
+  std::vector<RowTask> tasks;
+  int64_t start = 0;
+  for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e) {
+    const int64_t n = counts[e];
+    if (n > 0) {
+      const int64_t pieces = (n + tile - 1) / tile;
+      const int64_t step = (n + pieces - 1) / pieces;
+      for (int64_t r = 0; r < n; r += step) tasks.push_back({e, start + r, std::min(step, n - r)});
+    }
+    start += n;
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [](const RowTask& a, const RowTask& b) { return a.m > b.m; });
+  return tasks;
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                  const at::Tensor& w2, const std::optional<at::Tensor>& b2, int64_t activation) {
+  TORCH_CHECK_VALUE(activation >= kGelu && activation <= kSwiglu, "activation code ", activation,
+                    " is not allowed; use 0 (gelu), 1 (relu), 2 (silu) or 3 (swiglu)");
+  check_cpu(x, "x");
+  check_dim(x, 2, "x", "[N, D]");
+  check_dim(w1, 3, "w1", "[E, D, H]");
+  check_dim(w2, 3, "w2", "[E, F, D]");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, "x dtype ", dtype,
+                    " is not allowed; use float32, float64 or bfloat16");
+  const int64_t E = w1.size(0), D = x.size(1), H = w1.size(2), F = w2.size(1);
+  const int64_t U = activation == kSwiglu ? 2 : 1;
+  TORCH_CHECK_VALUE(w1.size(1) == D && w2.size(0) == E && w2.size(2) == D && H == U * F, "w1 ", w1.sizes(),
+                    " and w2 ", w2.sizes(), " do not fit x ", x.sizes(), "; need w1 [E, D, ", U,
+                    "*F] and w2 [E, F, D] with D=", D);
+  for (const auto* t : {&w1, &w2}) {
+    check_cpu(*t, "weight");
+    TORCH_CHECK_VALUE(t->scalar_type() == dtype, "weight dtype ", t->scalar_type(), " must match x dtype ", dtype);
+  }
+  if (b1) {
+    TORCH_CHECK_VALUE(b1->sizes() == at::IntArrayRef({E, H}) && b1->scalar_type() == dtype, "b1 must be [", E, ", ",
+                      H, "] of dtype ", dtype, ", got ", b1->sizes(), " ", b1->scalar_type());
+  }
+  if (b2) {
+    TORCH_CHECK_VALUE(b2->sizes() == at::IntArrayRef({E, D}) && b2->scalar_type() == dtype, "b2 must be [", E, ", ",
+                      D, "] of dtype ", dtype, ", got ", b2->sizes(), " ", b2->scalar_type());
+  }
+}
+
+// a = act(h) for one tile; h [m, H], a [m, F].
+void activate(const at::Tensor& h, at::Tensor& a, int64_t activation) {
+  switch (activation) {
+    case kGelu: at::gelu_out(a, h); break;
+    case kRelu: a.copy_(h).relu_(); break;
+    case kSilu: at::silu_out(a, h); break;
+    default: {
+      at::silu_out(a, h.slice(1, 0, h.size(1), 2));
+      a.mul_(h.slice(1, 1, h.size(1), 2));
+    }
+  }
+}
+
+// h <- d act(h) / dh applied to dA, in place (h, [m, H], is read only where it is
+// overwritten, element by element); dA [m, F]; s, tmp [m, F] scratch (SwiGLU).
+void activate_backward_inplace(const at::Tensor& dA, at::Tensor& h, at::Tensor& s, at::Tensor& tmp,
+                               int64_t activation) {
+  switch (activation) {
+    case kGelu: at::gelu_backward_out(h, dA, h); break;
+    case kRelu: at::threshold_backward_out(h, dA, h, 0); break;
+    case kSilu: at::silu_backward_out(h, dA, h); break;
+    default: {
+      auto gate = h.slice(1, 0, h.size(1), 2), up = h.slice(1, 1, h.size(1), 2);
+      at::mul_out(tmp, dA, up);               // d silu(gate) = dA * up
+      at::silu_out(s, gate);
+      at::mul_out(up, dA, s);                 // d up = dA * silu(gate)
+      at::silu_backward_out(gate, tmp, gate); // d gate
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> expert_mlp_forward_cpu(const at::Tensor& x_in, const at::Tensor& counts,
+                                               const at::Tensor& w1_in, const std::optional<at::Tensor>& b1_in,
+                                               const at::Tensor& w2_in, const std::optional<at::Tensor>& b2_in,
+                                               int64_t activation, int64_t row_tile) {
+  check_inputs(x_in, w1_in, b1_in, w2_in, b2_in, activation);
+  TORCH_CHECK_VALUE(row_tile >= 1, "row_tile=", row_tile, " is not allowed; it must be >= 1");
+  const auto x = x_in.detach().contiguous();
+  const auto w1 = w1_in.detach().contiguous(), w2 = w2_in.detach().contiguous();
+  const auto b1 = b1_in ? std::optional<at::Tensor>(b1_in->detach()) : std::nullopt;
+  const auto b2 = b2_in ? std::optional<at::Tensor>(b2_in->detach()) : std::nullopt;
+  const int64_t N = x.size(0), D = x.size(1), E = w1.size(0), H = w1.size(2), F = w2.size(1);
+  const auto cnt = check_counts(counts, E, N);
+  auto out = at::empty({N, D}, x.options());
+  auto h = at::empty({N, H}, x.options());
+  const auto tasks = row_tasks(cnt, row_tile);
+  int64_t max_m = 0;
+  for (const auto& t : tasks) max_m = std::max(max_m, t.m);
+  auto scratch = at::empty({workers(), std::max<int64_t>(max_m, 1), F}, x.options());
+  run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int thread) {
+    const auto& t = tasks[i];
+    const auto xt = x.narrow(0, t.r0, t.m);
+    auto ht = h.narrow(0, t.r0, t.m);
+    auto at_ = scratch[thread].narrow(0, 0, t.m);
+    auto ot = out.narrow(0, t.r0, t.m);
+    if (b1) at::addmm_out(ht, (*b1)[t.e], xt, w1[t.e]);
+    else at::mm_out(ht, xt, w1[t.e]);
+    activate(ht, at_, activation);
+    if (b2) at::addmm_out(ot, (*b2)[t.e], at_, w2[t.e]);
+    else at::mm_out(ot, at_, w2[t.e]);
+  });
+  return {out, h};
+}
+
+std::vector<at::Tensor> expert_mlp_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                                                const at::Tensor& h_in, const at::Tensor& counts,
+                                                const at::Tensor& w1_in, const at::Tensor& w2_in,
+                                                int64_t activation, bool need_x, bool need_w1, bool need_b1,
+                                                bool need_w2, bool need_b2, int64_t row_tile) {
+  check_inputs(x_in, w1_in, std::nullopt, w2_in, std::nullopt, activation);
+  TORCH_CHECK_VALUE(row_tile >= 1, "row_tile=", row_tile, " is not allowed; it must be >= 1");
+  const auto x = x_in.detach().contiguous(), g = grad_out_in.detach().contiguous();
+  const auto w1 = w1_in.detach().contiguous(), w2 = w2_in.detach().contiguous();
+  const int64_t N = x.size(0), D = x.size(1), E = w1.size(0), H = w1.size(2), F = w2.size(1);
+  const int64_t U = H / std::max<int64_t>(F, 1);
+  TORCH_CHECK_VALUE(g.sizes() == x.sizes() && h_in.sizes() == at::IntArrayRef({N, H}), "grad_out ", g.sizes(),
+                    " and h ", h_in.sizes(), " must be [", N, ", ", D, "] and [", N, ", ", H, "]");
+  TORCH_CHECK_VALUE(h_in.is_contiguous() && h_in.scalar_type() == x.scalar_type(),
+                    "h must be the contiguous pre-activation of the forward, of dtype ", x.scalar_type());
+  // h is overwritten with dh = d loss / d h: no second [N, H] buffer (the op declares it mutated).
+  auto h = h_in.detach();
+  auto& dh = h;
+  const auto cnt = check_counts(counts, E, N);
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + cnt[e];
+
+  const auto opts = x.options();
+  auto gw1 = need_w1 ? at::empty({E, D, H}, opts) : at::Tensor();
+  auto gw2 = need_w2 ? at::empty({E, F, D}, opts) : at::Tensor();
+  auto gb1 = need_b1 ? at::empty({E, H}, opts) : at::Tensor();
+  auto gb2 = need_b2 ? at::empty({E, D}, opts) : at::Tensor();
+  for (int64_t e = 0; e < E; ++e) {
+    if (cnt[e] > 0) continue;  // an expert without rows has zero gradients
+    for (auto* t : {&gw1, &gw2, &gb1, &gb2}) {
+      if (t->defined()) (*t)[e].zero_();
+    }
+  }
+
+  // Phase A: (expert, unit chunk) tasks; enough chunks to keep every thread busy.
+  const int64_t threads = workers();
+  int64_t busy = 0;
+  for (int64_t e = 0; e < E; ++e) busy += cnt[e] > 0;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(1, F / 64),
+                                                                (4 * threads + busy - 1) / std::max<int64_t>(busy, 1)));
+  const int64_t unit_step = (F + chunks - 1) / chunks;
+  std::vector<UnitTask> unit_tasks;
+  for (int64_t e = 0; e < E; ++e) {
+    if (cnt[e] == 0) continue;
+    for (int64_t f0 = 0; f0 < F; f0 += unit_step) unit_tasks.push_back({e, f0, std::min(unit_step, F - f0)});
+  }
+  std::stable_sort(unit_tasks.begin(), unit_tasks.end(), [&](const UnitTask& a, const UnitTask& b) {
+    return cnt[a.e] * a.fc > cnt[b.e] * b.fc;
+  });
+  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(row_tile, N));
+  auto scratch = at::empty({threads, 3, tile, std::max<int64_t>(unit_step, 1)}, opts);
+  run_tasks(static_cast<int64_t>(unit_tasks.size()), [&](int64_t i, int thread) {
+    const auto& t = unit_tasks[i];
+    const int64_t c0 = U * t.f0, cw = U * t.fc;
+    const auto w2c = w2[t.e].narrow(0, t.f0, t.fc);  // [fc, D]
+    auto gw1c = need_w1 ? gw1[t.e].narrow(1, c0, cw) : at::Tensor();
+    auto gw2c = need_w2 ? gw2[t.e].narrow(0, t.f0, t.fc) : at::Tensor();
+    auto gb1c = need_b1 ? gb1[t.e].narrow(0, c0, cw) : at::Tensor();
+    if (need_b2 && t.f0 == 0) {
+      auto gb2e = gb2[t.e];
+      at::sum_out(gb2e, g.narrow(0, start[t.e], cnt[t.e]), at::IntArrayRef{0});
+    }
+    const auto buf = scratch[thread];
+    for (int64_t r = 0; r < cnt[t.e]; r += tile) {
+      const int64_t m = std::min(tile, cnt[t.e] - r), r0 = start[t.e] + r;
+      const double beta = r == 0 ? 0.0 : 1.0;
+      const auto xt = x.narrow(0, r0, m), gt = g.narrow(0, r0, m);
+      auto ht = h.narrow(0, r0, m).narrow(1, c0, cw);  // h in, dh out
+      auto a = buf[0].narrow(0, 0, m).narrow(1, 0, t.fc);
+      auto dA = buf[1].narrow(0, 0, m).narrow(1, 0, t.fc);
+      auto tmp = buf[2].narrow(0, 0, m).narrow(1, 0, t.fc);
+      if (need_w2) {
+        activate(ht, a, activation);
+        at::addmm_out(gw2c, gw2c, a.t(), gt, beta, 1.0);
+      }
+      at::mm_out(dA, gt, w2c.t());
+      activate_backward_inplace(dA, ht, a, tmp, activation);
+      const auto& dht = ht;
+      if (need_w1) at::addmm_out(gw1c, gw1c, xt.t(), dht, beta, 1.0);
+      if (need_b1) {
+        if (r == 0) at::sum_out(gb1c, dht, at::IntArrayRef{0});
+        else gb1c.add_(dht.sum(0));
+      }
+    }
+  });
+
+  // Phase B: (expert, row tile) tasks: dx = dh @ w1^T.
+  auto gx = need_x ? at::empty({N, D}, opts) : at::Tensor();
+  if (need_x) {
+    const auto tasks = row_tasks(cnt, row_tile);
+    run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int) {
+      const auto& t = tasks[i];
+      auto gxt = gx.narrow(0, t.r0, t.m);
+      at::mm_out(gxt, dh.narrow(0, t.r0, t.m), w1[t.e].t());
+    });
+  }
+  return {gx, gw1, gb1, gw2, gb2};
+}
+
+}  // namespace moe
