@@ -201,3 +201,39 @@ def test_a_few_steps_on_the_hard_split_reduce_the_loss():
                 "zero_shot_seen_rate_all"):
         assert 0.0 <= ev[key] <= 1.0
     assert ev["zero_shot_colour_accuracy_all"] >= ev["zero_shot_accuracy_all"]
+
+
+# ------------------------------------------------------------------ model options
+
+
+def _tiny_limoe(**over):
+    from moe.models.limoe import LIMoEModel
+
+    cfg = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ffn": 32, "image_size": 16, "embed_dim": 16,
+           "text_tokenizer": "words", "text_length": 12, **over}
+    return LIMoEModel(LIMoEConfig.from_dict(cfg)).eval()
+
+
+def test_bag_of_words_text_ignores_word_order_and_has_no_positions():
+    model = _tiny_limoe(text_encoder="bag_of_words")
+    assert not hasattr(model, "text_pos_embed")
+    ids, mask = model.tokenize(["a red circle", "circle red a", "a blue circle"])
+    v = model.encode_text(ids, mask)
+    assert torch.allclose(v[0], v[1], atol=1e-6) and not torch.allclose(v[0], v[2], atol=1e-3)
+    seq = _tiny_limoe()
+    ids, mask = seq.tokenize(["a red circle", "circle red a"])
+    v = seq.encode_text(ids, mask)
+    assert not torch.allclose(v[0], v[1], atol=1e-4)
+
+
+def test_conv_stem_runs_and_is_validated():
+    model = _tiny_limoe(image_stem="conv", stem_channels=8)
+    assert model.stem[0].weight.shape == (8, 3, 3, 3) and model.patch_embed.weight.shape[1] == 8
+    ids, mask = model.tokenize(["a red circle"] * 2)
+    u, v, _ = model(torch.rand(2, 3, 16, 16), ids, mask)
+    assert u.shape == v.shape == (2, 16)
+    with pytest.raises(ValueError, match="'model.image_stem': got 'resnet'; allowed values: 'patch', 'conv'"):
+        LIMoEConfig.from_dict({"image_stem": "resnet"})
+    with pytest.raises(ValueError, match="'model.text_encoder': got 'bow'; allowed values: 'sequence', "
+                                         "'bag_of_words'"):
+        LIMoEConfig.from_dict({"text_encoder": "bow"})

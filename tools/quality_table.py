@@ -169,7 +169,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     gbs = config_global_batch(args.config, args.extra) if args.nproc == 1 else None
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    todo = [(v, s) for v in args.variants for s in args.seeds]
+    todo = [(v, s) for s in args.seeds for v in args.variants]  # seed-major: a variant pair shares the load
     runs: List[dict] = []
     running: List[tuple] = []
     total, done = len(todo), 0
