@@ -274,8 +274,9 @@ class LIMoEModel(TransformerModel):
         if not bool(mask_BL.any(1).all()):
             raise ValueError("every text row needs at least one real token (mask row all False)")
         L = tokens_BL.shape[1]
-        x = self.tok_embed(tokens_BL) + self.modality_embed.weight[TEXT]
-        return x + self.text_pos_embed[:L] if cfg.text_encoder == "sequence" else x
+        if cfg.text_encoder == "bag_of_words":
+            return self.tok_embed(tokens_BL) + self.modality_embed.weight[TEXT]
+        return self.tok_embed(tokens_BL) + self.text_pos_embed[:L] + self.modality_embed.weight[TEXT]
 
     def encode_tokens(self, images: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None,
                       mask: Optional[torch.Tensor] = None
