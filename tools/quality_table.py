@@ -3,9 +3,10 @@
     python tools/quality_table.py                                 # tiny_limoe vs its dense twin, seeds 0 1 2
     python tools/quality_table.py --variants moe no_limoe_losses local_only top1 position --seeds 0
     python tools/quality_table.py --variants moe --set data.shapes.heldout_fraction=0.2 --json out.json
+    python tools/quality_table.py --config examples/configs/tiny_switch_lm.yaml --set train.steps=400   # LM vs dense
 
 Each run is ``python -m moe.train --config <config> --set train.seed=S --set model.init_seed=S``
-plus the variant's ``--set`` overrides and ``--set`` given here, in ONE process
+plus the ``--set`` given here and then the variant's own (which win), in ONE process
 (``parallel.ep=1``, ``train.micro_batch_size`` = the global batch: the contrastive loss
 sees the same 64 negatives as the 4-process demo, which gathers them over data
 parallelism; routing capacity is computed over the whole batch instead of 16 pairs per
@@ -16,8 +17,9 @@ to stderr; the table (mean and min-max over seeds) to stdout; ``--json PATH`` wr
 run's numbers and the summary.
 
 Variants (``--variants``; ``--list`` prints them): the config as is (``moe``), its
-equal-active-FLOPs dense twin, and the LIMoE ablations (no entropy losses, local only,
-top-1, position dropping instead of BPR).
+equal-active-FLOPs dense twin (``model.preset=<its preset>_dense``: works for the LM
+presets too, whose table shows the validation loss), and the LIMoE ablations (no
+entropy losses, local only, top-1, position dropping instead of BPR).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS: Dict[str, List[str]] = {
     "moe": [],
-    "dense": ["model.preset=tiny_limoe_dense"],
+    "dense": ["model.preset={preset}_dense"],  # the config's preset's dense twin
     # LIMoE ablations: the entropy losses (the joint Switch balancing loss stays on).
     "no_limoe_losses": ["model.moe.aux_losses={}"],
     "local_only": ["model.moe.aux_losses={limoe_local: 0.1}"],
@@ -46,7 +48,7 @@ VARIANTS: Dict[str, List[str]] = {
 
 DESCRIPTIONS: Dict[str, str] = {
     "moe": "the config as is",
-    "dense": "equal-active-FLOPs dense twin (model.preset=tiny_limoe_dense)",
+    "dense": "equal-active-FLOPs dense twin (model.preset=<the config's preset>_dense)",
     "no_limoe_losses": "no LIMoE entropy losses (joint load balancing only)",
     "local_only": "local entropy loss only (no global)",
     "top1": "top-1 routing (switch policy)",
@@ -60,6 +62,7 @@ COLUMNS = {
     "eval/zero_shot_colour_accuracy_all": "colour right (all)",
     "eval/zero_shot_shape_accuracy_all": "shape right (all)",
     "eval/val_contrastive_loss": "val loss",
+    "eval/val_loss": "val loss (nats/token)",
     "wall_s": "wall s",
 }
 
@@ -81,14 +84,16 @@ def final_eval(metrics_path: Path) -> Dict[str, float]:
 
 
 def command(config: str, variant: str, seed: int, out_dir: Path, extra: List[str], nproc: int,
-            global_batch: Optional[int]) -> List[str]:
+            global_batch: Optional[int], preset: Optional[str]) -> List[str]:
     sets = [f"train.seed={seed}", f"model.init_seed={seed}", f"train.out_dir={out_dir}", "train.overwrite=true",
             "telemetry.plots=false", "telemetry.tensorboard=false", "train.checkpoint_every=0"]
     if nproc == 1:
         sets += ["parallel.ep=1"]
         if global_batch is not None:
             sets += [f"train.micro_batch_size={global_batch}"]
-    sets += VARIANTS[variant] + extra
+    if variant == "dense" and not preset:
+        raise SystemExit(f"--variants dense: {config} has no model.preset to take the dense twin of")
+    sets += extra + [v.format(preset=preset) for v in VARIANTS[variant]]  # the variant's own keys win
     if nproc == 1:
         head = [sys.executable, "-m", "moe.train"]
     else:
@@ -97,15 +102,18 @@ def command(config: str, variant: str, seed: int, out_dir: Path, extra: List[str
     return head + ["--config", config] + [a for s in sets for a in ("--set", s)]
 
 
-def config_global_batch(config: str, extra: List[str]) -> Optional[int]:
-    """train.global_batch_size of the config (a --set of it wins)."""
+def config_value(config: str, extra: List[str], key: str) -> Optional[object]:
+    """``section.name`` of the config file (a --set of it wins)."""
     for s in reversed(extra):
-        if s.startswith("train.global_batch_size="):
-            return int(s.split("=", 1)[1])
+        if s.startswith(f"{key}="):
+            import yaml
+
+            return yaml.safe_load(s.split("=", 1)[1])
     import yaml
 
+    section, name = key.split(".")
     with open(config) as f:
-        return (yaml.safe_load(f) or {}).get("train", {}).get("global_batch_size")
+        return ((yaml.safe_load(f) or {}).get(section) or {}).get(name)
 
 
 def summarise(runs: List[dict], variants: List[str]) -> List[dict]:
@@ -123,11 +131,12 @@ def summarise(runs: List[dict], variants: List[str]) -> List[dict]:
 
 
 def markdown(rows: List[dict]) -> str:
-    head = "| variant | seeds | " + " | ".join(COLUMNS.values()) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    keys = [k for k in COLUMNS if any(k in row for row in rows)]  # the metrics these runs have
+    head = "| variant | seeds | " + " | ".join(COLUMNS[k] for k in keys) + " |"
+    lines = [head, "|" + "---|" * (len(keys) + 2)]
     for row in rows:
         cells = []
-        for key in COLUMNS:
+        for key in keys:
             s = row.get(key)
             if s is None:
                 cells.append("-")
@@ -166,7 +175,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error("--nproc and --jobs must be >= 1")
     if args.nproc > 1 and args.jobs > 1:
         p.error("--jobs > 1 is only for single-process runs (--nproc 1)")
-    gbs = config_global_batch(args.config, args.extra) if args.nproc == 1 else None
+    gbs = config_value(args.config, args.extra, "train.global_batch_size") if args.nproc == 1 else None
+    preset = config_value(args.config, args.extra, "model.preset")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     todo = [(v, s) for s in args.seeds for v in args.variants]  # seed-major: a variant pair shares the load
@@ -189,10 +199,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             except (OSError, RuntimeError, ValueError) as e:
                 run["error"] = str(e)
         runs.append(run)
-        acc = run.get("eval/zero_shot_accuracy")
-        acc_all = run.get("eval/zero_shot_accuracy_all")
-        status = (f"zero-shot {acc:.3f} all-class {acc_all:.3f}" if acc is not None and acc_all is not None
-                  else f"FAILED rc={rc} (log: {out_dir}.log)")
+        acc, acc_all, val = (run.get(f"eval/{k}") for k in ("zero_shot_accuracy", "zero_shot_accuracy_all", "val_loss"))
+        if acc is not None and acc_all is not None:
+            status = f"zero-shot {acc:.3f} all-class {acc_all:.3f}"
+        elif val is not None:
+            status = f"val loss {val:.4f}"
+        else:
+            status = f"FAILED rc={rc} (log: {out_dir}.log)"
         print(f"[{done}/{total}] {variant} seed {seed}: {status} in {wall:.0f} s", file=sys.stderr, flush=True)
 
     while todo or running:
@@ -200,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             variant, seed = todo.pop(0)
             out_dir = Path(args.out_root) / f"{variant}_s{seed}"
             out_dir.parent.mkdir(parents=True, exist_ok=True)
-            cmd = command(args.config, variant, seed, out_dir, args.extra, args.nproc, gbs)
+            cmd = command(args.config, variant, seed, out_dir, args.extra, args.nproc, gbs, preset)
             log = open(f"{out_dir}.log", "w")
             print(f"start {variant} seed {seed}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
             running.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
