@@ -8,7 +8,9 @@ out of training: the ``"zeroshot"`` split shows only those, so a model that lear
 "red" and "circle" separately can name a red circle it never saw.
 
 Everything is rasterised with numpy and fully determined by
-``(config.seed, split, index)``, whatever order items are read in.
+``(config.seed, split, index)``, whatever order items are read in. The training
+options ``partial_captions`` and ``colour_jitter`` draw from generators of their own,
+so at 0 every item is what it was without them.
 
 Legend: B = batch size, S = ``image_size`` (images are RGB, [3, S, S]),
 L = text length in tokens.
@@ -415,7 +417,8 @@ class ShapesDataset(Dataset):
 
     Each item is a dict:
       image:   FloatTensor[3, S, S] in [0, 1]
-      caption: str (<= 48 UTF-8 bytes), naming colour and shape
+      caption: str (<= 48 UTF-8 bytes), naming colour and shape (only one of them for a
+               train item drawn with ``partial_captions``)
       shape:   str, colour: str
       label:   int, index of (shape, colour) in ``self.classes``
 
