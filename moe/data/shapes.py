@@ -8,13 +8,16 @@ out of training: the ``"zeroshot"`` split shows only those, so a model that lear
 "red" and "circle" separately can name a red circle it never saw.
 
 Everything is rasterised with numpy and fully determined by
-``(config.seed, split, index)``, whatever order items are read in.
+``(config.seed, split, index)``, whatever order items are read in. The training
+options ``partial_captions`` and ``colour_jitter`` draw from generators of their own,
+so at 0 every item is what it was without them.
 
 Legend: B = batch size, S = ``image_size`` (images are RGB, [3, S, S]),
 L = text length in tokens.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
@@ -31,7 +34,9 @@ __all__ = [
     "SIZES",
     "POSITIONS",
     "SPLITS",
+    "HELDOUT_PICKS",
     "ShapesConfig",
+    "caption_vocabulary",
     "ShapesDataset",
     "ImageTextCollator",
     "class_prompts",
@@ -85,7 +90,17 @@ _TEMPLATES: tuple[str, ...] = (
     "a {colour} {shape} {where}",
 )
 
+# Captions that name ONE attribute (used with probability ``ShapesConfig.partial_captions``).
+_COLOUR_ONLY_TEMPLATES: tuple[str, ...] = ("a {colour} shape", "something {colour} {where}")
+_SHAPE_ONLY_TEMPLATES: tuple[str, ...] = ("a {shape}", "a {size} {shape} {where}")
+
+# Class prompts for zero-shot classification.
+_PROMPT = "a photo of a {colour} {shape}"
+
 SPLITS: tuple[str, ...] = ("train", "val", "zeroshot")
+
+# How ``heldout_fraction`` picks the held-out combos (see ShapesConfig.heldout_pick).
+HELDOUT_PICKS: tuple[str, ...] = ("diagonals", "random")
 _SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
 
 _SUPERSAMPLE = 2  # sub-pixels per pixel side, for soft (anti-aliased) edges
@@ -126,9 +141,22 @@ class ShapesConfig:
         held out (so the zero-shot split tests every name), while every shape and
         every colour still appears in training.
       heldout_seed: picks which combos are held out (independent of ``seed``).
+      heldout_pick: how ``heldout_fraction`` is turned into combos: ``"diagonals"``
+        holds out whole seeded "diagonals" of the shape x colour grid (each covers every
+        shape and every colour once), so with as many shapes as colours each shape and
+        each colour is held out equally often (5 x 5 at 0.4: twice each, 10 combos);
+        ``"random"`` (the earlier picker) holds out one diagonal and then seeded random
+        combos (at 0.4 a shape or colour may be held out 1 to 4 times). Both give the
+        same 5 combos at 0.2 on 5 x 5.
+      partial_captions: probability in [0, 1] that a TRAIN caption names only the
+        colour ("a red shape") or only the shape ("a circle"), half and half; val and
+        zero-shot captions always name both. 0 keeps every item as before.
       seed: seeds the pixels, positions and captions of every item.
       noise: std of the Gaussian pixel noise, in [0, 0.5].
       jitter: random shift of the centre, as a fraction of the image side, in [0, 0.1].
+      colour_jitter: augmentation of TRAIN images: each channel of the shape's RGB moves by
+        a uniform amount in [-colour_jitter, colour_jitter] (clipped to [0, 1]), in [0, 0.3];
+        0 keeps every item as before.
     """
 
     image_size: int = 32
@@ -139,9 +167,12 @@ class ShapesConfig:
     heldout: Optional[tuple[Combo, ...]] = None
     heldout_fraction: float = 0.2
     heldout_seed: int = 0
+    heldout_pick: str = "diagonals"
+    partial_captions: float = 0.0
     seed: int = 0
     noise: float = 0.03
     jitter: float = 0.02
+    colour_jitter: float = 0.0
     _heldout: tuple[Combo, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
@@ -155,9 +186,13 @@ class ShapesConfig:
         set_("heldout_fraction", check_number(f"{p}.heldout_fraction", self.heldout_fraction, minimum=0.0,
                                               maximum=1.0, max_open=True))
         set_("heldout_seed", check_int(f"{p}.heldout_seed", self.heldout_seed, minimum=0))
+        set_("heldout_pick", check_choice(f"{p}.heldout_pick", self.heldout_pick, HELDOUT_PICKS))
+        set_("partial_captions", check_number(f"{p}.partial_captions", self.partial_captions, minimum=0.0,
+                                              maximum=1.0))
         set_("seed", check_int(f"{p}.seed", self.seed, minimum=0))
         set_("noise", check_number(f"{p}.noise", self.noise, minimum=0.0, maximum=0.5))
         set_("jitter", check_number(f"{p}.jitter", self.jitter, minimum=0.0, maximum=0.1))
+        set_("colour_jitter", check_number(f"{p}.colour_jitter", self.colour_jitter, minimum=0.0, maximum=0.3))
         if self.heldout is None:
             held = self._pick_heldout()
         else:
@@ -198,9 +233,11 @@ class ShapesConfig:
         max(n_shapes, n_colours)).
 
         First a "diagonal" that covers every shape and every colour once
-        (shape ``i % n_shapes`` with colour ``i % n_colours`` for i < max(n_shapes, n_colours), on seeded
-        permutations), then seeded extra combos that leave every shape and colour
-        at least one training combo.
+        (shape ``i % n_shapes`` with colour ``(i + offset) % n_colours`` for i < max(n_shapes, n_colours),
+        offset 0, on seeded permutations). ``heldout_pick="diagonals"`` then adds whole diagonals
+        of other seeded offsets while they fit the target and leave every shape and colour
+        at least one training combo; both pickers then add seeded single combos under
+        the same rule until the target is reached (or nothing fits).
         """
         if self.heldout_fraction == 0.0:
             return ()
@@ -208,8 +245,18 @@ class ShapesConfig:
         rng = np.random.default_rng([self.heldout_seed, 7919])
         shapes = [self.shapes[i] for i in rng.permutation(n_s)]
         colours = [self.colours[i] for i in rng.permutation(n_c)]
-        held = {(shapes[i % n_s], colours[i % n_c]) for i in range(max(n_s, n_c))}
+
+        def diagonal(offset: int) -> set[Combo]:
+            return {(shapes[i % n_s], colours[(i + offset) % n_c]) for i in range(max(n_s, n_c))}
+
+        held = diagonal(0)
         target = max(len(held), round(self.heldout_fraction * n_s * n_c))
+        if self.heldout_pick == "diagonals":
+            offsets = np.random.default_rng([self.heldout_seed, 104723]).permutation(np.arange(1, n_c))
+            for offset in offsets.tolist():
+                more = held | diagonal(offset)
+                if len(more) <= target and self._keeps_training_combos(more):
+                    held = more
         candidates = [p for p in self.all_combos() if p not in held]
         for k in rng.permutation(len(candidates)):
             if len(held) >= target:
@@ -220,6 +267,11 @@ class ShapesConfig:
             if shape_left > 1 and colour_left > 1:
                 held.add((s, c))
         return tuple(p for p in self.all_combos() if p in held)
+
+    def _keeps_training_combos(self, held: set[Combo]) -> bool:
+        """Whether every shape and every colour keeps at least one combo outside ``held``."""
+        return (all(any((s, c) not in held for c in self.colours) for s in self.shapes)
+                and all(any((s, c) not in held for s in self.shapes) for c in self.colours))
 
     def all_combos(self) -> tuple[Combo, ...]:
         """Every (shape, colour) pair, shape-major."""
@@ -284,12 +336,14 @@ def render_shape(
     rng: Optional[np.random.Generator] = None,
     noise: float = 0.0,
     jitter: float = 0.0,
+    colour_shift: Optional[np.ndarray] = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one shape; returns ``(image float32[3, S, S] in [0, 1], coverage float32[S, S] in [0, 1])``.
 
     ``coverage`` is the share of each pixel inside the shape (soft at the edges).
     ``rng`` drives the background tint, centre jitter and pixel noise; without it the
-    drawing is noise-free and exactly centred.
+    drawing is noise-free and exactly centred. ``colour_shift`` (float[3], optional) is
+    added to the colour's RGB (then clipped to [0, 1]).
     """
     check_choice("shape", shape, SHAPES)
     check_choice("colour", colour, COLOURS)
@@ -311,6 +365,8 @@ def render_shape(
     inside = _mask(shape, dx, dy, r).astype(np.float32)
     coverage = inside.reshape(n, _SUPERSAMPLE, n, _SUPERSAMPLE).mean(axis=(1, 3))
     rgb = np.asarray(COLOURS[colour], dtype=np.float32)
+    if colour_shift is not None:  # an augmentation: the shape's RGB moved by up to a few hundredths per channel
+        rgb = np.clip(rgb + np.asarray(colour_shift, dtype=np.float32), 0.0, 1.0)
     image = background[:, None, None] * (1.0 - coverage) + rgb[:, None, None] * coverage
     if rng is not None and noise > 0:
         image = image + rng.normal(0.0, noise, size=image.shape).astype(np.float32)
@@ -325,9 +381,29 @@ def caption_for(shape: str, colour: str, size: str, position: str, template: int
     )
 
 
+def partial_caption_for(shape: str, colour: str, size: str, position: str, template: int = 0) -> str:
+    """A caption that names ONE attribute: templates 0-1 only the colour, 2-3 only the shape."""
+    partial = _COLOUR_ONLY_TEMPLATES + _SHAPE_ONLY_TEMPLATES
+    check_int("template", template, minimum=0, maximum=len(partial) - 1)
+    return partial[template].format(shape=shape, colour=colour, size=size, where=_POSITION_PHRASES[position])
+
+
 def class_prompts(combos: Sequence[Combo]) -> list[str]:
     """One prompt per (shape, colour) class, e.g. "a photo of a red circle"."""
-    return [f"a photo of a {colour} {shape}" for shape, colour in combos]
+    return [_PROMPT.format(colour=colour, shape=shape) for shape, colour in combos]
+
+
+def caption_vocabulary() -> tuple[str, ...]:
+    """Every word and punctuation mark any shapes caption or class prompt can contain (all shapes,
+    colours, sizes and positions, not only a config's), in a fixed order: the vocabulary of
+    ``WordTokenizer`` for ``text_tokenizer: words``."""
+    texts = [*SHAPES, *COLOURS, *SIZES, *_POSITION_PHRASES.values(), *_TEMPLATES, *_COLOUR_ONLY_TEMPLATES,
+             *_SHAPE_ONLY_TEMPLATES, _PROMPT]
+    words: dict[str, None] = {}
+    for text in texts:
+        for piece in re.findall(r"[0-9a-z]+|[^\s0-9a-z{}]", re.sub(r"\{[a-z]+\}", " ", text)):
+            words.setdefault(piece, None)
+    return tuple(words)
 
 
 # --------------------------------------------------------------------------- dataset
@@ -341,7 +417,8 @@ class ShapesDataset(Dataset):
 
     Each item is a dict:
       image:   FloatTensor[3, S, S] in [0, 1]
-      caption: str (<= 48 UTF-8 bytes), naming colour and shape
+      caption: str (<= 48 UTF-8 bytes), naming colour and shape (only one of them for a
+               train item drawn with ``partial_captions``)
       shape:   str, colour: str
       label:   int, index of (shape, colour) in ``self.classes``
 
@@ -381,12 +458,25 @@ class ShapesDataset(Dataset):
         size = cfg.sizes[int(rng.integers(len(cfg.sizes)))]
         position = cfg.positions[int(rng.integers(len(cfg.positions)))]
         template = int(rng.integers(len(_TEMPLATES)))
+        shift = None
+        if cfg.colour_jitter > 0 and self.split == "train":
+            # A generator of its own: with colour_jitter 0 every item is what it was before the setting existed.
+            shift = np.random.default_rng([cfg.seed, _SPLIT_IDS[self.split], index, 0xC01]).uniform(
+                -cfg.colour_jitter, cfg.colour_jitter, size=3)
         image, _ = render_shape(
-            shape, colour, size, position, image_size=cfg.image_size, rng=rng, noise=cfg.noise, jitter=cfg.jitter
+            shape, colour, size, position, image_size=cfg.image_size, rng=rng, noise=cfg.noise, jitter=cfg.jitter,
+            colour_shift=shift,
         )
+        caption = caption_for(shape, colour, size, position, template)
+        if cfg.partial_captions > 0 and self.split == "train":
+            # A generator of its own, so the image and the full caption do not depend on this setting.
+            prng = np.random.default_rng([cfg.seed, _SPLIT_IDS[self.split], index, 0x9A27])
+            if prng.random() < cfg.partial_captions:
+                caption = partial_caption_for(shape, colour, size, position,
+                                              int(prng.integers(len(_COLOUR_ONLY_TEMPLATES) + len(_SHAPE_ONLY_TEMPLATES))))
         return {
             "image": torch.from_numpy(image),
-            "caption": caption_for(shape, colour, size, position, template),
+            "caption": caption,
             "shape": shape,
             "colour": colour,
             "label": label,

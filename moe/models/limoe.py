@@ -38,8 +38,9 @@ from parallel.tensor import TensorParallel
 
 from ..losses import load_balancing_loss
 from ..modes import eval_mode
-from ..data.tokenizer import VOCAB_SIZE, ByteTokenizer
-from ..checks import build_at, check_bool, check_int, check_number, fail
+from ..data.shapes import caption_vocabulary
+from ..data.tokenizer import VOCAB_SIZE, ByteTokenizer, WordTokenizer
+from ..checks import build_at, check_bool, check_choice, check_int, check_number, fail
 from .transformer import (
     Transformer,
     TransformerConfig,
@@ -51,9 +52,21 @@ from .transformer import (
     sum_aux,
 )
 
-__all__ = ["LIMoEConfig", "LIMoEModel", "contrastive_loss", "zero_shot_accuracy", "IMAGE", "TEXT"]
+__all__ = ["LIMoEConfig", "LIMoEModel", "contrastive_loss", "zero_shot_accuracy", "zero_shot_predictions", "IMAGE",
+           "TEXT", "TEXT_TOKENIZERS", "make_tokenizer"]
 
 IMAGE, TEXT = 0, 1
+
+# LIMoEConfig.text_tokenizer and image_stem values.
+TEXT_TOKENIZERS = ("bytes", "words")
+IMAGE_STEMS = ("patch", "conv")
+TEXT_ENCODERS = ("sequence", "bag_of_words")
+
+
+def make_tokenizer(name: str) -> ByteTokenizer:
+    """The tokenizer of ``LIMoEConfig.text_tokenizer`` ``name``: bytes, or words of the shapes captions."""
+    check_choice("text_tokenizer", name, TEXT_TOKENIZERS)
+    return ByteTokenizer() if name == "bytes" else WordTokenizer(caption_vocabulary())
 
 
 @dataclass(frozen=True)
@@ -63,7 +76,21 @@ class LIMoEConfig:
     Fields:
       transformer: the shared tower (``causal`` forced False, ``num_modalities`` forced 2).
       image_size, patch_size (must divide image_size), in_channels: the ViT patchifier.
-      text_length: L, the fixed (padded) caption length in byte tokens; vocab_size: V.
+      text_length: L, the fixed (padded) caption length in tokens; vocab_size: V (at least
+        the tokenizer's vocabulary; extra rows are unused).
+      text_tokenizer: ``"bytes"`` (UTF-8 bytes, any text) or ``"words"`` (one token per word
+        of the built-in shapes captions' vocabulary, ``moe.data.shapes.caption_vocabulary``;
+        other words become UNK): with words, "red" and "circle" are single tokens.
+      text_encoder: ``"sequence"`` (text tokens attend to each other, with learned positions) or
+        ``"bag_of_words"`` (each text token attends only to itself and gets no position
+        embedding: the tower maps every word alone, and the text embedding is the mean of
+        its words' outputs, so "a red circle" is built from "red" and "circle" whatever
+        other words they were seen with; word order is ignored).
+      image_stem: ``"patch"`` (ViT: one strided conv cuts and projects the patches) or
+        ``"conv"`` (a 3x3 conv to ``stem_channels`` + GELU at full resolution first, then the
+        strided patch conv; a pixel-level nonlinearity, so a shape's outline can be seen
+        apart from its colour, as in "early convolutions" ViTs).
+      stem_channels: C, the width of the ``"conv"`` stem.
       embed_dim: K, the shared embedding width.
       logit_scale_init: initial ``exp(logit_scale)`` (CLIP: 1/0.07); logit_scale_max: its clamp (100).
       joint_load_balancing: coefficient of a Switch load-balancing loss over the image
@@ -84,6 +111,10 @@ class LIMoEConfig:
     in_channels: int = 3
     text_length: int = 48
     vocab_size: int = VOCAB_SIZE
+    text_tokenizer: str = "bytes"
+    text_encoder: str = "sequence"
+    image_stem: str = "patch"
+    stem_channels: int = 32
     embed_dim: int = 64
     logit_scale_init: float = 1.0 / 0.07
     logit_scale_max: float = 100.0
@@ -104,8 +135,16 @@ class LIMoEConfig:
             fail(f"{p}.patch_size", self.patch_size, f"it must divide image_size={self.image_size}")
         check_int(f"{p}.in_channels", self.in_channels, minimum=1)
         check_int(f"{p}.text_length", self.text_length, minimum=1)
+        check_choice(f"{p}.text_tokenizer", self.text_tokenizer, TEXT_TOKENIZERS)
         check_int(f"{p}.vocab_size", self.vocab_size, minimum=2)
+        needed = make_tokenizer(self.text_tokenizer).vocab_size
+        if self.vocab_size < needed:
+            fail(f"{p}.vocab_size", self.vocab_size,
+                 f"it must be >= {needed}, the vocabulary of text_tokenizer={self.text_tokenizer!r}")
         check_int(f"{p}.embed_dim", self.embed_dim, minimum=1)
+        check_choice(f"{p}.image_stem", self.image_stem, IMAGE_STEMS)
+        check_choice(f"{p}.text_encoder", self.text_encoder, TEXT_ENCODERS)
+        check_int(f"{p}.stem_channels", self.stem_channels, minimum=1)
         check_number(f"{p}.logit_scale_max", self.logit_scale_max, minimum=0.0, min_open=True)
         check_number(f"{p}.logit_scale_init", self.logit_scale_init, minimum=0.0, min_open=True,
                      maximum=self.logit_scale_max)
@@ -181,10 +220,15 @@ class LIMoEModel(TransformerModel):
         first, last = (True, True) if pipe is None else (pipe.is_first, pipe.is_last)
         D = cfg.transformer.d_model
         if first:  # the embeddings live on the first pipeline stage
-            self.patch_embed = nn.Conv2d(cfg.in_channels, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+            patch_in = cfg.in_channels
+            if cfg.image_stem == "conv":  # [B, I, S, S] -> [B, C, S, S]
+                self.stem = nn.Sequential(nn.Conv2d(cfg.in_channels, cfg.stem_channels, 3, padding=1), nn.GELU())
+                patch_in = cfg.stem_channels
+            self.patch_embed = nn.Conv2d(patch_in, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
             self.image_pos_embed = nn.Parameter(torch.zeros(cfg.num_patches, D))
             self.tok_embed = nn.Embedding(cfg.vocab_size, D)
-            self.text_pos_embed = nn.Parameter(torch.zeros(cfg.text_length, D))
+            if cfg.text_encoder == "sequence":  # a bag of words has no positions
+                self.text_pos_embed = nn.Parameter(torch.zeros(cfg.text_length, D))
             self.modality_embed = nn.Embedding(2, D)
         self.transformer = Transformer(cfg.transformer, ep_group=ep_group, dp_group=dp_group, prefix="blocks", tp=tp,
                                        block_ids=None if pipe is None else pipe.block_ids, final_norm=last)
@@ -192,7 +236,7 @@ class LIMoEModel(TransformerModel):
             self.image_proj = nn.Linear(D, cfg.embed_dim, bias=False)
             self.text_proj = nn.Linear(D, cfg.embed_dim, bias=False)
             self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
-        self.tokenizer = ByteTokenizer()
+        self.tokenizer = make_tokenizer(cfg.text_tokenizer)
         init_weights(self, cfg.init_seed, std=cfg.transformer.init_std, n_layers=cfg.transformer.n_layers)
 
     @property
@@ -214,7 +258,10 @@ class LIMoEModel(TransformerModel):
         if images_BISS.dim() != 4 or tuple(images_BISS.shape[1:]) != (cfg.in_channels, cfg.image_size, cfg.image_size):
             raise ValueError(f"images must have shape [B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}], "
                              f"got {tuple(images_BISS.shape)}")
-        x = self.patch_embed(images_BISS.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # [B, P, D]
+        x = images_BISS.to(self.patch_embed.weight.dtype)
+        if cfg.image_stem == "conv":
+            x = self.stem(x)                                                     # [B, C, S, S]
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)                      # [B, P, D]
         return x + self.image_pos_embed + self.modality_embed.weight[IMAGE]
 
     def _embed_text(self, tokens_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
@@ -227,6 +274,8 @@ class LIMoEModel(TransformerModel):
         if not bool(mask_BL.any(1).all()):
             raise ValueError("every text row needs at least one real token (mask row all False)")
         L = tokens_BL.shape[1]
+        if cfg.text_encoder == "bag_of_words":
+            return self.tok_embed(tokens_BL) + self.modality_embed.weight[TEXT]
         return self.tok_embed(tokens_BL) + self.text_pos_embed[:L] + self.modality_embed.weight[TEXT]
 
     def encode_tokens(self, images: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None,
@@ -261,6 +310,9 @@ class LIMoEModel(TransformerModel):
         mask = inputs[2]
         real = mask.to(torch.bool) if x_txt is not None else None
         txt_mask = real[:, None, None, :] if real is not None else None  # [B, 1, 1, L]: keys that may be attended
+        if txt_mask is not None and self.config.text_encoder == "bag_of_words":  # [B, 1, L, L]: itself only
+            L = real.shape[1]
+            txt_mask = txt_mask & torch.eye(L, dtype=torch.bool, device=real.device)[None, None]
         aux: Dict[str, torch.Tensor] = {}
         for i in block_ids:
             block = self.transformer.blocks[i]
@@ -365,6 +417,24 @@ class LIMoEModel(TransformerModel):
 
 
 @torch.no_grad()
+def zero_shot_predictions(model: LIMoEModel, images: torch.Tensor, prompts: Sequence[str], *,
+                          batch_size: int = 256) -> torch.Tensor:
+    """LongTensor[n]: for each of images[n, I, S, S], the index of its closest prompt (argmax of ``u v^T``).
+
+    Runs in eval mode and restores the previous mode.
+    """
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty; give one caption per class")
+    check_int("batch_size", batch_size, minimum=1)
+    with eval_mode(model):
+        ids, mask = model.tokenize(prompts)
+        v = model.encode_text(ids, mask)                                        # [Y, K]
+        preds = [(model.encode_image(images[start:start + batch_size].to(v.device)) @ v.t()).argmax(-1).cpu()
+                 for start in range(0, images.shape[0], batch_size)]            # [b] each
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+@torch.no_grad()
 def zero_shot_accuracy(model: LIMoEModel, images: torch.Tensor, labels: torch.Tensor, prompts: Sequence[str],
                        *, batch_size: int = 256) -> float:
     """Share of images[n, I, S, S] whose closest prompt embedding is prompts[labels[n]].
@@ -376,13 +446,5 @@ def zero_shot_accuracy(model: LIMoEModel, images: torch.Tensor, labels: torch.Te
         raise ValueError("prompts is empty; give one caption per class")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in length")
-    with eval_mode(model):
-        ids, mask = model.tokenize(prompts)
-        v = model.encode_text(ids, mask)                                        # [Y, K]
-        device = v.device
-        correct = 0
-        for start in range(0, images.shape[0], batch_size):
-            u = model.encode_image(images[start:start + batch_size].to(device))  # [b, K]
-            pred = (u @ v.t()).argmax(-1).cpu()
-            correct += int((pred == labels[start:start + batch_size].cpu()).sum())
-    return correct / max(1, images.shape[0])
+    pred = zero_shot_predictions(model, images, prompts, batch_size=batch_size)
+    return int((pred == labels.cpu()).sum()) / max(1, images.shape[0])

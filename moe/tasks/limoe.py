@@ -21,7 +21,10 @@ seen in training), classified among the held-out classes' prompts
 (``ShapesDataset("zeroshot").prompts()``, e.g. "a photo of a red circle"); that is
 ``zero_shot_accuracy``. ``zero_shot_accuracy_all`` classifies the same images among
 ALL shape-colour prompts (train and held-out classes), a harder test: it fails if
-the model names a seen combo instead. ``zero_shot_classes`` is the candidate count.
+the model names a seen combo instead; ``zero_shot_colour_accuracy_all``,
+``zero_shot_shape_accuracy_all`` and ``zero_shot_seen_rate_all`` say where its errors lie
+(right colour, right shape, a seen combo named); ``val_accuracy_all`` classifies the
+validation images (seen combos) among all prompts. ``zero_shot_classes`` is the candidate count.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ import torch
 from ..checks import check_int, check_mapping, check_str, fail
 from ..data.shapes import ImageTextCollator, ShapesConfig, ShapesDataset, class_prompts
 from ..modes import eval_mode
-from ..models.limoe import LIMoEConfig, LIMoEModel, contrastive_loss, zero_shot_accuracy
+from ..models.limoe import (LIMoEConfig, LIMoEModel, contrastive_loss, make_tokenizer, zero_shot_accuracy,
+                            zero_shot_predictions)
 from .base import DataConfig, ModelTask, sample_rng
 
 __all__ = ["LIMoEDataConfig", "LIMoETask"]
@@ -85,7 +89,7 @@ class LIMoETask(ModelTask):
                  pipeline=None):
         self.check_configs(model_config, data_config)
         super().__init__(model_config, data_config, groups=groups, device=device, pipeline=pipeline)
-        self.collate = ImageTextCollator(model_config.text_length)
+        self.collate = ImageTextCollator(model_config.text_length, tokenizer=make_tokenizer(model_config.text_tokenizer))
         self._eval_cache: Optional[dict] = None
         if data_config.source == "shapes":
             shapes = ShapesConfig.from_dict(dict(data_config.shapes or {}), "data.shapes")
@@ -160,6 +164,25 @@ class LIMoETask(ModelTask):
         self._eval_cache = out
         return out
 
+    def _all_class_scores(self, images: torch.Tensor, labels: torch.Tensor, bs: int) -> Dict[str, float]:
+        """The held-out images classified among ALL shape-colour prompts, and where the errors lie.
+
+        ``zero_shot_accuracy_all``: share named exactly; ``zero_shot_colour_accuracy_all`` /
+        ``zero_shot_shape_accuracy_all``: share whose predicted class has the right colour / shape;
+        ``zero_shot_seen_rate_all``: share predicted as a combo seen in training.
+        """
+        combos = list(self.shapes_config.all_combos())
+        held = set(self.shapes_config.heldout_combos())
+        pred = zero_shot_predictions(self.model, images, class_prompts(combos), batch_size=bs).tolist()
+        true = labels.tolist()
+        n = max(1, len(true))
+        return {
+            "zero_shot_accuracy_all": sum(p == t for p, t in zip(pred, true)) / n,
+            "zero_shot_colour_accuracy_all": sum(combos[p][1] == combos[t][1] for p, t in zip(pred, true)) / n,
+            "zero_shot_shape_accuracy_all": sum(combos[p][0] == combos[t][0] for p, t in zip(pred, true)) / n,
+            "zero_shot_seen_rate_all": sum(combos[p] not in held for p in pred) / n,
+        }
+
     @torch.no_grad()
     def evaluate(self, *, max_batches: Optional[int] = None) -> Dict[str, float]:
         """Zero-shot accuracy on held-out combos and the validation contrastive loss (eval mode)."""
@@ -175,8 +198,15 @@ class LIMoETask(ModelTask):
                                                                batch_size=bs)
                 out["zero_shot_classes"] = float(len(sets["zs_prompts"]))
                 if "zs_labels_all" in sets:
-                    out["zero_shot_accuracy_all"] = zero_shot_accuracy(
-                        self.model, images, sets["zs_labels_all"][:limit], sets["zs_prompts_all"], batch_size=bs)
+                    out.update(self._all_class_scores(images, sets["zs_labels_all"][:limit], bs))
+                    # Seen combos (val images) among all prompts: what the model learnt of its training combos.
+                    val_items = sets["val"][:limit]
+                    if val_items:
+                        combos = list(self.shapes_config.all_combos())
+                        val_labels = torch.tensor([combos.index((it["shape"], it["colour"])) for it in val_items])
+                        out["val_accuracy_all"] = zero_shot_accuracy(
+                            self.model, torch.stack([it["image"] for it in val_items]), val_labels,
+                            sets["zs_prompts_all"], batch_size=bs)
             else:
                 out["zero_shot_accuracy"] = float("nan")
             items = sets["val"][:limit]
