@@ -23,7 +23,6 @@ the dtype autocast leaves it in, so every layout trains the same numbers.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Dict, Iterator, Optional
 
@@ -128,10 +127,6 @@ class LossScaler:
             self.scale *= self.growth
             self.good_steps = 0
         return False
-
-    @staticmethod
-    def finite(norm: float) -> bool:
-        return math.isfinite(norm)
 
     def state_dict(self) -> Dict[str, float]:
         return {"scale": self.scale, "good_steps": self.good_steps, "skipped_steps": self.skipped_steps}

@@ -334,14 +334,18 @@ class TrainConfig:
             return "pipeline"
         return self.parallel.zero_engine_name if self.parallel.zero_stage > 0 else "replicated"
 
+    def fused_choice(self, device_type: str):
+        """What ``train.fused`` gives this job on ``device_type`` (``moe.trainer.fused.FusedChoice``)."""
+        from .fused import choose
+
+        return choose(self.train.fused, device_type, engine_owns_optimizer=self.parallel.zero_stage > 0)
+
     def effective_lines(self, device_type: str) -> List[str]:
         """What the precision and fused-kernel keys mean for this job on ``device_type`` (``--print-config``)."""
         from parallel.precision import Precision
 
-        from .fused import choose
-
         precision = Precision(self.train.precision)
-        fused = choose(self.train.fused, device_type, engine_owns_optimizer=self.parallel.zero_stage > 0)
+        fused = self.fused_choice(device_type)
         return [f"precision {precision.name} on the {self.engine_kind} engine: {precision.describe(self.engine_kind)}",
                 fused.describe()]
 

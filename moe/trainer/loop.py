@@ -55,9 +55,9 @@ from parallel.grads import is_expert_param
 from ..modes import eval_mode
 from . import checkpoint as ckpt
 from . import plots
-from . import fused
 from . import resume as start
 from .config import ConfigError, TrainConfig, TrainLoopConfig, resolve_sections
+from .fused import fuse_norms
 from .health import RoutingHealth
 from .optim import build_optimizer, lr_at
 from .profiling import StepProfiler
@@ -173,10 +173,9 @@ class Trainer:
         self.model = self.task.model
         self.precision = Precision(cfg.train.precision)
         self.scaler: Optional[LossScaler] = LossScaler() if self.precision.loss_scaling else None
-        zero = cfg.parallel.zero_stage > 0
-        self.fused = fused.choose(cfg.train.fused, self.device.type, engine_owns_optimizer=zero)
+        self.fused = cfg.fused_choice(self.device.type)
         if self.fused.norm == "apex":
-            fused.fuse_norms(self.model)
+            fuse_norms(self.model)
         self.moe_layers = list(self.task.moe_layers())
         for layer in self.moe_layers:  # the expert bias moves once per optimizer step (apply_expert_bias_update)
             layer.defer_expert_bias_update = True
@@ -200,7 +199,6 @@ class Trainer:
         else:
             self.engine = ReplicatedEngine(self.model, groups, make_optimizer, precision=self.precision)
         self.optimizer = self.engine.optimizer
-        self.engine_kind = cfg.engine_kind
         self.out_dir = cfg.train.out_dir
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
         self.plot_dir = os.path.join(self.out_dir, "plots")
@@ -346,7 +344,7 @@ class Trainer:
         self.stop.arm()  # SIGTERM/SIGINT from here on: stop after a step, with a checkpoint
         try:
             sinks.line(self._describe())
-            sinks.line(f"precision {self.precision.name}: {self.precision.describe(self.engine_kind)}")
+            sinks.line(f"precision {self.precision.name}: {self.precision.describe(cfg.engine_kind)}")
             sinks.line(self.fused.describe())
             if not gpu.available:
                 sinks.line(f"GPU telemetry off: {gpu.reason}")
@@ -418,7 +416,7 @@ class Trainer:
         if scaler is not None:
             self.engine.unscale_grads(1.0 / scaler.scale)
         grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
-        if scaler is not None and scaler.update(LossScaler.finite(grad_norm)):
+        if scaler is not None and scaler.update(math.isfinite(grad_norm)):
             self.engine.skip_step()
             for layer in self.moe_layers:
                 layer.discard_expert_bias_update()
