@@ -195,6 +195,29 @@ class Experts(nn.Module):
         b2 = None if self.b2 is None or not output_bias else self.b2.to(dtype)
         return ops.expert_mlp(rows_ND, counts_El, self.w1.to(dtype), b1, self.w2.to(dtype), b2, self.activation)
 
+    def token_ops(self, x_TD: torch.Tensor):
+        """The op set whose token-level fused expert MLP (``expert_mlp_tokens``: rows gathered from x
+        in place, outputs combined with the routing weights inside the op) runs x, or None."""
+        ops = self._fused_ops(x_TD.to(compute_dtype(x_TD)))
+        return ops if ops is not None and hasattr(ops, "expert_mlp_tokens") else None
+
+    def forward_tokens(self, ops, x_TD: torch.Tensor, dest_TK: torch.Tensor, weights_TK: torch.Tensor,
+                       counts_El: torch.Tensor) -> torch.Tensor:
+        """y[t] = sum_j weights[t, j] * (expert owning row dest[t, j])(x[t]): permute -> ``forward`` ->
+        unpermute in one op (``ops`` from ``token_ops``), without the permuted [N, D] copies.
+
+        dest[T, k]: the unpadded plan (``moe.permute.make_plan``; -1 where dropped), rows
+        expert-major by counts[E_l]. Returns y[T, D] in x's dtype.
+        """
+        x = x_TD.to(compute_dtype(x_TD))  # mixed precision: the autocast dtype (fp32: no-op)
+        self.last_rows = int(counts_El.sum())
+        dtype = x.dtype
+        b1 = None if self.b1 is None else self.b1.to(dtype)
+        b2 = None if self.b2 is None else self.b2.to(dtype)
+        y = ops.expert_mlp_tokens(x, dest_TK, weights_TK, counts_El, self.w1.to(dtype), b1, self.w2.to(dtype), b2,
+                                  self.activation)
+        return y.to(x_TD.dtype)
+
     def forward_loop(self, rows_ND: torch.Tensor, counts_El: torch.Tensor) -> torch.Tensor:
         """Same as ``forward`` with one matmul per expert (the oracle)."""
         return self._compute(rows_ND, counts_El, loop_matmul, True)

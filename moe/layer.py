@@ -55,7 +55,7 @@ from . import losses, recompute
 from .config import MoEConfig
 from .dispatch import build_dispatcher, etp_compute
 from .experts import Experts
-from .permute import permute, unpermute
+from .permute import make_plan, permute, unpermute
 from .router import Router
 from .routing import validate_modality
 from .routing_types import Routing
@@ -231,9 +231,15 @@ class MoELayer(nn.Module):
         # Under tp: this rank's piece of the tokens only (x and routing pieces; y gathered below).
         mine = routing.token_piece(self.tp_group)
         x_mine = comm.split(x_TD, 0, self.tp_group)
-        rows, plan = permute(x_mine, mine, pad_to_capacity=pad, backend=cfg.backend)
-        out_rows = self._expert_compute(rows, plan.rows_per_expert, plan.padded_capacity)
-        y_TD = comm.gather(unpermute(out_rows, plan, mine), 0, self.tp_group, total=x_TD.shape[0])
+        fused = None if self.dispatcher is not None or self.etp_size > 1 or pad else self.experts.token_ops(x_mine)
+        if fused is not None:  # permute -> experts -> combine in one op, no [N, D] copies (moe::expert_mlp_tokens)
+            plan = make_plan(mine, backend=cfg.backend)
+            y_mine = self.experts.forward_tokens(fused, x_mine, plan.dest, mine.weights, plan.rows_per_expert)
+        else:
+            rows, plan = permute(x_mine, mine, pad_to_capacity=pad, backend=cfg.backend)
+            out_rows = self._expert_compute(rows, plan.rows_per_expert, plan.padded_capacity)
+            y_mine = unpermute(out_rows, plan, mine)
+        y_TD = comm.gather(y_mine, 0, self.tp_group, total=x_TD.shape[0])
         if self.shared is not None:
             dense = self.shared.expert_mlp(0, x_TD)
             if self.residual_coef is not None:

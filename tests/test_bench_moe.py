@@ -33,6 +33,7 @@ def test_bench_moe_tiny_with_deepspeed(tmp_path):
     for row in data["rows"]:
         assert row["median_s"] > 0 and row["min_s"] <= row["median_s"] <= row["max_s"]
         assert row["vs_ideal"] is not None
+        assert row["peak_bytes"] > 0 and "rss_peak_bytes" in row  # profiler-measured tensor bytes on CPU
         if row["impl"].startswith("ours/"):
             assert row["deepspeed_vs_ours"] is not None
     assert data["machine"] and data["command"].startswith("python tools/bench_moe.py")
@@ -43,3 +44,13 @@ def test_bench_moe_rejects_half_a_shape(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_moe.py"), "--T", "64"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "needs all of --T --d --f --E --k" in proc.stderr
+
+
+def test_sweep_shapes_are_other_shapes_the_ideal_can_run():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_moe
+
+    for regime, shapes in bench_moe.SWEEP.items():
+        assert shapes and all(cfg != bench_moe.REGIMES[regime] for cfg in shapes)
+        for cfg in shapes:
+            assert (cfg["T"] * cfg["k"]) % cfg["E"] == 0, (regime, cfg)  # the ideal's T*k/E rows per expert

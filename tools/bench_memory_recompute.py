@@ -22,22 +22,23 @@ indicative only). Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TOOLS)
+for path in (ROOT, TOOLS):
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+from torch.profiler import record_function  # noqa: E402
 
 import moe  # noqa: E402
+from alloc_peak import allocation_peak  # noqa: E402
 from moe.models.transformer import Transformer, TransformerConfig, init_weights, micro_batch_rng  # noqa: E402
 from moe.recompute import MODES, apply_activation_checkpointing  # noqa: E402
 
@@ -64,27 +65,8 @@ def step(model: Transformer, x: torch.Tensor, w: torch.Tensor):
 
 def measure(args, mode: str, x, w):
     model = build(args, mode)
-    with tempfile.TemporaryDirectory() as tmp:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            loss = step(model, x, w)
-        trace = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(trace)
-        with open(trace) as f:
-            events = json.load(f)["traceEvents"]
-    backward = min(e["ts"] for e in events if e.get("name") == "bench_backward")
-    # Live bytes among the allocations made while profiling: +size at an allocation, -size when that
-    # address is freed (a free of memory allocated before, e.g. by the weights, is not counted).
-    live, held, peak, after_forward = {}, 0, 0, 0
-    for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: (e["ts"], e["args"]["Ev Idx"])):
-        a = e["args"]
-        if e["ts"] >= backward and not after_forward:
-            after_forward = held
-        if a["Bytes"] > 0:
-            live[a["Addr"]] = a["Bytes"]
-            held += a["Bytes"]
-        elif a["Addr"] in live:
-            held -= live.pop(a["Addr"])
-        peak = max(peak, held)
+    held = allocation_peak(lambda: step(model, x, w), marker="bench_backward")
+    loss, peak, after_forward = held["result"], held["peak"], held["at_marker"]
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     times = []
     for _ in range(args.repeats):

@@ -6,6 +6,7 @@ capacity factor ("none": dropless).
 
     python tools/bench_moe.py --regime dispatch                  # one regime, CPU fp32
     python tools/bench_moe.py --regime all --repeats 5 --json out.json
+    python tools/bench_moe.py --regime fine --sweep              # + two other shapes of the regime
     python tools/bench_moe.py --T 2048 --d 256 --f 512 --E 8 --k 2  # any shape
     python tools/bench_moe.py --distributed --ep 4                # ep=4 on gloo (NCCL on GPUs)
 
@@ -52,6 +53,7 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(TOOLS))
 sys.path.insert(0, TOOLS)
 
+from alloc_peak import allocation_peak  # noqa: E402
 from bench_kernels import _loadavg, _sync, machine  # noqa: E402
 
 import moe  # noqa: E402
@@ -61,6 +63,12 @@ REGIMES = {
     "compute": dict(T=4096, d=1024, f=4096, E=8, k=2),
     "dispatch": dict(T=16384, d=256, f=1024, E=64, k=2),
     "fine": dict(T=8192, d=512, f=256, E=64, k=8),
+}
+# Other shapes of each regime (``--sweep``): the targets hold for the regime, not one example.
+SWEEP = {
+    "compute": [dict(T=2048, d=768, f=3072, E=8, k=2), dict(T=2048, d=1024, f=4096, E=4, k=1)],
+    "dispatch": [dict(T=8192, d=384, f=768, E=128, k=2), dict(T=32768, d=128, f=512, E=32, k=1)],
+    "fine": [dict(T=4096, d=768, f=192, E=128, k=8), dict(T=8192, d=256, f=128, E=64, k=6)],
 }
 
 
@@ -187,8 +195,10 @@ def _rss_kib(field: str) -> int:
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
 
 
-def peak_bytes(step: Callable[[], None], device: torch.device) -> Optional[int]:
-    """Peak memory of one step above the memory in use just before it."""
+def peak_bytes(step: Callable[[], None], device: torch.device) -> Dict[str, Optional[int]]:
+    """Peak memory of one step above the memory in use just before it: {"peak_bytes": the tensors
+    the step allocates (CUDA: ``max_memory_allocated``; CPU: torch's profiler, ``alloc_peak``),
+    "rss_peak_bytes": the resident-set high-water mark above the RSS before (CPU, Linux)}."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -196,19 +206,22 @@ def peak_bytes(step: Callable[[], None], device: torch.device) -> Optional[int]:
         base = torch.cuda.memory_allocated(device)
         step()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
+        return {"peak_bytes": torch.cuda.max_memory_allocated(device) - base, "rss_peak_bytes": None}
+    rss = None
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
+        base = _rss_kib("VmRSS")
+        step()
+        rss = (_rss_kib("VmHWM") - base) * 1024
     except OSError:
-        return None
-    base = _rss_kib("VmRSS")
-    step()
-    return (_rss_kib("VmHWM") - base) * 1024
+        pass
+    gc.collect()
+    return {"peak_bytes": allocation_peak(step)["peak"], "rss_peak_bytes": rss}
 
 
 def measure(steps: Dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int) -> Dict[str, Dict]:
-    """Interleaved timing (median, min, max seconds) and one peak-memory step per implementation."""
+    """Interleaved timing (median, min, max seconds) and the peak memory of one step per implementation."""
     for _ in range(warmup):
         for step in steps.values():
             step()
@@ -223,7 +236,7 @@ def measure(steps: Dict[str, Callable[[], None]], device: torch.device, warmup: 
             times[name].append(time.perf_counter() - start)
             print(f"repeat {r}: {name} {times[name][-1]:.3f} s", file=sys.stderr, flush=True)
     peaks = {name: peak_bytes(step, device) for name, step in steps.items()}
-    return {name: dict(median_s=statistics.median(t), min_s=min(t), max_s=max(t), times_s=t, peak_bytes=peaks[name])
+    return {name: dict(median_s=statistics.median(t), min_s=min(t), max_s=max(t), times_s=t, **peaks[name])
             for name, t in times.items()}
 
 
@@ -255,8 +268,9 @@ def summarize(regime: str, cfg: Dict, results: Dict[str, Dict]) -> List[Dict]:
     rows = []
     for name, r in results.items():
         row = dict(regime=regime, **cfg, impl=name, median_s=r["median_s"], min_s=r["min_s"], max_s=r["max_s"],
-                   peak_bytes=r["peak_bytes"], vs_ideal=_ratio(r, ideal, "median_s"),
-                   mem_vs_ideal=_ratio(r, ideal, "peak_bytes"), deepspeed_vs_ours=None)
+                   peak_bytes=r["peak_bytes"], rss_peak_bytes=r.get("rss_peak_bytes"),
+                   vs_ideal=_ratio(r, ideal, "median_s"), mem_vs_ideal=_ratio(r, ideal, "peak_bytes"),
+                   rss_vs_ideal=_ratio(r, ideal, "rss_peak_bytes"), deepspeed_vs_ours=None)
         if name.startswith("ours/"):
             ds = results.get("deepspeed/" + name.split("/")[-1])
             row["deepspeed_vs_ours"] = _ratio(ds, r, "median_s")
@@ -368,6 +382,7 @@ def parse_args(argv=None):
                    help="'none' = dropless (default: none 1.25)")
     p.add_argument("--backends", nargs="+", default=None, help="op backends for our layer (default: all on CPU)")
     p.add_argument("--no-deepspeed", action="store_true", help="leave DeepSpeed-MoE out")
+    p.add_argument("--sweep", action="store_true", help="also run the other shapes of each regime (SWEEP)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -399,6 +414,9 @@ def main(argv=None) -> List[Dict]:
     command = "python tools/bench_moe.py " + " ".join(sys.argv[1:] if argv is None else argv)
     regimes = {"custom": args.custom} if args.custom else (
         REGIMES if "all" in args.regime else {r: REGIMES[r] for r in args.regime})
+    if args.sweep and not args.custom:
+        regimes = {f"{name}{suffix}": cfg for name, first in regimes.items()
+                   for suffix, cfg in [("", first)] + [(":{T}/{d}/{f}/{E}/{k}".format(**c), c) for c in SWEEP[name]]}
     load_before = _loadavg()
     print(f"machine: {machine()}\ncommand: {command}\ndevice {device.type}, {dtype}; median of {args.repeats} "
           f"interleaved repeats after {args.warmup} warmup; load average before: {load_before}\n", flush=True)

@@ -27,9 +27,11 @@
 
 #include <ATen/ThreadLocalState.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/addmv.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/gelu_backward.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mv.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/silu.h>
@@ -37,6 +39,7 @@
 #include <ATen/ops/sum.h>
 #include <ATen/ops/threshold_backward.h>
 
+#include <cstring>
 #include <exception>
 #include <mutex>
 
@@ -187,6 +190,213 @@ void activate_backward_inplace(const at::Tensor& dA, at::Tensor& h, at::Tensor& 
   }
 }
 
+// Where the rows of a GEMM tile come from: rows [r0, r0 + m) of `src` itself (token empty),
+// or the rows token[r0 .. r0 + m) of src, copied into the calling thread's buffer (the gather
+// of the token-level op: no permuted [N, D] copy is ever materialised).
+struct RowSource {
+  at::Tensor src;              // contiguous [R, D]
+  std::vector<int64_t> token;  // empty, or [N] row -> row of src
+
+  at::Tensor tile(int64_t r0, int64_t m, const at::Tensor& buf) const {
+    if (token.empty()) return src.narrow(0, r0, m);
+    auto out = buf.narrow(0, 0, m);
+    const int64_t bytes = src.size(1) * src.element_size();
+    const char* from = static_cast<const char*>(src.data_ptr());
+    char* to = static_cast<char*>(out.data_ptr());
+    for (int64_t i = 0; i < m; ++i) std::memcpy(to + i * bytes, from + token[r0 + i] * bytes, bytes);
+    return out;
+  }
+  bool gathers() const { return !token.empty(); }
+};
+
+// The forward of the grouped MLP over the rows `x` names (expert-major by cnt): writes
+// act(x @ w1 + b1) @ w2 + b2 into out[N, D] and returns the pre-activation h[N, H].
+at::Tensor mlp_forward(const RowSource& x, const std::vector<int64_t>& cnt, int64_t N, const at::Tensor& w1,
+                       const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                       const std::optional<at::Tensor>& b2, int64_t activation, int64_t row_tile, at::Tensor& out) {
+  const int64_t D = x.src.size(1), H = w1.size(2), F = w2.size(1);
+  const auto opts = x.src.options();
+  auto h = at::empty({N, H}, opts);
+  const auto tasks = row_tasks(cnt, row_tile);
+  int64_t max_m = 1;
+  for (const auto& t : tasks) max_m = std::max(max_m, t.m);
+  auto scratch = at::empty({workers(), max_m, F}, opts);
+  auto xbuf = x.gathers() ? at::empty({workers(), max_m, D}, opts) : at::Tensor();
+  run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int thread) {
+    const auto& t = tasks[i];
+    const auto xt = x.tile(t.r0, t.m, x.gathers() ? xbuf[thread] : xbuf);
+    auto ht = h.narrow(0, t.r0, t.m);
+    auto at_ = scratch[thread].narrow(0, 0, t.m);
+    auto ot = out.narrow(0, t.r0, t.m);
+    if (b1) at::addmm_out(ht, (*b1)[t.e], xt, w1[t.e]);
+    else at::mm_out(ht, xt, w1[t.e]);
+    activate(ht, at_, activation);
+    if (b2) at::addmm_out(ot, (*b2)[t.e], at_, w2[t.e]);
+    else at::mm_out(ot, at_, w2[t.e]);
+  });
+  return h;
+}
+
+struct BackwardNeeds {
+  bool rows, w1, b1, w2, b2, row_weights;
+};
+
+// Hidden units per phase-A task: enough chunks to keep every thread busy, and at most
+// kMaxUnitChunk units so the per-thread scratch stays small (3 x tile x chunk).
+constexpr int64_t kMaxUnitChunk = 512;
+
+// The backward of the grouped MLP. g names the gradient rows (of the UNWEIGHTED output when
+// row_w is given), x the input rows, row_w[N] (or undefined) each row's combine weight, so
+// the loss saw row_w[r] * out[r]. Overwrites h with dh. Returns {grad_rows[N, D] (the
+// gradient wrt the rows x names, row order), gw1, gb1, gw2, gb2, grad_row_weights[N] (in
+// the op-math dtype)}; each undefined unless needed.
+std::vector<at::Tensor> mlp_backward(const RowSource& g, const RowSource& x, at::Tensor h,
+                                     const std::vector<int64_t>& cnt, const at::Tensor& w1, const at::Tensor& w2,
+                                     const std::optional<at::Tensor>& b2, const at::Tensor& row_w,
+                                     int64_t activation, BackwardNeeds need, int64_t row_tile) {
+  const int64_t N = h.size(0), D = x.src.size(1), E = w1.size(0), H = w1.size(2), F = w2.size(1);
+  const int64_t U = H / std::max<int64_t>(F, 1);
+  auto& dh = h;  // h in, dh out: no second [N, H] buffer
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + cnt[e];
+  const bool weighted = row_w.defined();
+  const auto opts = x.src.options();
+  const auto acc = at::toOpMathType(x.src.scalar_type());
+  auto gw1 = need.w1 ? at::empty({E, D, H}, opts) : at::Tensor();
+  auto gw2 = need.w2 ? at::empty({E, F, D}, opts) : at::Tensor();
+  auto gb1 = need.b1 ? at::empty({E, H}, opts) : at::Tensor();
+  auto gb2 = need.b2 ? at::empty({E, D}, opts) : at::Tensor();
+  for (int64_t e = 0; e < E; ++e) {
+    if (cnt[e] > 0) continue;  // an expert without rows has zero gradients
+    for (auto* t : {&gw1, &gw2, &gb1, &gb2}) {
+      if (t->defined()) (*t)[e].zero_();
+    }
+  }
+
+  // Phase A: (expert, unit chunk) tasks, each walking its expert's rows in tiles; the weight
+  // gradients of a chunk belong to that task alone (no reduction across tasks).
+  const int64_t threads = workers();
+  int64_t busy = 0;
+  for (int64_t e = 0; e < E; ++e) busy += cnt[e] > 0;
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(1, F / 64),
+                                                              (4 * threads + busy - 1) / std::max<int64_t>(busy, 1)));
+  const int64_t chunks = std::max(want, (F + kMaxUnitChunk - 1) / kMaxUnitChunk);
+  const int64_t unit_step = std::max<int64_t>(1, (F + chunks - 1) / chunks);
+  std::vector<UnitTask> unit_tasks;
+  for (int64_t e = 0; e < E; ++e) {
+    if (cnt[e] == 0) continue;
+    for (int64_t f0 = 0; f0 < F; f0 += unit_step) unit_tasks.push_back({e, f0, std::min(unit_step, F - f0)});
+  }
+  std::stable_sort(unit_tasks.begin(), unit_tasks.end(), [&](const UnitTask& a, const UnitTask& b) {
+    return cnt[a.e] * a.fc > cnt[b.e] * b.fc;
+  });
+  // Per-row partial dot products <act(h) chunk, (g @ w2^T) chunk>, one row of partial per
+  // chunk, summed in chunk order below (deterministic).
+  const int64_t num_chunks = (F + unit_step - 1) / unit_step;
+  auto partial = need.row_weights ? at::zeros({std::max<int64_t>(num_chunks, 1), N}, opts.dtype(acc)) : at::Tensor();
+  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(row_tile, N));
+  auto scratch = at::empty({threads, 3, tile, unit_step}, opts);
+  auto xbuf = x.gathers() && need.w1 ? at::empty({threads, tile, D}, opts) : at::Tensor();
+  auto gbuf = g.gathers() ? at::empty({threads, tile, D}, opts) : at::Tensor();
+  run_tasks(static_cast<int64_t>(unit_tasks.size()), [&](int64_t i, int thread) {
+    const auto& t = unit_tasks[i];
+    const int64_t c0 = U * t.f0, cw = U * t.fc;
+    const bool first_chunk = t.f0 == 0;
+    const auto w2c = w2[t.e].narrow(0, t.f0, t.fc);  // [fc, D]
+    auto gw1c = need.w1 ? gw1[t.e].narrow(1, c0, cw) : at::Tensor();
+    auto gw2c = need.w2 ? gw2[t.e].narrow(0, t.f0, t.fc) : at::Tensor();
+    auto gb1c = need.b1 ? gb1[t.e].narrow(0, c0, cw) : at::Tensor();
+    auto gb2e = need.b2 ? gb2[t.e] : at::Tensor();
+    const auto buf = scratch[thread];
+    for (int64_t r = 0; r < cnt[t.e]; r += tile) {
+      const int64_t m = std::min(tile, cnt[t.e] - r), r0 = start[t.e] + r;
+      const double beta = r == 0 ? 0.0 : 1.0;
+      const auto gt = g.tile(r0, m, g.gathers() ? gbuf[thread] : gbuf);
+      const auto wt = weighted ? row_w.narrow(0, r0, m).unsqueeze(1) : at::Tensor();  // [m, 1]
+      auto ht = h.narrow(0, r0, m).narrow(1, c0, cw);  // h in, dh out
+      auto a = buf[0].narrow(0, 0, m).narrow(1, 0, t.fc);
+      auto dA = buf[1].narrow(0, 0, m).narrow(1, 0, t.fc);
+      auto tmp = buf[2].narrow(0, 0, m).narrow(1, 0, t.fc);
+      if (need.b2 && first_chunk) {  // gb2 = sum over rows of the (weighted) gradient
+        if (weighted) at::addmv_out(gb2e, gb2e, gt.t(), wt.squeeze(1), beta, 1.0);
+        else if (r == 0) at::sum_out(gb2e, gt, at::IntArrayRef{0});
+        else gb2e.add_(gt.sum(0));
+      }
+      at::mm_out(dA, gt, w2c.t());  // the gradient wrt act(h) of the unweighted output
+      if (need.w2 || need.row_weights) activate(ht, a, activation);
+      if (need.row_weights) {  // d loss / d row weight = <out row, g row> = <a, dA> (+ <b2, g>)
+        auto dst = partial[t.f0 / unit_step].narrow(0, r0, m);
+        if (a.scalar_type() == acc) {
+          at::mul_out(tmp, a, dA);
+          at::sum_out(dst, tmp, at::IntArrayRef{1});
+        } else {
+          at::sum_out(dst, at::mul(a.to(acc), dA.to(acc)), at::IntArrayRef{1});
+        }
+        if (b2 && first_chunk) dst.add_(at::mv(gt, (*b2)[t.e]).to(acc));
+      }
+      if (need.w2) {
+        if (weighted) a.mul_(wt);
+        at::addmm_out(gw2c, gw2c, a.t(), gt, beta, 1.0);
+      }
+      if (weighted) dA.mul_(wt);
+      activate_backward_inplace(dA, ht, a, tmp, activation);
+      const auto& dht = ht;
+      if (need.w1) {
+        const auto xt = x.tile(r0, m, x.gathers() ? xbuf[thread] : xbuf);
+        at::addmm_out(gw1c, gw1c, xt.t(), dht, beta, 1.0);
+      }
+      if (need.b1) {
+        if (r == 0) at::sum_out(gb1c, dht, at::IntArrayRef{0});
+        else gb1c.add_(dht.sum(0));
+      }
+    }
+  });
+
+  // Phase B: (expert, row tile) tasks: grad rows = dh @ w1^T.
+  auto grows = need.rows ? at::empty({N, D}, opts) : at::Tensor();
+  if (need.rows) {
+    const auto tasks = row_tasks(cnt, row_tile);
+    run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int) {
+      const auto& t = tasks[i];
+      auto gxt = grows.narrow(0, t.r0, t.m);
+      at::mm_out(gxt, dh.narrow(0, t.r0, t.m), w1[t.e].t());
+    });
+  }
+  auto grw = need.row_weights ? partial.sum(0) : at::Tensor();
+  return {grows, gw1, gb1, gw2, gb2, grw};
+}
+
+void check_h(const at::Tensor& h, int64_t N, int64_t H, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(h.sizes() == at::IntArrayRef({N, H}), "h must be [", N, ", ", H, "], got ", h.sizes());
+  TORCH_CHECK_VALUE(h.is_contiguous() && h.scalar_type() == dtype,
+                    "h must be the contiguous pre-activation of the forward, of dtype ", dtype);
+}
+
+// The token-level op's routing: every row's token (dest inverted) and row count N.
+struct TokenRows {
+  std::vector<int64_t> token, assignment;  // [N] token and flat assignment t*k+j of each row
+};
+
+TokenRows token_rows(const at::Tensor& dest_in, const at::Tensor& weights, int64_t T, int64_t N) {
+  check_dest(dest_in, T);
+  check_cpu(weights, "weights");
+  TORCH_CHECK_VALUE(weights.sizes() == dest_in.sizes(), "weights must have the shape of dest ", dest_in.sizes(),
+                    ", got ", weights.sizes());
+  TORCH_CHECK_VALUE(weights.is_floating_point(), "weights dtype ", weights.scalar_type(),
+                    " is not allowed; use a floating-point dtype");
+  const auto dest = dest_in.contiguous();
+  const int64_t k = dest.size(1);
+  TokenRows out;
+  out.assignment = row_sources(dest.data_ptr<int64_t>(), T * k, N, /*unique=*/true);
+  out.token.resize(N);
+  for (int64_t r = 0; r < N; ++r) {
+    TORCH_CHECK_VALUE(out.assignment[r] >= 0, "row ", r, " receives no assignment; dest must fill the ", N,
+                      " rows the counts give (the unpadded layout)");
+    out.token[r] = out.assignment[r] / k;
+  }
+  return out;
+}
+
 }  // namespace
 
 std::vector<at::Tensor> expert_mlp_forward_cpu(const at::Tensor& x_in, const at::Tensor& counts,
@@ -199,26 +409,10 @@ std::vector<at::Tensor> expert_mlp_forward_cpu(const at::Tensor& x_in, const at:
   const auto w1 = w1_in.detach().contiguous(), w2 = w2_in.detach().contiguous();
   const auto b1 = b1_in ? std::optional<at::Tensor>(b1_in->detach()) : std::nullopt;
   const auto b2 = b2_in ? std::optional<at::Tensor>(b2_in->detach()) : std::nullopt;
-  const int64_t N = x.size(0), D = x.size(1), E = w1.size(0), H = w1.size(2), F = w2.size(1);
-  const auto cnt = check_counts(counts, E, N);
-  auto out = at::empty({N, D}, x.options());
-  auto h = at::empty({N, H}, x.options());
-  const auto tasks = row_tasks(cnt, row_tile);
-  int64_t max_m = 0;
-  for (const auto& t : tasks) max_m = std::max(max_m, t.m);
-  auto scratch = at::empty({workers(), std::max<int64_t>(max_m, 1), F}, x.options());
-  run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int thread) {
-    const auto& t = tasks[i];
-    const auto xt = x.narrow(0, t.r0, t.m);
-    auto ht = h.narrow(0, t.r0, t.m);
-    auto at_ = scratch[thread].narrow(0, 0, t.m);
-    auto ot = out.narrow(0, t.r0, t.m);
-    if (b1) at::addmm_out(ht, (*b1)[t.e], xt, w1[t.e]);
-    else at::mm_out(ht, xt, w1[t.e]);
-    activate(ht, at_, activation);
-    if (b2) at::addmm_out(ot, (*b2)[t.e], at_, w2[t.e]);
-    else at::mm_out(ot, at_, w2[t.e]);
-  });
+  const int64_t N = x.size(0);
+  const auto cnt = check_counts(counts, w1.size(0), N);
+  auto out = at::empty({N, x.size(1)}, x.options());
+  auto h = mlp_forward(RowSource{x, {}}, cnt, N, w1, b1, w2, b2, activation, row_tile, out);
   return {out, h};
 }
 
@@ -231,94 +425,73 @@ std::vector<at::Tensor> expert_mlp_backward_cpu(const at::Tensor& grad_out_in, c
   TORCH_CHECK_VALUE(row_tile >= 1, "row_tile=", row_tile, " is not allowed; it must be >= 1");
   const auto x = x_in.detach().contiguous(), g = grad_out_in.detach().contiguous();
   const auto w1 = w1_in.detach().contiguous(), w2 = w2_in.detach().contiguous();
-  const int64_t N = x.size(0), D = x.size(1), E = w1.size(0), H = w1.size(2), F = w2.size(1);
-  const int64_t U = H / std::max<int64_t>(F, 1);
-  TORCH_CHECK_VALUE(g.sizes() == x.sizes() && h_in.sizes() == at::IntArrayRef({N, H}), "grad_out ", g.sizes(),
-                    " and h ", h_in.sizes(), " must be [", N, ", ", D, "] and [", N, ", ", H, "]");
-  TORCH_CHECK_VALUE(h_in.is_contiguous() && h_in.scalar_type() == x.scalar_type(),
-                    "h must be the contiguous pre-activation of the forward, of dtype ", x.scalar_type());
-  // h is overwritten with dh = d loss / d h: no second [N, H] buffer (the op declares it mutated).
-  auto h = h_in.detach();
-  auto& dh = h;
-  const auto cnt = check_counts(counts, E, N);
-  std::vector<int64_t> start(E + 1, 0);
-  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + cnt[e];
+  const int64_t N = x.size(0);
+  TORCH_CHECK_VALUE(g.sizes() == x.sizes(), "grad_out ", g.sizes(), " must be [", N, ", ", x.size(1), "]");
+  check_h(h_in, N, w1.size(2), x.scalar_type());
+  const auto cnt = check_counts(counts, w1.size(0), N);
+  auto grads = mlp_backward(RowSource{g, {}}, RowSource{x, {}}, h_in.detach(), cnt, w1, w2, std::nullopt,
+                            at::Tensor(), activation, {need_x, need_w1, need_b1, need_w2, need_b2, false}, row_tile);
+  grads.pop_back();  // no row weights here
+  return grads;
+}
 
-  const auto opts = x.options();
-  auto gw1 = need_w1 ? at::empty({E, D, H}, opts) : at::Tensor();
-  auto gw2 = need_w2 ? at::empty({E, F, D}, opts) : at::Tensor();
-  auto gb1 = need_b1 ? at::empty({E, H}, opts) : at::Tensor();
-  auto gb2 = need_b2 ? at::empty({E, D}, opts) : at::Tensor();
-  for (int64_t e = 0; e < E; ++e) {
-    if (cnt[e] > 0) continue;  // an expert without rows has zero gradients
-    for (auto* t : {&gw1, &gw2, &gb1, &gb2}) {
-      if (t->defined()) (*t)[e].zero_();
-    }
-  }
+std::vector<at::Tensor> expert_mlp_tokens_forward_cpu(const at::Tensor& x_in, const at::Tensor& dest,
+                                                      const at::Tensor& weights, const at::Tensor& counts,
+                                                      const at::Tensor& w1_in, const std::optional<at::Tensor>& b1_in,
+                                                      const at::Tensor& w2_in, const std::optional<at::Tensor>& b2_in,
+                                                      int64_t activation, int64_t row_tile) {
+  check_inputs(x_in, w1_in, b1_in, w2_in, b2_in, activation);
+  TORCH_CHECK_VALUE(row_tile >= 1, "row_tile=", row_tile, " is not allowed; it must be >= 1");
+  const auto x = x_in.detach().contiguous();
+  const auto w1 = w1_in.detach().contiguous(), w2 = w2_in.detach().contiguous();
+  const auto b1 = b1_in ? std::optional<at::Tensor>(b1_in->detach()) : std::nullopt;
+  const auto b2 = b2_in ? std::optional<at::Tensor>(b2_in->detach()) : std::nullopt;
+  check_cpu(counts, "counts");
+  const int64_t N = counts.to(at::kLong).sum().item<int64_t>();
+  const auto cnt = check_counts(counts, w1.size(0), N);
+  auto rows = token_rows(dest, weights, x.size(0), N);
+  // The expert outputs in the compute dtype (a transient [N, D]: not kept for the backward),
+  // then y[t] = sum_j weights[t, j] * out[dest[t, j]] in the wider of the two dtypes.
+  auto out = at::empty({N, x.size(1)}, x.options());
+  auto h = mlp_forward(RowSource{x, std::move(rows.token)}, cnt, N, w1, b1, w2, b2, activation, row_tile, out);
+  const auto y_type = c10::promoteTypes(x.scalar_type(), weights.scalar_type());
+  auto y = unpermute_rows_cpu(out.to(y_type), dest.contiguous(), weights.detach());
+  return {y, h};
+}
 
-  // Phase A: (expert, unit chunk) tasks; enough chunks to keep every thread busy.
-  const int64_t threads = workers();
-  int64_t busy = 0;
-  for (int64_t e = 0; e < E; ++e) busy += cnt[e] > 0;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(1, F / 64),
-                                                                (4 * threads + busy - 1) / std::max<int64_t>(busy, 1)));
-  const int64_t unit_step = (F + chunks - 1) / chunks;
-  std::vector<UnitTask> unit_tasks;
-  for (int64_t e = 0; e < E; ++e) {
-    if (cnt[e] == 0) continue;
-    for (int64_t f0 = 0; f0 < F; f0 += unit_step) unit_tasks.push_back({e, f0, std::min(unit_step, F - f0)});
+std::vector<at::Tensor> expert_mlp_tokens_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& dest,
+    const at::Tensor& weights, const at::Tensor& counts, const at::Tensor& w1_in, const at::Tensor& w2_in,
+    const std::optional<at::Tensor>& b2_in, int64_t activation, bool need_x, bool need_weights, bool need_w1,
+    bool need_b1, bool need_w2, bool need_b2, int64_t row_tile) {
+  check_inputs(x_in, w1_in, std::nullopt, w2_in, b2_in, activation);
+  TORCH_CHECK_VALUE(row_tile >= 1, "row_tile=", row_tile, " is not allowed; it must be >= 1");
+  const auto x = x_in.detach().contiguous();
+  const auto w1 = w1_in.detach().contiguous(), w2 = w2_in.detach().contiguous();
+  const auto b2 = b2_in ? std::optional<at::Tensor>(b2_in->detach()) : std::nullopt;
+  const int64_t T = x.size(0), N = h_in.size(0);
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "grad_y ", grad_y.sizes(), " must be [", T, ", ", x.size(1), "]");
+  check_h(h_in, N, w1.size(2), x.scalar_type());
+  const auto cnt = check_counts(counts, w1.size(0), N);
+  auto rows = token_rows(dest, weights, T, N);
+  const auto g = grad_y.detach().to(x.scalar_type()).contiguous();
+  // Each row's combine weight, in the compute dtype (the rows were weighted in the forward's combine).
+  auto assignment = at::empty({N}, dest.options());
+  std::copy(rows.assignment.begin(), rows.assignment.end(), assignment.data_ptr<int64_t>());
+  const auto row_w = weights.detach().reshape(-1).index_select(0, assignment).to(x.scalar_type());
+  const RowSource g_rows{g, rows.token}, x_rows{x, std::move(rows.token)};
+  auto grads = mlp_backward(g_rows, x_rows, h_in.detach(), cnt, w1, w2, b2, row_w, activation,
+                            {need_x, need_w1, need_b1, need_w2, need_b2, need_weights}, row_tile);
+  // Back to tokens: grad_x[t] = sum_j grad_rows[dest[t, j]] (in j order), and each assignment's
+  // weight gradient is its row's (zero where dropped).
+  auto gx = need_x ? permute_rows_backward_cpu(grads[0], dest.contiguous()) : at::Tensor();
+  at::Tensor gweights;
+  if (need_weights) {
+    gweights = at::zeros({weights.numel()}, weights.options());
+    gweights.index_copy_(0, assignment, grads[5].to(weights.scalar_type()));
+    gweights = gweights.view(weights.sizes());
   }
-  std::stable_sort(unit_tasks.begin(), unit_tasks.end(), [&](const UnitTask& a, const UnitTask& b) {
-    return cnt[a.e] * a.fc > cnt[b.e] * b.fc;
-  });
-  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(row_tile, N));
-  auto scratch = at::empty({threads, 3, tile, std::max<int64_t>(unit_step, 1)}, opts);
-  run_tasks(static_cast<int64_t>(unit_tasks.size()), [&](int64_t i, int thread) {
-    const auto& t = unit_tasks[i];
-    const int64_t c0 = U * t.f0, cw = U * t.fc;
-    const auto w2c = w2[t.e].narrow(0, t.f0, t.fc);  // [fc, D]
-    auto gw1c = need_w1 ? gw1[t.e].narrow(1, c0, cw) : at::Tensor();
-    auto gw2c = need_w2 ? gw2[t.e].narrow(0, t.f0, t.fc) : at::Tensor();
-    auto gb1c = need_b1 ? gb1[t.e].narrow(0, c0, cw) : at::Tensor();
-    if (need_b2 && t.f0 == 0) {
-      auto gb2e = gb2[t.e];
-      at::sum_out(gb2e, g.narrow(0, start[t.e], cnt[t.e]), at::IntArrayRef{0});
-    }
-    const auto buf = scratch[thread];
-    for (int64_t r = 0; r < cnt[t.e]; r += tile) {
-      const int64_t m = std::min(tile, cnt[t.e] - r), r0 = start[t.e] + r;
-      const double beta = r == 0 ? 0.0 : 1.0;
-      const auto xt = x.narrow(0, r0, m), gt = g.narrow(0, r0, m);
-      auto ht = h.narrow(0, r0, m).narrow(1, c0, cw);  // h in, dh out
-      auto a = buf[0].narrow(0, 0, m).narrow(1, 0, t.fc);
-      auto dA = buf[1].narrow(0, 0, m).narrow(1, 0, t.fc);
-      auto tmp = buf[2].narrow(0, 0, m).narrow(1, 0, t.fc);
-      if (need_w2) {
-        activate(ht, a, activation);
-        at::addmm_out(gw2c, gw2c, a.t(), gt, beta, 1.0);
-      }
-      at::mm_out(dA, gt, w2c.t());
-      activate_backward_inplace(dA, ht, a, tmp, activation);
-      const auto& dht = ht;
-      if (need_w1) at::addmm_out(gw1c, gw1c, xt.t(), dht, beta, 1.0);
-      if (need_b1) {
-        if (r == 0) at::sum_out(gb1c, dht, at::IntArrayRef{0});
-        else gb1c.add_(dht.sum(0));
-      }
-    }
-  });
-
-  // Phase B: (expert, row tile) tasks: dx = dh @ w1^T.
-  auto gx = need_x ? at::empty({N, D}, opts) : at::Tensor();
-  if (need_x) {
-    const auto tasks = row_tasks(cnt, row_tile);
-    run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i, int) {
-      const auto& t = tasks[i];
-      auto gxt = gx.narrow(0, t.r0, t.m);
-      at::mm_out(gxt, dh.narrow(0, t.r0, t.m), w1[t.e].t());
-    });
-  }
-  return {gx, gw1, gb1, gw2, gb2};
+  return {gx, gweights, grads[1], grads[2], grads[3], grads[4]};
 }
 
 }  // namespace moe

@@ -37,6 +37,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("expert_mlp_backward_cpu", &moe::expert_mlp_backward_cpu, nogil, py::arg("grad_out"), py::arg("x"),
         py::arg("h"), py::arg("counts"), py::arg("w1"), py::arg("w2"), py::arg("activation"), py::arg("need_x"),
         py::arg("need_w1"), py::arg("need_b1"), py::arg("need_w2"), py::arg("need_b2"), py::arg("row_tile"));
+  m.def("expert_mlp_tokens_forward_cpu", &moe::expert_mlp_tokens_forward_cpu, nogil, py::arg("x"), py::arg("dest"),
+        py::arg("weights"), py::arg("counts"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
+        py::arg("activation"), py::arg("row_tile"));
+  m.def("expert_mlp_tokens_backward_cpu", &moe::expert_mlp_tokens_backward_cpu, nogil, py::arg("grad_y"),
+        py::arg("x"), py::arg("h"), py::arg("dest"), py::arg("weights"), py::arg("counts"), py::arg("w1"),
+        py::arg("w2"), py::arg("b2"), py::arg("activation"), py::arg("need_x"), py::arg("need_weights"),
+        py::arg("need_w1"), py::arg("need_b1"), py::arg("need_w2"), py::arg("need_b2"), py::arg("row_tile"));
 #ifdef MOE_WITH_CUDA
   m.attr("has_cuda") = true;
   moe::register_cuda_kernels(m);

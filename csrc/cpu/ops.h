@@ -65,4 +65,24 @@ std::vector<at::Tensor> expert_mlp_backward_cpu(const at::Tensor& grad_out, cons
                                                 int64_t activation, bool need_x, bool need_w1, bool need_b1,
                                                 bool need_w2, bool need_b2, int64_t row_tile);
 
+// The token-level grouped expert MLP: the rows of every expert gathered from x[T, D] in place
+// (row dest[t, j] is token t; dest fills the N = sum(counts) rows, -1: dropped), and the
+// outputs combined back: y[t] = sum_j weights[t, j] * mlp_{e}(x[t]) over kept j, in the
+// promoted dtype of x and weights. Neither the permuted input nor the expert outputs are
+// kept for the backward. Returns {y[T, D], h[N, H]}.
+std::vector<at::Tensor> expert_mlp_tokens_forward_cpu(const at::Tensor& x, const at::Tensor& dest,
+                                                      const at::Tensor& weights, const at::Tensor& counts,
+                                                      const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                                                      const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+                                                      int64_t activation, int64_t row_tile);
+
+// {grad_x[T, D], grad_weights[T, k], grad_w1, grad_b1, grad_w2, grad_b2}; each undefined unless
+// its need_* flag is set. The routing-weight gradient <mlp_e(x[t]), grad_y[t]> is computed from
+// h and grad_y @ w2^T (no stored expert output). h is overwritten with the gradient wrt h.
+std::vector<at::Tensor> expert_mlp_tokens_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h, const at::Tensor& dest,
+    const at::Tensor& weights, const at::Tensor& counts, const at::Tensor& w1, const at::Tensor& w2,
+    const std::optional<at::Tensor>& b2, int64_t activation, bool need_x, bool need_weights, bool need_w1,
+    bool need_b1, bool need_w2, bool need_b2, int64_t row_tile);
+
 }  // namespace moe

@@ -24,6 +24,11 @@ output shapes (data-dependent sizes such as ``num_rows`` come in as ints), so
   moe::expert_mlp_backward(grad_out, x, h, counts, w1, w2, activation, need_x, need_w1, need_b1,
       need_w2, need_b2, impl) -> grad_x, grad_w1, grad_b1, grad_w2, grad_b2 (each [0] when not
       needed); overwrites h with the gradient wrt h
+  moe::expert_mlp_tokens(x[T,D], dest[T,k], weights[T,k], counts[E], w1, b1?, w2, b2?, activation, impl)
+      -> y[T,D] (= unpermute_rows(expert_mlp(permute_rows(x))), rows gathered in place), h[N,H]
+  moe::expert_mlp_tokens_backward(grad_y, x, h, dest, weights, counts, w1, w2, b2?, activation, need_x,
+      need_weights, need_w1, need_b1, need_w2, need_b2, impl) -> grad_x, grad_weights, grad_w1, grad_b1,
+      grad_w2, grad_b2; overwrites h
 
 Differentiable: permute_rows wrt x (and its backward wrt grad_rows, so double backward
 works), unpermute_rows wrt rows and weights, router_topk wrt logits through weights,
@@ -268,6 +273,7 @@ def _expert_mlp_setup(ctx, inputs, output):
     ctx.save_for_backward(x, output[1], counts, w1, w2)
     ctx.activation, ctx.impl = activation, impl
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # h has no gradient: no [N, H] of zeros in the backward
 
 
 def _expert_mlp_backward_fn(ctx, grad_out, grad_h):
@@ -283,6 +289,69 @@ def _expert_mlp_backward_fn(ctx, grad_out, grad_h):
 
 
 _expert_mlp.register_autograd(_expert_mlp_backward_fn, setup_context=_expert_mlp_setup)
+
+
+# ---------------------------------------------------------------- expert_mlp_tokens
+# The token-level twin: the rows are gathered from x[T, D] in place through dest[T, k] and the
+# outputs combined with the routing weights inside the op, so neither the permuted input nor
+# the expert outputs exist as [N, D] tensors kept for the backward (ScatterMoE-style).
+@torch.library.custom_op("moe::expert_mlp_tokens", mutates_args=())
+def _expert_mlp_tokens(x: Tensor, dest: Tensor, weights: Tensor, counts: Tensor, w1: Tensor, b1: Optional[Tensor],
+                       w2: Tensor, b2: Optional[Tensor], activation: str, impl: str) -> Tuple[Tensor, Tensor]:
+    y, h = _kernel(impl, "expert_mlp_tokens_forward")(x, dest, weights, counts, w1, b1, w2, b2,
+                                                      ACTIVATION_CODES[activation], EXPERT_MLP_ROW_TILE)
+    return y, h
+
+
+@_expert_mlp_tokens.register_fake
+def _(x, dest, weights, counts, w1, b1, w2, b2, activation, impl):
+    num_rows = torch.library.get_ctx().new_dynamic_size()
+    y_dtype = torch.promote_types(x.dtype, weights.dtype)
+    return x.new_empty(x.shape, dtype=y_dtype), x.new_empty((num_rows, w1.shape[2]))
+
+
+@torch.library.custom_op("moe::expert_mlp_tokens_backward", mutates_args=("h",))
+def _expert_mlp_tokens_backward(grad_y: Tensor, x: Tensor, h: Tensor, dest: Tensor, weights: Tensor, counts: Tensor,
+                                w1: Tensor, w2: Tensor, b2: Optional[Tensor], activation: str, need_x: bool,
+                                need_weights: bool, need_w1: bool, need_b1: bool, need_w2: bool, need_b2: bool,
+                                impl: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _kernel(impl, "expert_mlp_tokens_backward")(
+        grad_y, x, h, dest, weights, counts, w1, w2, b2, ACTIVATION_CODES[activation], need_x, need_weights,
+        need_w1, need_b1, need_w2, need_b2, EXPERT_MLP_ROW_TILE)
+    return tuple(_empty_if_none(g, x) for g in grads)
+
+
+@_expert_mlp_tokens_backward.register_fake
+def _(grad_y, x, h, dest, weights, counts, w1, w2, b2, activation, need_x, need_weights, need_w1, need_b1, need_w2,
+      need_b2, impl):
+    E, D, H = w1.shape
+    shapes = ((x.shape, need_x, x.dtype), (weights.shape, need_weights, weights.dtype), ((E, D, H), need_w1, x.dtype),
+              ((E, H), need_b1, x.dtype), (w2.shape, need_w2, x.dtype), ((E, D), need_b2, x.dtype))
+    return tuple(x.new_empty(shape if need else (0,), dtype=dtype) for shape, need, dtype in shapes)
+
+
+def _expert_mlp_tokens_setup(ctx, inputs, output):
+    x, dest, weights, counts, w1, b1, w2, b2, activation, impl = inputs
+    ctx.save_for_backward(x, output[1], dest, weights, counts, w1, w2, b2)
+    ctx.activation, ctx.impl = activation, impl
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _expert_mlp_tokens_backward_fn(ctx, grad_y, grad_h):
+    x, h, dest, weights, counts, w1, w2, b2 = ctx.saved_tensors
+    need_x, _, need_weights, _, need_w1, need_b1, need_w2, need_b2, _, _ = ctx.needs_input_grad
+    if grad_y is None:
+        return (None,) * 10
+    grads = torch.ops.moe.expert_mlp_tokens_backward(
+        grad_y.contiguous(), x, h, dest, weights, counts, w1, w2, b2, ctx.activation, need_x, need_weights,
+        need_w1, need_b1, need_w2, need_b2, ctx.impl)
+    gx, gweights, gw1, gb1, gw2, gb2 = (g if need else None for g, need in zip(
+        grads, (need_x, need_weights, need_w1, need_b1, need_w2, need_b2)))
+    return gx, None, gweights, None, gw1, gb1, gw2, gb2, None, None
+
+
+_expert_mlp_tokens.register_autograd(_expert_mlp_tokens_backward_fn, setup_context=_expert_mlp_tokens_setup)
 
 
 # ---------------------------------------------------------------- user-facing wrappers
@@ -355,6 +424,29 @@ class OpSet:
         _check_2d("rows", rows_ND, "[N, D]")
         out, _ = torch.ops.moe.expert_mlp(rows_ND, counts_El.long(), w1, b1, w2, b2, activation, self.impl)
         return out
+
+    def expert_mlp_tokens(self, x_TD: Tensor, dest_TK: Tensor, weights_TK: Tensor, counts_El: Tensor, w1: Tensor,
+                          b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], activation: str) -> Tensor:
+        """y[t] = sum_j weights[t, j] * mlp_e(x[t]) over the kept choices j (e: the expert owning row
+        dest[t, j]); the fused twin of ``permute_rows`` -> ``expert_mlp`` -> ``unpermute_rows``, with
+        the rows read from x in place and nothing [N, D] kept for the backward.
+
+        dest[T, k]: the unpadded plan of ``moe.permute.make_plan`` (rows expert-major by ``counts``,
+        -1 where dropped). y has the promoted dtype of x and weights. Differentiable wrt x, the
+        weights, w1, b1, w2 and b2.
+        """
+        if self.impl not in EXPERT_MLP_IMPLS:
+            raise NotImplementedError(f"expert_mlp_tokens has kernels for impl in {EXPERT_MLP_IMPLS}, "
+                                      f"not {self.impl!r}")
+        check_choice("activation", activation, tuple(ACTIVATION_CODES))
+        _check_2d("x", x_TD, "[T, D]")
+        _check_2d("dest", dest_TK, "[T, k]")
+        if weights_TK.shape != dest_TK.shape:
+            raise ValueError(f"weights must have the shape of dest {tuple(dest_TK.shape)}, "
+                             f"got {tuple(weights_TK.shape)}")
+        y, _ = torch.ops.moe.expert_mlp_tokens(x_TD, dest_TK.long(), weights_TK, counts_El.long(), w1, b1, w2, b2,
+                                               activation, self.impl)
+        return y
 
     def unpermute_rows(self, rows_ND: Tensor, dest_TK: Tensor, weights_TK: Tensor) -> Tensor:
         """See ``moe.ops.reference.unpermute_rows``."""
