@@ -34,6 +34,13 @@ range) are skipped inside the graph. Dropless routing has data-dependent shapes.
 ``MoEConfig.pad_to_capacity`` asks for the padded layout in eager mode too (same
 output; under expert parallelism the padding rows travel as well).
 
+Fused path: when the experts' op backend has the token-level fused expert MLP (the C++
+backend on CPU: ``moe::expert_mlp_tokens``) and the layer has no expert or expert-tensor
+parallelism and no padded layout, permute -> experts -> combine run as that one op: each
+expert's rows are read from x in place and combined with the routing weights inside it, so
+no [N, D] copy (permuted input, expert output) is kept for the backward. Same numbers as
+the permute -> ``Experts`` -> unpermute path (fp32 rounding), which the torch backend runs.
+
 Activation checkpointing (``layer.recompute``, or a checkpointed transformer block; see
 ``moe.recompute``): ``_compute`` (router -> ... -> combine, aux losses) runs again in the
 backward. Its routing is recorded in the forward and replayed there (the same generator

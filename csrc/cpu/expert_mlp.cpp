@@ -397,18 +397,31 @@ TokenRows token_rows(const at::Tensor& dest_in, const at::Tensor& weights, int64
   return out;
 }
 
+// The checked, detached, contiguous inputs every entry point starts from.
+struct Inputs {
+  at::Tensor x, w1, w2;
+  std::optional<at::Tensor> b1, b2;
+};
+
+Inputs prepare(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+               const at::Tensor& w2, const std::optional<at::Tensor>& b2, int64_t activation, int64_t row_tile) {
+  check_inputs(x, w1, b1, w2, b2, activation);
+  TORCH_CHECK_VALUE(row_tile >= 1, "row_tile=", row_tile, " is not allowed; it must be >= 1");
+  auto detached = [](const std::optional<at::Tensor>& t) {
+    return t ? std::optional<at::Tensor>(t->detach()) : std::nullopt;
+  };
+  return {x.detach().contiguous(), w1.detach().contiguous(), w2.detach().contiguous(), detached(b1), detached(b2)};
+}
+
 }  // namespace
 
 std::vector<at::Tensor> expert_mlp_forward_cpu(const at::Tensor& x_in, const at::Tensor& counts,
                                                const at::Tensor& w1_in, const std::optional<at::Tensor>& b1_in,
                                                const at::Tensor& w2_in, const std::optional<at::Tensor>& b2_in,
                                                int64_t activation, int64_t row_tile) {
-  check_inputs(x_in, w1_in, b1_in, w2_in, b2_in, activation);
-  TORCH_CHECK_VALUE(row_tile >= 1, "row_tile=", row_tile, " is not allowed; it must be >= 1");
-  const auto x = x_in.detach().contiguous();
-  const auto w1 = w1_in.detach().contiguous(), w2 = w2_in.detach().contiguous();
-  const auto b1 = b1_in ? std::optional<at::Tensor>(b1_in->detach()) : std::nullopt;
-  const auto b2 = b2_in ? std::optional<at::Tensor>(b2_in->detach()) : std::nullopt;
+  const auto in = prepare(x_in, w1_in, b1_in, w2_in, b2_in, activation, row_tile);
+  const auto &x = in.x, &w1 = in.w1, &w2 = in.w2;
+  const auto &b1 = in.b1, &b2 = in.b2;
   const int64_t N = x.size(0);
   const auto cnt = check_counts(counts, w1.size(0), N);
   auto out = at::empty({N, x.size(1)}, x.options());
@@ -421,10 +434,9 @@ std::vector<at::Tensor> expert_mlp_backward_cpu(const at::Tensor& grad_out_in, c
                                                 const at::Tensor& w1_in, const at::Tensor& w2_in,
                                                 int64_t activation, bool need_x, bool need_w1, bool need_b1,
                                                 bool need_w2, bool need_b2, int64_t row_tile) {
-  check_inputs(x_in, w1_in, std::nullopt, w2_in, std::nullopt, activation);
-  TORCH_CHECK_VALUE(row_tile >= 1, "row_tile=", row_tile, " is not allowed; it must be >= 1");
-  const auto x = x_in.detach().contiguous(), g = grad_out_in.detach().contiguous();
-  const auto w1 = w1_in.detach().contiguous(), w2 = w2_in.detach().contiguous();
+  const auto in = prepare(x_in, w1_in, std::nullopt, w2_in, std::nullopt, activation, row_tile);
+  const auto &x = in.x, &w1 = in.w1, &w2 = in.w2;
+  const auto g = grad_out_in.detach().contiguous();
   const int64_t N = x.size(0);
   TORCH_CHECK_VALUE(g.sizes() == x.sizes(), "grad_out ", g.sizes(), " must be [", N, ", ", x.size(1), "]");
   check_h(h_in, N, w1.size(2), x.scalar_type());
@@ -440,21 +452,17 @@ std::vector<at::Tensor> expert_mlp_tokens_forward_cpu(const at::Tensor& x_in, co
                                                       const at::Tensor& w1_in, const std::optional<at::Tensor>& b1_in,
                                                       const at::Tensor& w2_in, const std::optional<at::Tensor>& b2_in,
                                                       int64_t activation, int64_t row_tile) {
-  check_inputs(x_in, w1_in, b1_in, w2_in, b2_in, activation);
-  TORCH_CHECK_VALUE(row_tile >= 1, "row_tile=", row_tile, " is not allowed; it must be >= 1");
-  const auto x = x_in.detach().contiguous();
-  const auto w1 = w1_in.detach().contiguous(), w2 = w2_in.detach().contiguous();
-  const auto b1 = b1_in ? std::optional<at::Tensor>(b1_in->detach()) : std::nullopt;
-  const auto b2 = b2_in ? std::optional<at::Tensor>(b2_in->detach()) : std::nullopt;
   check_cpu(counts, "counts");
   const int64_t N = counts.to(at::kLong).sum().item<int64_t>();
-  const auto cnt = check_counts(counts, w1.size(0), N);
-  auto rows = token_rows(dest, weights, x.size(0), N);
+  const auto in = prepare(x_in, w1_in, b1_in, w2_in, b2_in, activation, row_tile);
+  const auto cnt = check_counts(counts, in.w1.size(0), N);
+  auto rows = token_rows(dest, weights, in.x.size(0), N);
   // The expert outputs in the compute dtype (a transient [N, D]: not kept for the backward),
   // then y[t] = sum_j weights[t, j] * out[dest[t, j]] in the wider of the two dtypes.
-  auto out = at::empty({N, x.size(1)}, x.options());
-  auto h = mlp_forward(RowSource{x, std::move(rows.token)}, cnt, N, w1, b1, w2, b2, activation, row_tile, out);
-  const auto y_type = c10::promoteTypes(x.scalar_type(), weights.scalar_type());
+  auto out = at::empty({N, in.x.size(1)}, in.x.options());
+  auto h = mlp_forward(RowSource{in.x, std::move(rows.token)}, cnt, N, in.w1, in.b1, in.w2, in.b2, activation,
+                       row_tile, out);
+  const auto y_type = c10::promoteTypes(in.x.scalar_type(), weights.scalar_type());
   auto y = unpermute_rows_cpu(out.to(y_type), dest.contiguous(), weights.detach());
   return {y, h};
 }
@@ -464,11 +472,9 @@ std::vector<at::Tensor> expert_mlp_tokens_backward_cpu(
     const at::Tensor& weights, const at::Tensor& counts, const at::Tensor& w1_in, const at::Tensor& w2_in,
     const std::optional<at::Tensor>& b2_in, int64_t activation, bool need_x, bool need_weights, bool need_w1,
     bool need_b1, bool need_w2, bool need_b2, int64_t row_tile) {
-  check_inputs(x_in, w1_in, std::nullopt, w2_in, b2_in, activation);
-  TORCH_CHECK_VALUE(row_tile >= 1, "row_tile=", row_tile, " is not allowed; it must be >= 1");
-  const auto x = x_in.detach().contiguous();
-  const auto w1 = w1_in.detach().contiguous(), w2 = w2_in.detach().contiguous();
-  const auto b2 = b2_in ? std::optional<at::Tensor>(b2_in->detach()) : std::nullopt;
+  const auto in = prepare(x_in, w1_in, std::nullopt, w2_in, b2_in, activation, row_tile);
+  const auto &x = in.x, &w1 = in.w1, &w2 = in.w2;
+  const auto& b2 = in.b2;
   const int64_t T = x.size(0), N = h_in.size(0);
   TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "grad_y ", grad_y.sizes(), " must be [", T, ", ", x.size(1), "]");
   check_h(h_in, N, w1.size(2), x.scalar_type());
