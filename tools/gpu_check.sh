@@ -40,7 +40,7 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   "$PY" tools/bench_kernels.py --device cuda ${BENCH_ARGS:---quick --repeats 20 --warmup 5}
   echo "== MoE layer vs the ideal grouped GEMM and DeepSpeed-MoE on the GPU (bf16; runs/bench_moe_gpu.json)"
   mkdir -p runs
-  "$PY" tools/bench_moe.py --regime all --repeats 5 --json runs/bench_moe_gpu.json
+  "$PY" tools/bench_moe.py --regime all --sweep --repeats 5 --json runs/bench_moe_gpu.json
   echo "== bf16 training on the GPU: the switch LM preset (d_model 512, 8 layers, 16 experts, 512-byte sequences), 100 steps"
   # a real width, so the matmuls (not the launch overhead) set the pace; MFU against the known bf16 peak
   "$PY" -m moe.train --config examples/configs/tiny_switch_lm.yaml --set model.preset=switch \
