@@ -54,3 +54,25 @@ def test_sweep_shapes_are_other_shapes_the_ideal_can_run():
         assert shapes and all(cfg != bench_moe.REGIMES[regime] for cfg in shapes)
         for cfg in shapes:
             assert (cfg["T"] * cfg["k"]) % cfg["E"] == 0, (regime, cfg)  # the ideal's T*k/E rows per expert
+
+
+def test_verdict_checks_each_target_per_regime():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_moe
+
+    def row(regime, impl, t, mem, ds):
+        return dict(regime=regime, impl=impl, vs_ideal=t, mem_vs_ideal=mem, deepspeed_vs_ours=ds)
+
+    rows = [row("fine", "ideal", 1.0, 1.0, None),
+            row("fine", "ours/cpp/dropless", 0.9, 0.4, 1.64),  # DeepSpeed margin 1.64 < 1.8
+            row("fine:1/2/3/4/5", "ours/cpp/cf1.25", 1.2, 0.5, 2.0),  # a sweep shape: time 1.2 > 1.15
+            row("compute", "ours/cpp/dropless", 1.0, 1.1, 1.3),
+            row("custom", "ours/cpp/dropless", 1.0, 1.0, 1.0)]  # no DeepSpeed target for a custom shape
+    fine, compute, custom = bench_moe.verdict(rows)
+    assert fine.startswith("targets, fine: ")
+    assert "time vs ideal <= 1.15: missed by 1/2 (fine:1/2/3/4/5 ours/cpp/cf1.25 1.20) (worst 1.20)" in fine
+    assert "peak vs ideal <= 1.15: met (worst 0.50)" in fine
+    assert "DeepSpeed / ours >= 1.8: missed by 1/2 (fine ours/cpp/dropless 1.64) (worst 1.64)" in fine
+    assert compute == ("targets, compute: time vs ideal <= 1.15: met (worst 1.00) | peak vs ideal <= 1.15: met "
+                       "(worst 1.10) | DeepSpeed / ours >= 1.2: met (worst 1.30)")
+    assert "DeepSpeed" not in custom

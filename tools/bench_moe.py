@@ -26,6 +26,10 @@ resident-set high-water mark of one extra step above the RSS just before it (Lin
 RSS), or, on CUDA, ``torch.cuda.max_memory_allocated`` above the allocated bytes before.
 On CUDA the run is bf16 and also reports the ideal's TFLOP/s against a measured matmul peak.
 
+After the tables, one line per regime (its ``--sweep`` shapes included) says whether each target
+of issue 13 is met (``verdict``: time and peak at most 1.15x the ideal's, DeepSpeed at least
+1.2x / 1.2x / 1.8x slower on compute / dispatch / fine) and, if not, which cells miss it.
+
 ``--json PATH`` writes every figure: config, implementation, median / min / max seconds,
 peak bytes, machine, load averages, command.
 Speed is never asserted in tests; this is the script the numbers in docs/performance.md
@@ -294,6 +298,36 @@ def table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+# The issue-13 targets: the layer at most 1.15x the ideal's time and peak memory, and DeepSpeed-MoE
+# at least this many times slower than the layer, per regime (a custom shape has no DeepSpeed target).
+TIME_TARGET, MEMORY_TARGET = 1.15, 1.15
+DEEPSPEED_TARGET = {"compute": 1.2, "dispatch": 1.2, "fine": 1.8}
+
+
+def verdict(rows: List[Dict]) -> List[str]:
+    """One line per regime (sweep shapes counted with their regime): each target met, or which cells miss it."""
+    by_regime: Dict[str, List[Dict]] = {}
+    for r in rows:
+        if r["impl"].startswith("ours/"):
+            by_regime.setdefault(r["regime"].split(":")[0], []).append(r)
+    lines = []
+    for regime, ours in by_regime.items():
+        parts = []
+        for label, key, target, worse in (("time vs ideal", "vs_ideal", TIME_TARGET, max),
+                                          ("peak vs ideal", "mem_vs_ideal", MEMORY_TARGET, max),
+                                          ("DeepSpeed / ours", "deepspeed_vs_ours", DEEPSPEED_TARGET.get(regime), min)):
+            values = [r[key] for r in ours if r[key] is not None]
+            if target is None or not values:
+                continue
+            miss = [f"{r['regime']} {r['impl']} {r[key]:.2f}" for r in ours if r[key] is not None
+                    and (r[key] > target if worse is max else r[key] < target)]
+            bound = "<=" if worse is max else ">="
+            status = "met" if not miss else f"missed by {len(miss)}/{len(values)} ({'; '.join(miss)})"
+            parts.append(f"{label} {bound} {target:g}: {status} (worst {worse(values):.2f})")
+        lines.append(f"targets, {regime}: " + " | ".join(parts))
+    return lines
+
+
 # ------------------------------------------------------------------ distributed mode
 def _dist_rank(rank: int, world: int, cfg: Dict, cf: Optional[float], warmup: int, repeats: int, deepspeed: bool):
     import torch.distributed as dist
@@ -439,6 +473,7 @@ def main(argv=None) -> List[Dict]:
             rows += summarize(regime, cfg, results)
             print(table(summarize(regime, cfg, results)), flush=True)
             del steps
+        print("\n" + "\n".join(verdict(rows)))
         if device.type == "cuda":
             extra["matmul_peak_tflops"] = matmul_peak_tflops(device, dtype)
             print("\n" + ", ".join(f"{k}={v:.1f}" for k, v in extra.items()))
