@@ -182,7 +182,9 @@ class Experts(nn.Module):
 
         ops = get_backend(self.backend, rows_ND.device).ops
         supported = getattr(ops, "expert_mlp_supported", None)
-        if supported is None or not supported(rows_ND, self.w1.to(rows_ND.dtype), self.w2.to(rows_ND.dtype)):
+        # zero-size probes of the weights in the rows' dtype (the call casts them): no copy of the weights here
+        w1, w2 = (w.detach()[:0].to(rows_ND.dtype) for w in (self.w1, self.w2))
+        if supported is None or not supported(rows_ND, w1, w2):
             return None
         return ops
 
@@ -198,7 +200,8 @@ class Experts(nn.Module):
     def token_ops(self, x_TD: torch.Tensor):
         """The op set whose token-level fused expert MLP (``expert_mlp_tokens``: rows gathered from x
         in place, outputs combined with the routing weights inside the op) runs x, or None."""
-        ops = self._fused_ops(x_TD.to(compute_dtype(x_TD)))
+        probe = x_TD.detach()[:0].to(compute_dtype(x_TD))  # the rows' dtype under autocast, without a copy of x
+        ops = self._fused_ops(probe)
         return ops if ops is not None and hasattr(ops, "expert_mlp_tokens") else None
 
     def forward_tokens(self, ops, x_TD: torch.Tensor, dest_TK: torch.Tensor, weights_TK: torch.Tensor,
