@@ -43,8 +43,8 @@ class Graph:
     edges: list[ImportEdge] = field(default_factory=list)
 
 
-def module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
+def module_name(path: Path, root: Path = ROOT) -> str:
+    rel = path.relative_to(root).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts.pop()
@@ -100,7 +100,7 @@ def _type_checking_block(tree: ast.AST) -> set[int]:
 
 def build_graph(root: Path = ROOT) -> Graph:
     files = sorted(p for pkg in PACKAGES for p in (root / pkg).rglob("*.py"))
-    names = {module_name(p): p for p in files}
+    names = {module_name(p, root): p for p in files}
     known = set(names)
     graph = Graph(modules=sorted(known))
     for mod, path in names.items():
