@@ -18,7 +18,7 @@ Who does what:
 How a micro-batch runs: every chunk gets the micro-batch index m (a keyword tensor the
 schedule splits for every stage) and fetches micro-batch m itself (data is a function of
 (seed, step, sample index), ``moe.tasks.base``), so only the activations travel. Its
-blocks run under ``moe.models.transformer.micro_batch_rng(seed of m)``, so they draw the
+blocks run under ``parallel.rng.micro_batch_scope(seed of m)``, so they draw the
 random numbers one process draws. The last chunk returns the loss: the task loss plus
 its own blocks' aux losses.
 
@@ -57,6 +57,7 @@ from moe.checks import check_int
 from .engine import EngineBase
 from .grads import allreduce_gradients, sync_replicas
 from .precision import FP32, Precision
+from .rng import micro_batch_scope
 from .shards import mark_partial_grad
 from .stages import StagePlan
 
@@ -201,15 +202,12 @@ class _Chunk(nn.Module):
         self.first, self.last = chunk == 0, chunk == plan.num_chunks - 1
 
     def forward(self, *state: torch.Tensor, mb: torch.Tensor):
-        from moe.models.transformer import micro_batch_rng
-
         engine = self._engine[0]
         model, task = engine.model, engine.task
         m = int(mb.reshape(-1)[0])
         batch, seed = engine.micro_batch(m)
         inputs = task.model_inputs(batch)
-        torch.manual_seed(seed)
-        with micro_batch_rng(seed), engine.precision.autocast(engine.device.type):
+        with micro_batch_scope(seed), engine.precision.autocast(engine.device.type):
             if self.first:
                 state = model.pipe_embed(*inputs)
             state, aux = model.pipe_blocks(tuple(state), inputs, self.block_ids)

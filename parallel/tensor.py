@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import comm
+from .rng import tp_rank_fork
 from .shards import mark_partial_grad, mark_shard
 
 SEQ_DIM = 1  # activations are [B, L, D]: sequence parallelism splits dim 1
@@ -116,7 +117,7 @@ class TensorParallel:
         A no-op without tp or when ``active`` is False (e.g. no dropout)."""
         if not (active and self.enabled):
             return contextlib.nullcontext()
-        return _rank_rng(self.rank)
+        return tp_rank_fork(self.rank)
 
     # ---- layer factories ---------------------------------------------------------------
     def column_linear(self, in_features: int, out_features: int, *, bias: bool = True) -> nn.Module:
@@ -143,15 +144,6 @@ class TensorParallel:
             for p in norm.parameters():
                 mark_partial_grad(p, "tp")
         return norm
-
-
-@contextlib.contextmanager
-def _rank_rng(rank: int):
-    base = int(torch.randint(0, 2**62, (), dtype=torch.long))
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed((base + 1_000_003 * (rank + 1)) % (2**63 - 1))
-        yield
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:

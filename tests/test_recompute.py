@@ -20,7 +20,8 @@ import moe
 from moe.checks import ConfigError
 from moe.config import DROP_POLICIES, POLICIES
 from moe.layer import MoELayer
-from moe.models.transformer import Transformer, TransformerConfig, init_weights, micro_batch_rng, seed_block
+from moe.models.transformer import Transformer, TransformerConfig, init_weights
+from parallel.rng import micro_batch_scope, seed_block
 from moe.recompute import MODES, apply_activation_checkpointing
 from tests.helpers.distributed import run_distributed
 
@@ -157,7 +158,7 @@ def _model_step(model: Transformer, seed: int = 5, padded: bool = True) -> dict:
     mask = torch.ones(2, T // 2, dtype=torch.bool)
     if padded:
         mask[1, -3:] = False
-    with micro_batch_rng(seed):
+    with micro_batch_scope(seed):
         y, aux = model(x, key_padding_mask=mask)
     loss = (y * w).sum() + sum(aux.values())
     loss.backward()
@@ -197,7 +198,7 @@ def test_halves_called_by_the_model_are_checkpointed():
         modality = torch.randint(0, 1, (2 * (T // 2),))
         h = x
         aux_total = 0.0
-        with micro_batch_rng(8):
+        with micro_batch_scope(8):
             for block in model.blocks:
                 seed_block(block.index)
                 h = block.attend(h)
@@ -222,7 +223,7 @@ def test_no_checkpointing_without_gradients(monkeypatch):
     model = _model("gshard", "random", "block").eval()
     ref = _model("gshard", "random", "none").eval()
     x = torch.randn(2, T // 2, D)
-    with torch.no_grad(), micro_batch_rng(4):  # the random drop policy draws in eval too
+    with torch.no_grad(), micro_batch_scope(4):  # the random drop policy draws in eval too
         torch.testing.assert_close(model(x)[0], ref(x)[0], rtol=0, atol=0)
 
 

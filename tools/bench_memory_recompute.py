@@ -39,7 +39,8 @@ from torch.profiler import record_function  # noqa: E402
 
 import moe  # noqa: E402
 from alloc_peak import allocation_peak  # noqa: E402
-from moe.models.transformer import Transformer, TransformerConfig, init_weights, micro_batch_rng  # noqa: E402
+from moe.models.transformer import Transformer, TransformerConfig, init_weights  # noqa: E402
+from parallel.rng import micro_batch_scope  # noqa: E402
 from moe.recompute import MODES, apply_activation_checkpointing  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def build(args, mode: str) -> Transformer:
 
 
 def step(model: Transformer, x: torch.Tensor, w: torch.Tensor):
-    with micro_batch_rng(1234):
+    with micro_batch_scope(1234):
         y, aux = model(x)
     loss = (y * w).mean() + sum(aux.values())
     with record_function("bench_backward"):

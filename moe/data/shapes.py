@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from parallel.rng import data_rng
+
 from ..checks import build_at, check_choice, check_int, check_keys, check_number, fail
 from .tokenizer import ByteTokenizer
 
@@ -242,7 +244,7 @@ class ShapesConfig:
         if self.heldout_fraction == 0.0:
             return ()
         n_s, n_c = len(self.shapes), len(self.colours)
-        rng = np.random.default_rng([self.heldout_seed, 7919])
+        rng = data_rng(self.heldout_seed, 7919)
         shapes = [self.shapes[i] for i in rng.permutation(n_s)]
         colours = [self.colours[i] for i in rng.permutation(n_c)]
 
@@ -252,7 +254,7 @@ class ShapesConfig:
         held = diagonal(0)
         target = max(len(held), round(self.heldout_fraction * n_s * n_c))
         if self.heldout_pick == "diagonals":
-            offsets = np.random.default_rng([self.heldout_seed, 104723]).permutation(np.arange(1, n_c))
+            offsets = data_rng(self.heldout_seed, 104723).permutation(np.arange(1, n_c))
             for offset in offsets.tolist():
                 more = held | diagonal(offset)
                 if len(more) <= target and self._keeps_training_combos(more):
@@ -443,7 +445,7 @@ class ShapesDataset(Dataset):
         return self.size
 
     def _rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.config.seed, _SPLIT_IDS[self.split], index])
+        return data_rng(self.config.seed, _SPLIT_IDS[self.split], index)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if isinstance(index, torch.Tensor):
@@ -461,7 +463,7 @@ class ShapesDataset(Dataset):
         shift = None
         if cfg.colour_jitter > 0 and self.split == "train":
             # A generator of its own: with colour_jitter 0 every item is what it was before the setting existed.
-            shift = np.random.default_rng([cfg.seed, _SPLIT_IDS[self.split], index, 0xC01]).uniform(
+            shift = data_rng(cfg.seed, _SPLIT_IDS[self.split], index, 0xC01).uniform(
                 -cfg.colour_jitter, cfg.colour_jitter, size=3)
         image, _ = render_shape(
             shape, colour, size, position, image_size=cfg.image_size, rng=rng, noise=cfg.noise, jitter=cfg.jitter,
@@ -470,7 +472,7 @@ class ShapesDataset(Dataset):
         caption = caption_for(shape, colour, size, position, template)
         if cfg.partial_captions > 0 and self.split == "train":
             # A generator of its own, so the image and the full caption do not depend on this setting.
-            prng = np.random.default_rng([cfg.seed, _SPLIT_IDS[self.split], index, 0x9A27])
+            prng = data_rng(cfg.seed, _SPLIT_IDS[self.split], index, 0x9A27)
             if prng.random() < cfg.partial_captions:
                 caption = partial_caption_for(shape, colour, size, position,
                                               int(prng.integers(len(_COLOUR_ONLY_TEMPLATES) + len(_SHAPE_ONLY_TEMPLATES))))

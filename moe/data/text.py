@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from parallel.rng import data_rng
 
 from ..checks import check_int, check_number
 
@@ -136,7 +137,7 @@ def split_corpus(data: bytes, val_fraction: float = 0.05, block_size: int = 8192
             "need at least 2 to split off validation (lower block_size or add text)"
         )
     n_val = 0 if val_fraction == 0 else min(n_blocks - 1, max(1, round(val_fraction * n_blocks)))
-    rng = np.random.default_rng([seed, 104729])
+    rng = data_rng(seed, 104729)
     val_blocks = set(rng.choice(n_blocks, size=n_val, replace=False).tolist()) if n_val else set()
     arr = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
     train_parts, val_parts = [], []
@@ -199,5 +200,5 @@ class LMDataset(Dataset):
             raise IndexError(f"index {index} out of range for LMDataset of size {self.size}")
         index %= self.size
         n_starts = self.tokens.numel() - self.seq_len
-        start = int(np.random.default_rng([self.seed, index]).integers(n_starts))
+        start = int(data_rng(self.seed, index).integers(n_starts))
         return self.tokens[start : start + self.seq_len + 1].to(torch.long)

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.rng import seed_block
 from parallel.tensor import TensorParallel
 
 from ..losses import load_balancing_loss
@@ -47,7 +48,6 @@ from .transformer import (
     TransformerModel,
     dense_equivalent,
     init_weights,
-    seed_block,
     split_model_dict,
     sum_aux,
 )

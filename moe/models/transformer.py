@@ -26,7 +26,7 @@ to make the dense baseline with the same active FFN FLOPs per token.
 Blocks are kept by their GLOBAL index (``BlockStack``): a pipeline stage builds only
 its blocks (``Transformer(block_ids=...)``) and their parameter names stay those of the
 whole model. During training every block re-seeds torch's RNG from the micro-batch's
-seed and its own index (``micro_batch_rng``), so the random numbers a block draws
+seed and its own index (``parallel.rng.seed_block``), so the random numbers a block draws
 (dropout, GShard's random second expert, noise, jitter) do not depend on which blocks
 ran before it in the same process: a pipelined run draws what one process draws.
 
@@ -38,10 +38,7 @@ state is a tuple of float tensors [B, ..., D] that travels between stages.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-import zlib
 from dataclasses import dataclass, fields, replace
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -49,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.rng import init_generator, seed_block
 from parallel.shards import shard_of, take_piece
 from parallel.tensor import TensorParallel
 
@@ -74,8 +72,6 @@ from .flops import ffn_matmuls
 __all__ = [
     "OWNED_MOE_FIELDS",
     "BlockStack",
-    "micro_batch_rng",
-    "seed_block",
     "TransformerConfig",
     "MLP",
     "Attention",
@@ -423,27 +419,6 @@ def sum_aux(total: Dict[str, torch.Tensor], aux: Mapping[str, torch.Tensor]) -> 
     return total
 
 
-_MICRO_SEED: contextvars.ContextVar = contextvars.ContextVar("micro_batch_seed", default=None)
-
-
-@contextlib.contextmanager
-def micro_batch_rng(seed: Optional[int]):
-    """Within this context every block re-seeds torch's RNG from ``(seed, block index)``
-    before it runs (``seed_block``); ``None`` leaves the RNG alone."""
-    token = _MICRO_SEED.set(seed)
-    try:
-        yield
-    finally:
-        _MICRO_SEED.reset(token)
-
-
-def seed_block(index: int) -> None:
-    """Seed torch's RNG for block ``index`` of the current micro-batch (no-op outside ``micro_batch_rng``)."""
-    seed = _MICRO_SEED.get()
-    if seed is not None:
-        torch.manual_seed((seed * 1_000_033 + (index + 1) * 2_654_435_761) % (2 ** 63 - 1))
-
-
 class BlockStack(nn.ModuleDict):
     """Blocks keyed by their global index (``str(i)``, so names read ``blocks.<i>.attn...``).
 
@@ -586,12 +561,6 @@ class TransformerModel(nn.Module):
 
 # ----------------------------------------------------------------------------- deterministic init
 
-def _generator(seed: int, name: str, index: int = 0) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) * 7_919 + index) % (2 ** 63 - 1))
-    return g
-
-
 def _normal_(p: torch.Tensor, std: float, g: torch.Generator) -> None:
     """p ~ N(0, std): the GLOBAL tensor is drawn, a tensor-parallel piece keeps its part."""
     shard = shard_of(p)
@@ -620,18 +589,18 @@ def init_weights(model: nn.Module, seed: int = 0, *, std: float = 0.02, n_layers
     for mod_name, module in model.named_modules():
         if isinstance(module, Experts):
             handled.update(id(p) for p in module.parameters(recurse=False))
-            module.reset_parameters(lambda pname, g, _n=mod_name: _generator(seed, f"{_n}.{pname}", g))
+            module.reset_parameters(lambda pname, g, _n=mod_name: init_generator(seed, f"{_n}.{pname}", g))
         elif isinstance(module, MoELayer):
             router = module.router
             handled.add(id(router.weight))
-            _normal_(router.weight, module.config.init_std, _generator(seed, f"{mod_name}.router.weight"))
+            _normal_(router.weight, module.config.init_std, init_generator(seed, f"{mod_name}.router.weight"))
             if router.noise_weight is not None:
                 handled.add(id(router.noise_weight))
                 router.noise_weight.zero_()
         elif isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) or getattr(module, "tp_linear", False):
             s = out_std if mod_name.endswith(("attn.out", "mlp.w_out")) else std
             handled.add(id(module.weight))
-            _normal_(module.weight, s, _generator(seed, f"{mod_name}.weight"))
+            _normal_(module.weight, s, init_generator(seed, f"{mod_name}.weight"))
             if getattr(module, "bias", None) is not None:
                 handled.add(id(module.bias))
                 module.bias.zero_()
@@ -641,7 +610,7 @@ def init_weights(model: nn.Module, seed: int = 0, *, std: float = 0.02, n_layers
             module.bias.zero_()
     for name, p in model.named_parameters():
         if id(p) not in handled and ("pos" in name or "embed" in name):
-            _normal_(p, std, _generator(seed, name))
+            _normal_(p, std, init_generator(seed, name))
 
 
 # ----------------------------------------------------------------------------- torch.compile

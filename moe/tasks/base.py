@@ -38,11 +38,11 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any, Dict, Mapping, Optional, Protocol, Tuple, runtime_checkable
 
-import numpy as np
 import torch
 
 from ..checks import build_at, check_int, check_keys
 from parallel.precision import fp32_region
+from parallel.rng import sample_rng  # the task authors' name for it (CONTRIBUTING, "Adding a task")
 
 from ..models.presets import resolve_model_config
 
@@ -77,7 +77,7 @@ class ModelTask:
 
     A subclass sets ``name`` (its preset task), ``config_cls``, ``data_config_cls`` and ``model_cls``,
     and defines ``make_batch(step, indices, *, seed)``: the batch of those sample indices of
-    step ``step``'s global batch, each drawn with ``sample_rng(seed, step, index, salt)``.
+    step ``step``'s global batch, each drawn with ``sample_rng(seed, step, index, salt)`` (``parallel.rng``).
     """
 
     name: str
@@ -166,12 +166,6 @@ class ModelTask:
 def check_micro_batch_args(step: int, start: int, count: int, seed: int) -> None:
     for name, value, lo in (("step", step, 0), ("start", start, 0), ("count", count, 1), ("seed", seed, 0)):
         check_int(name, value, minimum=lo)
-
-
-def sample_rng(seed: int, step: int, index: int, salt: int) -> np.random.Generator:
-    """The generator of sample ``index`` of step ``step``'s global batch: a function of
-    (seed, step, index) only (``salt`` keeps different tasks' streams apart)."""
-    return np.random.default_rng([salt, seed, step, index])
 
 
 def loss_logs(task_loss: torch.Tensor, aux: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:

@@ -33,12 +33,14 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from parallel.rng import sample_rng
+
 from ..checks import check_int, check_mapping, check_str, fail
 from ..data.shapes import ImageTextCollator, ShapesConfig, ShapesDataset, class_prompts
 from ..modes import eval_mode
 from ..models.limoe import (LIMoEConfig, LIMoEModel, contrastive_loss, make_tokenizer, zero_shot_accuracy,
                             zero_shot_predictions)
-from .base import DataConfig, ModelTask, sample_rng
+from .base import DataConfig, ModelTask
 
 __all__ = ["LIMoEDataConfig", "LIMoETask"]
 

@@ -24,11 +24,13 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
+from parallel.rng import sample_rng
+
 from ..checks import check_int, check_number, check_str, fail
 from ..data.text import load_corpus
 from ..modes import eval_mode
 from ..models.lm import LanguageModel, LMConfig
-from .base import DataConfig, ModelTask, sample_rng
+from .base import DataConfig, ModelTask
 
 __all__ = ["LMDataConfig", "LMTask"]
 

@@ -10,7 +10,7 @@ One optimizer step s, on every rank (``StepSchedule`` holds the numbers):
     this data-parallel rank takes its contiguous share of G / dp samples,
     cut into A = G / (micro * dp) micro-batches of ``micro`` samples
     engine.forward_backward: for each micro-batch m
-        torch.manual_seed(f(seed, s, global index of m))   # dropout, random routing:
+        torch.manual_seed(f(seed, s, global index of m))   # parallel.rng: dropout, random routing:
         loss_m = task.loss(micro-batch m); backward(loss_m / A)   # every block re-seeds from it
       then gradients reduced: dense over dp, experts over edp (parallel.grads)
       (pp > 1: parallel.pipeline runs the micro-batches through the stages with torch's
@@ -47,9 +47,9 @@ import torch.distributed as dist
 from moe.models import compile_blocks
 from moe.recompute import apply_activation_checkpointing
 from moe.models.flops import TRAIN_FLOPS_PER_FORWARD
-from moe.models.transformer import micro_batch_rng
 from parallel.engine import ReplicatedEngine
 from parallel.precision import LossScaler, Precision
+from parallel.rng import micro_batch_scope, micro_batch_seed, seed_everything
 from parallel.grads import is_expert_param
 
 from ..modes import eval_mode
@@ -62,7 +62,7 @@ from .health import RoutingHealth
 from .optim import build_optimizer, lr_at
 from .profiling import StepProfiler
 from .preemption import StopSignals
-from .setup import make_task, micro_batch_seed, seed_everything
+from .setup import make_task
 from .sinks import Sinks, train_row
 from .telemetry import GPUMonitor, RoutingRecorder, all_reduce_mean, peak_tflops_for
 
@@ -382,8 +382,7 @@ class Trainer:
     def _micro_loss(self, m: int):
         """Forward of this rank's micro-batch ``m`` of the current step: (loss, logs)."""
         batch, seed = self._micro_input(m)
-        torch.manual_seed(seed)
-        with micro_batch_rng(seed), self.precision.autocast(self.device.type):
+        with micro_batch_scope(seed), self.precision.autocast(self.device.type):
             loss, logs = self.task.loss(batch)
         value = float(loss.detach())
         self._check_finite(value, m)

@@ -1,34 +1,19 @@
-"""What a job needs before its first step: the task, and the seeds that make every step reproducible.
+"""What a job needs before its first step: the task.
 
-- ``make_task``: a built-in task, a ``package.module:function`` builder named in the
-  config, or a builder passed in by the caller.
-- ``micro_batch_seed``: the torch RNG seed of one micro-batch (dropout, random routing,
-  jitter). It depends on (seed, step, the micro-batch's index in the GLOBAL batch) only,
-  so the same micro-batch draws the same random numbers whichever rank runs it.
+``make_task``: a built-in task, a ``package.module:function`` builder named in the
+config, or a builder passed in by the caller. (The seeds that make every step
+reproducible live in ``parallel.rng``.)
 """
 from __future__ import annotations
 
 import importlib
-import random
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from .config import TrainConfig
 
-__all__ = ["make_task", "micro_batch_seed", "seed_everything"]
-
-
-def micro_batch_seed(seed: int, step: int, micro_index: int) -> int:
-    """Seed of global micro-batch ``micro_index`` of optimizer step ``step``."""
-    return (seed * 1_000_003 + step * 7919 + micro_index * 104_729 + 17) % (2**63 - 1)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
+__all__ = ["make_task"]
 
 
 def make_task(cfg: TrainConfig, groups, device: torch.device, task_builder: Optional[Callable] = None,
