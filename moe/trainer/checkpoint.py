@@ -106,6 +106,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from moe.experts import Experts
 from parallel.grads import is_expert_param
+from parallel.objects import all_gather_objects, broadcast_object, group_rank, group_size
 from parallel.shards import TensorShard, shard_of
 
 LATEST = "latest"
@@ -316,36 +317,10 @@ def full_state_dict(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
 
 
 # --------------------------------------------------------------------------------------
-# Collectives over ``process_group`` (None: the default group); plain calls without one.
-def _group_rank(process_group=None) -> int:
-    return dist.get_rank(process_group) if dist.is_initialized() else 0
-
-
-def _group_size(process_group=None) -> int:
-    return dist.get_world_size(process_group) if dist.is_initialized() else 1
-
-
+# Collectives over ``process_group`` (None: the default group; parallel.objects); plain calls without one.
 def _barrier(process_group=None) -> None:
-    if _group_size(process_group) > 1:
+    if group_size(process_group) > 1:
         dist.barrier(group=process_group)
-
-
-def _all_gather(obj: Any, process_group=None) -> List[Any]:
-    """Every rank's ``obj``, in group rank order."""
-    if _group_size(process_group) == 1:
-        return [obj]
-    out: List[Any] = [None] * _group_size(process_group)
-    dist.all_gather_object(out, obj, group=process_group)
-    return out
-
-
-def _from_rank0(obj: Any, process_group=None) -> Any:
-    """Group rank 0's ``obj``, on every rank."""
-    if _group_size(process_group) == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, group=process_group, group_src=0)
-    return box[0]
 
 
 @contextlib.contextmanager
@@ -518,11 +493,11 @@ def verify_checkpoint(path: str, *, process_group=None) -> bool:
         except CorruptCheckpointError as e:
             problems.append(str(e))
     names = sorted(files)
-    for name in names[_group_rank(process_group)::_group_size(process_group)]:
+    for name in names[group_rank(process_group)::group_size(process_group)]:
         problem = _check_file(path, name, files[name])
         if problem:
             problems.append(problem)
-    every = _all_gather((has_manifest, problems), process_group)
+    every = all_gather_objects((has_manifest, problems), process_group)
     problems = sorted({p for _, part in every for p in part})
     if problems:
         more = f" (and {len(problems) - 1} more damaged file(s))" if len(problems) > 1 else ""
@@ -558,7 +533,7 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: Optional[
     """
     final = step_dir(root, step)
     tmp = final + ".tmp"
-    rank, size = _group_rank(process_group), _group_size(process_group)
+    rank, size = group_rank(process_group), group_size(process_group)
     problem = None
     if rank == 0:
         os.makedirs(root, exist_ok=True)
@@ -569,7 +544,7 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: Optional[
                        f"this run is {run_id!r}): not replacing it. Move it away or use another directory")
         elif os.path.exists(tmp):  # leftover from a crash during an earlier save
             shutil.rmtree(tmp)
-    problem = _from_rank0(problem, process_group)
+    problem = broadcast_object(problem, process_group)
     if problem:
         raise CheckpointError(problem)
     with _quiet_single_process():
@@ -578,7 +553,7 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: Optional[
     # every rank finished writing (DCP's final collective): hash the files, split over the ranks
     names = sorted({".metadata", *(s.relative_path for s in written.storage_data.values())})
     mine = {n: _digest(os.path.join(tmp, n)) for n in names[rank::size]}
-    digests = {n: d for part in _all_gather(mine, process_group) for n, d in part.items()}
+    digests = {n: d for part in all_gather_objects(mine, process_group) for n, d in part.items()}
     if rank == 0:
         info = {"step": int(step), "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "world_size": size,
                 "torch": torch.__version__, "layout_version": LAYOUT_VERSION, **(meta or {}), "run_id": run_id}
@@ -698,7 +673,7 @@ def _check_against(path: str, sd: Dict[str, Any], process_group=None,
         size = getattr(stored[k], "size", None)
         if isinstance(v, torch.Tensor) and size is not None and tuple(size) != tuple(v.shape):
             shapes.append(f"'{k}' has shape {tuple(size)}, the model has {tuple(v.shape)}")
-    every = _all_gather((bytes(covered), missing, shapes), process_group)
+    every = all_gather_objects((bytes(covered), missing, shapes), process_group)
     union = bytearray(len(covered))
     for mask, _, _ in every:
         for i, b in enumerate(mask):

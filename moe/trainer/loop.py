@@ -51,6 +51,7 @@ from moe.models.transformer import micro_batch_rng
 from parallel.engine import ReplicatedEngine
 from parallel.precision import LossScaler, Precision
 from parallel.grads import is_expert_param
+from parallel.objects import all_gather_objects
 
 from ..modes import eval_mode
 from . import checkpoint as ckpt
@@ -430,8 +431,7 @@ class Trainer:
         """Routing statistics of every pipeline stage's MoE layers (in block order), from this stage's."""
         if self.stage_plan is None:
             return routing
-        every = [None] * self.groups.dims.pp
-        dist.all_gather_object(every, routing, group=self.groups.pp_group)
+        every = all_gather_objects(routing, self.groups.pp_group)
         merged = [r for part in every for r in part]
         return sorted(merged, key=lambda r: [int(t) if t.isdigit() else t for t in r.name.split(".")])
 
@@ -451,10 +451,7 @@ class Trainer:
         """Every rank's bytes of parameters, gradients and optimizer state (``engine.memory()``, live tensors
         after the first step): one line on the console, every rank in ``<out_dir>/memory.json``."""
         mine = {k: int(v) for k, v in self.engine.memory().items()}
-        every = [mine]
-        if self.world > 1:
-            every = [None] * self.world
-            dist.all_gather_object(every, mine)
+        every = all_gather_objects(mine) if self.world > 1 else [mine]
         self.memory = every
         if not self.is_main:
             return
@@ -515,8 +512,7 @@ class Trainer:
     def _log_window(self, result, sinks, gpu, window, n, elapsed, lr) -> None:
         keys = sorted(window)
         if self.world > 1:  # ranks must agree on the keys they reduce
-            every = [None] * self.world
-            dist.all_gather_object(every, keys)
+            every = all_gather_objects(keys)
             keys = sorted(set.intersection(*(set(k) for k in every)))
         means = all_reduce_mean({k: window[k] / n for k in keys}, self.dp_group)
         if self.scaler is not None:  # the same on every rank
