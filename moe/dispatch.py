@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from parallel.objects import all_gather_objects
+
 from .checks import check_int, fail
 
 ExpertFn = Callable[[Tensor, Tensor], Tensor]  # (rows[N_l, D], counts[E_l]) -> out[N_l, D']
@@ -550,8 +552,7 @@ def world_node_groups(ep_group, ranks_per_node: int):
     call is collective: every rank of the world makes it, in the same order (once per
     model, not per layer). Returns this rank's ``(intra_group, inter_group)``.
     """
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, list(dist.get_process_group_ranks(ep_group)))
+    everyone = all_gather_objects(list(dist.get_process_group_ranks(ep_group)))
     return new_node_groups(sorted({tuple(r) for r in everyone}), ranks_per_node)
 
 

@@ -56,6 +56,7 @@ from moe.checks import check_int
 
 from .engine import EngineBase
 from .grads import allreduce_gradients, sync_replicas
+from .objects import all_gather_objects, broadcast_object
 from .precision import FP32, Precision
 from .rng import micro_batch_scope
 from .shards import mark_partial_grad
@@ -168,9 +169,7 @@ class StageRole:
                 for t in state:
                     if t is not None:
                         dist.send(t.contiguous(), dst=self._global(c + 1), group=self.group)
-        box = [outputs]
-        dist.broadcast_object_list(box, src=self._global(last), group=self.group)
-        return box[0], aux
+        return broadcast_object(outputs, self.group, src=dist.get_group_rank(self.group, self._global(last))), aux
 
 
 class AttachAux(torch.autograd.Function):
@@ -312,8 +311,7 @@ class PipelineEngine(EngineBase):
         return self._merge_logs(num_micro)
 
     def _merge_logs(self, num_micro: int) -> List[Dict[str, float]]:
-        every: List[Optional[Dict[int, dict]]] = [None] * len(self.role.group_ranks)
-        dist.all_gather_object(every, self.logs, group=self.role.group)
+        every: List[Dict[int, dict]] = all_gather_objects(self.logs, self.role.group)
         out = []
         for m in range(num_micro):
             aux: Dict[str, float] = {}

@@ -51,6 +51,7 @@ from parallel.engine import ReplicatedEngine
 from parallel.precision import LossScaler, Precision
 from parallel.rng import micro_batch_scope, micro_batch_seed, seed_everything
 from parallel.grads import is_expert_param
+from parallel.objects import all_gather_objects
 
 from ..modes import eval_mode
 from . import checkpoint as ckpt
@@ -225,56 +226,16 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
-    def _from_main(self, value):
-        """Rank 0's ``value`` on every rank (decisions taken from the file system)."""
-        if self.world == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     # ---- checkpoints -----------------------------------------------------------------
     def maybe_resume(self, say: Callable[[str], None]) -> Optional[str]:
-        """Continue from the checkpoint ``train.resume`` asks for (``moe/trainer/resume.py``).
-
-        Refuses (``CheckpointError``) to start a run that would write over checkpoints of
-        another run in its out_dir, unless ``train.overwrite`` (then they are deleted
-        first); refuses a damaged checkpoint (``resume: auto`` skips it for an older
-        one) and one that does not fit the model, naming the config keys that differ.
-        Collective; writes nothing into out_dir unless deleting for ``overwrite``.
-        """
+        """Continue from the checkpoint ``train.resume`` asks for (``moe.trainer.resume.resume_run``:
+        refusals, ``train.overwrite``, loading); sets ``step`` and ``run_id``. Collective."""
         tcfg = self.cfg.train
-        path = start.pick_checkpoint(tcfg.resume, self.ckpt_root, say, share=self._from_main)
-        decided = None
-        if self.is_main:
-            run_id = start.run_id_for(path)
-            decided = (run_id, start.conflicts(self.ckpt_root, tcfg.resume, path, run_id))
-        self.run_id, found = self._from_main(decided)
-        if found:
-            if not tcfg.overwrite:
-                raise ckpt.CheckpointError(start.refusal(self.out_dir, tcfg.resume, path, found))
-            if self.is_main:
-                gone = start.clear(self.out_dir, self.ckpt_root, path, found)
-                say(f"train.overwrite: deleted {len(gone)} path(s) this run does not continue: "
-                    + ", ".join(os.path.relpath(g, self.out_dir) for g in gone))
-            self._barrier()
-        if path is None:
-            return None
-        self.step = ckpt.load_checkpoint(path, self.model, self.engine.checkpoint_optimizer(), groups=self.groups,
-                                         model_config=self.model_config, verify=False)  # verified above
-        self.engine.after_checkpoint_load()
-        scaler_state = ckpt.checkpoint_info(path).get("loss_scaler")
-        if self.scaler is not None and scaler_state is not None:
-            self.scaler.load_state_dict(scaler_state)
-        say(f"resumed from {path} at step {self.step}")
-        differences = ckpt.config_differences(path, self.model_config)
-        if differences:
-            say(f"note: the checkpoint's model config differs in {', '.join(differences)}; its tensors fit "
-                "this model, so they were loaded")
-        if self.step > tcfg.steps:
-            say(f"warning: train.steps={tcfg.steps} is below the checkpoint's step {self.step}: nothing is "
-                f"trained, the run only evaluates the model as saved at step {self.step}")
-        return path
+        begun = start.resume_run(resume=tcfg.resume, overwrite=tcfg.overwrite, steps=tcfg.steps,
+                                 out_dir=self.out_dir, root=self.ckpt_root, model=self.model, engine=self.engine,
+                                 groups=self.groups, model_config=self.model_config, scaler=self.scaler, say=say)
+        self.step, self.run_id = begun.step, begun.run_id
+        return begun.path
 
     def save(self) -> str:
         meta = {"task": self.cfg.task.name, "ep": self.groups.dims.ep, "config": self.cfg.to_dict(),
@@ -429,8 +390,7 @@ class Trainer:
         """Routing statistics of every pipeline stage's MoE layers (in block order), from this stage's."""
         if self.stage_plan is None:
             return routing
-        every = [None] * self.groups.dims.pp
-        dist.all_gather_object(every, routing, group=self.groups.pp_group)
+        every = all_gather_objects(routing, self.groups.pp_group)
         merged = [r for part in every for r in part]
         return sorted(merged, key=lambda r: [int(t) if t.isdigit() else t for t in r.name.split(".")])
 
@@ -450,10 +410,7 @@ class Trainer:
         """Every rank's bytes of parameters, gradients and optimizer state (``engine.memory()``, live tensors
         after the first step): one line on the console, every rank in ``<out_dir>/memory.json``."""
         mine = {k: int(v) for k, v in self.engine.memory().items()}
-        every = [mine]
-        if self.world > 1:
-            every = [None] * self.world
-            dist.all_gather_object(every, mine)
+        every = all_gather_objects(mine) if self.world > 1 else [mine]
         self.memory = every
         if not self.is_main:
             return
@@ -514,8 +471,7 @@ class Trainer:
     def _log_window(self, result, sinks, gpu, window, n, elapsed, lr) -> None:
         keys = sorted(window)
         if self.world > 1:  # ranks must agree on the keys they reduce
-            every = [None] * self.world
-            dist.all_gather_object(every, keys)
+            every = all_gather_objects(keys)
             keys = sorted(set.intersection(*(set(k) for k in every)))
         means = all_reduce_mean({k: window[k] / n for k in keys}, self.dp_group)
         if self.scaler is not None:  # the same on every rank

@@ -37,6 +37,8 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from parallel.objects import all_gather_objects
+
 __all__ = ["EXIT_PREEMPTED", "STOP_SIGNALS", "StopSignals"]
 
 EXIT_PREEMPTED = 75
@@ -103,10 +105,7 @@ class StopSignals:
             agreed = int(flag.item())
         if agreed and self.stopped_by is None:
             self.stopped_by = signal.Signals(agreed).name
-            every = [mine]
-            if self.world > 1:
-                every = [None] * self.world
-                dist.all_gather_object(every, mine)
+            every = all_gather_objects(mine) if self.world > 1 else [mine]
             self.receivers = [r for r, s in enumerate(every) if s]
         return bool(agreed)
 

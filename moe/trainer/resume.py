@@ -25,25 +25,105 @@ records the ``run_id`` of the run that wrote it: a fresh run draws a new one, a
 resumed run keeps the one of its checkpoint, so ``keep_checkpoints`` prunes the
 checkpoints of the run being continued, never another's.
 
-The functions here read the file system; the trainer calls them on rank 0 and
-broadcasts the answer, except ``pick_checkpoint`` (collective: it verifies).
+``resume_run`` is the whole start of a run, what ``Trainer.fit`` calls first: pick,
+decide the ``run_id``, refuse or clear, load, and say what happened. It is
+collective over ``process_group`` (None: the world): the file-system decisions are
+taken on its rank 0 and broadcast (``parallel.objects``); ``pick_checkpoint``
+verifies on every rank. The other functions here only read (or, ``clear``, delete)
+files, on rank 0.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import uuid
-from typing import Callable, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, List, Mapping, Optional
+
+import torch.distributed as dist
+from torch import nn
+
+from parallel.engine import EngineBase
+from parallel.objects import broadcast_object, group_rank, group_size
+from parallel.precision import LossScaler
 
 from . import checkpoint as ckpt
 
 
-def pick_checkpoint(resume: Optional[str], root: str, say: Callable[[str], None], *, process_group=None,
-                    share: Callable = lambda x: x) -> Optional[str]:
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts (``resume_run``): the checkpoint it loaded (None: a fresh start), the
+    step it continues from, and the ``run_id`` it writes into its checkpoints."""
+
+    path: Optional[str]
+    step: int
+    run_id: str
+
+
+def resume_run(*, resume: Optional[str], overwrite: bool, steps: int, out_dir: str, root: str,
+               model: nn.Module, engine: EngineBase, groups, model_config: Mapping[str, Any],
+               scaler: Optional[LossScaler], say: Callable[[str], None], process_group=None) -> Start:
+    """Continue from the checkpoint ``train.resume`` asks for, into ``model`` and ``engine``'s optimizer.
+
+    ``resume`` / ``overwrite`` / ``steps``: the ``train`` keys; ``root``: ``<out_dir>/checkpoints``;
+    ``groups``: the run's ``parallel.ProcessGroups`` (tensor-parallel pieces); ``model_config``: what
+    ``trainer.json`` records of the model; ``scaler``: the fp16 loss scaler (its state is restored).
+
+    Refuses (``CheckpointError``) to start a run that would write over checkpoints of another
+    run in ``out_dir``, unless ``overwrite`` (then they are deleted first); refuses a damaged
+    checkpoint (``resume: auto`` skips it for an older one) and one that does not fit the
+    model, naming the config keys that differ. Collective over ``process_group`` (None: the
+    world); writes nothing into ``out_dir`` unless deleting for ``overwrite``.
+    """
+    path = pick_checkpoint(resume, root, say, process_group=process_group)
+    run_id = _claim_out_dir(resume, overwrite, out_dir, root, path, say, process_group)
+    if path is None:
+        return Start(None, 0, run_id)
+    step = ckpt.load_checkpoint(path, model, engine.checkpoint_optimizer(), groups=groups,
+                                model_config=model_config, verify=False)  # verified by pick_checkpoint
+    engine.after_checkpoint_load()
+    scaler_state = ckpt.checkpoint_info(path).get("loss_scaler")
+    if scaler is not None and scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
+    say(f"resumed from {path} at step {step}")
+    differences = ckpt.config_differences(path, model_config)
+    if differences:
+        say(f"note: the checkpoint's model config differs in {', '.join(differences)}; its tensors fit "
+            "this model, so they were loaded")
+    if step > steps:
+        say(f"warning: train.steps={steps} is below the checkpoint's step {step}: nothing is "
+            f"trained, the run only evaluates the model as saved at step {step}")
+    return Start(path, step, run_id)
+
+
+def _claim_out_dir(resume: Optional[str], overwrite: bool, out_dir: str, root: str, path: Optional[str],
+                   say: Callable[[str], None], process_group=None) -> str:
+    """The ``run_id`` this run writes, after refusing (or, ``overwrite``, clearing) the checkpoints
+    under ``root`` it would clash with (``conflicts``); decided on rank 0, collective."""
+    is_main = group_rank(process_group) == 0
+    decided = None
+    if is_main:
+        run_id = run_id_for(path)
+        decided = (run_id, conflicts(root, resume, path, run_id))
+    run_id, found = broadcast_object(decided, process_group)
+    if found:
+        if not overwrite:
+            raise ckpt.CheckpointError(refusal(out_dir, resume, path, found))
+        if is_main:
+            gone = clear(out_dir, root, path, found)
+            say(f"train.overwrite: deleted {len(gone)} path(s) this run does not continue: "
+                + ", ".join(os.path.relpath(g, out_dir) for g in gone))
+        if group_size(process_group) > 1:
+            dist.barrier(group=process_group)
+    return run_id
+
+
+def pick_checkpoint(resume: Optional[str], root: str, say: Callable[[str], None], *,
+                    process_group=None) -> Optional[str]:
     """The verified checkpoint ``resume`` asks for; None for a fresh start (see the module doc).
 
-    Collective when a process group is initialised (``ckpt.verify_checkpoint``);
-    ``share(x)`` returns rank 0's ``x`` on every rank (the directory listing).
+    Collective when a process group is initialised (``ckpt.verify_checkpoint``; the
+    directory listing of ``process_group``'s rank 0 is used on every rank).
     """
     if resume is None:
         return None
@@ -51,7 +131,7 @@ def pick_checkpoint(resume: Optional[str], root: str, say: Callable[[str], None]
         path = ckpt.resolve_checkpoint(resume)
         ckpt.verify_checkpoint(path, process_group=process_group)
         return path
-    order, notes = share(ckpt.resume_candidates(root))
+    order, notes = broadcast_object(ckpt.resume_candidates(root), process_group)
     for note in notes:
         say(f"resume=auto: {note}; using the newest complete checkpoint")
     if not order:
