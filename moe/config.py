@@ -18,11 +18,15 @@ from .checks import build_at, check_bool, check_choice, check_int, check_keys, c
 # of the ``moe.losses.AUX_LOSSES`` table, so a new entry there is accepted here.
 from .losses import AUX_LOSS_NAMES
 
+# Router score functions (``RouterConfig.score``): the ones the routing kernels implement.
+from .ops.library import SCORES
+
 POLICIES = ("topk", "switch", "gshard", "noisy_topk", "expert_bias", "expert_choice")
-SCORES = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "bpr", "probs", "random")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
-BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
+# Kernel backends of the MoE ops (``MoEConfig.backend``; ``moe.ops.registry``), not the
+# distributed backends of ``parallel.launch.DIST_BACKENDS``.
+KERNEL_BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
 NONFINITE_ACTIONS = ("error", "skip")
 DISPATCHERS = ("flat", "hierarchical")
 
@@ -148,7 +152,7 @@ class MoEConfig:
             fail(f"{p}.router", self.router, "it must be a RouterConfig")
         self.router.check_experts(self.num_experts, p)
         check_choice(f"{p}.activation", self.activation, ACTIVATIONS)
-        check_choice(f"{p}.backend", self.backend, BACKENDS)
+        check_choice(f"{p}.backend", self.backend, KERNEL_BACKENDS)
         check_int(f"{p}.num_modalities", self.num_modalities, minimum=1)
         check_int(f"{p}.shared_expert_ffn", self.shared_expert_ffn, minimum=0)
         check_bool(f"{p}.residual_moe", self.residual_moe)

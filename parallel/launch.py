@@ -52,7 +52,7 @@ from typing import List, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-BACKENDS = ("auto", "gloo", "nccl")
+DIST_BACKENDS = ("auto", "gloo", "nccl")  # torch.distributed backends (a job's parallel.backend)
 LOOPBACK = "127.0.0.1"
 _GROUP_TIMEOUT: Optional[timedelta] = None  # set by init_distributed for the groups created after it
 
@@ -226,8 +226,8 @@ def loopback_store(host: str, port: int, rank: int, world_size: int, timeout: ti
 def pick_backend(backend: str = "auto") -> str:
     """``MOE_DIST_BACKEND`` wins over the argument; ``auto``: NCCL with CUDA, else gloo."""
     backend = os.environ.get("MOE_DIST_BACKEND", "") or backend
-    if backend not in BACKENDS:
-        raise LaunchError(f"distributed backend {backend!r} is not allowed; choose one of {BACKENDS} "
+    if backend not in DIST_BACKENDS:
+        raise LaunchError(f"distributed backend {backend!r} is not allowed; choose one of {DIST_BACKENDS} "
                           "(argument or MOE_DIST_BACKEND)")
     if backend == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"

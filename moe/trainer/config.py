@@ -46,6 +46,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from parallel.launch import DIST_BACKENDS
 from parallel.precision import PRECISIONS
 
 from ..checks import (
@@ -62,7 +63,6 @@ from ..checks import (
 
 _CUSTOM_TASK = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 SCHEDULES = ("cosine", "linear", "constant")
-BACKENDS = ("auto", "gloo", "nccl")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 ACTIVATION_CHECKPOINTING = ("none", "moe", "block")  # moe.recompute.MODES
 ZERO_ENGINES = ("auto", "deepspeed", "fsdp2")
@@ -135,7 +135,7 @@ class ParallelConfig:
     pp_blocks: Optional[List[int]] = None
     zero_stage: int = _opt(0, (lambda v: v in (0, 1, 2, 3), "allowed values: 0, 1, 2, 3"))
     zero_engine: str = _opt("auto", _one_of(ZERO_ENGINES))
-    backend: str = _opt("auto", _one_of(BACKENDS))
+    backend: str = _opt("auto", _one_of(DIST_BACKENDS))
     timeout_s: float = 600.0
 
     @property
