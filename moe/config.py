@@ -3,8 +3,8 @@
 Every field is checked on construction; a bad value raises ``moe.checks.ConfigError``
 (a ``ValueError``) that names the field path, the value it got and what is allowed:
 ``config key 'RouterConfig.top_k': got 0; it must be >= 1``. ``from_dict(d, path)``
-builds a config from a YAML mapping and names YAML key paths instead
-(``config key 'model.moe.router.top_k': ...``); ``to_dict()`` is its inverse.
+(``moe.config_build``) builds a config from a YAML mapping and names YAML key paths
+instead (``config key 'model.moe.router.top_k': ...``); ``to_dict()`` is its inverse.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional
 
-from .checks import build_at, check_bool, check_choice, check_int, check_keys, check_mapping, check_number, fail
+from .checks import check_bool, check_choice, check_int, check_keys, check_number, fail
+from .config_build import FromDict
 
 # Balancing-loss names accepted in ``MoEConfig.aux_losses``: a live view of the keys
 # of the ``moe.losses.AUX_LOSSES`` table, so a new entry there is accepted here.
@@ -32,7 +33,7 @@ DISPATCHERS = ("flat", "hierarchical")
 
 
 @dataclass(frozen=True)
-class RouterConfig:
+class RouterConfig(FromDict):
     """How tokens pick experts and how expert buffers drop overflow.
 
     ``capacity_factor=None`` is dropless. Otherwise each expert holds
@@ -84,12 +85,6 @@ class RouterConfig:
         if self.policy != "expert_choice" and self.top_k > num_experts:
             fail(f"{path}.router.top_k", self.top_k, f"it must be in [1, num_experts={num_experts}]")
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], path: str = "RouterConfig") -> "RouterConfig":
-        """From a YAML mapping of ``RouterConfig`` fields; errors name ``path.<key>``."""
-        check_keys(path, d, [f.name for f in fields(cls)])
-        return build_at(path, cls, **d)
-
     def to_dict(self) -> Dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
@@ -105,7 +100,7 @@ class RouterConfig:
 
 
 @dataclass(frozen=True)
-class MoEConfig:
+class MoEConfig(FromDict):
     """One MoE layer: experts, router, balancing losses and execution backend.
 
     ``aux_losses`` maps loss names (``moe.config.AUX_LOSS_NAMES``) to the
@@ -115,6 +110,10 @@ class MoEConfig:
     ``max(0, log(min_experts) - H(mean p))``. ``pad_to_capacity``, ``dispatcher``,
     ``node_size`` and ``overlap_chunks`` choose the expert-buffer layout and the
     expert-parallel exchange (see the field comments and ``moe.dispatch``).
+
+    From YAML: ``MoEConfig.from_dict(d, path)`` (``router`` a mapping of ``RouterConfig``
+    fields); a transformer passes ``owned=`` (the fields it sets, not keys of ``d``) and
+    ``defaults=`` (values for keys ``d`` leaves out), see ``moe.config_build.from_dict``.
     """
 
     d_model: int
@@ -176,23 +175,6 @@ class MoEConfig:
             fail(f"{p}.node_size", self.node_size,
                  "set it (ep ranks per node, dividing the ep size) exactly when dispatcher='hierarchical'")
         check_int(f"{p}.overlap_chunks", self.overlap_chunks, minimum=1)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], path: str = "MoEConfig", *, owned: Mapping[str, Any] = (),
-                  defaults: Mapping[str, Any] = ()) -> "MoEConfig":
-        """From a YAML mapping of ``MoEConfig`` fields (``router`` a mapping of ``RouterConfig`` fields).
-
-        ``owned``: fields the caller sets (a transformer's d_model, activation,
-        num_modalities); they are not accepted as keys. ``defaults``: values for
-        keys ``d`` leaves out (a transformer's d_ffn and init_std). Errors name
-        ``path.<key>``.
-        """
-        owned, defaults = dict(owned), dict(defaults)
-        check_keys(path, d, [f.name for f in fields(cls) if f.name not in owned])
-        kw = {**defaults, **d, **owned}
-        if "router" in kw and not isinstance(kw["router"], RouterConfig):
-            kw["router"] = RouterConfig.from_dict(check_mapping(f"{path}.router", kw["router"]), f"{path}.router")
-        return build_at(path, cls, **kw)
 
     def to_dict(self, *, exclude=()) -> Dict[str, Any]:
         """Plain data that ``from_dict`` accepts (leaving out the ``exclude`` fields)."""

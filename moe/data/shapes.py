@@ -27,7 +27,8 @@ from torch.utils.data import Dataset
 
 from parallel.rng import data_rng
 
-from ..checks import build_at, check_choice, check_int, check_keys, check_number, fail
+from ..checks import check_choice, check_int, check_number, fail
+from ..config_build import FromDict
 from .tokenizer import ByteTokenizer
 
 __all__ = [
@@ -129,7 +130,7 @@ def _names(path: str, value: Any, allowed: Sequence[str], *, minimum: int) -> tu
 
 
 @dataclass(frozen=True)
-class ShapesConfig:
+class ShapesConfig(FromDict):
     """What the synthetic shapes look like and which combinations are held out.
 
     Fields:
@@ -294,13 +295,11 @@ class ShapesConfig:
         return self.heldout_combos() if split == "zeroshot" else self.train_combos()
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], path: str = "ShapesConfig") -> "ShapesConfig":
-        """Build from a plain mapping (e.g. a YAML section); errors name ``path.<key>``."""
-        check_keys(path, d, [f for f in cls.__dataclass_fields__ if not f.startswith("_")])
-        kw = dict(d)
+    def dict_kwargs(cls, kw: dict, path: str) -> dict:
+        """``from_dict``'s hook: YAML lists of ``heldout`` pairs as tuples."""
         if isinstance(kw.get("heldout"), (list, tuple)):
-            kw["heldout"] = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in kw["heldout"])
-        return build_at(path, cls, **kw)
+            kw = {**kw, "heldout": tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in kw["heldout"])}
+        return super().dict_kwargs(kw, path)
 
 
 # --------------------------------------------------------------------------- drawing

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -41,14 +41,14 @@ from ..losses import load_balancing_loss
 from ..modes import eval_mode
 from ..data.shapes import caption_vocabulary
 from ..data.tokenizer import VOCAB_SIZE, ByteTokenizer, WordTokenizer
-from ..checks import build_at, check_bool, check_choice, check_int, check_number, fail
+from ..checks import check_bool, check_choice, check_int, check_number, fail
 from .transformer import (
+    FlatModelConfig,
     Transformer,
     TransformerConfig,
     TransformerModel,
     dense_equivalent,
     init_weights,
-    split_model_dict,
     sum_aux,
 )
 
@@ -70,8 +70,8 @@ def make_tokenizer(name: str) -> ByteTokenizer:
 
 
 @dataclass(frozen=True)
-class LIMoEConfig:
-    """The one-tower image-text model.
+class LIMoEConfig(FlatModelConfig):
+    """The one-tower image-text model (``from_dict``: one flat mapping, ``FlatModelConfig``).
 
     Fields:
       transformer: the shared tower (``causal`` forced False, ``num_modalities`` forced 2).
@@ -104,6 +104,8 @@ class LIMoEConfig:
         as CLIP does); otherwise each rank uses its local batch only.
       init_seed: weights depend only on it and parameter names (not on the EP layout).
     """
+
+    FORCED_TRANSFORMER = {"causal": False, "num_modalities": 2}
 
     transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(num_modalities=2))
     image_size: int = 32
@@ -155,13 +157,6 @@ class LIMoEConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], path: str = "model") -> "LIMoEConfig":
-        """From a flat YAML mapping: transformer fields and LIMoE fields side by side (errors name ``path.<key>``)."""
-        t, own = split_model_dict(d, [f.name for f in fields(cls) if f.name != "transformer"], path)
-        transformer = TransformerConfig.from_dict(t, path, fixed={"causal": False, "num_modalities": 2})
-        return build_at(path, cls, transformer=transformer, **own)
 
     def to_dict(self) -> Dict[str, Any]:
         """The flat mapping ``from_dict`` accepts (every field, defaults included)."""

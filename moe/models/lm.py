@@ -7,7 +7,7 @@ Legend: B batch, L sequence length, D model width, V vocabulary (259 bytes + spe
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,27 +16,31 @@ from torch import nn
 from parallel.tensor import TensorParallel, vocab_cross_entropy, vocab_logits
 
 from ..data.tokenizer import VOCAB_SIZE
-from ..checks import build_at, check_bool, check_int, fail
+from ..checks import check_bool, check_int, fail
 from .transformer import (
+    FlatModelConfig,
     Transformer,
     TransformerConfig,
     TransformerModel,
     dense_equivalent,
     init_weights,
-    split_model_dict,
 )
 
 __all__ = ["LMConfig", "LanguageModel", "lm_loss"]
 
 
 @dataclass(frozen=True)
-class LMConfig:
+class LMConfig(FlatModelConfig):
     """A decoder-only LM: a causal ``TransformerConfig`` plus embeddings.
 
     Fields: ``transformer`` (``causal`` is forced to True), ``vocab_size`` (V),
     ``max_seq_len`` (learned positions), ``tie_embeddings`` (output head = token
     embedding), ``init_seed`` (weights depend only on it and parameter names).
+    ``from_dict`` reads one flat mapping, transformer fields and LM fields side by side
+    (``FlatModelConfig``).
     """
+
+    FORCED_TRANSFORMER = {"causal": True}
 
     transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(causal=True))
     vocab_size: int = VOCAB_SIZE
@@ -56,17 +60,6 @@ class LMConfig:
         check_int(f"{p}.max_seq_len", self.max_seq_len, minimum=1)
         check_bool(f"{p}.tie_embeddings", self.tie_embeddings)
         check_int(f"{p}.init_seed", self.init_seed, minimum=0)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], path: str = "model") -> "LMConfig":
-        """From a flat YAML mapping: transformer fields and LM fields side by side.
-
-        ``{"d_model": 128, "n_layers": 4, "moe_every": 2, "moe": {...}, "max_seq_len": 128}``;
-        errors name ``path.<key>``.
-        """
-        t, own = split_model_dict(d, [f.name for f in fields(cls) if f.name != "transformer"], path)
-        transformer = TransformerConfig.from_dict(t, path, fixed={"causal": True})
-        return build_at(path, cls, transformer=transformer, **own)
 
     def to_dict(self) -> Dict[str, Any]:
         """The flat mapping ``from_dict`` accepts (every field, defaults included)."""

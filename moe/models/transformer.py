@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,18 +52,16 @@ from parallel.tensor import TensorParallel
 
 from ..checks import (
     ConfigError,
-    build_at,
     check_bool,
     check_choice,
     check_int,
-    check_keys,
-    check_mapping,
     check_number,
     fail,
     join,
 )
 from .. import recompute
 from ..config import ACTIVATIONS, MoEConfig, RouterConfig
+from ..config_build import FromDict, construct
 from ..dispatch import world_node_groups
 from ..experts import Experts
 from ..layer import MoELayer
@@ -83,7 +81,7 @@ __all__ = [
     "dense_equivalent",
     "init_weights",
     "sum_aux",
-    "split_model_dict",
+    "FlatModelConfig",
     "compile_blocks",
 ]
 
@@ -95,7 +93,7 @@ OWNED_MOE_FIELDS = ("d_model", "activation", "num_modalities")
 
 
 @dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(FromDict):
     """A stack of pre-LN blocks.
 
     Fields:
@@ -166,23 +164,18 @@ class TransformerConfig:
                     raise e.rebased("MoEConfig", f"{p}.moe") from None
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], path: str = "TransformerConfig", *,
-                  fixed: Optional[Mapping[str, Any]] = None) -> "TransformerConfig":
-        """From a YAML mapping of the fields (``moe`` a mapping, see the class docstring).
+    def dict_kwargs(cls, kw: Dict[str, Any], path: str) -> Dict[str, Any]:
+        """``from_dict``'s hook: ``moe`` built as a ``MoEConfig`` with the fields the transformer owns.
 
-        ``fixed``: field values the caller forces (e.g. ``causal=True`` for a decoder).
-        Errors name ``path.<key>``.
+        The transformer's own fields are checked first, so a bad d_model is named
+        'model.d_model' rather than 'model.moe.d_model'.
         """
-        check_keys(path, d, [f.name for f in fields(cls)])
-        kw = {**d, **(fixed or {})}
         if kw.get("moe") is not None and not isinstance(kw["moe"], MoEConfig):
-            # The transformer's own fields first, so a bad d_model is named as 'model.d_model'.
-            build_at(path, cls, **{**kw, "moe": None, "moe_every": 0})
+            construct(cls, {**kw, "moe": None, "moe_every": 0}, path)
             own = {k: kw.get(k, getattr(cls, k)) for k in OWNED_MOE_FIELDS}
             defaults = {"d_ffn": kw.get("d_ffn", cls.d_ffn), "init_std": kw.get("init_std", cls.init_std)}
-            kw["moe"] = MoEConfig.from_dict(check_mapping(join(path, "moe"), kw["moe"]), join(path, "moe"),
-                                            owned=own, defaults=defaults)
-        return build_at(path, cls, **kw)
+            kw = {**kw, "moe": MoEConfig.from_dict(kw["moe"], join(path, "moe"), owned=own, defaults=defaults)}
+        return super().dict_kwargs(kw, path)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain data that ``from_dict`` accepts (``moe`` without the owned fields)."""
@@ -214,14 +207,28 @@ class TransformerConfig:
         return self.moe
 
 
-def split_model_dict(d: Mapping[str, Any], own: Sequence[str], path: str = "model") -> Tuple[dict, dict]:
-    """Split a flat ``model`` mapping into (transformer fields, the model's ``own`` fields).
+class FlatModelConfig(FromDict):
+    """Base of a model config (LM, LIMoE) holding a ``transformer: TransformerConfig`` whose
+    YAML mapping is flat: the transformer's keys beside the model's own.
 
-    Unknown keys raise ``ConfigError`` naming ``path.<key>`` and every allowed key.
+    ``from_dict({"d_model": 128, "moe_every": 2, "moe": {...}, "max_seq_len": 128})``; an
+    unknown key is named with every allowed key. ``FORCED_TRANSFORMER``: transformer fields
+    the model sets itself (a decoder's ``causal``), over whatever the mapping holds.
     """
-    t_keys = [f.name for f in fields(TransformerConfig)]
-    check_keys(path, d, list(own) + t_keys)
-    return {k: v for k, v in d.items() if k in t_keys}, {k: v for k, v in d.items() if k in own}
+
+    DICT_PATH = "model"
+    FORCED_TRANSFORMER: ClassVar[Mapping[str, Any]] = {}
+
+    @classmethod
+    def dict_keys(cls) -> List[str]:
+        return [f.name for f in fields(cls) if f.name != "transformer"] + TransformerConfig.dict_keys()
+
+    @classmethod
+    def dict_kwargs(cls, kw: Dict[str, Any], path: str) -> Dict[str, Any]:
+        t_keys = TransformerConfig.dict_keys()
+        t = {k: v for k, v in kw.items() if k in t_keys}
+        own = {k: v for k, v in kw.items() if k not in t_keys}
+        return {**own, "transformer": TransformerConfig.from_dict(t, path, forced=cls.FORCED_TRANSFORMER)}
 
 
 # ----------------------------------------------------------------------------- FLOPs and the dense baseline

@@ -35,12 +35,12 @@ none of the task classes.
 """
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any, Dict, Mapping, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
-from ..checks import build_at, check_int, check_keys
+from ..checks import check_int
+from ..config_build import FromDict
 from parallel.precision import fp32_region
 from parallel.rng import sample_rng  # the task authors' name for it (CONTRIBUTING, "Adding a task")
 
@@ -62,14 +62,11 @@ class Task(Protocol):
     def moe_layers(self) -> list: ...
 
 
-class DataConfig:
-    """Base of a task's ``data`` section dataclass: ``from_dict`` rejects unknown keys."""
+class DataConfig(FromDict):
+    """Base of a task's ``data`` section dataclass: ``from_dict(d)`` reads the YAML ``data``
+    section (``moe.config_build``), errors naming ``data.<key>``."""
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], path: str = "data"):
-        """From the YAML ``data`` section; errors name ``path.<key>``."""
-        check_keys(path, d, [f.name for f in fields(cls)])
-        return build_at(path, cls, **d)
+    DICT_PATH = "data"
 
 
 class ModelTask:
