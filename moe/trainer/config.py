@@ -17,15 +17,20 @@ A config file has these sections (every one optional except ``task`` and
     telemetry: {tensorboard: true, plots: true, gpu_stats: true, progress_bar: true,
                 idle_expert_steps: 100, drop_jump: 0.1, peak_tflops: null, profile: null}
 
-``load_config(path, overrides)`` reads the YAML, applies ``--set a.b=value``
-overrides (the value is parsed as YAML, so ``3``, ``0.5``, ``true``, ``null`` and
-``[0.9, 0.99]`` have their YAML types) and validates. Every problem raises
-``ConfigError`` (a ``ValueError``, from ``moe.checks``) naming the key path, the
-value it got and what is allowed; a key repeated in one YAML mapping is an error
-naming it and its lines. ``model`` and ``data`` belong to the task:
-``resolve_sections(cfg)`` validates them through the task's config classes
-(``moe.tasks.TASKS``), which ``python -m moe.train`` does before any process group
-exists. ``train.compile: true`` applies ``torch.compile`` to every transformer block.
+``load_config(path, overrides)`` reads the YAML and applies ``--set a.b=value``
+overrides (``moe.trainer.yaml_io``: the value is parsed as YAML, so ``3``, ``0.5``,
+``true``, ``null`` and ``[0.9, 0.99]`` have their YAML types; a key repeated in one
+YAML mapping is an error naming it and its lines), then ``from_dict`` validates.
+Each section is a config dataclass that checks its fields in ``__post_init__`` and
+is read from its mapping by ``moe.config_build`` (the one mechanism of every config
+of the project): every problem raises ``ConfigError`` (a ``ValueError``, from
+``moe.checks``) naming the key path, the value it got and what is allowed. A section
+built in Python is checked the same way, its errors rooted at its class name
+(``ParallelConfig.tp``). ``model`` and ``data`` belong to the task and are kept as
+written: ``TrainConfig.task_configs()`` types them through the task's config classes
+(``moe.tasks.TASKS``), and ``resolve_sections(cfg)`` resolves them (preset expanded,
+every default), which ``python -m moe.train`` does before any process group exists.
+``train.compile: true`` applies ``torch.compile`` to every transformer block.
 ``train.precision`` (fp32 | bf16 | fp16): mixed precision with fp32 master weights, the router
 and losses in fp32, fp16 with dynamic loss scaling (``parallel.precision``, docs/precision.md);
 ``train.fused`` (auto | off): NVIDIA apex's FusedAdam and fused LayerNorm when apex is importable
@@ -39,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -47,64 +51,95 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import yaml
 
 from parallel.launch import DIST_BACKENDS
-from parallel.precision import PRECISIONS
+from parallel.precision import PRECISIONS, Precision
 
-from ..checks import (
-    ConfigError,
-    check_bool,
-    check_int,
-    check_keys,
-    check_mapping,
-    check_number,
-    check_str,
-    fail,
-    join,
-)
+from ..checks import ConfigError, check_bool, check_choice, check_int, check_mapping, check_number, check_str, fail
+from ..config_build import FromDict
+from ..tasks import TASK_NAMES, TASKS
+from .fused import FusedChoice, choose
+from .redact import redact
+from .yaml_io import YAMLLoader, apply_overrides, parse_override, read_config
+
+__all__ = [
+    "ConfigError", "TaskConfig", "ParallelConfig", "OptimConfig", "TrainLoopConfig", "ProfileConfig",
+    "TelemetryConfig", "TrainConfig", "from_dict", "load_config", "resolve_sections", "resolved_yaml",
+    # moe.trainer.yaml_io, importable from here as before
+    "YAMLLoader", "apply_overrides", "parse_override",
+]
 
 _CUSTOM_TASK = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 SCHEDULES = ("cosine", "linear", "constant")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 ACTIVATION_CHECKPOINTING = ("none", "moe", "block")  # moe.recompute.MODES
 ZERO_ENGINES = ("auto", "deepspeed", "fsdp2")
+ZERO_STAGES = (0, 1, 2, 3)
 DEVICES = ("auto", "cpu", "cuda")
 FUSED = ("auto", "off")
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # parallel.timeout_s: a week; a collective waiting longer is a hang
 
 
 # --------------------------------------------------------------------------------------
-# Sections. Field metadata: "check" is a (predicate, description of what is allowed).
-def _ge(n):
-    return (lambda v: v >= n, f"it must be >= {n}")
+# Value checks of the sections: ``moe.checks`` plus the YAML forms a section accepts.
+def _int(path: str, value: Any, *, minimum: Optional[int] = None, optional: bool = False) -> Optional[int]:
+    """An int >= ``minimum``; None too where ``optional``."""
+    if value is None and optional:
+        return None
+    return check_int(path, value, minimum=minimum)
 
 
-def _gt(n):
-    return (lambda v: v > n, f"it must be > {n}")
+def _float(path: str, value: Any, *, optional: bool = False, **bounds: Any) -> Optional[float]:
+    """A finite number as a float, also from a string (YAML 1.1 reads "3e-4", no dot, as one);
+    None too where ``optional``. ``bounds``: those of ``check_number``, checked on the float."""
+    if value is None and optional:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            fail(path, value, "it must be a number", wrong_type=True)
+    value = check_number(path, value)
+    return check_number(path, value, **bounds) if bounds else value
 
 
-def _one_of(options):
-    return (lambda v: v in options, f"allowed values: {', '.join(map(repr, options))}")
+def _str(path: str, value: Any, *, optional: bool = False) -> Optional[str]:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        fail(path, value, "it must be a string", wrong_type=True)
+    return value
 
 
-def _opt(default, check=None):
-    return field(default=default, metadata={"check": check} if check else {})
+def _choice(path: str, value: Any, allowed: Sequence[str]) -> str:
+    return check_choice(path, _str(path, value), allowed)
 
 
+def _section(path: str, value: Any, cls: type, *, optional: bool = False) -> Any:
+    """A section built in Python: an instance of its config class (None too where ``optional``)."""
+    if not isinstance(value, cls) and not (value is None and optional):
+        article = "an" if cls.__name__[0] in "AEIOU" else "a"
+        fail(path, value, f"it must be {article} {cls.__name__}" + (" or None" if optional else ""), wrong_type=True)
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# Sections: each checks its fields in __post_init__ (paths rooted at the class name,
+# re-rooted at the YAML key path by from_dict).
 @dataclass
-class TaskConfig:
+class TaskConfig(FromDict):
     """Which model and data to train: a built-in task or ``module:function``."""
 
     name: str = ""
 
-    def validate(self, path: str) -> None:
-        from moe.tasks import TASK_NAMES
-
+    def __post_init__(self) -> None:
+        p = "TaskConfig"
+        self.name = _str(f"{p}.name", self.name)
         if self.name not in TASK_NAMES and not _CUSTOM_TASK.match(self.name):
-            fail(f"{path}.name", self.name, f"allowed values: {', '.join(map(repr, TASK_NAMES))}, "
+            fail(f"{p}.name", self.name, f"allowed values: {', '.join(map(repr, TASK_NAMES))}, "
                  "or 'package.module:function' naming your own task builder")
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(FromDict):
     """Parallel layout; the data-parallel size is derived from the world size.
 
     ``tp``: tensor parallelism of the dense part (attention heads, dense MLPs, the LM
@@ -125,17 +160,17 @@ class ParallelConfig:
     longer, e.g. for a slow checkpoint file system (at most a week).
     """
 
-    ep: int = _opt(1, _ge(1))
-    tp: int = _opt(1, _ge(1))
-    pp: int = _opt(1, _ge(1))
-    etp: int = _opt(1, _ge(1))
+    ep: int = 1
+    tp: int = 1
+    pp: int = 1
+    etp: int = 1
     sequence_parallel: bool = False
-    pp_schedule: str = _opt("1f1b", _one_of(PP_SCHEDULES))
-    virtual_stages: int = _opt(1, _ge(1))
+    pp_schedule: str = "1f1b"
+    virtual_stages: int = 1
     pp_blocks: Optional[List[int]] = None
-    zero_stage: int = _opt(0, (lambda v: v in (0, 1, 2, 3), "allowed values: 0, 1, 2, 3"))
-    zero_engine: str = _opt("auto", _one_of(ZERO_ENGINES))
-    backend: str = _opt("auto", _one_of(DIST_BACKENDS))
+    zero_stage: int = 0
+    zero_engine: str = "auto"
+    backend: str = "auto"
     timeout_s: float = 600.0
 
     @property
@@ -147,30 +182,43 @@ class ParallelConfig:
             return self.zero_engine
         return "deepspeed" if self.zero_stage in (1, 2) else "fsdp2"
 
-    def validate(self, path: str) -> None:
-        self._validate_zero(path)
-        check_number(f"{path}.timeout_s", self.timeout_s, minimum=0.0, min_open=True, maximum=MAX_TIMEOUT_S)
+    def __post_init__(self) -> None:
+        p = "ParallelConfig"
+        for name in ("ep", "tp", "pp", "etp"):
+            setattr(self, name, _int(f"{p}.{name}", getattr(self, name), minimum=1))
+        self.sequence_parallel = check_bool(f"{p}.sequence_parallel", self.sequence_parallel)
+        self.pp_schedule = _choice(f"{p}.pp_schedule", self.pp_schedule, PP_SCHEDULES)
+        self.virtual_stages = _int(f"{p}.virtual_stages", self.virtual_stages, minimum=1)
+        if self.pp_blocks is not None:
+            if not isinstance(self.pp_blocks, (list, tuple)):
+                fail(f"{p}.pp_blocks", self.pp_blocks, "it must be a list", wrong_type=True)
+            self.pp_blocks = [check_int(f"{p}.pp_blocks[{i}]", k) for i, k in enumerate(self.pp_blocks)]
+        self.zero_stage = check_choice(f"{p}.zero_stage", check_int(f"{p}.zero_stage", self.zero_stage), ZERO_STAGES)
+        self.zero_engine = _choice(f"{p}.zero_engine", self.zero_engine, ZERO_ENGINES)
+        self.backend = _choice(f"{p}.backend", self.backend, DIST_BACKENDS)
+        self.timeout_s = _float(f"{p}.timeout_s", self.timeout_s)
+        self._check_zero(p)
+        check_number(f"{p}.timeout_s", self.timeout_s, minimum=0.0, min_open=True, maximum=MAX_TIMEOUT_S)
         if self.virtual_stages > 1 and self.pp == 1:
-            fail(f"{path}.virtual_stages", self.virtual_stages, f"virtual stages are chunks of a pipeline: it "
-                 f"needs {path}.pp > 1")
+            fail(f"{p}.virtual_stages", self.virtual_stages, f"virtual stages are chunks of a pipeline: it "
+                 f"needs {p}.pp > 1")
         if self.virtual_stages > 1 and self.pp_schedule != "interleaved_1f1b":
-            fail(f"{path}.virtual_stages", self.virtual_stages, f"more than one chunk per pipeline rank needs "
-                 f"{path}.pp_schedule=interleaved_1f1b (got {self.pp_schedule!r})")
+            fail(f"{p}.virtual_stages", self.virtual_stages, f"more than one chunk per pipeline rank needs "
+                 f"{p}.pp_schedule=interleaved_1f1b (got {self.pp_schedule!r})")
         if self.pp > 1 and self.pp_schedule == "interleaved_1f1b" and self.virtual_stages < 2:
-            fail(f"{path}.virtual_stages", self.virtual_stages, "the interleaved_1f1b schedule needs at least 2 "
-                 f"chunks per pipeline rank (set {path}.virtual_stages >= 2, or use pp_schedule 1f1b)")
+            fail(f"{p}.virtual_stages", self.virtual_stages, "the interleaved_1f1b schedule needs at least 2 "
+                 f"chunks per pipeline rank (set {p}.virtual_stages >= 2, or use pp_schedule 1f1b)")
         if self.pp_blocks is not None:
             if self.pp == 1:
-                fail(f"{path}.pp_blocks", self.pp_blocks, f"it cuts the blocks over pipeline stages: it needs "
-                     f"{path}.pp > 1")
+                fail(f"{p}.pp_blocks", self.pp_blocks, f"it cuts the blocks over pipeline stages: it needs "
+                     f"{p}.pp > 1")
             for i, k in enumerate(self.pp_blocks):
-                check_int(f"{path}.pp_blocks[{i}]", k, minimum=1)
+                check_int(f"{p}.pp_blocks[{i}]", k, minimum=1)
         if self.sequence_parallel and self.tp == 1:
-            fail(f"{path}.sequence_parallel", True, f"it needs {path}.tp > 1, got tp=1 (sequence parallelism "
+            fail(f"{p}.sequence_parallel", True, f"it needs {p}.tp > 1, got tp=1 (sequence parallelism "
                  "splits each sequence over the tensor-parallel ranks)")
 
-
-    def _validate_zero(self, path: str) -> None:
+    def _check_zero(self, path: str) -> None:
         stage, engine = self.zero_stage, self.zero_engine_name
         if stage == 0:
             if self.zero_engine != "auto":
@@ -198,25 +246,36 @@ class ParallelConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(FromDict):
     """AdamW with a warmup + (cosine | linear | constant) learning-rate schedule."""
 
-    lr: float = _opt(1e-3, _gt(0.0))
-    weight_decay: float = _opt(0.01, _ge(0.0))
+    lr: float = 1e-3
+    weight_decay: float = 0.01
     betas: Tuple[float, float] = (0.9, 0.95)
-    eps: float = _opt(1e-8, _gt(0.0))
-    warmup_steps: int = _opt(0, _ge(0))
-    schedule: str = _opt("cosine", _one_of(SCHEDULES))
-    min_lr_ratio: float = _opt(0.1, (lambda v: 0.0 <= v <= 1.0, "it must be in [0, 1]"))
-    grad_clip: Optional[float] = _opt(1.0, _ge(0.0))  # null or 0: no clipping
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: Optional[float] = 1.0  # null or 0: no clipping
 
-    def validate(self, path: str) -> None:
+    def __post_init__(self) -> None:
+        p = "OptimConfig"
+        self.lr = _float(f"{p}.lr", self.lr, minimum=0.0, min_open=True)
+        self.weight_decay = _float(f"{p}.weight_decay", self.weight_decay, minimum=0.0)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            fail(f"{p}.betas", self.betas, "it must be a list of 2 values", wrong_type=True)
+        self.betas = tuple(_float(f"{p}.betas[{i}]", b) for i, b in enumerate(self.betas))
+        self.eps = _float(f"{p}.eps", self.eps, minimum=0.0, min_open=True)
+        self.warmup_steps = _int(f"{p}.warmup_steps", self.warmup_steps, minimum=0)
+        self.schedule = _choice(f"{p}.schedule", self.schedule, SCHEDULES)
+        self.min_lr_ratio = _float(f"{p}.min_lr_ratio", self.min_lr_ratio, minimum=0, maximum=1)
+        self.grad_clip = _float(f"{p}.grad_clip", self.grad_clip, minimum=0.0, optional=True)
         for i, b in enumerate(self.betas):
-            check_number(f"{path}.betas[{i}]", b, minimum=0.0, maximum=1.0, max_open=True)
+            check_number(f"{p}.betas[{i}]", b, minimum=0.0, maximum=1.0, max_open=True)
 
 
 @dataclass
-class TrainLoopConfig:
+class TrainLoopConfig(FromDict):
     """Steps, the global batch and its micro-batches, cadence of logs/evals/checkpoints.
 
     ``global_batch_size``: samples per optimizer step, over all data-parallel ranks.
@@ -234,48 +293,65 @@ class TrainLoopConfig:
     are those without it (``moe.recompute``).
     """
 
-    steps: int = _opt(100, _ge(1))
-    global_batch_size: int = _opt(16, _ge(1))
-    micro_batch_size: Optional[int] = _opt(None, _ge(1))
-    seed: int = _opt(0, _ge(0))
-    log_every: int = _opt(10, _ge(1))
-    eval_every: int = _opt(0, _ge(0))  # 0: only at the end
-    eval_batches: Optional[int] = _opt(None, _ge(1))  # null: the task's whole eval set
-    checkpoint_every: int = _opt(1000, _ge(0))  # 0: only at the end (and on SIGTERM/SIGINT)
-    keep_checkpoints: int = _opt(0, _ge(0))  # 0: keep all
+    steps: int = 100
+    global_batch_size: int = 16
+    micro_batch_size: Optional[int] = None
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: Optional[int] = None  # null: the task's whole eval set
+    checkpoint_every: int = 1000  # 0: only at the end (and on SIGTERM/SIGINT)
+    keep_checkpoints: int = 0  # 0: keep all
     out_dir: str = "runs/default"
     resume: Optional[str] = None  # null: start fresh; "auto": latest in out_dir if any; or a path
     overwrite: bool = False  # true: delete checkpoints of another run in out_dir instead of refusing to start
-    device: str = _opt("auto", _one_of(DEVICES))
+    device: str = "auto"
     compile: bool = False  # torch.compile every transformer block (moe.models.compile_blocks)
-    precision: str = _opt("fp32", _one_of(PRECISIONS))  # bf16 / fp16: autocast, fp32 master weights (docs/precision.md)
-    fused: str = _opt("auto", _one_of(FUSED))  # auto: apex FusedAdam + fused LayerNorm if importable (moe.trainer.fused)
+    precision: str = "fp32"  # bf16 / fp16: autocast, fp32 master weights (docs/precision.md)
+    fused: str = "auto"  # auto: apex FusedAdam + fused LayerNorm if importable (moe.trainer.fused)
     # Recompute in the backward: 'moe' layers or whole 'block's, routing replayed (moe.recompute)
-    activation_checkpointing: str = _opt("none", _one_of(ACTIVATION_CHECKPOINTING))
+    activation_checkpointing: str = "none"
 
-    def validate(self, path: str) -> None:
+    def __post_init__(self) -> None:
+        p = "TrainLoopConfig"
+        for name, minimum, optional in (("steps", 1, False), ("global_batch_size", 1, False),
+                                        ("micro_batch_size", 1, True), ("seed", 0, False), ("log_every", 1, False),
+                                        ("eval_every", 0, False), ("eval_batches", 1, True),
+                                        ("checkpoint_every", 0, False), ("keep_checkpoints", 0, False)):
+            setattr(self, name, _int(f"{p}.{name}", getattr(self, name), minimum=minimum, optional=optional))
+        self.out_dir = _str(f"{p}.out_dir", self.out_dir)
+        self.resume = _str(f"{p}.resume", self.resume, optional=True)
+        self.overwrite = check_bool(f"{p}.overwrite", self.overwrite)
+        self.device = _choice(f"{p}.device", self.device, DEVICES)
+        self.compile = check_bool(f"{p}.compile", self.compile)
+        self.precision = _choice(f"{p}.precision", self.precision, PRECISIONS)
+        self.fused = _choice(f"{p}.fused", self.fused, FUSED)
+        self.activation_checkpointing = _choice(f"{p}.activation_checkpointing", self.activation_checkpointing,
+                                                ACTIVATION_CHECKPOINTING)
         if self.micro_batch_size is not None and self.global_batch_size % self.micro_batch_size:
-            fail(f"{path}.micro_batch_size", self.micro_batch_size,
-                 f"it must divide train.global_batch_size={self.global_batch_size}")
-        check_str(f"{path}.out_dir", self.out_dir, what="a non-empty directory path")
+            fail(f"{p}.micro_batch_size", self.micro_batch_size,
+                 f"it must divide {p}.global_batch_size={self.global_batch_size}")
+        check_str(f"{p}.out_dir", self.out_dir, what="a non-empty directory path")
         if self.resume is not None and not self.resume:
-            fail(f"{path}.resume", self.resume, "use null (fresh start), 'auto' or a checkpoint path")
+            fail(f"{p}.resume", self.resume, "use null (fresh start), 'auto' or a checkpoint path")
 
 
 @dataclass
-class ProfileConfig:
+class ProfileConfig(FromDict):
     """``telemetry.profile``: a torch profiler trace of steps ``start_step .. start_step + steps - 1``
     (1-based), written per rank to ``<out_dir>/profile/`` in TensorBoard's profiler-plugin format."""
 
-    start_step: int = _opt(2, _ge(1))
-    steps: int = _opt(2, _ge(1))
+    start_step: int = 2
+    steps: int = 2
 
-    def validate(self, path: str) -> None:
-        pass
+    def __post_init__(self) -> None:
+        p = "ProfileConfig"
+        self.start_step = _int(f"{p}.start_step", self.start_step, minimum=1)
+        self.steps = _int(f"{p}.steps", self.steps, minimum=1)
 
 
 @dataclass
-class TelemetryConfig:
+class TelemetryConfig(FromDict):
     """What the trainer records besides the progress line, and when it warns about routing.
 
     ``idle_expert_steps``: warn (once) when an expert has received no tokens for this many
@@ -292,18 +368,30 @@ class TelemetryConfig:
     plots: bool = True
     gpu_stats: bool = True
     progress_bar: bool = True
-    idle_expert_steps: int = _opt(100, _ge(0))
-    drop_jump: Optional[float] = _opt(0.1, (lambda v: 0.0 < v <= 1.0, "it must be in (0, 1], or null (no warning)"))
-    peak_tflops: Optional[float] = _opt(None, (lambda v: v is None or v > 0, "it must be > 0, or null (look it up)"))
+    idle_expert_steps: int = 100
+    drop_jump: Optional[float] = 0.1
+    peak_tflops: Optional[float] = None
     profile: Optional[ProfileConfig] = None
 
-    def validate(self, path: str) -> None:
-        pass
+    def __post_init__(self) -> None:
+        p = "TelemetryConfig"
+        for name in ("tensorboard", "plots", "gpu_stats", "progress_bar"):
+            setattr(self, name, check_bool(f"{p}.{name}", getattr(self, name)))
+        self.idle_expert_steps = _int(f"{p}.idle_expert_steps", self.idle_expert_steps, minimum=0)
+        self.drop_jump = _float(f"{p}.drop_jump", self.drop_jump, optional=True)
+        if self.drop_jump is not None and not 0.0 < self.drop_jump <= 1.0:
+            fail(f"{p}.drop_jump", self.drop_jump, "it must be in (0, 1], or null (no warning)")
+        self.peak_tflops = _float(f"{p}.peak_tflops", self.peak_tflops, optional=True)
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            fail(f"{p}.peak_tflops", self.peak_tflops, "it must be > 0, or null (look it up)")
+        _section(f"{p}.profile", self.profile, ProfileConfig, optional=True)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(FromDict):
     """The whole training job (see the module docstring for the YAML layout)."""
+
+    DICT_PATH = ""  # from_dict reads the whole file: its keys are top-level
 
     task: TaskConfig
     model: Dict[str, Any]
@@ -313,19 +401,40 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
-    def validate(self, path: str) -> None:
-        p = self.parallel
-        if self.train.compile and (p.tp > 1 or p.etp > 1):
-            fail(join(path, "train.compile"), True,
-                 f"torch.compile is not supported with tensor parallelism yet (parallel.tp={p.tp}, "
-                 f"parallel.etp={p.etp}); set it to false")
-        if self.train.compile and self.train.activation_checkpointing != "none":
-            fail(join(path, "train.activation_checkpointing"), self.train.activation_checkpointing,
-                 "activation checkpointing is not supported with train.compile: true yet; set it to 'none', "
-                 "or train.compile to false")
-        if self.train.compile and p.zero_stage > 0:
-            fail(join(path, "train.compile"), True, f"torch.compile is not supported with ZeRO yet "
-                 f"(parallel.zero_stage={p.zero_stage}); set it to false, or zero_stage 0")
+    def __post_init__(self) -> None:
+        p = "TrainConfig"
+        _section(f"{p}.task", self.task, TaskConfig)
+        self.model = dict(check_mapping(f"{p}.model", self.model))
+        self.data = dict(check_mapping(f"{p}.data", self.data))
+        for name, cls in (("parallel", ParallelConfig), ("optim", OptimConfig), ("train", TrainLoopConfig),
+                          ("telemetry", TelemetryConfig)):
+            _section(f"{p}.{name}", getattr(self, name), cls)
+        par, train = self.parallel, self.train
+        if train.compile and (par.tp > 1 or par.etp > 1):
+            fail(f"{p}.train.compile", True,
+                 f"torch.compile is not supported with tensor parallelism yet ({p}.parallel.tp={par.tp}, "
+                 f"{p}.parallel.etp={par.etp}); set it to false")
+        if train.compile and train.activation_checkpointing != "none":
+            fail(f"{p}.train.activation_checkpointing", train.activation_checkpointing,
+                 f"activation checkpointing is not supported with {p}.train.compile: true yet; set it to 'none', "
+                 f"or {p}.train.compile to false")
+        if train.compile and par.zero_stage > 0:
+            fail(f"{p}.train.compile", True, f"torch.compile is not supported with ZeRO yet "
+                 f"({p}.parallel.zero_stage={par.zero_stage}); set it to false, or zero_stage 0")
+
+    @classmethod
+    def dict_kwargs(cls, kw: Dict[str, Any], path: str) -> Dict[str, Any]:
+        """``from_dict``'s hook: the ``task: lm`` shorthand, and a clear word on the old ``train.batch_size``."""
+        train = kw.get("train")
+        if isinstance(train, Mapping) and "batch_size" in train:
+            raise ConfigError(f"config key 'train.batch_size' (got {train['batch_size']!r}) was replaced: set "
+                              "'train.global_batch_size' (samples per optimizer step, all data-parallel ranks "
+                              "together) and optionally 'train.micro_batch_size' (samples per rank per forward; the "
+                              "old per-rank batch_size B on dp ranks is global_batch_size = B * dp, "
+                              "micro_batch_size = B)")
+        if isinstance(kw.get("task"), str):
+            kw = {**kw, "task": {"name": kw["task"]}}
+        return super().dict_kwargs(kw, path)
 
     @property
     def engine_kind(self) -> str:
@@ -334,16 +443,22 @@ class TrainConfig:
             return "pipeline"
         return self.parallel.zero_engine_name if self.parallel.zero_stage > 0 else "replicated"
 
-    def fused_choice(self, device_type: str):
-        """What ``train.fused`` gives this job on ``device_type`` (``moe.trainer.fused.FusedChoice``)."""
-        from .fused import choose
+    def task_configs(self) -> Optional[Tuple[Any, Any]]:
+        """The ``model`` and ``data`` sections typed through the task's config classes:
+        ``(model_config, data_config)`` of a built-in task (``moe.tasks.TASKS[name].config_cls`` and
+        ``data_config_cls``, the preset expanded), or None for a custom ``package.module:function``
+        task, whose sections are its own business. Builds no weights and reads no data; a bad value
+        raises ``ConfigError`` naming its key path (``model.moe.router.top_k``)."""
+        if self.task.name not in TASKS:
+            return None
+        return TASKS[self.task.name].configs_from_dicts(self.model, self.data)
 
+    def fused_choice(self, device_type: str) -> FusedChoice:
+        """What ``train.fused`` gives this job on ``device_type`` (``moe.trainer.fused.FusedChoice``)."""
         return choose(self.train.fused, device_type, engine_owns_optimizer=self.parallel.zero_stage > 0)
 
     def effective_lines(self, device_type: str) -> List[str]:
         """What the precision and fused-kernel keys mean for this job on ``device_type`` (``--print-config``)."""
-        from parallel.precision import Precision
-
         precision = Precision(self.train.precision)
         fused = self.fused_choice(device_type)
         return [f"precision {precision.name} on the {self.engine_kind} engine: {precision.describe(self.engine_kind)}",
@@ -361,113 +476,44 @@ class TrainConfig:
 
     def to_yaml(self, *, redacted: bool = False) -> str:
         """The config as YAML; ``redacted``: secret-looking keys' values masked (``moe.trainer.redact``)."""
-        from .redact import redact
-
         data = self.to_dict()
         return yaml.safe_dump(redact(data) if redacted else data, sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------
-# Generic, path-aware conversion of plain data into the dataclasses above.
-def _convert(path: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is Union:  # Optional[X]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(path, value, args[0])
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    if tp is Any:
-        return value
-    if tp is bool:
-        return check_bool(path, value)
-    if tp is int:
-        return check_int(path, value)
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                fail(path, value, "it must be a number", wrong_type=True)
-        return check_number(path, value)
-    if tp is str:
-        if not isinstance(value, str):
-            fail(path, value, "it must be a string", wrong_type=True)
-        return value
-    if origin in (dict, Dict, Mapping):
-        return dict(check_mapping(path, value))
-    if origin in (list, List):
-        if not isinstance(value, (list, tuple)):
-            fail(path, value, "it must be a list", wrong_type=True)
-        (item,) = typing.get_args(tp)
-        return [_convert(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
-    if origin in (tuple, Tuple):
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            fail(path, value, f"it must be a list of {len(args)} values", wrong_type=True)
-        return tuple(_convert(f"{path}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
-    raise TypeError(f"internal: unsupported config type {tp!r} at {path}")
-
-
-def _build(cls, raw: Any, path: str):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    check_keys(path, raw, fields)
-    kwargs = {}
-    for name, f in fields.items():
-        key = join(path, name)
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError.at(key, " is required but missing")
-            continue
-        value = _convert(key, raw[name], hints[name])
-        check = f.metadata.get("check")
-        if check is not None and value is not None and not check[0](value):
-            fail(key, value, check[1])
-        kwargs[name] = value
-    obj = cls(**kwargs)
-    obj.validate(path)
-    return obj
-
-
 def from_dict(raw: Mapping[str, Any]) -> TrainConfig:
     """Validate plain data (as read from YAML) into a ``TrainConfig``."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
-    raw = dict(raw)
-    if isinstance(raw.get("train"), Mapping) and "batch_size" in raw["train"]:
-        raise ConfigError(f"config key 'train.batch_size' (got {raw['train']['batch_size']!r}) was replaced: set "
-                          "'train.global_batch_size' (samples per optimizer step, all data-parallel ranks together) "
-                          "and optionally 'train.micro_batch_size' (samples per rank per forward; the old per-rank "
-                          "batch_size B on dp ranks is global_batch_size = B * dp, micro_batch_size = B)")
-    if isinstance(raw.get("task"), str):  # shorthand `task: limoe`
-        raw["task"] = {"name": raw["task"]}
-    return _build(TrainConfig, raw, "")
+    return TrainConfig.from_dict(raw)
 
 
-# --------------------------------------------------------------------------------------
+def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = (),
+                base: Optional[Mapping[str, Any]] = None) -> TrainConfig:
+    """Read a YAML file (or start from ``base``), apply overrides (``moe.trainer.yaml_io``), validate."""
+    return from_dict(read_config(path, overrides, base))
+
+
 def resolve_sections(cfg: TrainConfig) -> Dict[str, Any]:
     """Validate the free-form ``model`` and ``data`` sections; return them resolved.
 
     A built-in task (``moe.tasks.TASKS``) validates both through its config classes
-    (preset expanded, every key checked) without building weights, reading data or
-    touching a process group; the result is ``{"model": <every model field>, "data":
-    <every data field>}``. A custom ``module:function`` task is only imported (its
-    sections are its own business) and its sections come back as given. Every
-    problem raises ``ConfigError`` naming the key path.
+    (``TrainConfig.task_configs``: preset expanded, every key checked) without building
+    weights, reading data or touching a process group; the result is ``{"model": <every
+    model field>, "data": <every data field>}``. A custom ``module:function`` task is only
+    imported (its sections are its own business) and its sections come back as given.
+    Every problem raises ``ConfigError`` naming the key path.
     """
-    from moe.tasks import TASKS
-
-    name = cfg.task.name
-    if name not in TASKS:
-        module, fn = name.split(":")
+    typed = cfg.task_configs()
+    if typed is None:
+        module, fn = cfg.task.name.split(":")
         try:
             getattr(importlib.import_module(module), fn)
         except (ImportError, AttributeError) as e:
-            fail("task.name", name, f"it must name an importable task builder 'package.module:function' ({e})")
+            fail("task.name", cfg.task.name, f"it must name an importable task builder 'package.module:function' "
+                 f"({e})")
         return {"model": dict(cfg.model), "data": dict(cfg.data)}
-    model, data = TASKS[name].configs_from_dicts(cfg.model, cfg.data)
+    model, data = typed
     return {"model": model.to_dict(), "data": dataclasses.asdict(data)}
 
 
@@ -476,104 +522,6 @@ def resolved_yaml(cfg: TrainConfig, *, redacted: bool = False) -> str:
 
     ``redacted``: secret-looking keys' values masked (``moe.trainer.redact``).
     """
-    from .redact import redact
-
     out = cfg.to_dict()
     out.update(TrainConfig.to_dict(dataclasses.replace(cfg, **resolve_sections(cfg))))
     return yaml.safe_dump(redact(out) if redacted else out, sort_keys=False)
-
-
-# --------------------------------------------------------------------------------------
-class YAMLLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that rejects a key repeated in one mapping (naming it and its lines)
-    and reads ``1e-3`` (no dot) as the float it means, as YAML 1.2 does."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: Dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=deep)
-                line = key_node.start_mark.line + 1
-                try:
-                    first = seen.get(key)
-                    seen.setdefault(key, line)
-                except TypeError:  # unhashable key: the base class reports it
-                    continue
-                if first is not None:
-                    raise ConfigError(f"config key {key!r} appears twice in one mapping "
-                                      f"(line {first} and line {line} of {key_node.start_mark.name}); "
-                                      "keep one of them")
-        return super().construct_mapping(node, deep=deep)
-
-
-YAMLLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
-
-
-def parse_override(text: str) -> Tuple[List[str], Any]:
-    """``"a.b=value"`` -> (["a", "b"], YAML-parsed value)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.path=value (e.g. train.steps=20)")
-    key, raw_value = text.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(re.match(r"^[\w-]+$", p) for p in parts):
-        raise ConfigError(f"override {text!r}: key path {key!r} must be dot-separated names")
-    try:
-        value = yaml.load(raw_value, Loader=YAMLLoader) if raw_value.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value {raw_value!r} is not valid YAML ({e})") from None
-    return parts, value
-
-
-def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """Apply ``--set`` overrides to raw config data (in place; also returned).
-
-    Missing intermediate mappings are created (handy for the free-form ``model``
-    and ``data`` sections); unknown keys are then reported by validation.
-    """
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = raw
-        for i, part in enumerate(parts[:-1]):
-            if part == "task" and isinstance(node.get(part), str) and node is raw:
-                node[part] = {"name": node[part]}
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                where = ".".join(parts[: i + 1])
-                raise ConfigError(f"override {text!r}: '{where}' is {child!r}, not a section, "
-                                  f"so it has no key '{parts[i + 1]}'")
-            node = child
-        node[parts[-1]] = value
-    return raw
-
-
-def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = (),
-                base: Optional[Mapping[str, Any]] = None) -> TrainConfig:
-    """Read a YAML file (or start from ``base``), apply overrides, validate."""
-    raw: Dict[str, Any] = dict(base or {})
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            loaded = yaml.load(p.read_text(), Loader=YAMLLoader)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, "
-                              f"got {type(loaded).__name__}")
-        raw.update(loaded)
-    raw = apply_overrides(_deep_copy(raw), overrides)
-    return from_dict(raw)
-
-
-def _deep_copy(v):
-    if isinstance(v, dict):
-        return {k: _deep_copy(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_deep_copy(x) for x in v]
-    return v
