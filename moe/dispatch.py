@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .checks import check_int, fail
+from parallel.checks import check_int, fail
 
 ExpertFn = Callable[[Tensor, Tensor], Tensor]  # (rows[N_l, D], counts[E_l]) -> out[N_l, D']
 

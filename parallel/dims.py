@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from moe.checks import check_bool, check_int
+from .checks import check_bool, check_int
 
 # Axis names in layout order (outermost first) for each view of the ranks.
 DENSE_AXES = ("pp", "dp", "tp")

@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from moe.checks import check_int
+from .checks import check_int
 
 from .grads import allreduce_gradients, clip_gradients, sync_replicas
 from .precision import FP32, Precision

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe.checks import check_int
+from .checks import check_int
 
 from .shards import partial_grad_group, shard_of
 

@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe.checks import check_int
+from .checks import check_int
 
 from .engine import EngineBase
 from .grads import allreduce_gradients, sync_replicas

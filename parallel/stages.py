@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from moe.checks import ConfigError
+from .checks import ConfigError
 
 __all__ = ["StagePlan", "plan_stages", "block_costs", "balanced_cut"]
 

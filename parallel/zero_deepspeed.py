@@ -93,7 +93,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from moe.checks import check_int
+from .checks import check_int
 
 from .engine import EngineBase, LossFn
 from .grads import expert_group_name, is_expert_param

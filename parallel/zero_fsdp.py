@@ -66,7 +66,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from moe.checks import check_int
+from .checks import check_int
 from moe.experts import Experts
 from moe.router import Router
 from moe.models.transformer import Block

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from moe.checks import ConfigError
+from parallel.checks import ConfigError
 from moe.tasks import TASKS
 from moe.trainer.config import from_dict
 from moe.trainer.layout import check_layout, stage_plan

@@ -41,7 +41,7 @@ LM = TINY_LM
     ({"zero_stage": 1, "etp": 2}, r"'parallel.etp': got 2; DeepSpeed ZeRO \(zero_stage 1\) composes with tensor"),
 ])
 def test_config_refuses_what_deepspeed_cannot_compose_with(parallel, match):
-    from moe.checks import ConfigError
+    from parallel.checks import ConfigError
     from moe.trainer.config import from_dict
 
     with pytest.raises(ConfigError, match=match):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..checks import build_at, check_choice, check_int, check_keys, check_number, fail
+from parallel.checks import build_at, check_choice, check_int, check_keys, check_number, fail
 from .tokenizer import ByteTokenizer
 
 __all__ = [

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..checks import check_int, check_number
+from parallel.checks import check_int, check_number
 
 __all__ = [
     "TextCorpus",

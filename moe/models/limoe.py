@@ -40,7 +40,7 @@ from ..losses import load_balancing_loss
 from ..modes import eval_mode
 from ..data.shapes import caption_vocabulary
 from ..data.tokenizer import VOCAB_SIZE, ByteTokenizer, WordTokenizer
-from ..checks import build_at, check_bool, check_choice, check_int, check_number, fail
+from parallel.checks import build_at, check_bool, check_choice, check_int, check_number, fail
 from .transformer import (
     Transformer,
     TransformerConfig,

@@ -16,7 +16,7 @@ from torch import nn
 from parallel.tensor import TensorParallel, vocab_cross_entropy, vocab_logits
 
 from ..data.tokenizer import VOCAB_SIZE
-from ..checks import build_at, check_bool, check_int, fail
+from parallel.checks import build_at, check_bool, check_int, fail
 from .transformer import (
     Transformer,
     TransformerConfig,

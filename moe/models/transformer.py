@@ -52,7 +52,7 @@ from torch import nn
 from parallel.shards import shard_of, take_piece
 from parallel.tensor import TensorParallel
 
-from ..checks import (
+from parallel.checks import (
     ConfigError,
     build_at,
     check_bool,

@@ -41,7 +41,7 @@ from typing import Any, Dict, Mapping, Optional, Protocol, Tuple, runtime_checka
 import numpy as np
 import torch
 
-from ..checks import build_at, check_int, check_keys
+from parallel.checks import build_at, check_int, check_keys
 from parallel.precision import fp32_region
 
 from ..models.presets import resolve_model_config

@@ -24,7 +24,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from ..checks import check_int, check_number, check_str, fail
+from parallel.checks import check_int, check_number, check_str, fail
 from ..data.text import load_corpus
 from ..modes import eval_mode
 from ..models.lm import LanguageModel, LMConfig

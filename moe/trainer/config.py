@@ -48,7 +48,7 @@ import yaml
 
 from parallel.precision import PRECISIONS
 
-from ..checks import (
+from parallel.checks import (
     ConfigError,
     check_bool,
     check_int,

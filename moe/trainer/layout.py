@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import List
 
-from ..checks import ConfigError, fail
+from parallel.checks import ConfigError, fail
 from .config import TrainConfig, from_dict
 
 __all__ = ["check_layout", "check_world", "check_model", "check_pipeline", "stage_plan"]
