@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -209,7 +210,7 @@ class LIMoEModel(TransformerModel):
     fsdp_block_units = False
 
     def __init__(self, cfg: LIMoEConfig, *, ep_group=None, dp_group=None, tp: Optional[TensorParallel] = None,
-                 pipe=None):
+                 pipe=None, group_timeout: Optional[timedelta] = None):
         super().__init__()
         if not isinstance(cfg, LIMoEConfig):
             raise TypeError(f"cfg must be a LIMoEConfig, got {type(cfg).__name__}")
@@ -231,7 +232,8 @@ class LIMoEModel(TransformerModel):
                 self.text_pos_embed = nn.Parameter(torch.zeros(cfg.text_length, D))
             self.modality_embed = nn.Embedding(2, D)
         self.transformer = Transformer(cfg.transformer, ep_group=ep_group, dp_group=dp_group, prefix="blocks", tp=tp,
-                                       block_ids=None if pipe is None else pipe.block_ids, final_norm=last)
+                                       block_ids=None if pipe is None else pipe.block_ids, final_norm=last,
+                                       group_timeout=group_timeout)
         if last:  # the projections and the temperature on the last one
             self.image_proj = nn.Linear(D, cfg.embed_dim, bias=False)
             self.text_proj = nn.Linear(D, cfg.embed_dim, bias=False)

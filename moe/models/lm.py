@@ -7,6 +7,7 @@ Legend: B batch, L sequence length, D model width, V vocabulary (259 bytes + spe
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -95,7 +96,7 @@ class LanguageModel(TransformerModel):
     """
 
     def __init__(self, cfg: LMConfig, *, ep_group=None, dp_group=None, tp: Optional[TensorParallel] = None,
-                 pipe=None):
+                 pipe=None, group_timeout: Optional[timedelta] = None):
         super().__init__()
         if not isinstance(cfg, LMConfig):
             raise TypeError(f"cfg must be an LMConfig, got {type(cfg).__name__}")
@@ -109,7 +110,8 @@ class LanguageModel(TransformerModel):
         self.tok_embed = tp.vocab_embedding(cfg.vocab_size, D) if first or (last and cfg.tie_embeddings) else None
         self.pos_embed = nn.Parameter(torch.zeros(cfg.max_seq_len, D)) if first else None
         self.transformer = Transformer(cfg.transformer, ep_group=ep_group, dp_group=dp_group, prefix="blocks", tp=tp,
-                                       block_ids=None if pipe is None else pipe.block_ids, final_norm=last)
+                                       block_ids=None if pipe is None else pipe.block_ids, final_norm=last,
+                                       group_timeout=group_timeout)
         self.head = None
         if not cfg.tie_embeddings and last:  # weight [V, D] either way: a linear head is an embedding-shaped matrix
             self.head = tp.vocab_embedding(cfg.vocab_size, D) if tp.enabled else nn.Linear(D, cfg.vocab_size,

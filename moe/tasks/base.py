@@ -100,7 +100,8 @@ class ModelTask:
         extra = {"pipe": pipe} if pipe is not None else {}
         self.model = self.model_cls(model_config, ep_group=getattr(groups, "ep_group", None),
                                     dp_group=getattr(groups, "dp_group", None),
-                                    tp=TensorParallel.from_groups(groups), **extra).to(self.device)
+                                    tp=TensorParallel.from_groups(groups),
+                                    group_timeout=getattr(groups, "timeout", None), **extra).to(self.device)
 
     @classmethod
     def configs_from_dicts(cls, model_cfg: Optional[Mapping[str, Any]], data_cfg: Optional[Mapping[str, Any]]):

@@ -571,7 +571,8 @@ def run(cfg: TrainConfig, *, task_builder: Optional[Callable] = None,
 
         check_layout(cfg, dist.get_world_size())  # also for Python callers that skipped python -m moe.train
         p = cfg.parallel
-        groups = build_groups(p.ep, tp=p.tp, pp=p.pp, etp=p.etp, sequence_parallel=p.sequence_parallel)
+        groups = build_groups(p.ep, tp=p.tp, pp=p.pp, etp=p.etp, sequence_parallel=p.sequence_parallel,
+                              timeout=ctx.timeout)
         trainer = Trainer(cfg, groups=groups, device=ctx.device, task_builder=task_builder, log=log)
         return trainer.fit()
     except Exception as e:
