@@ -53,8 +53,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .checks import check_int
-
-from .engine import EngineBase
+from .dims import ProcessGroups
+from .engine import EngineBase, MakeOptimizer
 from .grads import allreduce_gradients, sync_replicas
 from .precision import FP32, Precision
 from .shards import mark_partial_grad
@@ -100,11 +100,11 @@ class StageRole:
 
     plan: StagePlan
     rank: int
-    group: object = field(repr=False, default=None)
+    group: Optional[dist.ProcessGroup] = field(repr=False, default=None)
     group_ranks: Sequence[int] = ()
 
     @classmethod
-    def from_groups(cls, plan: StagePlan, groups) -> "StageRole":
+    def from_groups(cls, plan: StagePlan, groups: ProcessGroups) -> StageRole:
         return cls(plan=plan, rank=groups.pp_rank, group=groups.pp_group, group_ranks=list(groups.group_ranks["pp"]))
 
     @property
@@ -241,8 +241,9 @@ class PipelineEngine(EngineBase):
     (to size the stage tensors); ``make_optimizer`` as for ``ReplicatedEngine``.
     """
 
-    def __init__(self, task, groups, role: StageRole, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 *, schedule: str, num_micro: int, sample_batch: dict, device, precision: Precision = FP32):
+    def __init__(self, task, groups: ProcessGroups, role: StageRole, make_optimizer: MakeOptimizer,
+                 *, schedule: str, num_micro: int, sample_batch: dict, device: torch.device | str,
+                 precision: Precision = FP32):
         from torch.distributed.pipelining import (
             PipelineStage,
             Schedule1F1B,

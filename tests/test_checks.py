@@ -1,4 +1,5 @@
-"""parallel.checks (re-exported as moe.checks): the shared value checks, their messages (key path, value, what is allowed) and re-rooting."""
+"""parallel.checks (re-exported as moe.checks): the shared value checks, their messages (key path, value, what
+is allowed) and re-rooting."""
 from __future__ import annotations
 
 import pytest

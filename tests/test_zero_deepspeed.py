@@ -127,7 +127,8 @@ def _memory(rank, world):
     for stage in (1, 2):
         torch.manual_seed(0)
         model = make_task(cfg, groups, torch.device("cpu")).model
-        engine = DeepSpeedEngine(model, groups, cfg.optim, stage=stage, num_micro=1, device=torch.device("cpu"))
+        engine = DeepSpeedEngine(model, groups, lambda m: build_optimizer(m, cfg.optim), grad_clip=cfg.optim.grad_clip,
+                                 stage=stage, num_micro=1, device=torch.device("cpu"))
         before = engine.memory()
         engine.forward_backward(1, lambda m, model=model: _touch_all(model))
         engine.clip_grad_norm(None)

@@ -68,10 +68,12 @@ def _replicated(cfg, groups, precision):
 
 
 def _deepspeed(cfg, groups, precision, stage, *, seed=0, **kw):
+    from moe.trainer.optim import build_optimizer
     from parallel.zero_deepspeed import DeepSpeedEngine
 
     task = _task(cfg, groups, seed)
-    return task, DeepSpeedEngine(task.model, groups, cfg.optim, stage=stage, num_micro=NUM_MICRO,
+    return task, DeepSpeedEngine(task.model, groups, lambda m: build_optimizer(m, cfg.optim),
+                                 grad_clip=cfg.optim.grad_clip, stage=stage, num_micro=NUM_MICRO,
                                  device=torch.device("cpu"), precision=precision, **kw)
 
 

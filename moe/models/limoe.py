@@ -206,7 +206,7 @@ class LIMoEModel(TransformerModel):
     """``u, v, aux = model(images, tokens, mask)``: L2-normalised embeddings u[B, K], v[B, K]."""
 
     # Its blocks run as ``attend`` (images, then text) + ``feed_forward``, not through ``Block.forward``:
-    # ZeRO on FSDP2 (parallel.zero_fsdp) shards their dense parameters in the root unit, not per block.
+    # ZeRO on FSDP2 (moe.models.sharding) shards their dense parameters in the root unit, not per block.
     fsdp_block_units = False
 
     def __init__(self, cfg: LIMoEConfig, *, ep_group=None, dp_group=None, tp: Optional[TensorParallel] = None,
