@@ -22,6 +22,6 @@ from parallel.checks import (
 )
 
 __all__ = [
-    "ConfigError", "ConfigTypeError", "fail", "join", "build_at", "check_int", "check_number", "check_bool", "check_str",
-    "check_choice", "check_mapping", "check_keys",
+    "ConfigError", "ConfigTypeError", "fail", "join", "build_at", "check_int", "check_number", "check_bool",
+    "check_str", "check_choice", "check_mapping", "check_keys",
 ]

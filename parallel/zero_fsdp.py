@@ -22,8 +22,8 @@ for this project's models); the engine imports no model class.
 Parameters become ``DTensor`` s sharded on dim 0 (their local shard is what this rank
 keeps), gradients after backward are the reduce-scattered shards, and the optimizer
 ``make_optimizer(model)`` builds from them (the trainer's: ``moe.trainer.optim.build_optimizer``'s
-AdamW, the same groups, decay on matrices only) holds state shaped like those shards. Stage 2 keeps a unit's gathered
-parameters from its forward until its backward (``reshard_after_forward=False``);
+AdamW, the same groups, decay on matrices only) holds state shaped like those shards. Stage 2
+keeps a unit's gathered parameters from its forward until its backward (``reshard_after_forward=False``);
 stage 3 frees them after the forward and gathers them again in the backward
 (``True``). FSDP re-gathers parameters per unit before its forward: the expert
 all-to-all of ``moe.MoELayer`` runs inside the block's forward, between the
@@ -48,7 +48,8 @@ routers gathers its parameters in the compute dtype and reduce-scatters gradient
 (``MixedPrecisionPolicy(param_dtype, reduce_dtype=fp32, cast_forward_inputs=False)``: the
 residual stream stays in the dtype autocast leaves it in, fp32); the sharded parameters, the
 gradients and AdamW's state stay fp32. Each router is a unit of its own with the default
-(fp32) policy (``plan.fp32_units``), so the router computes from fp32 weights, as in every other engine.
+(fp32) policy (``plan.fp32_units``), so the router computes from fp32 weights, as in every other
+engine.
 
 Parameters created by ``fully_shard`` are new ``nn.Parameter`` objects: the expert
 markers of ``parallel.grads`` (``allreduce``, ``group_name``) are set on them again.

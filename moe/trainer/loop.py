@@ -48,6 +48,7 @@ from moe.models import compile_blocks
 from moe.recompute import apply_activation_checkpointing
 from moe.models.flops import TRAIN_FLOPS_PER_FORWARD
 from moe.models.transformer import micro_batch_rng
+from parallel.dims import ProcessGroups
 from parallel.precision import LossScaler, Precision
 from parallel.grads import is_expert_param
 
@@ -149,9 +150,9 @@ class Trainer:
     world-1 groups for one process). ``task``: an already-built task, else built from the config.
     """
 
-    def __init__(self, cfg: TrainConfig, *, groups, device="cpu", task=None,
+    def __init__(self, cfg: TrainConfig, *, groups: ProcessGroups, device="cpu", task=None,
                  task_builder: Optional[Callable] = None, log: Optional[Callable[[str], None]] = None):
-        if groups is None or not hasattr(groups, "dims"):
+        if not isinstance(groups, ProcessGroups):
             raise TypeError("Trainer: groups must be a parallel.ProcessGroups (parallel.launch.build_groups() "
                             f"gives world-1 groups for one process), got {type(groups).__name__}")
         self.cfg, self.groups = cfg, groups
