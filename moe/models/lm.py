@@ -93,6 +93,9 @@ class LanguageModel(TransformerModel):
     ``pipe`` (a ``parallel.pipeline.StageRole``): pipeline parallelism; this rank then
     builds only its blocks, the first stage the embeddings, the last the final norm and
     the head (a tied head keeps a copy of the token embedding there).
+
+    ``group_timeout``: the collective timeout of the groups the model creates (a hierarchical
+    dispatcher's node groups; the job's, ``parallel.ProcessGroups.timeout``; None: torch's default).
     """
 
     def __init__(self, cfg: LMConfig, *, ep_group=None, dp_group=None, tp: Optional[TensorParallel] = None,
