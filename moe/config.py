@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional
 
-from .checks import check_bool, check_choice, check_int, check_keys, check_number, fail
 from .config_build import FromDict
+from parallel.checks import check_bool, check_choice, check_int, check_keys, check_number, fail
 
 # Balancing-loss names accepted in ``MoEConfig.aux_losses``: a live view of the keys
 # of the ``moe.losses.AUX_LOSSES`` table, so a new entry there is accepted here.

@@ -32,7 +32,7 @@ import re
 import typing
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Type, TypeVar, Union
 
-from .checks import ConfigError, build_at, check_keys, join
+from parallel.checks import ConfigError, build_at, check_keys, join
 
 __all__ = ["FromDict", "from_dict", "build_sections", "construct"]
 

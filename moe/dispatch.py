@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from parallel.checks import check_int, fail
 from parallel.objects import all_gather_objects
-
-from .checks import check_int, fail
 
 ExpertFn = Callable[[Tensor, Tensor], Tensor]  # (rows[N_l, D], counts[E_l]) -> out[N_l, D']
 
@@ -450,7 +450,8 @@ def etp_compute(experts, rows: Tensor, counts_El: Tensor, etp_group, *,
     return experts.add_output_bias(out, counts_El)
 
 
-def new_node_groups(ep_groups_ranks: Sequence[Sequence[int]], ranks_per_node: int):
+def new_node_groups(ep_groups_ranks: Sequence[Sequence[int]], ranks_per_node: int, *,
+                    timeout: Optional[timedelta] = None):
     """Create the intra-node and inter-node groups of every ep group; return this rank's.
 
     ``ep_groups_ranks``: the global ranks of *every* ep group in the job (e.g.
@@ -458,11 +459,10 @@ def new_node_groups(ep_groups_ranks: Sequence[Sequence[int]], ranks_per_node: in
     ranks ``[n*G, (n+1)*G)`` share node n. Must be called on every rank (torch's
     ``new_group`` rule); creates all groups in the same order everywhere. Returns
     ``(intra_group, inter_group)`` for the calling rank (``(None, None)`` if it is
-    in no ep group). The groups get the job's collective timeout (``parallel.launch.group_timeout``).
+    in no ep group). ``timeout``: the groups' collective timeout, the job's (``ProcessGroups.timeout``);
+    None: torch's default.
     """
-    from parallel.launch import group_timeout
-
-    me, timeout = dist.get_rank(), group_timeout()
+    me = dist.get_rank()
     mine = (None, None)
     for ranks in ep_groups_ranks:
         ranks = list(ranks)
@@ -545,15 +545,16 @@ class HierarchicalAllToAllDispatcher(AllToAllDispatcher):
         return plans
 
 
-def world_node_groups(ep_group, ranks_per_node: int):
+def world_node_groups(ep_group, ranks_per_node: int, *, timeout: Optional[timedelta] = None):
     """``new_node_groups`` for every ep group of the job, learnt from ``ep_group`` alone.
 
     Each rank all-gathers its ep group's ranks over the default (world) group, so the
     call is collective: every rank of the world makes it, in the same order (once per
-    model, not per layer). Returns this rank's ``(intra_group, inter_group)``.
+    model, not per layer). Returns this rank's ``(intra_group, inter_group)``, created
+    with the collective ``timeout`` (None: torch's default).
     """
     everyone = all_gather_objects(list(dist.get_process_group_ranks(ep_group)))
-    return new_node_groups(sorted({tuple(r) for r in everyone}), ranks_per_node)
+    return new_node_groups(sorted({tuple(r) for r in everyone}), ranks_per_node, timeout=timeout)
 
 
 def build_dispatcher(ep_group, config, *, node_groups=None) -> AllToAllDispatcher:

@@ -49,7 +49,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .checks import check_int, check_mapping, check_number
+from parallel.checks import check_int, check_mapping, check_number
 
 __all__ = [
     "load_balancing_loss",

@@ -11,16 +11,20 @@ so tensor-parallel ranks are contiguous, then expert-parallel ranks. World 4 wit
 ep=2, dp=2 gives ep groups [0, 1], [2, 3] and edp groups [0, 2], [1, 3].
 
 ``ParallelDims`` is pure (no processes needed): it validates the sizes and computes
-the rank lists. ``ParallelDims.build()`` creates the torch process groups after
+the rank lists. ``ParallelDims.build(timeout=...)`` creates the torch process groups after
 ``torch.distributed.init_process_group`` and returns a ``ProcessGroups`` for this
-rank; it is passed explicitly to whatever needs it.
+rank; it is passed explicitly to whatever needs it, and carries the collective timeout
+its groups were created with (``ProcessGroups.timeout``) for whoever creates groups later.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Optional
 
-from moe.checks import check_bool, check_int
+import torch.distributed as dist
+
+from .checks import check_bool, check_int
 
 # Axis names in layout order (outermost first) for each view of the ranks.
 DENSE_AXES = ("pp", "dp", "tp")
@@ -88,7 +92,7 @@ class ParallelDims:
 
     @classmethod
     def from_world(cls, world_size: int, *, ep: int = 1, tp: int = 1, pp: int = 1, etp: int = 1,
-                   sequence_parallel: bool = False) -> "ParallelDims":
+                   sequence_parallel: bool = False) -> ParallelDims:
         """Derive ``dp = world_size // (tp * pp)`` and validate the rest."""
         for name, value in (("world_size", world_size), ("tp", tp), ("pp", pp)):
             check_int(f"ParallelDims.{name}", value, minimum=1)
@@ -125,20 +129,17 @@ class ParallelDims:
                 return ranks
         raise AssertionError("unreachable: groups cover every rank")
 
-    def build(self, rank: Optional[int] = None) -> "ProcessGroups":
+    def build(self, rank: Optional[int] = None, *, timeout: Optional[timedelta] = None) -> ProcessGroups:
         """Create every group of every dimension and return this rank's.
 
         Call on all ranks after ``torch.distributed.init_process_group`` with
         ``world_size == self.world_size``: torch requires each ``new_group`` call
         on every rank in the same order, which this does (dimensions in
         ``GROUP_NAMES`` order, groups by smallest rank). ``rank`` defaults to
-        ``torch.distributed.get_rank()``. Every group gets the collective timeout
-        ``parallel.launch.init_distributed`` gave the world group (``group_timeout``).
+        ``torch.distributed.get_rank()``. ``timeout``: the collective timeout of every
+        group (the job's ``parallel.timeout_s``, as ``parallel.launch.init_distributed``
+        gave the world group: ``DistContext.timeout``); None: torch's default for new groups.
         """
-        import torch.distributed as dist
-
-        from .launch import group_timeout
-
         if not dist.is_initialized():
             raise RuntimeError("ParallelDims.build: call torch.distributed.init_process_group first")
         if dist.get_world_size() != self.world_size:
@@ -147,16 +148,17 @@ class ParallelDims:
                 f"world size {dist.get_world_size()}"
             )
         rank = dist.get_rank() if rank is None else rank
-        groups, ranks = {}, {}
+        groups: dict[str, dist.ProcessGroup] = {}
+        ranks: dict[str, list[int]] = {}
         for name in GROUP_NAMES:
             for members in self.group_ranks(name):
-                handle = dist.new_group(members, timeout=group_timeout())
+                handle = dist.new_group(members, timeout=timeout)
                 if rank in members:
                     groups[name], ranks[name] = handle, members
         ends = None
         if self.pp > 1:  # the first and last stage of every pipeline (a tied embedding lives on both)
             for members in self.group_ranks("pp"):
-                handle = dist.new_group([members[0], members[-1]], timeout=group_timeout())
+                handle = dist.new_group([members[0], members[-1]], timeout=timeout)
                 if rank in members:
                     ends = handle
         return ProcessGroups(
@@ -170,6 +172,7 @@ class ParallelDims:
             etp_group=groups["etp"],
             edp_group=groups["edp"],
             pp_ends_group=ends,
+            timeout=timeout,
         )
 
 
@@ -180,18 +183,22 @@ class ProcessGroups:
     ``<name>_group`` is the torch group of dimension ``name``; ``<name>_rank`` is
     this rank's index in it and ``group_ranks[name]`` its global member ranks.
     ``pp_ends_group`` (pp > 1 only): the first and the last rank of this rank's pp group.
+    ``timeout``: the collective timeout the groups were created with (None: torch's
+    default); a module that creates more groups later (the hierarchical dispatcher's
+    node groups) gives them the same.
     """
 
     dims: ParallelDims
     rank: int
-    group_ranks: dict = field(repr=False)
-    dp_group: object = field(repr=False)
-    tp_group: object = field(repr=False)
-    pp_group: object = field(repr=False)
-    ep_group: object = field(repr=False)
-    etp_group: object = field(repr=False)
-    edp_group: object = field(repr=False)
-    pp_ends_group: object = field(repr=False, default=None)
+    group_ranks: dict[str, list[int]] = field(repr=False)
+    dp_group: dist.ProcessGroup = field(repr=False)
+    tp_group: dist.ProcessGroup = field(repr=False)
+    pp_group: dist.ProcessGroup = field(repr=False)
+    ep_group: dist.ProcessGroup = field(repr=False)
+    etp_group: dist.ProcessGroup = field(repr=False)
+    edp_group: dist.ProcessGroup = field(repr=False)
+    pp_ends_group: Optional[dist.ProcessGroup] = field(repr=False, default=None)
+    timeout: Optional[timedelta] = None
 
     def _index(self, name: str) -> int:
         return self.group_ranks[name].index(self.rank)

@@ -24,7 +24,12 @@ stage 0): dense gradients averaged over the data-parallel group, expert gradient
 over the expert-data-parallel group (``parallel.grads``). ``parallel.pipeline.
 PipelineEngine`` has the same verbs, except that a pipeline splits the forward, so its
 ``forward_backward(num_micro, micro)`` takes ``micro(m) -> (micro-batch m, its seed)``
-and runs the task's pieces itself. The ZeRO engines will implement the same verbs.
+and runs the task's pieces itself. The ZeRO engines (``parallel.zero_deepspeed``,
+``parallel.zero_fsdp``) implement the same verbs.
+
+What is model- or trainer-specific is injected, never imported: the optimizer as
+``make_optimizer(model)`` (``MakeOptimizer``; the trainer's builds the job's AdamW,
+``moe.trainer.optim``), a pipeline's task, FSDP2's ``parallel.sharding.ShardingPlan``.
 """
 from __future__ import annotations
 
@@ -32,18 +37,21 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from moe.checks import check_int
-
+from .checks import check_int
+from .dims import ProcessGroups
 from .grads import allreduce_gradients, clip_gradients, sync_replicas
+from .optim_view import AdamView
 from .precision import FP32, Precision
 
 LossFn = Callable[[int], Tuple[torch.Tensor, Dict[str, float]]]
+MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]  # the optimizer of a model's parameters
 
 
 def _local_bytes(t: torch.Tensor) -> int:
     """Bytes of a tensor on this rank (a DTensor's local shard)."""
-    local = t.to_local() if hasattr(t, "to_local") else t
+    local = t.to_local() if isinstance(t, DTensor) else t
     return local.numel() * local.element_size()
 
 
@@ -52,10 +60,11 @@ class EngineBase:
     (a subclass sets ``model``, ``groups`` and ``optimizer``)."""
 
     model: nn.Module
-    groups: object
+    groups: ProcessGroups
     optimizer: torch.optim.Optimizer
     precision: Precision = FP32
     loss_scale: float = 1.0  # fp16: the loss scaler's scale for the next forward_backward
+    _adam_view: Optional[AdamView] = None  # checkpoint_optimizer's view until after_checkpoint_load
 
     def accumulate(self, num_micro: int, loss_fn: LossFn) -> List[Dict[str, float]]:
         """Zero the gradients, then back-propagate ``loss_fn(m) / num_micro`` for every micro-batch m on this
@@ -99,18 +108,16 @@ class EngineBase:
         ``param_groups`` hold the model's parameters and whose ``state[p]`` holds that parameter's
         ``step`` / ``exp_avg`` / ``exp_avg_sq`` (``moe.trainer.checkpoint``). Here the optimizer itself;
         an engine that keeps the state elsewhere (flat ZeRO partitions) returns a per-parameter view, and
-        so does this one for an optimizer that keeps ``step`` per group (apex FusedAdam: ``moe.trainer.fused``)."""
+        so does this one for an optimizer that keeps ``step`` per group (apex FusedAdam: ``parallel.optim_view``)."""
         if isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             return self.optimizer
-        from moe.trainer.fused import AdamView
-
         self._adam_view = AdamView(self.optimizer)
         return self._adam_view.view()
 
     def after_checkpoint_load(self) -> None:
         """Called after a checkpoint was loaded into ``checkpoint_optimizer()`` (and the model): an engine
         with a view pushes the loaded state into its own buffers."""
-        view, self._adam_view = getattr(self, "_adam_view", None), None
+        view, self._adam_view = self._adam_view, None
         if view is not None:
             view.push()
 
@@ -128,7 +135,7 @@ class ReplicatedEngine(EngineBase):
     ``make_optimizer``: builds the optimizer for the model's parameters.
     """
 
-    def __init__(self, model: nn.Module, groups, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    def __init__(self, model: nn.Module, groups: ProcessGroups, make_optimizer: MakeOptimizer,
                  *, precision: Precision = FP32):
         self.model, self.groups, self.precision = model, groups, precision
         sync_replicas(model, groups)

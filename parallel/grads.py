@@ -22,14 +22,14 @@ ranks (``groups.pp_ends_group``) and is counted once, on the first stage.
 """
 from __future__ import annotations
 
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe.checks import check_int
-
+from .checks import check_int
+from .dims import ProcessGroups
 from .shards import partial_grad_group, shard_of
 
 EXPERT_GROUP_PREFIX = "ep_size_"
@@ -88,7 +88,8 @@ def _average_(grads: list[torch.Tensor], group, size: int, bucket_numel: int, di
                 bucket, numel = [g], g.numel()
 
 
-def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Parameter]], groups, *, bucket_numel: int = 1 << 24) -> None:
+def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Parameter]], groups: ProcessGroups, *,
+                        bucket_numel: int = 1 << 24) -> None:
     """Average gradients in place so that every parameter gets the gradient of the
     mean of the data-parallel ranks' losses.
 
@@ -130,7 +131,7 @@ def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Parameter]], groups,
     _average_(expert, groups.edp_group, groups.dims.edp, bucket_numel, dp)
 
 
-def global_grad_norm(model: Union[nn.Module, Iterable[nn.Parameter]], groups) -> torch.Tensor:
+def global_grad_norm(model: Union[nn.Module, Iterable[nn.Parameter]], groups: ProcessGroups) -> torch.Tensor:
     """L2 norm (fp64, 0-d) of the whole model's gradient, each parameter counted once.
 
     Call after ``allreduce_gradients``: replicated gradients are then equal on their
@@ -163,7 +164,7 @@ def global_grad_norm(model: Union[nn.Module, Iterable[nn.Parameter]], groups) ->
     return total.sqrt()
 
 
-def clip_gradients(model: nn.Module, max_norm, groups) -> float:
+def clip_gradients(model: nn.Module, max_norm: Optional[float], groups: ProcessGroups) -> float:
     """Scale every gradient by ``max_norm / norm`` when the global norm exceeds ``max_norm``.
 
     ``max_norm`` None or 0: no clipping. Returns the global norm before clipping
@@ -179,7 +180,7 @@ def clip_gradients(model: nn.Module, max_norm, groups) -> float:
 
 
 @torch.no_grad()
-def sync_replicas(model: nn.Module, groups) -> None:
+def sync_replicas(model: nn.Module, groups: ProcessGroups) -> None:
     """Make replicas bit-identical: dense tensors from the first rank of the dp group,
     expert tensors from the first rank of the edp group."""
     for p in list(model.parameters()) + list(model.buffers()):

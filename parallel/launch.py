@@ -30,10 +30,11 @@ harness that already initialised one.
 
 Collective timeout: ``init_distributed(timeout_s=...)`` (the trainer passes
 ``parallel.timeout_s``, default 600 s) bounds how long any collective waits for its
-peers, in the world group and, through ``group_timeout()``, in every group the job
-creates afterwards (``ParallelDims.build``, the hierarchical dispatcher's node groups;
-``torch.distributed.new_group`` would otherwise use torch's own default, 30 min for
-gloo). A peer that hung or died then ends the job with an error instead of a hang:
+peers, in the world group and, passed on explicitly (``DistContext.timeout`` ->
+``build_groups(timeout=...)`` -> ``ParallelDims.build`` -> ``ProcessGroups.timeout``), in
+every group the job creates afterwards (the parallel groups, the hierarchical
+dispatcher's node groups; ``torch.distributed.new_group`` would otherwise use torch's
+own default, 30 min for gloo). A peer that hung or died then ends the job with an error instead of a hang:
 gloo raises on the waiting ranks (``explain_timeout`` adds a note naming the key), and
 NCCL's watchdog aborts the process with its own "collective operation timeout" line.
 """
@@ -52,9 +53,11 @@ from typing import List, Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from .dims import ParallelDims, ProcessGroups
+
 DIST_BACKENDS = ("auto", "gloo", "nccl")  # torch.distributed backends (a job's parallel.backend)
+
 LOOPBACK = "127.0.0.1"
-_GROUP_TIMEOUT: Optional[timedelta] = None  # set by init_distributed for the groups created after it
 
 
 class LaunchError(RuntimeError):
@@ -238,7 +241,13 @@ def pick_backend(backend: str = "auto") -> str:
 
 @dataclass
 class DistContext:
-    """The process group this process trains in (see ``init_distributed``)."""
+    """The process group this process trains in (see ``init_distributed``).
+
+    ``timeout``: the collective timeout of the world group ``init_distributed`` created, for
+    the groups the job creates afterwards (``build_groups(timeout=ctx.timeout)``); None when
+    the group was started otherwise (a test harness): then ``torch.distributed.new_group``
+    applies torch's default, as it would without us.
+    """
 
     rank: int
     world_size: int
@@ -247,24 +256,13 @@ class DistContext:
     source: str
     device: torch.device
     owns_group: bool
+    timeout: Optional[timedelta] = None
 
     def close(self) -> None:
         """Destroy the process group if ``init_distributed`` created it (idempotent)."""
-        global _GROUP_TIMEOUT
-        if self.owns_group:
-            _GROUP_TIMEOUT = None
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
         self.owns_group = False
-
-
-def group_timeout() -> Optional[timedelta]:
-    """The collective timeout of the world group ``init_distributed`` created, for the job's later groups.
-
-    ``None`` when this process's group was started otherwise (a test harness): then
-    ``torch.distributed.new_group`` applies torch's default, as it would without us.
-    """
-    return _GROUP_TIMEOUT
 
 
 _TIMEOUT_MARKS = ("timed out waiting", "collective operation timeout")  # gloo, NCCL watchdog
@@ -333,10 +331,9 @@ def init_distributed(backend: str = "auto", *, device: str = "auto",
 
     Returns a ``DistContext`` with this process's rank, the backend and the device
     to train on (``cuda:LOCAL_RANK`` with CUDA unless ``device='cpu'``). ``timeout_s``:
-    the collective timeout of the new group and of the groups created after it
-    (``group_timeout``); a live group keeps its own.
+    the collective timeout of the new group, kept as ``DistContext.timeout`` for the groups
+    created after it; a live group keeps its own (``timeout`` None).
     """
-    global _GROUP_TIMEOUT
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -367,17 +364,18 @@ def init_distributed(backend: str = "auto", *, device: str = "auto",
         else:
             dist.init_process_group(name, store=store, rank=launch.rank, world_size=launch.world_size,
                                     timeout=timeout)
-    _GROUP_TIMEOUT = timeout
     return DistContext(launch.rank, launch.world_size, launch.local_rank, name, launch.source, dev,
-                       owns_group=True)
+                       owns_group=True, timeout=timeout)
 
 
-def build_groups(ep: int = 1, *, tp: int = 1, pp: int = 1, etp: int = 1, sequence_parallel: bool = False):
-    """``ParallelDims.from_world(world, ep=...)`` then ``.build()`` on a live process group."""
-    from .dims import ParallelDims
+def build_groups(ep: int = 1, *, tp: int = 1, pp: int = 1, etp: int = 1, sequence_parallel: bool = False,
+                 timeout: Optional[timedelta] = None) -> ProcessGroups:
+    """``ParallelDims.from_world(world, ep=...)`` then ``.build(timeout=timeout)`` on a live process group.
 
+    ``timeout``: the collective timeout of the new groups (``DistContext.timeout``; None: torch's default).
+    """
     if not dist.is_initialized():
         raise LaunchError("build_groups: call init_distributed() first")
     dims = ParallelDims.from_world(dist.get_world_size(), ep=ep, tp=tp, pp=pp, etp=etp,
                                    sequence_parallel=sequence_parallel)
-    return dims.build()
+    return dims.build(timeout=timeout)

@@ -52,9 +52,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe.checks import check_int
-
-from .engine import EngineBase
+from .checks import check_int
+from .dims import ProcessGroups
+from .engine import EngineBase, MakeOptimizer
 from .grads import allreduce_gradients, sync_replicas
 from .objects import all_gather_objects, broadcast_object
 from .precision import FP32, Precision
@@ -102,11 +102,11 @@ class StageRole:
 
     plan: StagePlan
     rank: int
-    group: object = field(repr=False, default=None)
+    group: Optional[dist.ProcessGroup] = field(repr=False, default=None)
     group_ranks: Sequence[int] = ()
 
     @classmethod
-    def from_groups(cls, plan: StagePlan, groups) -> "StageRole":
+    def from_groups(cls, plan: StagePlan, groups: ProcessGroups) -> StageRole:
         return cls(plan=plan, rank=groups.pp_rank, group=groups.pp_group, group_ranks=list(groups.group_ranks["pp"]))
 
     @property
@@ -238,8 +238,9 @@ class PipelineEngine(EngineBase):
     (to size the stage tensors); ``make_optimizer`` as for ``ReplicatedEngine``.
     """
 
-    def __init__(self, task, groups, role: StageRole, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 *, schedule: str, num_micro: int, sample_batch: dict, device, precision: Precision = FP32):
+    def __init__(self, task, groups: ProcessGroups, role: StageRole, make_optimizer: MakeOptimizer,
+                 *, schedule: str, num_micro: int, sample_batch: dict, device: torch.device | str,
+                 precision: Precision = FP32):
         from torch.distributed.pipelining import (
             PipelineStage,
             Schedule1F1B,

@@ -16,7 +16,8 @@ The cut (``plan_stages``), in order of precedence:
   chunk; ``n_chunks`` must divide ``n_blocks``, so every chunk of the interleaved
   schedule has the same work;
 - otherwise the balanced cut: the contiguous split that minimises the largest chunk
-  cost, where a block costs its forward FLOPs per token (``block_costs``: attention
+  cost, where a block costs what the caller says (``costs``; the trainer passes each
+  block's forward FLOPs per token, ``moe.models.flops.block_flops_per_token``: attention
   projections and scores, plus the FFN's ACTIVE FLOPs: an MoE block counts its k
   experts of its expert width, and its router); ties go to the cut with fewer blocks
   in the earlier chunks (the first stage also embeds, the last also runs the head).
@@ -29,9 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from moe.checks import ConfigError
+from .checks import ConfigError
 
-__all__ = ["StagePlan", "plan_stages", "block_costs", "balanced_cut"]
+__all__ = ["StagePlan", "plan_stages", "balanced_cut"]
 
 
 @dataclass(frozen=True)
@@ -81,15 +82,6 @@ class StagePlan:
         return "; ".join(parts)
 
 
-def block_costs(cfg, seq_len: int) -> List[int]:
-    """Forward FLOPs per token of every block of a ``TransformerConfig`` at sequence length ``seq_len``
-    (``moe.models.flops.block_flops_per_token``): attention projections and scores, the FFN's ACTIVE
-    FLOPs (an MoE block: k experts of its expert width) and the router."""
-    from moe.models.flops import block_flops_per_token
-
-    return block_flops_per_token(cfg, seq_len)
-
-
 def balanced_cut(costs: Sequence[float], parts: int) -> List[int]:
     """Block counts of the contiguous cut of ``costs`` into ``parts`` non-empty chunks whose
     largest chunk cost is smallest (ties: the earlier chunks get fewer blocks)."""
@@ -120,14 +112,15 @@ def balanced_cut(costs: Sequence[float], parts: int) -> List[int]:
     return counts
 
 
-def plan_stages(cfg, pp: int, *, virtual_stages: int = 1, counts: Optional[Sequence[int]] = None,
-                seq_len: int = 1) -> StagePlan:
-    """The ``StagePlan`` of a ``TransformerConfig`` (see the module doc for the rule).
+def plan_stages(costs: Sequence[float], pp: int, *, virtual_stages: int = 1,
+                counts: Optional[Sequence[int]] = None) -> StagePlan:
+    """The ``StagePlan`` of a model whose block i costs ``costs[i]`` (see the module doc for the rule).
 
-    Raises ``ConfigError`` naming ``parallel.pp`` / ``parallel.virtual_stages`` /
+    ``len(costs)`` is the number of blocks (``model.n_layers``); the costs matter only to the
+    balanced cut. Raises ``ConfigError`` naming ``parallel.pp`` / ``parallel.virtual_stages`` /
     ``parallel.pp_blocks`` when the blocks do not split that way.
     """
-    n, chunks = cfg.n_layers, pp * virtual_stages
+    n, chunks = len(costs), pp * virtual_stages
     if chunks > n:
         key, value = ("parallel.pp", pp) if virtual_stages == 1 else ("parallel.virtual_stages", virtual_stages)
         raise ConfigError(f"config key '{key}': got {value}; pp x virtual_stages = {pp} x {virtual_stages} = "
@@ -148,7 +141,7 @@ def plan_stages(cfg, pp: int, *, virtual_stages: int = 1, counts: Optional[Seque
                               f"so {chunks} must divide {n} (or list the cut in parallel.pp_blocks)")
         counts = [n // chunks] * chunks
     else:
-        counts = balanced_cut(block_costs(cfg, seq_len), chunks)
+        counts = balanced_cut(costs, chunks)
     out, start = [], 0
     for k in counts:
         out.append(tuple(range(start, start + k)))

@@ -47,6 +47,7 @@ from torch import nn
 
 from . import comm
 from .rng import tp_rank_fork
+from .dims import ProcessGroups
 from .shards import mark_partial_grad, mark_shard
 
 SEQ_DIM = 1  # activations are [B, L, D]: sequence parallelism splits dim 1
@@ -61,17 +62,16 @@ class TensorParallel:
     between the tensor-parallel layers.
     """
 
-    group: Optional[object] = None
-    etp_group: Optional[object] = None
+    group: Optional[dist.ProcessGroup] = None
+    etp_group: Optional[dist.ProcessGroup] = None
     sequence_parallel: bool = False
 
     @classmethod
-    def from_groups(cls, groups) -> "TensorParallel":
+    def from_groups(cls, groups: Optional[ProcessGroups]) -> TensorParallel:
         """From a ``parallel.ProcessGroups`` (None: no tensor parallelism)."""
         if groups is None:
             return cls()
-        return cls(getattr(groups, "tp_group", None), getattr(groups, "etp_group", None),
-                   bool(getattr(getattr(groups, "dims", None), "sequence_parallel", False)))
+        return cls(groups.tp_group, groups.etp_group, groups.dims.sequence_parallel)
 
     @property
     def size(self) -> int:

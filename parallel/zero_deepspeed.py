@@ -4,8 +4,9 @@ Legend: P a parameter's element count; dp / edp / ep / tp the ``ParallelDims`` s
 
 ``DeepSpeedEngine`` has the verbs of ``parallel.engine`` and hands the model to
 ``deepspeed.initialize`` with a torch ``AdamW`` (never DeepSpeed's fused optimizer: it
-JIT-builds a C++ op) whose groups are ``moe.trainer.optim.build_optimizer``'s (weight decay
-on matrices only) split by ``deepspeed.moe.utils.split_params_into_different_moe_groups_for_
+JIT-builds a C++ op) whose groups and hyperparameters (lr, betas, eps) are those of the AdamW
+``make_optimizer(model)`` builds (the trainer's: ``moe.trainer.optim.build_optimizer``, weight
+decay on matrices only) split by ``deepspeed.moe.utils.split_params_into_different_moe_groups_for_
 optimizer``: dense decay / no-decay groups, and the same two for the expert parameters
 (marked ``allreduce=False``, ``group_name="ep_size_<ep>"`` by ``parallel.grads``), which
 ZeRO partitions over the expert-data-parallel group. Stage 1 partitions the optimizer
@@ -48,8 +49,9 @@ would become DeepSpeed's ``BF16_Optimizer`` (no ``single_partition_of_fp32_group
 - bf16: DeepSpeed's ``torch_autocast`` section on (dtype bfloat16) with no
   ``lower_precision_safe_modules``: every gradient is reduced in fp32, as FSDP2's
   ``reduce_dtype=fp32``, so DeepSpeed trains the replicated engine's numbers. ``reduce_dtype=
-  torch.bfloat16`` (opt-in) names the matmul layers (``LOW_PRECISION_COMM_MODULES``: ``nn.Linear``
-  and ``moe.experts.Experts``, matched by exact class; never the router, norms or embeddings): their
+  torch.bfloat16`` (opt-in) names the matmul layers (``low_precision_comm_modules``: ``nn.Linear``
+  and the classes holding the expert parameters, ``moe.experts.Experts``, matched by exact class;
+  never the router, norms or embeddings): their
   gradients are then reduced in bf16 (half the bytes; DeepSpeed keeps a bf16 bucket for them),
   within bf16 round-off of the fp32 reduction, not within the 1e-4 of the layout tests.
 - fp16: nothing in DeepSpeed's config (its static loss scale stays 1). ``forward_backward``
@@ -88,14 +90,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from moe.checks import check_int
-
-from .engine import EngineBase, LossFn
+from .checks import check_int
+from .dims import ProcessGroups
+from .engine import EngineBase, LossFn, MakeOptimizer
 from .grads import expert_group_name, is_expert_param
 from .precision import FP32, Precision
 from .shards import partial_grad_group, shard_of
@@ -139,7 +141,7 @@ class _MPU:
     """The model-parallel unit DeepSpeed asks for its groups, answered from our ``ProcessGroups``:
     data parallel = dp, model (= tensor) parallel = tp, no pipeline parallelism."""
 
-    def __init__(self, groups):
+    def __init__(self, groups: ProcessGroups):
         self._g = groups
 
     def get_data_parallel_group(self):
@@ -219,7 +221,7 @@ class _Wrapped(nn.Module):
         return self.model(*args, **kwargs)
 
 
-def _register_expert_groups(groups) -> str:
+def _register_expert_groups(groups: ProcessGroups) -> str:
     """Write our ep / edp groups into DeepSpeed's group dicts (see the module doc); returns the name."""
     from deepspeed.utils import groups as ds_groups
 
@@ -231,9 +233,7 @@ def _register_expert_groups(groups) -> str:
     return name
 
 
-# reduce_dtype=bf16: the modules whose gradients DeepSpeed then reduces in bf16 (torch_autocast's
-# ``lower_precision_safe_modules``, matched by exact class): the matmul weights; never the router
-LOW_PRECISION_COMM_MODULES = ("torch.nn.modules.linear.Linear", "moe.experts.Experts")
+_LINEAR = "torch.nn.modules.linear.Linear"
 _COMM_DTYPE_ATTR = "comm_dtype"  # deepspeed.runtime.torch_autocast.PARAM_COMM_DTYPE_ATTR_NAME
 
 
@@ -244,15 +244,25 @@ def _check_reduce_dtype(precision: Precision, reduce_dtype: torch.dtype) -> None
                          f"{', '.join(map(str, allowed))} (bf16 gradient reduction needs precision 'bf16')")
 
 
-def precision_config(precision: Precision, reduce_dtype: torch.dtype = torch.float32) -> dict:
+def low_precision_comm_modules(model: nn.Module) -> List[str]:
+    """reduce_dtype=bf16: the classes whose gradients DeepSpeed then reduces in bf16 (torch_autocast's
+    ``lower_precision_safe_modules``, matched by exact class, named as DeepSpeed imports them): the matmul
+    weights, ``nn.Linear`` and the classes of the modules holding expert parameters; never the router."""
+    experts = {f"{type(m).__module__}.{type(m).__name__}" for m in model.modules()
+               if any(is_expert_param(p) for p in m.parameters(recurse=False))}
+    return [_LINEAR] + sorted(experts)
+
+
+def precision_config(precision: Precision, reduce_dtype: torch.dtype = torch.float32,
+                     low_precision_modules: Sequence[str] = ()) -> dict:
     """DeepSpeed's precision sections for ``precision`` (see the module doc): its ``fp16`` / ``bf16``
     modes stay off (parameters, gradients and partitions fp32); bf16 turns on ``torch_autocast``,
-    whose lower-precision gradient reduction covers ``LOW_PRECISION_COMM_MODULES`` when
-    ``reduce_dtype`` is bf16 and nothing otherwise."""
+    whose lower-precision gradient reduction covers ``low_precision_modules`` (the model's
+    ``low_precision_comm_modules``) when ``reduce_dtype`` is bf16 and nothing otherwise."""
     _check_reduce_dtype(precision, reduce_dtype)
     config = {"fp16": {"enabled": False}, "bf16": {"enabled": False}}
     if precision.name == "bf16":
-        modules = list(LOW_PRECISION_COMM_MODULES) if reduce_dtype == torch.bfloat16 else []
+        modules = list(low_precision_modules) if reduce_dtype == torch.bfloat16 else []
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": modules}
     return config
 
@@ -273,26 +283,42 @@ def _check_scale(name: str, value) -> float:
     return value
 
 
-def _param_groups(model: nn.Module, optim_cfg) -> List[dict]:
-    """``moe.trainer.optim.build_optimizer``'s groups (decay on matrices only), named for DeepSpeed's split."""
-    from moe.trainer.optim import build_optimizer
+def _reference_adamw(model: nn.Module, make_optimizer: MakeOptimizer) -> torch.optim.AdamW:
+    """``make_optimizer(model)``: the AdamW whose groups (which parameters decay) and hyperparameters
+    DeepSpeed's AdamW takes; it never steps."""
+    reference = make_optimizer(model)
+    if not isinstance(reference, torch.optim.AdamW):
+        raise TypeError(f"DeepSpeedEngine: make_optimizer must build a torch.optim.AdamW (DeepSpeed is handed a "
+                        f"torch AdamW with its groups), got {type(reference).__name__}")
+    return reference
 
-    reference = build_optimizer(model, optim_cfg)  # the one place that decides which parameters decay
+
+def _param_groups(reference: torch.optim.Optimizer) -> List[dict]:
+    """The reference optimizer's groups (decay, no decay), named for DeepSpeed's split."""
     names = ("decay", "no_decay")
     return [{"params": list(g["params"]), "weight_decay": g["weight_decay"], "name": names[i]}
             for i, g in enumerate(reference.param_groups)]
+
+
+def _global_experts(model: nn.Module, ep: int) -> int:
+    """The largest global expert count of the model's expert parameters (stacked [E_l, ...] tensors over
+    this rank's E_l experts: E_l x ep), ep when it has none: the size DeepSpeed's MoE marker reports."""
+    return max([p.shape[0] * ep for p in model.parameters() if is_expert_param(p) and p.dim() > 0] or [ep])
 
 
 class DeepSpeedEngine(EngineBase):
     """ZeRO stage 1 or 2 on DeepSpeed (see the module doc).
 
     ``model``: the rank's model (expert parameters marked by ``parallel.grads``); ``groups``: its
-    ``ProcessGroups``; ``optim_cfg``: ``moe.trainer.config.OptimConfig``; ``stage``: 1 or 2;
+    ``ProcessGroups``; ``make_optimizer``: builds the job's torch AdamW for a model (its groups and
+    lr / betas / eps are DeepSpeed's AdamW's); ``grad_clip``: the clipping threshold DeepSpeed starts
+    with (``optim.grad_clip``; None: none; ``clip_grad_norm`` sets it every step); ``stage``: 1 or 2;
     ``num_micro``: micro-batches per optimizer step; ``device``: where the model lives; ``precision``:
     ``train.precision``; ``reduce_dtype``: fp32, or bf16 with precision bf16 (the module doc).
     """
 
-    def __init__(self, model: nn.Module, groups, optim_cfg, *, stage: int, num_micro: int, device,
+    def __init__(self, model: nn.Module, groups: ProcessGroups, make_optimizer: MakeOptimizer, *, stage: int,
+                 num_micro: int, device: torch.device | str, grad_clip: Optional[float] = None,
                  precision: Precision = FP32, reduce_dtype: torch.dtype = torch.float32):
         if stage not in (1, 2):
             raise ValueError(f"DeepSpeedEngine: stage must be 1 or 2 (ZeRO stage 3 runs on FSDP2), got {stage!r}")
@@ -309,7 +335,7 @@ class DeepSpeedEngine(EngineBase):
         deepspeed = _import_deepspeed()
         _set_local_rank(device)
         self.model, self.groups, self.stage, self.num_micro = model, groups, stage, num_micro
-        self.optim_cfg, self.precision, self.reduce_dtype = optim_cfg, precision, reduce_dtype
+        self.make_optimizer, self.precision, self.reduce_dtype = make_optimizer, precision, reduce_dtype
         if dims.tp > 1:  # the norm: tp pieces and experts differ between the model-parallel ranks
             for p in model.parameters():
                 if is_expert_param(p) or shard_of(p) is not None:
@@ -317,21 +343,20 @@ class DeepSpeedEngine(EngineBase):
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         _register_expert_groups(groups)
-        num_experts = max([m.num_local_experts * dims.ep for m in model.modules()
-                           if hasattr(m, "num_local_experts") and hasattr(m, "experts")] or [dims.ep])
-        wrapped = _Wrapped(model, _marker_class()(num_experts, dims.ep))
-        param_groups = split_params_into_different_moe_groups_for_optimizer(_param_groups(model, optim_cfg))
+        wrapped = _Wrapped(model, _marker_class()(_global_experts(model, dims.ep), dims.ep))
+        reference = _reference_adamw(model, make_optimizer)  # the one place that decides which parameters decay
+        param_groups = split_params_into_different_moe_groups_for_optimizer(_param_groups(reference))
         param_groups = [g for g in param_groups if g["params"]]
-        torch_optim = torch.optim.AdamW(param_groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
-                                        eps=optim_cfg.eps)
+        hyper = reference.defaults
+        torch_optim = torch.optim.AdamW(param_groups, lr=hyper["lr"], betas=tuple(hyper["betas"]), eps=hyper["eps"])
         config = {
             "train_micro_batch_size_per_gpu": 1,  # batches are ours; DeepSpeed only checks the product
             "gradient_accumulation_steps": num_micro,
-            "gradient_clipping": float(optim_cfg.grad_clip or 0.0),  # DeepSpeed's default is 1.0
+            "gradient_clipping": float(grad_clip or 0.0),  # DeepSpeed's default is 1.0
             "zero_optimization": {"stage": stage, "contiguous_gradients": True, "reduce_scatter": True,
                                   "overlap_comm": False, "reduce_bucket_size": _BUCKET_NUMEL,
                                   "allgather_bucket_size": _BUCKET_NUMEL},
-            **precision_config(precision, reduce_dtype),
+            **precision_config(precision, reduce_dtype, low_precision_comm_modules(model)),
             "steps_per_print": 2 ** 62,
             "wall_clock_breakdown": False,
         }
@@ -406,9 +431,7 @@ class DeepSpeedEngine(EngineBase):
     # ---- checkpoints ---------------------------------------------------------------
     def _adam(self) -> torch.optim.AdamW:
         """A torch AdamW over the model's parameters with the job's groups; it never steps."""
-        from moe.trainer.optim import build_optimizer
-
-        return build_optimizer(self.model, self.optim_cfg)
+        return _reference_adamw(self.model, self.make_optimizer)
 
     def _has_state(self) -> bool:
         state = self._zero.optimizer.state

@@ -3,25 +3,27 @@
 Legend: dp data-parallel size (= world here: no tp, no pp), ep expert-parallel size,
 edp = dp / ep the expert-data-parallel size (ranks holding the same experts).
 
-How the model is cut (bottom-up, one ``fully_shard`` call per unit):
+How the model is cut (bottom-up, one ``fully_shard`` call per unit): the model says which
+modules are units in its ``parallel.sharding.ShardingPlan`` (``moe.models.sharding.sharding_plan``
+for this project's models); the engine imports no model class.
 
-- every expert-parallel ``moe.experts.Experts`` module (its stacked w1 / w2 / b1 / b2)
-  over a 1-D mesh of this rank's **edp** group: each edp rank keeps a dim-0 slice of the
-  rank's E_l experts (whole experts: a slice of the expert dimension);
-- every transformer ``Block`` (attention, norms, router, dense MLP, shared experts)
-  over a 1-D mesh of the **dp** group; a model that runs its blocks piecewise instead of
-  through ``Block.forward`` (LIMoE: ``attend`` twice, then ``feed_forward``) says so with
-  ``fsdp_block_units = False`` and its blocks' dense parameters join the root unit;
+- every expert unit (``plan.experts``: each expert-parallel ``moe.experts.Experts``, its stacked
+  w1 / w2 / b1 / b2) over a 1-D mesh of this rank's **edp** group: each edp rank keeps a dim-0
+  slice of the rank's E_l experts (whole experts: a slice of the expert dimension);
+- every block unit (``plan.blocks``: each transformer ``Block``: attention, norms, router,
+  dense MLP, shared experts) over a 1-D mesh of the **dp** group; a model that runs its blocks
+  piecewise instead of through ``Block.forward`` (LIMoE: ``attend`` twice, then
+  ``feed_forward``) lists none, and its blocks' dense parameters join the root unit;
 - the root model (embeddings, final norm, head, anything left) over the dp mesh.
   0-d parameters (LIMoE's logit scale), which ``fully_shard`` cannot split, stay
   replicated: their gradient is averaged over dp by ``parallel.grads`` and counted once
   in the norm.
 
 Parameters become ``DTensor`` s sharded on dim 0 (their local shard is what this rank
-keeps), gradients after backward are the reduce-scattered shards, and the AdamW
-built by ``moe.trainer.optim.build_optimizer`` (the same groups, decay on matrices
-only) holds state shaped like those shards. Stage 2 keeps a unit's gathered
-parameters from its forward until its backward (``reshard_after_forward=False``);
+keeps), gradients after backward are the reduce-scattered shards, and the optimizer
+``make_optimizer(model)`` builds from them (the trainer's: ``moe.trainer.optim.build_optimizer``'s
+AdamW, the same groups, decay on matrices only) holds state shaped like those shards. Stage 2
+keeps a unit's gathered parameters from its forward until its backward (``reshard_after_forward=False``);
 stage 3 frees them after the forward and gathers them again in the backward
 (``True``). FSDP re-gathers parameters per unit before its forward: the expert
 all-to-all of ``moe.MoELayer`` runs inside the block's forward, between the
@@ -38,15 +40,16 @@ reduce-scatters into the sharded gradient (accumulated there), so a rank never
 holds more than its shard of the gradient between micro-batches.
 
 The trainer and the tasks enter the model through ``run_pieces`` (and LIMoE's
-``encode_*``), not ``forward``: those methods run FSDP's root pre/post-forward hooks
-(``_enter``), once per outermost call.
+``encode_*``), not ``forward``: those methods (``plan.entry_methods``) run FSDP's root
+pre/post-forward hooks (``_enter``), once per outermost call.
 
 Mixed precision (``train.precision`` bf16 / fp16, ``parallel.precision``): every unit but the
 routers gathers its parameters in the compute dtype and reduce-scatters gradients in fp32
 (``MixedPrecisionPolicy(param_dtype, reduce_dtype=fp32, cast_forward_inputs=False)``: the
 residual stream stays in the dtype autocast leaves it in, fp32); the sharded parameters, the
 gradients and AdamW's state stay fp32. Each router is a unit of its own with the default
-(fp32) policy, so the router computes from fp32 weights, as in every other engine.
+(fp32) policy (``plan.fp32_units``), so the router computes from fp32 weights, as in every other
+engine.
 
 Parameters created by ``fully_shard`` are new ``nn.Parameter`` objects: the expert
 markers of ``parallel.grads`` (``allreduce``, ``group_name``) are set on them again.
@@ -66,19 +69,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from moe.checks import check_int
-from moe.experts import Experts
-from moe.router import Router
-from moe.models.transformer import Block
-
-from .engine import EngineBase, LossFn
+from .checks import check_int
+from .dims import ProcessGroups
+from .engine import EngineBase, LossFn, MakeOptimizer
 from .grads import allreduce_gradients, is_expert_param, mark_expert_params, sync_replicas
 from .precision import FP32, Precision
+from .sharding import ShardingPlan
 
-__all__ = ["FSDP2Engine", "ENTRY_METHODS"]
-
-# Methods of a model through which a task runs it (besides ``forward``): they run FSDP's root hooks.
-ENTRY_METHODS = ("run_pieces", "encode_tokens", "encode_image", "encode_text")
+__all__ = ["FSDP2Engine"]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -112,14 +110,13 @@ def _enter(model: nn.Module, name: str) -> None:
 class FSDP2Engine(EngineBase):
     """ZeRO stage 2 or 3 of ``model`` on FSDP2 (see the module doc).
 
-    ``groups``: the rank's ``parallel.ProcessGroups`` (tp = pp = etp = 1); ``optim_cfg``: the
-    job's ``moe.trainer.config.OptimConfig``; ``num_micro``: micro-batches per step.
+    ``groups``: the rank's ``parallel.ProcessGroups`` (tp = pp = etp = 1); ``make_optimizer``:
+    builds the optimizer of the sharded model's parameters; ``plan``: the model's FSDP units and
+    entry methods; ``num_micro``: micro-batches per step.
     """
 
-    def __init__(self, model: nn.Module, groups, optim_cfg, *, stage: int, num_micro: int, device,
-                 precision: Precision = FP32):
-        from moe.trainer.optim import build_optimizer
-
+    def __init__(self, model: nn.Module, groups: ProcessGroups, make_optimizer: MakeOptimizer, plan: ShardingPlan,
+                 *, stage: int, num_micro: int, device: torch.device | str, precision: Precision = FP32):
         if stage not in (2, 3):
             raise ValueError(f"parallel.zero_stage={stage}: the FSDP2 engine runs stages 2 and 3 "
                              "(stage 1 runs on zero_engine 'deepspeed')")
@@ -141,11 +138,8 @@ class FSDP2Engine(EngineBase):
                                       cast_forward_inputs=False)
         dp_mesh = DeviceMesh.from_group(groups.dp_group, device_type)
         edp_mesh = DeviceMesh.from_group(groups.edp_group, device_type)
-        experts = [m for m in model.modules() if isinstance(m, Experts) and is_expert_param(m.w1)]
-        # a model whose blocks are not entered through Block.forward (LIMoE) keeps them in the root unit
-        per_block = getattr(model, "fsdp_block_units", True)
-        blocks = [m for m in model.modules() if isinstance(m, Block)] if per_block else []
-        routers = [m for m in model.modules() if isinstance(m, Router)] if precision.mixed else []
+        experts, blocks = list(plan.experts), list(plan.blocks)
+        routers = list(plan.fp32_units) if precision.mixed else []
         units: List[nn.Module] = []
         for m in experts:
             units.append(fully_shard(m, mesh=edp_mesh, reshard_after_forward=reshard, mp_policy=mp))
@@ -169,10 +163,9 @@ class FSDP2Engine(EngineBase):
             # 2.13 then divides the local copy by the factor AND post-divides it again (factor squared)
             unit.set_force_sum_reduction_for_comms(mesh.size() > 1)
             unit.set_reduce_scatter_unused_params(True, recurse=False)
-        for name in ENTRY_METHODS:
-            if hasattr(type(model), name):
-                _enter(model, name)
-        self.optimizer = build_optimizer(model, optim_cfg)
+        for name in plan.entry_methods:
+            _enter(model, name)
+        self.optimizer = make_optimizer(model)
 
     # ---- the verbs ----------------------------------------------------------------------
     def forward_backward(self, num_micro: int, loss_fn: LossFn) -> List[Dict[str, float]]:

@@ -17,7 +17,7 @@ import torch
 
 import moe
 from moe import losses as L
-from moe.checks import ConfigError
+from parallel.checks import ConfigError
 from moe.config import RouterConfig
 from moe.routing_types import ZERO_WEIGHT
 from moe.trainer.health import RoutingHealth

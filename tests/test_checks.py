@@ -1,10 +1,11 @@
-"""moe.checks: the shared value checks, their messages (key path, value, what is allowed) and re-rooting."""
+"""parallel.checks (re-exported as moe.checks): the shared value checks, their messages (key path, value, what
+is allowed) and re-rooting."""
 from __future__ import annotations
 
 import pytest
 
 import moe
-from moe.checks import (
+from parallel.checks import (
     ConfigError,
     ConfigTypeError,
     build_at,
@@ -75,3 +76,12 @@ def test_one_config_error_class_everywhere():
     assert TrainerConfigError is ConfigError and issubclass(ConfigError, ValueError)
     e = pickle.loads(pickle.dumps(ConfigError.at("a.b", ": got 1; no")))
     assert str(e) == "config key 'a.b': got 1; no" and e.path == "a.b"
+
+
+def test_moe_checks_re_exports_the_same_objects():
+    """Library users' ``moe.checks`` names the very objects of ``parallel.checks`` (one ConfigError class)."""
+    import moe.checks
+    import parallel.checks
+
+    assert sorted(moe.checks.__all__) == sorted(parallel.checks.__all__)
+    assert all(getattr(moe.checks, name) is getattr(parallel.checks, name) for name in parallel.checks.__all__)

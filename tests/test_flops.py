@@ -63,7 +63,7 @@ def test_peak_lookup_by_nvml_name(name, peak):
 
 
 def test_peak_tflops_must_be_positive():
-    from moe.checks import ConfigError
+    from parallel.checks import ConfigError
     from moe.trainer.config import from_dict
 
     with pytest.raises(ConfigError, match=r"'telemetry.peak_tflops': got 0.0; it must be > 0, or null"):

@@ -428,3 +428,25 @@ def test_dispatcher_flavour_from_yaml_builds_that_dispatcher():
         # every exchange gives the same model output
         torch.testing.assert_close(r["chunks"]["logits"], r["flat"]["logits"])
         torch.testing.assert_close(r["hier"]["logits"], r["flat"]["logits"])
+
+
+def test_sharding_plan_lists_the_fsdp2_units_in_module_order():
+    """moe.models.sharding: what FSDP2 shards as units, in ``modules()`` order: every expert-parallel Experts
+    (not a shared expert), every router, every block (none for LIMoE, which runs its blocks piecewise), and the
+    methods the tasks enter the model through."""
+    from moe.layer import MoELayer
+    from moe.models.sharding import sharding_plan
+    from moe.models.transformer import Block
+    from moe.router import Router
+
+    for model, blocks, entries in (
+            (small_lm(), True, ("run_pieces",)),
+            (small_limoe(), False, ("run_pieces", "encode_tokens", "encode_image", "encode_text"))):
+        plan = sharding_plan(model)
+        layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        assert layers and list(plan.experts) == [layer.experts for layer in layers]
+        assert list(plan.fp32_units) == [m for m in model.modules() if isinstance(m, Router)] == \
+            [layer.router for layer in layers]
+        assert list(plan.blocks) == ([m for m in model.modules() if isinstance(m, Block)] if blocks else [])
+        assert len(plan.blocks) == (model.config.transformer.n_layers if blocks else 0)
+        assert plan.entry_methods == entries

@@ -1,5 +1,7 @@
 """ParallelDims validation and rank layout (pure), groups and gradient averaging
 (4 gloo processes). Legend: W world size; dp/tp/pp/ep/etp/edp group sizes."""
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -71,7 +73,8 @@ def test_rank_lists_full_layout():
 
 def _check_groups(rank, world):
     dims = ParallelDims(world_size=world, dp=4, ep=2)
-    groups = dims.build()
+    groups = dims.build(timeout=timedelta(seconds=60))
+    assert groups.timeout == timedelta(seconds=60)  # kept for the groups created later (node groups)
     assert dims.group_ranks("ep")[rank // 2] == dist.get_process_group_ranks(groups.ep_group)
     assert dist.get_process_group_ranks(groups.edp_group) == [rank % 2, rank % 2 + 2]
     assert dist.get_process_group_ranks(groups.dp_group) == [0, 1, 2, 3]

@@ -1,5 +1,6 @@
-"""The pipeline stage plan (parallel.stages), the schedule check (parallel.pipeline.check_schedule) and
-the pipeline part of moe.trainer.layout.check_layout, against oracles written here (no processes)."""
+"""The pipeline stage plan (parallel.stages, cut by the block FLOPs of moe.models.flops), the schedule check
+(parallel.pipeline.check_schedule) and the pipeline part of moe.trainer.layout.check_layout, against oracles
+written here (no processes)."""
 from __future__ import annotations
 
 import copy
@@ -8,12 +9,13 @@ import random
 
 import pytest
 
-from moe.checks import ConfigError
+from parallel.checks import ConfigError
+from moe.models.flops import block_flops_per_token as block_costs
 from moe.tasks import TASKS
 from moe.trainer.config import from_dict
 from moe.trainer.layout import check_layout, stage_plan
 from parallel.pipeline import check_schedule
-from parallel.stages import balanced_cut, block_costs, plan_stages
+from parallel.stages import balanced_cut, plan_stages
 from tests.helpers.layout import TINY_LM
 
 
@@ -56,6 +58,11 @@ def transformer(**model):
     """The TransformerConfig of the LM task of ``TINY_LM`` with ``model`` overrides."""
     cfg = from_dict(lm_raw(model))
     return TASKS["lm"].configs_from_dicts(cfg.model, cfg.data)[0].transformer
+
+
+def plan_of(t, pp, *, seq_len=1, **kw):
+    """``plan_stages`` of TransformerConfig ``t`` with its blocks' FLOPs at ``seq_len`` as costs (as the trainer)."""
+    return plan_stages(block_costs(t, seq_len), pp, **kw)
 
 
 # ------------------------------------------------------------------ balanced_cut
@@ -113,20 +120,20 @@ def test_mixed_dense_and_moe_blocks_get_an_unequal_balanced_cut():
     costs = block_costs(t, 32)
     dense, sparse = costs[0], costs[2]
     assert costs == [dense, dense, sparse] * 2 and sparse > 2 * dense
-    plan = plan_stages(t, 4, seq_len=32)
+    plan = plan_of(t, 4, seq_len=32)
     counts = [len(c) for c in plan.chunks]
     assert counts == [2, 1, 2, 1] == oracle_cut(costs, 4)[1]
     assert largest_chunk(costs, counts) == sparse < largest_chunk(costs, [2, 2, 1, 1]) == dense + sparse
     # strictly alternating blocks split evenly when they can; an odd count ties, and the first stage gets fewer
     alt = transformer(n_layers=5)  # moe_every=2: dense, MoE, dense, MoE, dense
-    assert [len(c) for c in plan_stages(alt, 2, seq_len=32).chunks] == [2, 3]
+    assert [len(c) for c in plan_of(alt, 2, seq_len=32).chunks] == [2, 3]
 
 
 # ------------------------------------------------------------------ plan_stages
 @pytest.mark.parametrize("n, pp, v", [(2, 1, 1), (2, 2, 1), (5, 3, 1), (8, 4, 1), (8, 2, 2), (12, 3, 2), (6, 2, 3)])
 def test_plan_chunks_are_contiguous_and_cover_every_block_once(n, pp, v):
     """pp x virtual_stages chunks, each non-empty and ascending by one, concatenating to 0..n-1."""
-    plan = plan_stages(transformer(n_layers=n), pp, virtual_stages=v, seq_len=32)
+    plan = plan_of(transformer(n_layers=n), pp, virtual_stages=v, seq_len=32)
     assert plan.num_chunks == pp * v and plan.num_blocks == n
     assert [b for c in plan.chunks for b in c] == list(range(n))
     assert all(len(c) >= 1 and list(c) == list(range(c[0], c[0] + len(c))) for c in plan.chunks)
@@ -137,7 +144,7 @@ def test_plan_chunks_are_contiguous_and_cover_every_block_once(n, pp, v):
 
 def test_loop_placement_with_two_ranks_and_two_virtual_stages():
     """pp=2, virtual_stages=2 on 8 blocks: chunk c on rank c % 2; rank 0 embeds, rank 1 ends."""
-    plan = plan_stages(transformer(n_layers=8), 2, virtual_stages=2)
+    plan = plan_of(transformer(n_layers=8), 2, virtual_stages=2)
     assert plan.chunks == ((0, 1), (2, 3), (4, 5), (6, 7))
     assert [plan.rank_of_chunk(c) for c in range(4)] == [0, 1, 0, 1]
     assert plan.chunks_of_rank(0) == [0, 2] and plan.chunks_of_rank(1) == [1, 3]
@@ -148,7 +155,7 @@ def test_loop_placement_with_two_ranks_and_two_virtual_stages():
 @pytest.mark.parametrize("n, pp, v, counts", [(4, 2, 1, [3, 1]), (6, 2, 2, [1, 2, 1, 2]), (5, 3, 1, [1, 1, 3])])
 def test_explicit_counts_are_honoured(n, pp, v, counts):
     """parallel.pp_blocks wins over the balanced and the equal cut (also when pp x v does not divide n)."""
-    plan = plan_stages(transformer(n_layers=n), pp, virtual_stages=v, counts=counts)
+    plan = plan_of(transformer(n_layers=n), pp, virtual_stages=v, counts=counts)
     assert [len(c) for c in plan.chunks] == counts and [b for c in plan.chunks for b in c] == list(range(n))
 
 
@@ -166,7 +173,7 @@ def test_explicit_counts_are_honoured(n, pp, v, counts):
 def test_plan_errors_name_the_key(n, pp, v, counts, match):
     """Impossible cuts are a ConfigError naming parallel.pp / virtual_stages / pp_blocks."""
     with pytest.raises(ConfigError, match=match):
-        plan_stages(transformer(n_layers=n), pp, virtual_stages=v, counts=counts)
+        plan_of(transformer(n_layers=n), pp, virtual_stages=v, counts=counts)
 
 
 # ------------------------------------------------------------------ check_schedule

@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-from moe.checks import ConfigError
+from parallel.checks import ConfigError
 from moe.trainer import checkpoint as ckpt
 from moe.trainer.config import from_dict
 from moe.trainer.preemption import EXIT_PREEMPTED

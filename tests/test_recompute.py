@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import moe
-from moe.checks import ConfigError
+from parallel.checks import ConfigError
 from moe.config import DROP_POLICIES, POLICIES
 from moe.layer import MoELayer
 from moe.models.transformer import Transformer, TransformerConfig, init_weights

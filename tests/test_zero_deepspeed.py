@@ -41,7 +41,7 @@ LM = TINY_LM
     ({"zero_stage": 1, "etp": 2}, r"'parallel.etp': got 2; DeepSpeed ZeRO \(zero_stage 1\) composes with tensor"),
 ])
 def test_config_refuses_what_deepspeed_cannot_compose_with(parallel, match):
-    from moe.checks import ConfigError
+    from parallel.checks import ConfigError
     from moe.trainer.config import from_dict
 
     with pytest.raises(ConfigError, match=match):
@@ -127,7 +127,8 @@ def _memory(rank, world):
     for stage in (1, 2):
         torch.manual_seed(0)
         model = make_task(cfg, groups, torch.device("cpu")).model
-        engine = DeepSpeedEngine(model, groups, cfg.optim, stage=stage, num_micro=1, device=torch.device("cpu"))
+        engine = DeepSpeedEngine(model, groups, lambda m: build_optimizer(m, cfg.optim), grad_clip=cfg.optim.grad_clip,
+                                 stage=stage, num_micro=1, device=torch.device("cpu"))
         before = engine.memory()
         engine.forward_backward(1, lambda m, model=model: _touch_all(model))
         engine.clip_grad_norm(None)

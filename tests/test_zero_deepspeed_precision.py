@@ -68,10 +68,12 @@ def _replicated(cfg, groups, precision):
 
 
 def _deepspeed(cfg, groups, precision, stage, *, seed=0, **kw):
+    from moe.trainer.optim import build_optimizer
     from parallel.zero_deepspeed import DeepSpeedEngine
 
     task = _task(cfg, groups, seed)
-    return task, DeepSpeedEngine(task.model, groups, cfg.optim, stage=stage, num_micro=NUM_MICRO,
+    return task, DeepSpeedEngine(task.model, groups, lambda m: build_optimizer(m, cfg.optim),
+                                 grad_clip=cfg.optim.grad_clip, stage=stage, num_micro=NUM_MICRO,
                                  device=torch.device("cpu"), precision=precision, **kw)
 
 
@@ -299,3 +301,21 @@ def test_reduce_dtype_is_checked():
         precision_config(Precision("bf16"), torch.float16)
 
 
+
+
+def test_bf16_reduction_classes_and_the_moe_marker_size_come_from_the_expert_parameters():
+    """reduce_dtype=bf16 names nn.Linear and the class holding the expert parameters (never the router), as
+    DeepSpeed imports them; DeepSpeed's MoE marker reports the expert stacks' E_l x ep (E_l = 4 here)."""
+    from moe.models import LanguageModel, LMConfig
+    from parallel.precision import Precision
+    from parallel.zero_deepspeed import _global_experts, low_precision_comm_modules, precision_config
+
+    model = LanguageModel(LMConfig.from_dict({"d_model": 16, "n_layers": 2, "n_heads": 2, "d_ffn": 16,
+                                              "max_seq_len": 8, "moe_every": 2, "moe": {"num_experts": 4}}))
+    names = low_precision_comm_modules(model)
+    assert names == ["torch.nn.modules.linear.Linear", "moe.experts.Experts"]
+    assert precision_config(Precision("bf16"), torch.bfloat16, names)["torch_autocast"][
+        "lower_precision_safe_modules"] == names
+    assert precision_config(Precision("bf16"), torch.float32, names)["torch_autocast"][
+        "lower_precision_safe_modules"] == []
+    assert (_global_experts(model, 1), _global_experts(model, 2)) == (4, 8)

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.world < 1:
         ap.error(f"--world must be >= 1, got {args.world}")
-    from moe.checks import ConfigError
+    from parallel.checks import ConfigError
     from moe.trainer.config import load_config
     from moe.trainer.layout import check_layout
 

@@ -27,8 +27,8 @@ from torch.utils.data import Dataset
 
 from parallel.rng import data_rng
 
-from ..checks import check_choice, check_int, check_number, fail
 from ..config_build import FromDict
+from parallel.checks import check_choice, check_int, check_number, fail
 from .tokenizer import ByteTokenizer
 
 __all__ = [

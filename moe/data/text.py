@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from parallel.rng import data_rng
 
-from ..checks import check_int, check_number
+from parallel.checks import check_int, check_number
 
 __all__ = [
     "TextCorpus",

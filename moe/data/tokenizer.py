@@ -19,7 +19,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 import torch
 
-from ..checks import check_int
+from parallel.checks import check_int
 
 __all__ = ["ByteTokenizer", "WordTokenizer", "EncodedBatch", "PAD", "BOS", "EOS", "VOCAB_SIZE"]
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..checks import check_int, check_str
+from parallel.checks import check_int, check_str
 
 __all__ = ["ImageCaptionDataset", "ImageCaptionRecord"]
 

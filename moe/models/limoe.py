@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Dict, Optional, Sequence, Tuple
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,7 @@ from ..losses import load_balancing_loss
 from ..modes import eval_mode
 from ..data.shapes import caption_vocabulary
 from ..data.tokenizer import VOCAB_SIZE, ByteTokenizer, WordTokenizer
-from ..checks import check_bool, check_choice, check_int, check_number, fail
+from parallel.checks import check_bool, check_choice, check_int, check_number, fail
 from .transformer import (
     FlatModelConfig,
     Transformer,
@@ -200,11 +201,11 @@ class LIMoEModel(TransformerModel):
     """``u, v, aux = model(images, tokens, mask)``: L2-normalised embeddings u[B, K], v[B, K]."""
 
     # Its blocks run as ``attend`` (images, then text) + ``feed_forward``, not through ``Block.forward``:
-    # ZeRO on FSDP2 (parallel.zero_fsdp) shards their dense parameters in the root unit, not per block.
+    # ZeRO on FSDP2 (moe.models.sharding) shards their dense parameters in the root unit, not per block.
     fsdp_block_units = False
 
     def __init__(self, cfg: LIMoEConfig, *, ep_group=None, dp_group=None, tp: Optional[TensorParallel] = None,
-                 pipe=None):
+                 pipe=None, group_timeout: Optional[timedelta] = None):
         super().__init__()
         if not isinstance(cfg, LIMoEConfig):
             raise TypeError(f"cfg must be a LIMoEConfig, got {type(cfg).__name__}")
@@ -226,7 +227,8 @@ class LIMoEModel(TransformerModel):
                 self.text_pos_embed = nn.Parameter(torch.zeros(cfg.text_length, D))
             self.modality_embed = nn.Embedding(2, D)
         self.transformer = Transformer(cfg.transformer, ep_group=ep_group, dp_group=dp_group, prefix="blocks", tp=tp,
-                                       block_ids=None if pipe is None else pipe.block_ids, final_norm=last)
+                                       block_ids=None if pipe is None else pipe.block_ids, final_norm=last,
+                                       group_timeout=group_timeout)
         if last:  # the projections and the temperature on the last one
             self.image_proj = nn.Linear(D, cfg.embed_dim, bias=False)
             self.text_proj = nn.Linear(D, cfg.embed_dim, bias=False)

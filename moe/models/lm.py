@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Dict, Optional, Tuple
+from datetime import timedelta
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from torch import nn
 from parallel.tensor import TensorParallel, vocab_cross_entropy, vocab_logits
 
 from ..data.tokenizer import VOCAB_SIZE
-from ..checks import check_bool, check_int, fail
+from parallel.checks import check_bool, check_int, fail
 from .transformer import (
     FlatModelConfig,
     Transformer,
@@ -85,10 +86,13 @@ class LanguageModel(TransformerModel):
     ``pipe`` (a ``parallel.pipeline.StageRole``): pipeline parallelism; this rank then
     builds only its blocks, the first stage the embeddings, the last the final norm and
     the head (a tied head keeps a copy of the token embedding there).
+
+    ``group_timeout``: the collective timeout of the groups the model creates (a hierarchical
+    dispatcher's node groups; the job's, ``parallel.ProcessGroups.timeout``; None: torch's default).
     """
 
     def __init__(self, cfg: LMConfig, *, ep_group=None, dp_group=None, tp: Optional[TensorParallel] = None,
-                 pipe=None):
+                 pipe=None, group_timeout: Optional[timedelta] = None):
         super().__init__()
         if not isinstance(cfg, LMConfig):
             raise TypeError(f"cfg must be an LMConfig, got {type(cfg).__name__}")
@@ -102,7 +106,8 @@ class LanguageModel(TransformerModel):
         self.tok_embed = tp.vocab_embedding(cfg.vocab_size, D) if first or (last and cfg.tie_embeddings) else None
         self.pos_embed = nn.Parameter(torch.zeros(cfg.max_seq_len, D)) if first else None
         self.transformer = Transformer(cfg.transformer, ep_group=ep_group, dp_group=dp_group, prefix="blocks", tp=tp,
-                                       block_ids=None if pipe is None else pipe.block_ids, final_norm=last)
+                                       block_ids=None if pipe is None else pipe.block_ids, final_norm=last,
+                                       group_timeout=group_timeout)
         self.head = None
         if not cfg.tie_embeddings and last:  # weight [V, D] either way: a linear head is an embedding-shaped matrix
             self.head = tp.vocab_embedding(cfg.vocab_size, D) if tp.enabled else nn.Linear(D, cfg.vocab_size,

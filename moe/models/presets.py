@@ -54,7 +54,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, Mapping
 
-from ..checks import check_mapping, fail
+from parallel.checks import check_mapping, fail
 
 __all__ = ["PRESETS", "TINY_LIMOE_TRAINING", "preset", "resolve_model_config", "preset_names", "dense_twin"]
 

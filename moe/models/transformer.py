@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+from datetime import timedelta
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ from parallel.rng import init_generator, seed_block
 from parallel.shards import shard_of, take_piece
 from parallel.tensor import TensorParallel
 
-from ..checks import (
+from parallel.checks import (
     ConfigError,
     check_bool,
     check_choice,
@@ -459,12 +460,14 @@ class Transformer(nn.Module):
     rank builds its model at the same time.
 
     ``block_ids``: the global indices of the blocks to build (a pipeline stage's; default
-    all); ``final_norm``: whether to build ``ln_f`` (the last pipeline stage's).
+    all); ``final_norm``: whether to build ``ln_f`` (the last pipeline stage's);
+    ``group_timeout``: the collective timeout of those node groups (the job's,
+    ``parallel.ProcessGroups.timeout``; None: torch's default).
     """
 
     def __init__(self, cfg: TransformerConfig, *, ep_group=None, dp_group=None, prefix: str = "blocks",
                  tp: Optional[TensorParallel] = None, block_ids: Optional[Sequence[int]] = None,
-                 final_norm: bool = True):
+                 final_norm: bool = True, group_timeout: Optional[timedelta] = None):
         super().__init__()
         if not isinstance(cfg, TransformerConfig):
             raise TypeError(f"cfg must be a TransformerConfig, got {type(cfg).__name__}")
@@ -473,7 +476,7 @@ class Transformer(nn.Module):
         node_groups = None
         if (ep_group is not None and any(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
                 and cfg.moe.dispatcher == "hierarchical"):
-            node_groups = world_node_groups(ep_group, cfg.moe.node_size)
+            node_groups = world_node_groups(ep_group, cfg.moe.node_size, timeout=group_timeout)
         ids = range(cfg.n_layers) if block_ids is None else sorted(block_ids)
         bad = [i for i in ids if not 0 <= i < cfg.n_layers]
         if bad:

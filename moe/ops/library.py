@@ -42,7 +42,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..checks import check_choice, check_int, fail
+from parallel.checks import check_choice, check_int, fail
 
 IMPLS = ("cpp", "cuda", "triton")
 SCORES = ("softmax", "sigmoid")

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import cpp, cuda, reference, triton
-from ..checks import check_choice
+from parallel.checks import check_choice
 from .library import OpSet
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional
 
-from ..checks import fail
+from parallel.checks import fail
 from .base import ModelTask, Task
 from .limoe import LIMoEDataConfig, LIMoETask
 from .lm import LMDataConfig, LMTask

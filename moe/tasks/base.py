@@ -39,8 +39,8 @@ from typing import Any, Dict, Mapping, Optional, Protocol, Tuple, runtime_checka
 
 import torch
 
-from ..checks import check_int
 from ..config_build import FromDict
+from parallel.checks import check_int
 from parallel.precision import fp32_region
 from parallel.rng import sample_rng  # the task authors' name for it (CONTRIBUTING, "Adding a task")
 
@@ -97,7 +97,8 @@ class ModelTask:
         extra = {"pipe": pipe} if pipe is not None else {}
         self.model = self.model_cls(model_config, ep_group=getattr(groups, "ep_group", None),
                                     dp_group=getattr(groups, "dp_group", None),
-                                    tp=TensorParallel.from_groups(groups), **extra).to(self.device)
+                                    tp=TensorParallel.from_groups(groups),
+                                    group_timeout=getattr(groups, "timeout", None), **extra).to(self.device)
 
     @classmethod
     def configs_from_dicts(cls, model_cfg: Optional[Mapping[str, Any]], data_cfg: Optional[Mapping[str, Any]]):

@@ -35,7 +35,7 @@ import torch
 
 from parallel.rng import sample_rng
 
-from ..checks import check_int, check_mapping, check_str, fail
+from parallel.checks import check_int, check_mapping, check_str, fail
 from ..data.shapes import ImageTextCollator, ShapesConfig, ShapesDataset, class_prompts
 from ..modes import eval_mode
 from ..models.limoe import (LIMoEConfig, LIMoEModel, contrastive_loss, make_tokenizer, zero_shot_accuracy,

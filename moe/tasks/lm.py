@@ -26,7 +26,7 @@ import torch
 
 from parallel.rng import sample_rng
 
-from ..checks import check_int, check_number, check_str, fail
+from parallel.checks import check_int, check_number, check_str, fail
 from ..data.text import load_corpus
 from ..modes import eval_mode
 from ..models.lm import LanguageModel, LMConfig

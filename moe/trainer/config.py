@@ -50,10 +50,19 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from parallel.checks import (
+    ConfigError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_mapping,
+    check_number,
+    check_str,
+    fail,
+)
 from parallel.launch import DIST_BACKENDS
 from parallel.precision import PRECISIONS, Precision
 
-from ..checks import ConfigError, check_bool, check_choice, check_int, check_mapping, check_number, check_str, fail
 from ..config_build import FromDict
 from ..tasks import TASK_NAMES, TASKS
 from .fused import FusedChoice, choose

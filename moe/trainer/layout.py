@@ -31,7 +31,8 @@ from __future__ import annotations
 
 from typing import List
 
-from ..checks import ConfigError, fail
+from parallel.checks import ConfigError, fail
+from ..models.flops import block_flops_per_token
 from .config import TrainConfig, from_dict
 
 __all__ = ["check_layout", "check_world", "check_model", "check_pipeline", "stage_plan"]
@@ -119,8 +120,8 @@ def stage_plan(cfg: TrainConfig):
     model, data = TASKS[cfg.task.name].configs_from_dicts(cfg.model, cfg.data)
     seq_len = getattr(data, "seq_len", None) or getattr(model, "max_seq_len", None) or \
         getattr(model, "num_patches", 1)
-    return plan_stages(model.transformer, p.pp, virtual_stages=p.virtual_stages, counts=p.pp_blocks,
-                       seq_len=seq_len)
+    return plan_stages(block_flops_per_token(model.transformer, seq_len), p.pp, virtual_stages=p.virtual_stages,
+                       counts=p.pp_blocks)
 
 
 def check_pipeline(cfg: TrainConfig, world_size: int):

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from moe.models import compile_blocks
 from moe.recompute import apply_activation_checkpointing
 from moe.models.flops import TRAIN_FLOPS_PER_FORWARD
-from parallel.engine import ReplicatedEngine
+from parallel.dims import ProcessGroups
 from parallel.precision import LossScaler, Precision
 from parallel.rng import micro_batch_scope, micro_batch_seed, seed_everything
 from parallel.grads import is_expert_param
@@ -60,7 +60,8 @@ from . import resume as start
 from .config import ConfigError, TrainConfig, TrainLoopConfig, resolve_sections
 from .fused import fuse_norms
 from .health import RoutingHealth
-from .optim import build_optimizer, lr_at
+from .engines import build_engine
+from .optim import lr_at
 from .profiling import StepProfiler
 from .preemption import StopSignals
 from .setup import make_task
@@ -150,9 +151,9 @@ class Trainer:
     world-1 groups for one process). ``task``: an already-built task, else built from the config.
     """
 
-    def __init__(self, cfg: TrainConfig, *, groups, device="cpu", task=None,
+    def __init__(self, cfg: TrainConfig, *, groups: ProcessGroups, device="cpu", task=None,
                  task_builder: Optional[Callable] = None, log: Optional[Callable[[str], None]] = None):
-        if groups is None or not hasattr(groups, "dims"):
+        if not isinstance(groups, ProcessGroups):
             raise TypeError("Trainer: groups must be a parallel.ProcessGroups (parallel.launch.build_groups() "
                             f"gives world-1 groups for one process), got {type(groups).__name__}")
         self.cfg, self.groups = cfg, groups
@@ -180,25 +181,9 @@ class Trainer:
         self.moe_layers = list(self.task.moe_layers())
         for layer in self.moe_layers:  # the expert bias moves once per optimizer step (apply_expert_bias_update)
             layer.defer_expert_bias_update = True
-        make_optimizer = lambda model: build_optimizer(model, cfg.optim, kind=self.fused.optimizer)  # noqa: E731
-        if self.stage_plan is not None:
-            from parallel.pipeline import PipelineEngine
-
-            if getattr(self.model, "pipe", None) is None:
-                raise ValueError("parallel.pp > 1 needs a task whose model was built for its pipeline stage "
-                                 "(moe.tasks built-in tasks)")
-            sample = self.task.micro_batch(0, 0, self.schedule.micro, seed=cfg.train.seed)
-            self.engine = PipelineEngine(self.task, groups, self.model.pipe, make_optimizer,
-                                         schedule=cfg.parallel.pp_schedule, num_micro=self.schedule.accumulation,
-                                         sample_batch=sample, device=self.device, precision=self.precision)
-        elif cfg.parallel.zero_stage > 0:
-            from parallel.zero import build_zero_engine
-
-            self.engine = build_zero_engine(cfg.parallel.zero_engine_name, self.model, groups, cfg.optim,
-                                            stage=cfg.parallel.zero_stage, num_micro=self.schedule.accumulation,
-                                            device=self.device, precision=self.precision)
-        else:
-            self.engine = ReplicatedEngine(self.model, groups, make_optimizer, precision=self.precision)
+        self.engine = build_engine(cfg, self.task, groups, device=self.device, precision=self.precision,
+                                   optimizer_kind=self.fused.optimizer, num_micro=self.schedule.accumulation,
+                                   micro_batch_size=self.schedule.micro)
         self.optimizer = self.engine.optimizer
         self.out_dir = cfg.train.out_dir
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
@@ -526,7 +511,8 @@ def run(cfg: TrainConfig, *, task_builder: Optional[Callable] = None,
 
         check_layout(cfg, dist.get_world_size())  # also for Python callers that skipped python -m moe.train
         p = cfg.parallel
-        groups = build_groups(p.ep, tp=p.tp, pp=p.pp, etp=p.etp, sequence_parallel=p.sequence_parallel)
+        groups = build_groups(p.ep, tp=p.tp, pp=p.pp, etp=p.etp, sequence_parallel=p.sequence_parallel,
+                              timeout=ctx.timeout)
         trainer = Trainer(cfg, groups=groups, device=ctx.device, task_builder=task_builder, log=log)
         return trainer.fit()
     except Exception as e:

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from ..checks import ConfigError
+from parallel.checks import ConfigError
 
 __all__ = ["YAMLLoader", "parse_override", "apply_overrides", "read_config"]
 
