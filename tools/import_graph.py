@@ -27,6 +27,18 @@ PACKAGES = ("moe", "parallel")
 EXTENSIONS = ("moe._C",)
 DEFERRED_MARK = "# deferred:"
 
+# The layers of the house, lowest first (CONTRIBUTING.md, "Layers"): a module may import its own
+# layer or a lower one, never a higher one. A module belongs to the layer of its longest prefix here.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("parallel",),                                  # the floor: topology, primitives, engines
+    ("moe",),                                       # the MoE library: configs, ops, routing, experts, MoELayer
+    ("moe.data",),                                  # tokenizers and datasets
+    ("moe.models",),                                # transformer, LM, LIMoE, their plans
+    ("moe.tasks",),                                 # model + data + loss + eval
+    ("moe.trainer",),                               # config, loop, engine choice, checkpoints
+    ("moe.train",),                                 # the command line
+)
+
 
 @dataclass
 class ImportEdge:
@@ -173,6 +185,16 @@ def circles(graph: Graph) -> list[list[str]]:
     return sorted(out)
 
 
+def layer_of(mod: str) -> int:
+    """Index in ``LAYERS`` of the longest prefix that names ``mod`` (or a package above it)."""
+    best, best_len = -1, -1
+    for i, prefixes in enumerate(LAYERS):
+        for pre in prefixes:
+            if (mod == pre or mod.startswith(pre + ".")) and len(pre) > best_len:
+                best, best_len = i, len(pre)
+    return best
+
+
 def _pkg(mod: str) -> str:
     return mod.split(".")[0]
 
@@ -181,8 +203,12 @@ def summary(graph: Graph) -> dict:
     cross: dict[str, list[str]] = {f"{a}->{b}": [] for a in PACKAGES for b in PACKAGES if a != b}
     fn_imports: list[str] = []
     deferred: list[str] = []
+    upward: list[str] = []
     for e in graph.edges:
         where = f"{e.src}:{e.line} -> {e.dst}"
+        # a package's __init__ is run by every import of a module below it: not an upward edge
+        if layer_of(e.dst) > layer_of(e.src) and not e.src.startswith(e.dst + "."):
+            upward.append(where)
         if _pkg(e.src) != _pkg(e.dst):
             cross[f"{_pkg(e.src)}->{_pkg(e.dst)}"].append(where)
         if e.in_function:
@@ -194,6 +220,7 @@ def summary(graph: Graph) -> dict:
         "modules_in_circles": sum(len(c) for c in circ),
         "cross_package": {k: len(v) for k, v in cross.items()},
         "cross_package_lines": cross,
+        "upward_imports": upward,
         "function_level_project_imports": fn_imports,
         "deferred_imports": deferred,
     }
@@ -214,12 +241,15 @@ def main(argv: list[str] | None = None) -> int:
         print("  " + " <-> ".join(c))
     for k, n in s["cross_package"].items():
         print(f"cross-package import lines {k}: {n}")
+    print(f"imports into a higher layer: {len(s['upward_imports'])}")
     print(f"function-level project imports: {len(s['function_level_project_imports'])}"
           f" (+ {len(s['deferred_imports'])} marked '{DEFERRED_MARK}')")
     if args.verbose:
         for k, lines in s["cross_package_lines"].items():
             for w in lines:
                 print(f"  [{k}] {w}")
+        for w in s["upward_imports"]:
+            print(f"  [upward] {w}")
         for w in s["function_level_project_imports"]:
             print(f"  [in function] {w}")
         for w in s["deferred_imports"]:
