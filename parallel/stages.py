@@ -83,11 +83,9 @@ class StagePlan:
 
 def block_costs(cfg, seq_len: int) -> List[int]:
     """Forward FLOPs per token of every block of a ``TransformerConfig`` at sequence length ``seq_len``
-    (``moe.models.flops.block_flops_per_token``): attention projections and scores, the FFN's ACTIVE
+    (its ``block_flops_per_token``): attention projections and scores, the FFN's ACTIVE
     FLOPs (an MoE block: k experts of its expert width) and the router."""
-    from moe.models.flops import block_flops_per_token
-
-    return block_flops_per_token(cfg, seq_len)
+    return cfg.block_flops_per_token(seq_len)
 
 
 def balanced_cut(costs: Sequence[float], parts: int) -> List[int]:

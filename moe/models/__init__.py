@@ -8,6 +8,8 @@
   with a CLIP loss; ``zero_shot_accuracy``.
 - ``presets``: named configs (``switch``, ``gshard``, ``tiny_limoe``, each with a
   ``*_dense`` equal-active-FLOPs twin); ``active_ffn_flops_per_token``.
+- ``flops``: the FLOPs formulas each config answers with (``TransformerConfig.block_flops_per_token``,
+  ``LMConfig`` / ``LIMoEConfig.flops_per_sample``).
 """
 from .limoe import IMAGE, TEXT, LIMoEConfig, LIMoEModel, contrastive_loss, zero_shot_accuracy
 from .lm import LanguageModel, LMConfig, lm_loss

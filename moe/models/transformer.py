@@ -65,7 +65,7 @@ from ..config_build import FromDict, construct
 from ..dispatch import world_node_groups
 from ..experts import Experts
 from ..layer import MoELayer
-from .flops import ffn_matmuls
+from . import flops
 
 __all__ = [
     "OWNED_MOE_FIELDS",
@@ -206,6 +206,30 @@ class TransformerConfig(FromDict):
             raise ValueError(f"block {i} is not an MoE block (moe_every={self.moe_every})")
         return self.moe
 
+    # ---- forward FLOPs (the formulas: moe.models.flops)
+    def ffn_flops_per_token(self, i: int) -> int:
+        """Forward FLOPs of block ``i``'s FFN on one token: an MoE block counts ``k`` experts of width
+        ``F_expert`` (the nominal ``top_k``: ACTIVE parameters; GShard's random routing skips some 2nd
+        choices, and drops skip more, so the realised count is at most this), a dense block its MLP."""
+        k = self.moe.router.top_k if self.is_moe_layer(i) else 1
+        return flops.ffn_flops(self.activation, self.ffn_width(i), self.d_model, k)
+
+    def block_flops_per_token(self, seq_len: int) -> List[int]:
+        """Forward FLOPs per token of every block attending over ``seq_len``: attention, the FFN
+        (``ffn_flops_per_token``) and, in an MoE block, the router (the pipeline's stage costs)."""
+        out = []
+        for i in range(self.n_layers):
+            cost = flops.attention_flops(self.d_model, seq_len) + self.ffn_flops_per_token(i)
+            if self.is_moe_layer(i):
+                cost += flops.router_flops(self.d_model, self.moe.num_experts)
+            out.append(cost)
+        return out
+
+    def active_ffn_flops_per_token(self) -> int:
+        """Forward FLOPs of the FFNs one token passes through, summed over blocks (no router: it is
+        small and has no dense counterpart); equal for a model and its ``dense_equivalent``."""
+        return sum(self.ffn_flops_per_token(i) for i in range(self.n_layers))
+
 
 class FlatModelConfig(FromDict):
     """Base of a model config (LM, LIMoE) holding a ``transformer: TransformerConfig`` whose
@@ -234,22 +258,12 @@ class FlatModelConfig(FromDict):
 # ----------------------------------------------------------------------------- FLOPs and the dense baseline
 
 def active_ffn_flops_per_token(cfg) -> int:
-    """Forward FLOPs (2 per multiply-add) of the FFNs one token passes through, summed over layers.
-
-    An MoE block counts ``k`` experts of width ``F_expert`` (the nominal ``top_k``;
-    GShard's random routing skips some 2nd choices, and drops skip more, so the
-    realised count is at most this). The router (``2 * D * E`` FLOPs per token) is
-    NOT included: it is small and has no dense counterpart. Accepts a
-    ``TransformerConfig`` or anything with a ``.transformer`` config (LM, LIMoE).
-    """
-    t = cfg.transformer if hasattr(cfg, "transformer") else cfg
+    """``TransformerConfig.active_ffn_flops_per_token`` of a ``TransformerConfig`` or of a model
+    config holding one as ``.transformer`` (LM, LIMoE)."""
+    t = getattr(cfg, "transformer", cfg)
     if not isinstance(t, TransformerConfig):
         raise TypeError(f"cfg must be a TransformerConfig or have a .transformer one, got {type(cfg).__name__}")
-    total = 0
-    for i in range(t.n_layers):
-        k = t.moe.router.top_k if t.is_moe_layer(i) else 1
-        total += 2 * k * ffn_matmuls(t.activation, t.ffn_width(i), t.d_model)
-    return total
+    return t.active_ffn_flops_per_token()
 
 
 def dense_equivalent(cfg: TransformerConfig) -> TransformerConfig:

@@ -125,10 +125,9 @@ class ModelTask:
         return self.model.moe_layers()
 
     def flops_per_sample(self) -> int:
-        """Forward model FLOPs of one training sample (``moe.models.flops``; the LM at its ``seq_len``)."""
-        from ..models.flops import forward_flops_per_sample
-
-        return forward_flops_per_sample(self.model_config, seq_len=getattr(self, "seq_len", None))
+        """Forward model FLOPs of one training sample: the model config's ``flops_per_sample``
+        (``moe.models.flops``)."""
+        return self.model_config.flops_per_sample()
 
     def model_inputs(self, batch: dict) -> tuple:
         """The model's positional inputs taken from a batch."""

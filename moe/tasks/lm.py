@@ -106,6 +106,10 @@ class LMTask(ModelTask):
         return self._windows(self.corpus.train, starts)
 
     # ------------------------------------------------------------------ loss / eval
+    def flops_per_sample(self) -> int:
+        """Forward model FLOPs of one training sequence, at its ``seq_len`` (``LMConfig.flops_per_sample``)."""
+        return self.model_config.flops_per_sample(self.seq_len)
+
     def model_inputs(self, batch: dict) -> tuple:
         return (batch["tokens"],)
 
