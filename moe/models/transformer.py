@@ -11,15 +11,15 @@ image and text tokens of a batch to one MoE call together, with modality ids.
 Every ``moe_every``-th block (layers ``moe_every-1, 2*moe_every-1, ...``, i.e.
 "every other layer, the second of each pair" for ``moe_every=2``, as in V-MoE)
 has a ``MoELayer`` named ``blocks.<i>.moe``; the others a dense MLP
-``blocks.<i>.mlp``. MoE layers get ``ep_group`` / ``dp_group`` passed in
-explicitly: nothing is read from global state.
+``blocks.<i>.mlp``. MoE layers get their process groups passed in explicitly (one
+``moe.MoEGroups``, built once by ``Transformer``): nothing is read from global state.
 
 ``TransformerConfig.moe`` is a ``moe.MoEConfig``; with ``num_experts == 1`` those
 blocks are plain dense MLPs of width ``moe.d_ffn`` (one expert, softmax weight 1,
 nothing ever dropped, is exactly a dense MLP); ``dense_equivalent(cfg)`` uses that
 to make the dense baseline with the same active FFN FLOPs per token.
 ``compile_blocks(model)`` applies ``torch.compile`` to every block. Activation checkpointing
-(``moe.recompute.apply_activation_checkpointing``) sets ``Block.recompute`` (mode ``block``:
+(``moe.models.activation_checkpointing.apply_activation_checkpointing``) sets ``Block.recompute`` (mode ``block``:
 ``Block.forward``, or each half a model calls itself, runs again in the backward) or
 ``MoELayer.recompute`` (mode ``moe``); the recompute replays the routing of the forward.
 
@@ -43,6 +43,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -64,7 +65,7 @@ from ..config import ACTIVATIONS, MoEConfig, RouterConfig
 from ..config_build import FromDict, construct
 from ..dispatch import world_node_groups
 from ..experts import Experts
-from ..layer import MoELayer
+from ..layer import MoEGroups, MoELayer
 from . import flops
 
 __all__ = [
@@ -358,8 +359,9 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-LN block: ``x + attn(ln1(x))`` then ``x + ffn(ln2(x))``; FFN = ``mlp`` or ``moe``."""
 
-    def __init__(self, cfg: TransformerConfig, index: int, *, ep_group=None, dp_group=None, prefix: str = "blocks",
-                 node_groups=None, tp: Optional[TensorParallel] = None):
+    def __init__(self, cfg: TransformerConfig, index: int, *, groups: Optional[MoEGroups] = None,
+                 prefix: str = "blocks", tp: Optional[TensorParallel] = None):
+        """``groups``: the process groups of the block's MoE layer (``Transformer`` builds them once)."""
         super().__init__()
         tp = self.tp = tp or TensorParallel()
         self.index, self.causal = index, cfg.causal
@@ -369,12 +371,10 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.is_moe = cfg.is_moe_layer(index)
         if self.is_moe:
-            groups = {"tp_group": tp.group, "etp_group": tp.etp_group} if tp.size * tp.etp_size > 1 else {}
-            self.moe = MoELayer(cfg.moe_config(index), ep_group=ep_group, dp_group=dp_group,
-                                node_groups=node_groups, name=f"{prefix}.{index}.moe", **groups)
+            self.moe = MoELayer(cfg.moe_config(index), groups=groups, name=f"{prefix}.{index}.moe")
         else:
             self.mlp = MLP(cfg.d_model, cfg.ffn_width(index), cfg.activation, tp=tp)
-        # Activation checkpointing 'block' (set by moe.recompute.apply_activation_checkpointing): the
+        # Activation checkpointing 'block' (set by moe.models.activation_checkpointing): the
         # block (or each half a model calls itself) runs again in the backward, routing replayed.
         self.recompute = False
 
@@ -476,7 +476,8 @@ class Transformer(nn.Module):
     all); ``final_norm``: whether to build ``ln_f`` (the last pipeline stage's).
     """
 
-    def __init__(self, cfg: TransformerConfig, *, ep_group=None, dp_group=None, prefix: str = "blocks",
+    def __init__(self, cfg: TransformerConfig, *, ep_group: Optional[dist.ProcessGroup] = None,
+                 dp_group: Optional[dist.ProcessGroup] = None, prefix: str = "blocks",
                  tp: Optional[TensorParallel] = None, block_ids: Optional[Sequence[int]] = None,
                  final_norm: bool = True):
         super().__init__()
@@ -492,8 +493,10 @@ class Transformer(nn.Module):
         bad = [i for i in ids if not 0 <= i < cfg.n_layers]
         if bad:
             raise ValueError(f"block_ids {bad} out of range for n_layers={cfg.n_layers}")
-        self.blocks = BlockStack([Block(cfg, i, ep_group=ep_group, dp_group=dp_group, prefix=prefix,
-                                        node_groups=node_groups, tp=tp) for i in ids])
+        split = tp.size * tp.etp_size > 1  # the MoE layers get the tp / etp groups only when these split something
+        groups = MoEGroups(ep_group=ep_group, dp_group=dp_group, tp_group=tp.group if split else None,
+                           etp_group=tp.etp_group if split else None, node_groups=node_groups)
+        self.blocks = BlockStack([Block(cfg, i, groups=groups, prefix=prefix, tp=tp) for i in ids])
         self.ln_f = tp.mark_norm(nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)) if final_norm else None
 
     def moe_layers(self) -> list:

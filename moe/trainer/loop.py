@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from moe.models import compile_blocks
-from moe.recompute import apply_activation_checkpointing
+from moe.models.activation_checkpointing import apply_activation_checkpointing
 from moe.models.flops import TRAIN_FLOPS_PER_FORWARD
 from parallel.engine import ReplicatedEngine
 from parallel.precision import LossScaler, Precision
