@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from parallel.launch import group_timeout
 from parallel.objects import all_gather_objects
 
 from .checks import check_int, fail
@@ -460,8 +461,6 @@ def new_node_groups(ep_groups_ranks: Sequence[Sequence[int]], ranks_per_node: in
     ``(intra_group, inter_group)`` for the calling rank (``(None, None)`` if it is
     in no ep group). The groups get the job's collective timeout (``parallel.launch.group_timeout``).
     """
-    from parallel.launch import group_timeout
-
     me, timeout = dist.get_rank(), group_timeout()
     mine = (None, None)
     for ranks in ep_groups_ranks:

@@ -39,11 +39,15 @@ from typing import Any, Dict, Mapping, Optional, Protocol, Tuple, runtime_checka
 
 import torch
 
-from ..checks import check_int
-from ..config_build import FromDict
+from parallel.dims import ProcessGroups
+from parallel.pipeline import StageRole
 from parallel.precision import fp32_region
 from parallel.rng import sample_rng  # the task authors' name for it (CONTRIBUTING, "Adding a task")
+from parallel.stages import StagePlan
+from parallel.tensor import TensorParallel
 
+from ..checks import check_int
+from ..config_build import FromDict
 from ..models.presets import resolve_model_config
 
 __all__ = ["Task", "ModelTask", "DataConfig", "sample_rng", "loss_logs"]
@@ -82,15 +86,12 @@ class ModelTask:
     data_config_cls: type
     model_cls: type
 
-    def __init__(self, model_config, data_config, *, groups=None, device="cpu", pipeline=None):
+    def __init__(self, model_config, data_config, *, groups: Optional[ProcessGroups] = None, device="cpu",
+                 pipeline: Optional[StagePlan] = None):
         self.model_config, self.data_config = model_config, data_config
         self.device = torch.device(device)
-        from parallel.tensor import TensorParallel
-
         pipe = None
         if pipeline is not None and pipeline.pp > 1:
-            from parallel.pipeline import StageRole
-
             if groups is None or groups.dims.pp != pipeline.pp:
                 raise ValueError(f"pipeline: a plan for pp={pipeline.pp} needs ProcessGroups with that pp size")
             pipe = StageRole.from_groups(pipeline, groups)
@@ -116,8 +117,8 @@ class ModelTask:
         """Checks across the two sections (a subclass adds its own); raise ``ConfigError``."""
 
     @classmethod
-    def from_dicts(cls, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], *, groups=None, device="cpu",
-                   pipeline=None):
+    def from_dicts(cls, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], *,
+                   groups: Optional[ProcessGroups] = None, device="cpu", pipeline: Optional[StagePlan] = None):
         model, data = cls.configs_from_dicts(model_cfg, data_cfg)
         return cls(model, data, groups=groups, device=device, pipeline=pipeline)
 

@@ -24,7 +24,9 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
+from parallel.dims import ProcessGroups
 from parallel.rng import sample_rng
+from parallel.stages import StagePlan
 
 from ..checks import check_int, check_number, check_str, fail
 from ..data.text import load_corpus
@@ -72,8 +74,8 @@ class LMTask(ModelTask):
 
     name, config_cls, data_config_cls, model_cls = "lm", LMConfig, LMDataConfig, LanguageModel
 
-    def __init__(self, model_config: LMConfig, data_config: LMDataConfig, *, groups=None, device="cpu",
-                 pipeline=None):
+    def __init__(self, model_config: LMConfig, data_config: LMDataConfig, *,
+                 groups: Optional[ProcessGroups] = None, device="cpu", pipeline: Optional[StagePlan] = None):
         self.check_configs(model_config, data_config)
         super().__init__(model_config, data_config, groups=groups, device=device, pipeline=pipeline)
         self.seq_len = data_config.seq_len or model_config.max_seq_len
