@@ -71,6 +71,7 @@ from . import losses, recompute
 from .config import MoEConfig
 from .dispatch import AllToAllDispatcher, build_dispatcher, etp_compute
 from .experts import Experts
+from .ops.library import OpSet
 from .permute import PermutePlan, make_plan, permute, unpermute
 from .router import Router
 from .routing import validate_modality
@@ -133,7 +134,7 @@ class _ExpertPath:
     """
 
     kind: str
-    token_ops: Optional[object] = None  # the op set of the fused path
+    token_ops: Optional[OpSet] = None  # the op set of the fused path (``Experts.token_ops``)
 
 
 class MoELayer(nn.Module):
@@ -257,16 +258,17 @@ class MoELayer(nn.Module):
     def _routed_experts(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         """permute -> [dispatch] -> experts -> [combine exchange] -> unpermute: y[T, D] of the routed experts.
         Under tp this rank computes its piece of the tokens (x and routing pieces) and gathers y."""
-        tp_group = self.groups.tp_group
+        tp_group, backend = self.groups.tp_group, self.config.backend
         mine = routing.token_piece(tp_group)
         x_mine = comm.split(x_TD, 0, tp_group)
         path = self._expert_path(routing, x_mine)
         if path.kind == "fused":  # permute -> experts -> combine in one op, no [N, D] copies (moe::expert_mlp_tokens)
-            plan = make_plan(mine, backend=self.config.backend)
+            plan = make_plan(mine, backend=backend)
             y_mine = self.experts.forward_tokens(path.token_ops, x_mine, plan.dest, mine.weights, plan.rows_per_expert)
         else:
-            rows, plan = permute(x_mine, mine, pad_to_capacity=path.kind == "padded", backend=self.config.backend)
-            y_mine = unpermute(self._dispatch_experts(rows, plan), plan, mine)
+            rows, plan = permute(x_mine, mine, pad_to_capacity=path.kind == "padded", backend=backend)  # permute
+            out_rows = self._dispatch_experts(rows, plan)  # [dispatch] -> experts -> [combine exchange]
+            y_mine = unpermute(out_rows, plan, mine)  # combine: weighted sum back into token order
         return comm.gather(y_mine, 0, tp_group, total=x_TD.shape[0])
 
     def _expert_path(self, routing: Routing, x_mine: torch.Tensor) -> _ExpertPath:
