@@ -12,14 +12,14 @@ Library API::
 from . import losses
 from .config import MoEConfig, RouterConfig
 from .experts import Experts
-from .layer import MoELayer
+from .layer import MoEGroups, MoELayer
 from .permute import PermutePlan, permute, unpermute
 from .router import Router
 from .routing import route
 from .routing_types import Routing
 
 __all__ = [
-    "MoEConfig", "RouterConfig", "MoELayer", "Router", "Experts", "Routing", "route",
+    "MoEConfig", "RouterConfig", "MoELayer", "MoEGroups", "Router", "Experts", "Routing", "route",
     "permute", "unpermute", "PermutePlan", "losses",
 ]
 __version__ = "0.1.0"

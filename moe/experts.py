@@ -27,6 +27,8 @@ from torch import nn
 from parallel.precision import compute_dtype
 from parallel.shards import TensorShard, mark_partial_grad, mark_shard, take_piece
 
+from .ops import get_backend
+
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
@@ -178,8 +180,6 @@ class Experts(nn.Module):
         only, grouped GEMM on, and a backend with kernels for these inputs."""
         if torch.compiler.is_compiling() or not self.grouped_gemm:
             return None
-        from .ops import get_backend
-
         ops = get_backend(self.backend, rows_ND.device).ops
         supported = getattr(ops, "expert_mlp_supported", None)
         # zero-size probes of the weights in the rows' dtype (the call casts them): no copy of the weights here

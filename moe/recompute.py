@@ -15,14 +15,15 @@ How this module makes the recompute change nothing:
   (``use_reentrant=False``, ``preserve_rng_state=True``, ``early_stop=False``) with a
   ``Tape`` of its own. The first call of ``fn`` (the forward) records on the tape; every
   later call (a recompute in the backward) replays from it.
-- Each MoE layer that routes inside the region writes one ``RouteRecord`` per forward: the
-  state of the random generators its router draws from (the ``generator`` it was given, and
-  torch's global CPU RNG, which routing uses without one), a copy of the expert bias it routed
-  with, and the decisions it took (experts, GShard's dispatched mask, slot positions, hence
-  kept/dropped). In the recompute the layer reads its record back, routes again from those
-  generator states and that bias (the caller's generator is put back as it was afterwards),
-  and checks that the decisions are the recorded ones, raising ``RuntimeError`` if not
-  (never a silent wrong gradient). The differentiable part of the routing (logits, weights,
+- Each MoE layer that routes inside the region routes through ``Router.route_on_tape``
+  (``moe.router``), which writes one ``RouteRecord`` per forward: the state of the random
+  generators the router draws from (the ``generator`` it was given, and torch's global CPU
+  RNG, which routing uses without one), a copy of the expert bias it routed with, and the
+  decisions it took (experts, GShard's dispatched mask, slot positions, hence kept/dropped).
+  In the recompute it reads its record back, routes again from those generator states and
+  that bias (the caller's generator is put back as it was afterwards), and checks that the
+  decisions are the recorded ones, raising ``RuntimeError`` if not (never a silent wrong
+  gradient). The differentiable part of the routing (logits, weights,
   probs, the noisy top-k load) is thus recomputed from the same random draws, so its gradient
   is the one without checkpointing, bit for bit. (Reusing the forward's Routing tensors instead
   would not do: their autograd graph is the one checkpointing frees, and the jitter and noise
@@ -38,13 +39,10 @@ How this module makes the recompute change nothing:
   parallelism every rank replays every all-to-all of the region, in the order of the first
   forward (ranks backpropagate their layers in the same order).
 
-Modes (``apply_activation_checkpointing(model, mode)``, called once after building the model):
-
-- ``moe``: every ``MoELayer`` checkpoints router + dispatch + experts + combine (and its shared
-  expert, aux losses); attention and the dense MLPs keep their activations.
-- ``block``: every transformer ``Block`` checkpoints ``Block.forward`` whole (only its input is
-  kept). A model that calls the two halves itself (LIMoE: ``attend`` per modality, then one
-  ``feed_forward``) gets each half checkpointed instead.
+Modes (``MODES``: ``moe`` checkpoints every MoE layer, ``block`` every transformer block) are
+turned on by ``moe.models.activation_checkpointing.apply_activation_checkpointing(model, mode)``,
+which walks the model's blocks and MoE layers and sets their ``recompute`` flag; this module is
+a leaf below the layer and the models.
 
 Without gradients (evaluation, ``torch.no_grad``) nothing is checkpointed. ``torch.compile``
 (``moe.models.compile_blocks``, ``train.compile``) together with checkpointing is refused.
@@ -52,38 +50,27 @@ Without gradients (evaluation, ``torch.no_grad``) nothing is checkpointed. ``tor
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional
 
 import torch
-from torch import nn
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-__all__ = ["MODES", "Tape", "RouteRecord", "checkpoint", "current_tape", "is_recomputing",
-           "apply_activation_checkpointing"]
+__all__ = ["MODES", "Tape", "checkpoint", "current_tape", "is_recomputing"]
 
 MODES = ("none", "moe", "block")
 
 _TAPE: contextvars.ContextVar = contextvars.ContextVar("recompute_tape", default=None)
 
 
-@dataclass
-class RouteRecord:
-    """What one MoE layer's routing needs to be replayed exactly (see the module doc)."""
-
-    layer: str
-    generator_state: Optional[torch.Tensor]  # the state of the generator passed to the router, else None
-    cpu_rng_state: torch.Tensor  # torch's global CPU RNG (routing draws there without a generator)
-    expert_bias: Optional[torch.Tensor]  # a copy of the bias it routed with (policy expert_bias)
-    decisions: Tuple[torch.Tensor, ...] = ()  # experts, dispatched, positions (detached)
-    skipped: bool = False
-
-
 class Tape:
-    """The routing records of one checkpointed region: written by its forward, read by its recomputes."""
+    """The routing records of one checkpointed region: written by its forward, read by its recomputes.
+
+    A record is whatever its writer needs to replay (``moe.router.RouteRecord``); it names its
+    writer in ``record.layer``, which the recompute's ``next`` checks.
+    """
 
     def __init__(self) -> None:
-        self.records: List[RouteRecord] = []
+        self.records: List[Any] = []
         self.calls = 0  # completed or running calls of the region's function
         self.cursor = 0
 
@@ -92,10 +79,10 @@ class Tape:
         """True while the region runs again in the backward (its second and later calls)."""
         return self.calls > 1
 
-    def add(self, record: RouteRecord) -> None:
+    def add(self, record: Any) -> None:
         self.records.append(record)
 
-    def next(self, layer: str) -> RouteRecord:
+    def next(self, layer: str) -> Any:
         """The next record of the recompute, which must belong to ``layer``."""
         if self.cursor >= len(self.records):
             raise RuntimeError(f"{layer}: activation checkpointing recomputed more MoE routings than the first "
@@ -144,32 +131,3 @@ def checkpoint(fn: Callable, *args, **kwargs):
 
     return _torch_checkpoint(region, *args, use_reentrant=False, preserve_rng_state=True, early_stop=False,
                              **kwargs)
-
-
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
-    """Turn on checkpointing ``mode`` (one of ``MODES``) in ``model`` (in place; returns it).
-
-    ``moe``: every ``moe.MoELayer`` in ``model`` (a bare layer too). ``block``: every transformer
-    ``Block`` (``moe.models.transformer``); a model without blocks is refused. ``none`` turns it
-    off. Call it once after building the model, before ``torch.compile`` would be (the trainer
-    refuses ``train.compile`` with checkpointing).
-    """
-    from .layer import MoELayer
-    from .models.transformer import Block
-
-    if mode not in MODES:
-        raise ValueError(f"activation checkpointing mode {mode!r} is not allowed; choose one of "
-                         f"{', '.join(map(repr, MODES))}")
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    if mode == "block" and not blocks:
-        raise ValueError(f"activation checkpointing 'block' needs transformer blocks (moe.models.transformer.Block); "
-                         f"{type(model).__name__} has none (use 'moe' for MoE layers)")
-    if mode != "none" and any("attend" in vars(b) or "feed_forward" in vars(b) for b in blocks):
-        raise ValueError(f"activation checkpointing {mode!r}: the blocks of {type(model).__name__} are compiled "
-                         "(moe.models.compile_blocks); torch.compile with checkpointing is not supported")
-    for block in blocks:
-        block.recompute = mode == "block"
-    for layer in layers:
-        layer.recompute = mode == "moe"
-    return model

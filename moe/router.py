@@ -3,11 +3,16 @@
 Everything here runs in fp32, also under bf16/fp16 autocast (``parallel.precision.fp32_region``):
 the softmax / sigmoid, top-k and the balancing losses of ``moe.route`` see fp32 logits.
 
+Inside a checkpointed region (``moe.recompute``) a layer routes with ``Router.route_on_tape``:
+the region's forward records what the routing drew from and decided (``RouteRecord``), its
+recompute in the backward routes again from the recorded state and checks the decisions.
+
 Legend: T tokens, D model width, E experts.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -15,8 +20,31 @@ from torch import nn
 from parallel.precision import fp32_region
 
 from .config import MoEConfig
+from .recompute import Tape
 from .routing import rng_device, route
 from .routing_types import Routing
+
+
+@dataclass
+class RouteRecord:
+    """What one routing inside a checkpointed region needs to be replayed exactly (``Router.route_on_tape``)."""
+
+    layer: str  # the router's (= its MoE layer's) name: the recompute must meet the records in order
+    generator_state: Optional[torch.Tensor]  # the state of the generator passed to the router, else None
+    cpu_rng_state: torch.Tensor  # torch's global CPU RNG (routing draws there without a generator)
+    expert_bias: Optional[torch.Tensor]  # a copy of the bias it routed with (policy expert_bias)
+    decisions: Tuple[torch.Tensor, ...] = ()  # experts, dispatched, positions (detached)
+    skipped: bool = False
+
+    def check(self, routing: Routing) -> None:
+        """The recompute's routing must take the recorded decisions (else its gradient would be wrong)."""
+        same = routing.skipped == self.skipped and all(
+            a.shape == b.shape and torch.equal(a, b)
+            for a, b in zip((routing.experts, routing.dispatched, routing.positions), self.decisions))
+        if not same:
+            raise RuntimeError(f"{self.layer}: activation checkpointing recomputed a routing that differs from the "
+                               "first forward's (experts, GShard's dispatched choices or capacity slots); its "
+                               "gradient would be wrong. Is the router input non-deterministic?")
 
 
 class Router(nn.Module):
@@ -47,14 +75,50 @@ class Router(nn.Module):
             return x @ self.weight.float().t()
 
     def forward(self, x_TD: torch.Tensor, modality: Optional[torch.Tensor] = None, *,
-                generator: Optional[torch.Generator] = None) -> Routing:
+                generator: Optional[torch.Generator] = None, expert_bias: Optional[torch.Tensor] = None) -> Routing:
+        """Route x[T, D]. ``expert_bias``: the bias to route with instead of the ``expert_bias`` buffer
+        (a recompute's replay routes with the recorded one; policy ``expert_bias`` only)."""
         rc = self.config.router
+        bias = self.expert_bias if expert_bias is None else expert_bias
         with fp32_region(x_TD.device.type):  # the router stays fp32 under bf16/fp16 autocast (parallel.precision)
             noise = x_TD.float() @ self.noise_weight.float().t() if self.noise_weight is not None else None
             return route(self.logits(x_TD, generator), rc, modality=modality, generator=generator,
                          training=self.training, noise_logits=noise,
-                         expert_bias=self.expert_bias if rc.policy == "expert_bias" else None,
+                         expert_bias=bias if rc.policy == "expert_bias" else None,
                          backend=self.config.backend, name=self.name)
+
+    def route_on_tape(self, tape: Tape, x_TD: torch.Tensor, modality: Optional[torch.Tensor] = None, *,
+                      generator: Optional[torch.Generator] = None) -> Routing:
+        """``self(x_TD, modality, generator=generator)`` inside a checkpointed region (``moe.recompute``).
+
+        The region's forward routes and writes a ``RouteRecord`` on ``tape``: the generator and
+        CPU RNG states it drew from, a copy of the expert bias, and its decisions. Its recompute
+        reads the record back, routes again from those states and that bias (the caller's
+        generator is put back afterwards; the buffer is not touched) and raises ``RuntimeError``
+        if the decisions differ: the gradient would be wrong.
+        """
+        if not tape.replaying:
+            record = RouteRecord(
+                layer=self.name, generator_state=None if generator is None else generator.get_state(),
+                cpu_rng_state=torch.get_rng_state(),
+                expert_bias=self.expert_bias.detach().clone() if self.config.router.policy == "expert_bias" else None)
+            routing = self(x_TD, modality, generator=generator)
+            record.decisions = (routing.experts.detach(), routing.dispatched.detach(), routing.positions.detach())
+            record.skipped = routing.skipped
+            tape.add(record)
+            return routing
+        record = tape.next(self.name)
+        caller_state = None if generator is None else generator.get_state()
+        try:
+            if generator is not None:
+                generator.set_state(record.generator_state)
+            torch.set_rng_state(record.cpu_rng_state)
+            routing = self(x_TD, modality, generator=generator, expert_bias=record.expert_bias)
+        finally:
+            if generator is not None:
+                generator.set_state(caller_state)
+        record.check(routing)
+        return routing
 
     @torch.no_grad()
     def update_expert_bias(self, load_E: torch.Tensor) -> None:

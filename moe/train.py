@@ -27,6 +27,16 @@ import argparse
 import sys
 from typing import List, Optional
 
+import torch
+
+from moe.trainer.checkpoint import CheckpointError
+from moe.trainer.config import ConfigError, TrainConfig, load_config, resolved_yaml
+from moe.trainer.layout import check_layout
+from moe.trainer.loop import run
+from moe.trainer.preemption import EXIT_PREEMPTED
+from moe.trainer.schedule import StepSchedule
+from parallel.launch import LaunchError, detect_launch
+
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m moe.train", description=__doc__.split("\n\n")[0])
@@ -37,7 +47,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_launch_layout(cfg) -> None:
+def check_launch_layout(cfg: TrainConfig) -> None:
     """The layout must fit the launch's world size and the model; the global batch must split
     into whole micro-batches on the data-parallel size.
 
@@ -46,10 +56,6 @@ def check_launch_layout(cfg) -> None:
     size, heads, FFN widths, experts and sequence length) fails here with one line
     instead of on every rank after start-up.
     """
-    from moe.trainer.layout import check_layout
-    from moe.trainer.loop import StepSchedule
-    from parallel.launch import LaunchError, detect_launch
-
     try:
         world = detect_launch().world_size
     except LaunchError:
@@ -60,8 +66,6 @@ def check_launch_layout(cfg) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    from moe.trainer.config import ConfigError, load_config, resolved_yaml
-
     try:  # every section, before any process group or weight exists
         cfg = load_config(args.config, args.overrides)
         text = resolved_yaml(cfg, redacted=True)
@@ -71,16 +75,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.print_config:
         print(text, end="")
-        import torch
-
         device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         for line in cfg.effective_lines(device):
             print(f"# effective: {line}")
         return 0
-    from moe.trainer.checkpoint import CheckpointError
-    from moe.trainer.loop import run
-    from moe.trainer.preemption import EXIT_PREEMPTED
-
     try:
         result = run(cfg)
     except CheckpointError as e:  # refused out_dir, damaged or unfitting checkpoint: the message says why

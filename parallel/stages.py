@@ -17,7 +17,7 @@ The cut (``plan_stages``), in order of precedence:
   schedule has the same work;
 - otherwise the balanced cut: the contiguous split that minimises the largest chunk
   cost, where a block costs what the caller says (``costs``; the trainer passes each
-  block's forward FLOPs per token, ``moe.models.flops.block_flops_per_token``: attention
+  block's forward FLOPs per token, ``TransformerConfig.block_flops_per_token``: attention
   projections and scores, plus the FFN's ACTIVE FLOPs: an MoE block counts its k
   experts of its expert width, and its router); ties go to the cut with fewer blocks
   in the earlier chunks (the first stage also embeds, the last also runs the head).

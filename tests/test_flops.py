@@ -19,22 +19,18 @@ def _tiny_lm(**moe):
 
 def test_lm_forward_flops_equal_a_hand_count():
     """D=32, L=32, V=259; block 0 dense gelu F=64, block 1 MoE top-2 of E=4 experts of F=64."""
-    from moe.models.flops import forward_flops_per_sample
-
     D, L, V, F, E = 32, 32, 259, 64, 4
     dense = 8 * D * D + 4 * L * D + 2 * (2 * D * F)
     moe = 8 * D * D + 4 * L * D + 2 * 2 * (2 * D * F) + 2 * D * E
     assert (dense, moe) == (20480, 28928)
-    assert forward_flops_per_sample(_tiny_lm()) == L * (dense + moe + 2 * D * V)
-    assert forward_flops_per_sample(_tiny_lm(), seq_len=16) == 16 * (dense + moe - 2 * 4 * 16 * D + 2 * D * V)
+    assert _tiny_lm().flops_per_sample() == L * (dense + moe + 2 * D * V)
+    assert _tiny_lm().flops_per_sample(16) == 16 * (dense + moe - 2 * 4 * 16 * D + 2 * D * V)
 
 
 def test_top_1_routing_counts_one_expert():
     """Active parameters: the MoE FFN term scales with k (top-1 is half of top-2's FFN FLOPs)."""
-    from moe.models.flops import block_flops_per_token
-
-    top2 = block_flops_per_token(_tiny_lm().transformer, 32)[1]
-    top1 = block_flops_per_token(_tiny_lm(router={"policy": "topk", "top_k": 1}).transformer, 32)[1]
+    top2 = _tiny_lm().transformer.block_flops_per_token(32)[1]
+    top1 = _tiny_lm(router={"policy": "topk", "top_k": 1}).transformer.block_flops_per_token(32)[1]
     assert top2 - top1 == 2 * (2 * 32 * 64)
 
 
@@ -72,11 +68,9 @@ def test_peak_tflops_must_be_positive():
 
 @pytest.mark.distributed
 def test_the_trainer_logs_mfu_against_the_configured_peak(tmp_path):
-    from moe.models.flops import forward_flops_per_sample
-
     run = run_layout(TINY_LM, 1, tmp_path, overrides=["telemetry.peak_tflops=0.5"])
     assert "MFU against 0.5 TFLOP/s per device (telemetry.peak_tflops) x 1 device(s)" in run.stdout
-    per_sample = forward_flops_per_sample(_tiny_lm())
+    per_sample = _tiny_lm().flops_per_sample()
     for row in run.metrics:
         assert row["train/model_flops_per_step"] == 3 * per_sample * TINY_LM["train"]["global_batch_size"]
         assert row["train/mfu"] == pytest.approx(row["train/model_tflops_per_s"] / 0.5)

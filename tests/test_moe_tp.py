@@ -64,8 +64,7 @@ def _layer_matches_oracle(rank, world, dims, router, seed, options):
     extra = options.get("extra", {})
     cfg = _config(router, activation, bias, **extra)
     full = moe.MoELayer(cfg)
-    layer = moe.MoELayer(cfg, ep_group=groups.ep_group, dp_group=groups.dp_group, tp_group=groups.tp_group,
-                         etp_group=groups.etp_group)
+    layer = moe.MoELayer(cfg, groups=moe.MoEGroups.from_process_groups(groups))
     init_weights(full, seed)
     init_weights(layer, seed)
     _randomize_biases(full, seed)

@@ -10,7 +10,6 @@ import random
 import pytest
 
 from parallel.checks import ConfigError
-from moe.models.flops import block_flops_per_token as block_costs
 from moe.tasks import TASKS
 from moe.trainer.config import from_dict
 from moe.trainer.layout import check_layout, stage_plan
@@ -58,6 +57,11 @@ def transformer(**model):
     """The TransformerConfig of the LM task of ``TINY_LM`` with ``model`` overrides."""
     cfg = from_dict(lm_raw(model))
     return TASKS["lm"].configs_from_dicts(cfg.model, cfg.data)[0].transformer
+
+
+def block_costs(t, seq_len):
+    """Forward FLOPs per token of every block of TransformerConfig ``t`` (the stage costs the trainer passes)."""
+    return t.block_flops_per_token(seq_len)
 
 
 def plan_of(t, pp, *, seq_len=1, **kw):

@@ -22,7 +22,8 @@ from moe.config import DROP_POLICIES, POLICIES
 from moe.layer import MoELayer
 from moe.models.transformer import Transformer, TransformerConfig, init_weights
 from parallel.rng import micro_batch_scope, seed_block
-from moe.recompute import MODES, apply_activation_checkpointing
+from moe.models.activation_checkpointing import apply_activation_checkpointing
+from moe.recompute import MODES
 from tests.helpers.distributed import run_distributed
 
 D, F, E, T = 8, 16, 4, 24

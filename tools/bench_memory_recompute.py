@@ -5,7 +5,7 @@
 Builds one ``moe.models.transformer.Transformer`` (pre-LN blocks, every ``--moe-every``-th an
 MoE layer: GShard top-2 at capacity factor 1.25, dropout 0.1, so every random draw that the
 recompute must replay is there), then, for each mode, the same weights with
-``moe.recompute.apply_activation_checkpointing`` and one forward + backward on the same batch
+``moe.models.activation_checkpointing.apply_activation_checkpointing`` and one forward + backward on the same batch
 under the same micro-batch seed. Memory is measured with torch's profiler
 (``profile_memory=True``): its ``[memory]`` events record every CPU allocation and free with
 its address and size; summing them (a free of memory allocated before profiling is ignored)
@@ -41,7 +41,8 @@ import moe  # noqa: E402
 from alloc_peak import allocation_peak  # noqa: E402
 from moe.models.transformer import Transformer, TransformerConfig, init_weights  # noqa: E402
 from parallel.rng import micro_batch_scope  # noqa: E402
-from moe.recompute import MODES, apply_activation_checkpointing  # noqa: E402
+from moe.models.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
+from moe.recompute import MODES  # noqa: E402
 
 
 def build(args, mode: str) -> Transformer:

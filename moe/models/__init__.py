@@ -8,7 +8,11 @@
   with a CLIP loss; ``zero_shot_accuracy``.
 - ``presets``: named configs (``switch``, ``gshard``, ``tiny_limoe``, each with a
   ``*_dense`` equal-active-FLOPs twin); ``active_ffn_flops_per_token``.
+- ``flops``: the FLOPs formulas each config answers with (``TransformerConfig.block_flops_per_token``,
+  ``LMConfig`` / ``LIMoEConfig.flops_per_sample``).
+- ``apply_activation_checkpointing``: turns ``moe.recompute`` on in a model's blocks or MoE layers.
 """
+from .activation_checkpointing import apply_activation_checkpointing
 from .limoe import IMAGE, TEXT, LIMoEConfig, LIMoEModel, contrastive_loss, zero_shot_accuracy
 from .lm import LanguageModel, LMConfig, lm_loss
 from .presets import PRESETS, preset, preset_names, resolve_model_config
@@ -30,4 +34,5 @@ __all__ = [
     "LanguageModel", "LMConfig", "lm_loss", "PRESETS", "preset", "preset_names", "resolve_model_config",
     "MLP", "Attention", "Block", "Transformer", "TransformerConfig", "compile_blocks",
     "active_ffn_flops_per_token", "attention_mask", "dense_equivalent", "init_weights",
+    "apply_activation_checkpointing",
 ]

@@ -1,4 +1,10 @@
-"""Model FLOPs: the forward FLOPs of a block, a token and a sample (for MFU and the pipeline cut).
+"""Model FLOPs: the formulas of a block's, a token's and a sample's forward FLOPs (for MFU and the pipeline cut).
+
+Each model config answers for its own FLOPs with these formulas:
+``TransformerConfig.block_flops_per_token(seq_len)`` (every block; the pipeline's stage costs),
+``TransformerConfig.active_ffn_flops_per_token()`` (the FFNs only; the dense twins),
+``LMConfig.flops_per_sample(seq_len)`` and ``LIMoEConfig.flops_per_sample()`` (the trainer's MFU).
+This module is a leaf: it knows the formulas, not the configs.
 
 Legend: D model width, L sequence length (tokens attended over), E experts, k experts per
 token, F an FFN's hidden width, V vocabulary size, K shared embedding width, P patches
@@ -21,9 +27,8 @@ embedding) are in.
 """
 from __future__ import annotations
 
-from typing import List
-
-__all__ = ["ffn_matmuls", "block_flops_per_token", "forward_flops_per_sample", "TRAIN_FLOPS_PER_FORWARD"]
+__all__ = ["TRAIN_FLOPS_PER_FORWARD", "ffn_matmuls", "attention_flops", "ffn_flops", "router_flops",
+           "projection_flops", "patch_embedding_flops"]
 
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (2x)
 
@@ -33,35 +38,26 @@ def ffn_matmuls(activation: str, width: int, d_model: int) -> int:
     return (3 if activation == "swiglu" else 2) * d_model * width
 
 
-def block_flops_per_token(cfg, seq_len: int) -> List[int]:
-    """Forward FLOPs per token of every block of a ``TransformerConfig`` attending over ``seq_len``."""
-    D = cfg.d_model
-    out = []
-    for i in range(cfg.n_layers):
-        flops = 8 * D * D + 4 * seq_len * D
-        if cfg.is_moe_layer(i):
-            flops += 2 * cfg.moe.router.top_k * ffn_matmuls(cfg.activation, cfg.moe.d_ffn, D)
-            flops += 2 * D * cfg.moe.num_experts
-        else:
-            flops += 2 * ffn_matmuls(cfg.activation, cfg.ffn_width(i), D)
-        out.append(flops)
-    return out
+def attention_flops(d_model: int, seq_len: int) -> int:
+    """Attention of one token attending over ``seq_len``: projections 2 * 4 D^2, scores and sum 2 * 2 L D."""
+    return 8 * d_model * d_model + 4 * seq_len * d_model
 
 
-def forward_flops_per_sample(model_cfg, *, seq_len: int = None) -> int:
-    """Forward FLOPs of one sample: an ``LMConfig`` sequence of ``seq_len`` tokens (default
-    ``max_seq_len``), or a ``LIMoEConfig`` image-caption pair (P patches + the padded caption)."""
-    from .limoe import LIMoEConfig
-    from .lm import LMConfig
+def ffn_flops(activation: str, width: int, d_model: int, experts_per_token: int = 1) -> int:
+    """One token through ``experts_per_token`` FFNs of hidden width ``width`` (k routed experts, or 1 dense MLP)."""
+    return 2 * experts_per_token * ffn_matmuls(activation, width, d_model)
 
-    t = model_cfg.transformer
-    D = t.d_model
-    if isinstance(model_cfg, LMConfig):
-        L = seq_len or model_cfg.max_seq_len
-        return L * (sum(block_flops_per_token(t, L)) + 2 * D * model_cfg.vocab_size)
-    if isinstance(model_cfg, LIMoEConfig):
-        P, L = model_cfg.num_patches, model_cfg.text_length
-        image = P * (sum(block_flops_per_token(t, P)) + 2 * model_cfg.patch_size ** 2 * model_cfg.in_channels * D)
-        text = L * sum(block_flops_per_token(t, L))
-        return image + text + 2 * 2 * D * model_cfg.embed_dim
-    raise TypeError(f"model_cfg must be an LMConfig or a LIMoEConfig, got {type(model_cfg).__name__}")
+
+def router_flops(d_model: int, num_experts: int) -> int:
+    """The router's logits of one token: 2 D E."""
+    return 2 * d_model * num_experts
+
+
+def projection_flops(d_in: int, d_out: int) -> int:
+    """One vector through a [d_in, d_out] linear map: the LM head (D -> V), LIMoE's projections (D -> K)."""
+    return 2 * d_in * d_out
+
+
+def patch_embedding_flops(patch_size: int, in_channels: int, d_model: int) -> int:
+    """One image patch through the patchifier: 2 p^2 I D."""
+    return 2 * patch_size ** 2 * in_channels * d_model

@@ -43,6 +43,7 @@ from ..modes import eval_mode
 from ..data.shapes import caption_vocabulary
 from ..data.tokenizer import VOCAB_SIZE, ByteTokenizer, WordTokenizer
 from parallel.checks import check_bool, check_choice, check_int, check_number, fail
+from . import flops
 from .transformer import (
     FlatModelConfig,
     Transformer,
@@ -170,6 +171,15 @@ class LIMoEConfig(FlatModelConfig):
     def dense_baseline(self) -> "LIMoEConfig":
         """Same model with every MoE block replaced by a dense MLP of equal active FLOPs."""
         return replace(self, transformer=dense_equivalent(self.transformer))
+
+    def flops_per_sample(self) -> int:
+        """Forward FLOPs of one image-caption pair (``moe.models.flops``): P patches through the patchifier
+        and every block, the padded caption's L tokens through every block, and the two projections to K."""
+        t = self.transformer
+        P, L, D = self.num_patches, self.text_length, t.d_model
+        image = P * (sum(t.block_flops_per_token(P)) + flops.patch_embedding_flops(self.patch_size, self.in_channels, D))
+        text = L * sum(t.block_flops_per_token(L))
+        return image + text + 2 * flops.projection_flops(D, self.embed_dim)
 
 
 def contrastive_loss(u_BK: torch.Tensor, v_BK: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:

@@ -18,6 +18,7 @@ from parallel.tensor import TensorParallel, vocab_cross_entropy, vocab_logits
 
 from ..data.tokenizer import VOCAB_SIZE
 from parallel.checks import check_bool, check_int, fail
+from . import flops
 from .transformer import (
     FlatModelConfig,
     Transformer,
@@ -72,6 +73,13 @@ class LMConfig(FlatModelConfig):
     def dense_baseline(self) -> "LMConfig":
         """Same LM with every MoE block replaced by a dense MLP of equal active FLOPs."""
         return replace(self, transformer=dense_equivalent(self.transformer))
+
+    def flops_per_sample(self, seq_len: Optional[int] = None) -> int:
+        """Forward FLOPs of one sequence of ``seq_len`` tokens (default ``max_seq_len``): every block
+        and the head, per token (``moe.models.flops``)."""
+        t = self.transformer
+        L = seq_len or self.max_seq_len
+        return L * (sum(t.block_flops_per_token(L)) + flops.projection_flops(t.d_model, self.vocab_size))
 
 
 class LanguageModel(TransformerModel):

@@ -11,15 +11,15 @@ image and text tokens of a batch to one MoE call together, with modality ids.
 Every ``moe_every``-th block (layers ``moe_every-1, 2*moe_every-1, ...``, i.e.
 "every other layer, the second of each pair" for ``moe_every=2``, as in V-MoE)
 has a ``MoELayer`` named ``blocks.<i>.moe``; the others a dense MLP
-``blocks.<i>.mlp``. MoE layers get ``ep_group`` / ``dp_group`` passed in
-explicitly: nothing is read from global state.
+``blocks.<i>.mlp``. MoE layers get their process groups passed in explicitly (one
+``moe.MoEGroups``, built once by ``Transformer``): nothing is read from global state.
 
 ``TransformerConfig.moe`` is a ``moe.MoEConfig``; with ``num_experts == 1`` those
 blocks are plain dense MLPs of width ``moe.d_ffn`` (one expert, softmax weight 1,
 nothing ever dropped, is exactly a dense MLP); ``dense_equivalent(cfg)`` uses that
 to make the dense baseline with the same active FFN FLOPs per token.
 ``compile_blocks(model)`` applies ``torch.compile`` to every block. Activation checkpointing
-(``moe.recompute.apply_activation_checkpointing``) sets ``Block.recompute`` (mode ``block``:
+(``moe.models.activation_checkpointing.apply_activation_checkpointing``) sets ``Block.recompute`` (mode ``block``:
 ``Block.forward``, or each half a model calls itself, runs again in the backward) or
 ``MoELayer.recompute`` (mode ``moe``); the recompute replays the routing of the forward.
 
@@ -44,6 +44,7 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -65,8 +66,8 @@ from ..config import ACTIVATIONS, MoEConfig, RouterConfig
 from ..config_build import FromDict, construct
 from ..dispatch import world_node_groups
 from ..experts import Experts
-from ..layer import MoELayer
-from .flops import ffn_matmuls
+from ..layer import MoEGroups, MoELayer
+from . import flops
 
 __all__ = [
     "OWNED_MOE_FIELDS",
@@ -207,6 +208,30 @@ class TransformerConfig(FromDict):
             raise ValueError(f"block {i} is not an MoE block (moe_every={self.moe_every})")
         return self.moe
 
+    # ---- forward FLOPs (the formulas: moe.models.flops)
+    def ffn_flops_per_token(self, i: int) -> int:
+        """Forward FLOPs of block ``i``'s FFN on one token: an MoE block counts ``k`` experts of width
+        ``F_expert`` (the nominal ``top_k``: ACTIVE parameters; GShard's random routing skips some 2nd
+        choices, and drops skip more, so the realised count is at most this), a dense block its MLP."""
+        k = self.moe.router.top_k if self.is_moe_layer(i) else 1
+        return flops.ffn_flops(self.activation, self.ffn_width(i), self.d_model, k)
+
+    def block_flops_per_token(self, seq_len: int) -> List[int]:
+        """Forward FLOPs per token of every block attending over ``seq_len``: attention, the FFN
+        (``ffn_flops_per_token``) and, in an MoE block, the router (the pipeline's stage costs)."""
+        out = []
+        for i in range(self.n_layers):
+            cost = flops.attention_flops(self.d_model, seq_len) + self.ffn_flops_per_token(i)
+            if self.is_moe_layer(i):
+                cost += flops.router_flops(self.d_model, self.moe.num_experts)
+            out.append(cost)
+        return out
+
+    def active_ffn_flops_per_token(self) -> int:
+        """Forward FLOPs of the FFNs one token passes through, summed over blocks (no router: it is
+        small and has no dense counterpart); equal for a model and its ``dense_equivalent``."""
+        return sum(self.ffn_flops_per_token(i) for i in range(self.n_layers))
+
 
 class FlatModelConfig(FromDict):
     """Base of a model config (LM, LIMoE) holding a ``transformer: TransformerConfig`` whose
@@ -235,22 +260,12 @@ class FlatModelConfig(FromDict):
 # ----------------------------------------------------------------------------- FLOPs and the dense baseline
 
 def active_ffn_flops_per_token(cfg) -> int:
-    """Forward FLOPs (2 per multiply-add) of the FFNs one token passes through, summed over layers.
-
-    An MoE block counts ``k`` experts of width ``F_expert`` (the nominal ``top_k``;
-    GShard's random routing skips some 2nd choices, and drops skip more, so the
-    realised count is at most this). The router (``2 * D * E`` FLOPs per token) is
-    NOT included: it is small and has no dense counterpart. Accepts a
-    ``TransformerConfig`` or anything with a ``.transformer`` config (LM, LIMoE).
-    """
-    t = cfg.transformer if hasattr(cfg, "transformer") else cfg
+    """``TransformerConfig.active_ffn_flops_per_token`` of a ``TransformerConfig`` or of a model
+    config holding one as ``.transformer`` (LM, LIMoE)."""
+    t = getattr(cfg, "transformer", cfg)
     if not isinstance(t, TransformerConfig):
         raise TypeError(f"cfg must be a TransformerConfig or have a .transformer one, got {type(cfg).__name__}")
-    total = 0
-    for i in range(t.n_layers):
-        k = t.moe.router.top_k if t.is_moe_layer(i) else 1
-        total += 2 * k * ffn_matmuls(t.activation, t.ffn_width(i), t.d_model)
-    return total
+    return t.active_ffn_flops_per_token()
 
 
 def dense_equivalent(cfg: TransformerConfig) -> TransformerConfig:
@@ -345,8 +360,9 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-LN block: ``x + attn(ln1(x))`` then ``x + ffn(ln2(x))``; FFN = ``mlp`` or ``moe``."""
 
-    def __init__(self, cfg: TransformerConfig, index: int, *, ep_group=None, dp_group=None, prefix: str = "blocks",
-                 node_groups=None, tp: Optional[TensorParallel] = None):
+    def __init__(self, cfg: TransformerConfig, index: int, *, groups: Optional[MoEGroups] = None,
+                 prefix: str = "blocks", tp: Optional[TensorParallel] = None):
+        """``groups``: the process groups of the block's MoE layer (``Transformer`` builds them once)."""
         super().__init__()
         tp = self.tp = tp or TensorParallel()
         self.index, self.causal = index, cfg.causal
@@ -356,12 +372,10 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.is_moe = cfg.is_moe_layer(index)
         if self.is_moe:
-            groups = {"tp_group": tp.group, "etp_group": tp.etp_group} if tp.size * tp.etp_size > 1 else {}
-            self.moe = MoELayer(cfg.moe_config(index), ep_group=ep_group, dp_group=dp_group,
-                                node_groups=node_groups, name=f"{prefix}.{index}.moe", **groups)
+            self.moe = MoELayer(cfg.moe_config(index), groups=groups, name=f"{prefix}.{index}.moe")
         else:
             self.mlp = MLP(cfg.d_model, cfg.ffn_width(index), cfg.activation, tp=tp)
-        # Activation checkpointing 'block' (set by moe.recompute.apply_activation_checkpointing): the
+        # Activation checkpointing 'block' (set by moe.models.activation_checkpointing): the
         # block (or each half a model calls itself) runs again in the backward, routing replayed.
         self.recompute = False
 
@@ -465,7 +479,8 @@ class Transformer(nn.Module):
     ``parallel.ProcessGroups.timeout``; None: torch's default).
     """
 
-    def __init__(self, cfg: TransformerConfig, *, ep_group=None, dp_group=None, prefix: str = "blocks",
+    def __init__(self, cfg: TransformerConfig, *, ep_group: Optional[dist.ProcessGroup] = None,
+                 dp_group: Optional[dist.ProcessGroup] = None, prefix: str = "blocks",
                  tp: Optional[TensorParallel] = None, block_ids: Optional[Sequence[int]] = None,
                  final_norm: bool = True, group_timeout: Optional[timedelta] = None):
         super().__init__()
@@ -481,8 +496,10 @@ class Transformer(nn.Module):
         bad = [i for i in ids if not 0 <= i < cfg.n_layers]
         if bad:
             raise ValueError(f"block_ids {bad} out of range for n_layers={cfg.n_layers}")
-        self.blocks = BlockStack([Block(cfg, i, ep_group=ep_group, dp_group=dp_group, prefix=prefix,
-                                        node_groups=node_groups, tp=tp) for i in ids])
+        split = tp.size * tp.etp_size > 1  # the MoE layers get the tp / etp groups only when these split something
+        groups = MoEGroups(ep_group=ep_group, dp_group=dp_group, tp_group=tp.group if split else None,
+                           etp_group=tp.etp_group if split else None, node_groups=node_groups)
+        self.blocks = BlockStack([Block(cfg, i, groups=groups, prefix=prefix, tp=tp) for i in ids])
         self.ln_f = tp.mark_norm(nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)) if final_norm else None
 
     def moe_layers(self) -> list:

@@ -62,7 +62,7 @@ def _kernel(impl: str, name: str):
                                "and CUDA_HOME set (`pip install --no-build-isolation -e .`)")
         return getattr(_C, name + "_cuda")
     if impl == "triton":
-        from moe import kernels
+        from moe import kernels  # deferred: the triton kernels (an optional heavy engine), loaded on first use
 
         return getattr(kernels, name)
     raise ValueError(f"impl={impl!r} is not allowed; choose one of {IMPLS}")

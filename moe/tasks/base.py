@@ -41,8 +41,12 @@ import torch
 
 from ..config_build import FromDict
 from parallel.checks import check_int
+from parallel.dims import ProcessGroups
+from parallel.pipeline import StageRole
 from parallel.precision import fp32_region
 from parallel.rng import sample_rng  # the task authors' name for it (CONTRIBUTING, "Adding a task")
+from parallel.stages import StagePlan
+from parallel.tensor import TensorParallel
 
 from ..models.presets import resolve_model_config
 
@@ -82,15 +86,12 @@ class ModelTask:
     data_config_cls: type
     model_cls: type
 
-    def __init__(self, model_config, data_config, *, groups=None, device="cpu", pipeline=None):
+    def __init__(self, model_config, data_config, *, groups: Optional[ProcessGroups] = None, device="cpu",
+                 pipeline: Optional[StagePlan] = None):
         self.model_config, self.data_config = model_config, data_config
         self.device = torch.device(device)
-        from parallel.tensor import TensorParallel
-
         pipe = None
         if pipeline is not None and pipeline.pp > 1:
-            from parallel.pipeline import StageRole
-
             if groups is None or groups.dims.pp != pipeline.pp:
                 raise ValueError(f"pipeline: a plan for pp={pipeline.pp} needs ProcessGroups with that pp size")
             pipe = StageRole.from_groups(pipeline, groups)
@@ -117,8 +118,8 @@ class ModelTask:
         """Checks across the two sections (a subclass adds its own); raise ``ConfigError``."""
 
     @classmethod
-    def from_dicts(cls, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], *, groups=None, device="cpu",
-                   pipeline=None):
+    def from_dicts(cls, model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], *,
+                   groups: Optional[ProcessGroups] = None, device="cpu", pipeline: Optional[StagePlan] = None):
         model, data = cls.configs_from_dicts(model_cfg, data_cfg)
         return cls(model, data, groups=groups, device=device, pipeline=pipeline)
 
@@ -126,10 +127,9 @@ class ModelTask:
         return self.model.moe_layers()
 
     def flops_per_sample(self) -> int:
-        """Forward model FLOPs of one training sample (``moe.models.flops``; the LM at its ``seq_len``)."""
-        from ..models.flops import forward_flops_per_sample
-
-        return forward_flops_per_sample(self.model_config, seq_len=getattr(self, "seq_len", None))
+        """Forward model FLOPs of one training sample: the model config's ``flops_per_sample``
+        (``moe.models.flops``)."""
+        return self.model_config.flops_per_sample()
 
     def model_inputs(self, batch: dict) -> tuple:
         """The model's positional inputs taken from a batch."""

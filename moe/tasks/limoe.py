@@ -33,10 +33,13 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from parallel.dims import ProcessGroups
 from parallel.rng import sample_rng
+from parallel.stages import StagePlan
 
 from parallel.checks import check_int, check_mapping, check_str, fail
 from ..data.shapes import ImageTextCollator, ShapesConfig, ShapesDataset, class_prompts
+from ..data.user import ImageCaptionDataset
 from ..modes import eval_mode
 from ..models.limoe import (LIMoEConfig, LIMoEModel, contrastive_loss, make_tokenizer, zero_shot_accuracy,
                             zero_shot_predictions)
@@ -87,8 +90,8 @@ class LIMoETask(ModelTask):
 
     name, config_cls, data_config_cls, model_cls = "limoe", LIMoEConfig, LIMoEDataConfig, LIMoEModel
 
-    def __init__(self, model_config: LIMoEConfig, data_config: LIMoEDataConfig, *, groups=None, device="cpu",
-                 pipeline=None):
+    def __init__(self, model_config: LIMoEConfig, data_config: LIMoEDataConfig, *,
+                 groups: Optional[ProcessGroups] = None, device="cpu", pipeline: Optional[StagePlan] = None):
         self.check_configs(model_config, data_config)
         super().__init__(model_config, data_config, groups=groups, device=device, pipeline=pipeline)
         self.collate = ImageTextCollator(model_config.text_length, tokenizer=make_tokenizer(model_config.text_tokenizer))
@@ -98,7 +101,6 @@ class LIMoETask(ModelTask):
             self.shapes_config = shapes
             self.train_set = ShapesDataset(shapes, "train", size=_TRAIN_SIZE)
         else:
-            from ..data.user import ImageCaptionDataset
             self.shapes_config = None
             self.train_set = ImageCaptionDataset(data_config.source, data_config.image_root,
                                                  image_size=model_config.image_size)
@@ -147,7 +149,6 @@ class LIMoETask(ModelTask):
             val = ShapesDataset(self.shapes_config, "val", size=dc.val_size)
             out["val"] = [val[i] for i in range(len(val))]
         else:
-            from ..data.user import ImageCaptionDataset
             if dc.val_jsonl is None:
                 out["val"] = []
             else:

@@ -24,7 +24,9 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
+from parallel.dims import ProcessGroups
 from parallel.rng import sample_rng
+from parallel.stages import StagePlan
 
 from parallel.checks import check_int, check_number, check_str, fail
 from ..data.text import load_corpus
@@ -72,8 +74,8 @@ class LMTask(ModelTask):
 
     name, config_cls, data_config_cls, model_cls = "lm", LMConfig, LMDataConfig, LanguageModel
 
-    def __init__(self, model_config: LMConfig, data_config: LMDataConfig, *, groups=None, device="cpu",
-                 pipeline=None):
+    def __init__(self, model_config: LMConfig, data_config: LMDataConfig, *,
+                 groups: Optional[ProcessGroups] = None, device="cpu", pipeline: Optional[StagePlan] = None):
         self.check_configs(model_config, data_config)
         super().__init__(model_config, data_config, groups=groups, device=device, pipeline=pipeline)
         self.seq_len = data_config.seq_len or model_config.max_seq_len
@@ -106,6 +108,10 @@ class LMTask(ModelTask):
         return self._windows(self.corpus.train, starts)
 
     # ------------------------------------------------------------------ loss / eval
+    def flops_per_sample(self) -> int:
+        """Forward model FLOPs of one training sequence, at its ``seq_len`` (``LMConfig.flops_per_sample``)."""
+        return self.model_config.flops_per_sample(self.seq_len)
+
     def model_inputs(self, batch: dict) -> tuple:
         return (batch["tokens"],)
 

@@ -29,11 +29,18 @@ its own business). On success it returns the ``parallel.ParallelDims`` of the jo
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
+
+import torch
+
+from parallel.dims import ParallelDims
+from parallel.pipeline import check_schedule
+from parallel.stages import StagePlan, plan_stages
 
 from parallel.checks import ConfigError, fail
-from ..models.flops import block_flops_per_token
+from ..tasks import TASKS
 from .config import TrainConfig, from_dict
+from .schedule import StepSchedule
 
 __all__ = ["check_layout", "check_world", "check_model", "check_pipeline", "stage_plan"]
 
@@ -42,10 +49,8 @@ def _divisors(n: int) -> str:
     return ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)
 
 
-def check_world(cfg: TrainConfig, world_size: int):
+def check_world(cfg: TrainConfig, world_size: int) -> ParallelDims:
     """The launch's ``world_size`` against ``parallel.tp / pp / ep / etp``; returns the ``ParallelDims``."""
-    from parallel.dims import ParallelDims
-
     p = cfg.parallel
     if world_size % (p.tp * p.pp):
         fail("parallel.tp", p.tp, f"world size {world_size} is not equal to the product dp x tp x pp for any whole "
@@ -63,8 +68,6 @@ def check_world(cfg: TrainConfig, world_size: int):
 
 def check_model(cfg: TrainConfig) -> None:
     """The model and data sections of a built-in task against ``parallel.tp / ep / etp / sequence_parallel``."""
-    from moe.tasks import TASKS
-
     p = cfg.parallel
     name = cfg.task.name
     if p.sequence_parallel and name != "lm":
@@ -105,12 +108,9 @@ def check_model(cfg: TrainConfig) -> None:
                  "the tensor-parallel ranks)")
 
 
-def stage_plan(cfg: TrainConfig):
+def stage_plan(cfg: TrainConfig) -> Optional[StagePlan]:
     """The ``parallel.stages.StagePlan`` of a built-in task's model under ``parallel.pp /
     virtual_stages / pp_blocks`` (None when pp = 1); ``ConfigError`` when the blocks do not cut so."""
-    from moe.tasks import TASKS
-    from parallel.stages import plan_stages
-
     p = cfg.parallel
     if p.pp == 1:
         return None
@@ -120,16 +120,12 @@ def stage_plan(cfg: TrainConfig):
     model, data = TASKS[cfg.task.name].configs_from_dicts(cfg.model, cfg.data)
     seq_len = getattr(data, "seq_len", None) or getattr(model, "max_seq_len", None) or \
         getattr(model, "num_patches", 1)
-    return plan_stages(block_flops_per_token(model.transformer, seq_len), p.pp, virtual_stages=p.virtual_stages,
+    return plan_stages(model.transformer.block_flops_per_token(seq_len), p.pp, virtual_stages=p.virtual_stages,
                        counts=p.pp_blocks)
 
 
-def check_pipeline(cfg: TrainConfig, world_size: int):
+def check_pipeline(cfg: TrainConfig, world_size: int) -> Optional[StagePlan]:
     """The stage plan and the schedule against the micro-batches of a step; returns the plan (or None)."""
-    from parallel.pipeline import check_schedule
-
-    from .loop import StepSchedule
-
     plan = stage_plan(cfg)
     if plan is None:
         return None
@@ -141,7 +137,7 @@ def check_pipeline(cfg: TrainConfig, world_size: int):
     return plan
 
 
-def check_layout(cfg: TrainConfig, world_size: int):
+def check_layout(cfg: TrainConfig, world_size: int) -> ParallelDims:
     """Every layout check (see the module docstring); returns the job's ``parallel.ParallelDims``.
 
     Raises ``ConfigError`` naming the key path and the sizes; needs no process group.
@@ -162,8 +158,6 @@ def check_precision(cfg: TrainConfig) -> None:
     """bf16 / fp16 with tensor parallelism needs CUDA: megatron-core's tensor-parallel linear layers restore only
     CUDA's autocast state in their backward (``custom_bwd(device_type="cuda")``), so under CPU autocast their
     backward multiplies a bf16 gradient by an fp32 weight and fails."""
-    import torch
-
     device = cfg.train.device
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if cfg.train.precision != "fp32" and cfg.parallel.tp > 1 and on_cpu:

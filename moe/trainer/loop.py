@@ -45,25 +45,29 @@ import torch
 import torch.distributed as dist
 
 from moe.models import compile_blocks
-from moe.recompute import apply_activation_checkpointing
+from moe.models.activation_checkpointing import apply_activation_checkpointing
 from moe.models.flops import TRAIN_FLOPS_PER_FORWARD
 from parallel.dims import ProcessGroups
+from parallel.grads import is_expert_param
+from parallel.launch import build_groups, explain_timeout, init_distributed
+from parallel.objects import all_gather_objects
 from parallel.precision import LossScaler, Precision
 from parallel.rng import micro_batch_scope, micro_batch_seed, seed_everything
-from parallel.grads import is_expert_param
-from parallel.objects import all_gather_objects
+from parallel.tensor import clear_megatron_state
 
 from ..modes import eval_mode
 from . import checkpoint as ckpt
 from . import plots
 from . import resume as start
-from .config import ConfigError, TrainConfig, TrainLoopConfig, resolve_sections
+from .config import ConfigError, TrainConfig, resolve_sections
 from .fused import fuse_norms
 from .health import RoutingHealth
 from .engines import build_engine
+from .layout import check_layout, check_pipeline
 from .optim import lr_at
 from .profiling import StepProfiler
 from .preemption import StopSignals
+from .schedule import StepSchedule
 from .setup import make_task
 from .sinks import Sinks, train_row
 from .telemetry import GPUMonitor, RoutingRecorder, all_reduce_mean, peak_tflops_for
@@ -81,47 +85,6 @@ class TrainResult:
     plots: List[str] = field(default_factory=list)
     out_dir: str = ""
     stopped_by: Optional[str] = None  # "SIGTERM" / "SIGINT": stopped early by a signal (moe.trainer.preemption)
-
-
-@dataclass(frozen=True)
-class StepSchedule:
-    """How one optimizer step's global batch is spread over the data-parallel ranks.
-
-    ``global_batch``: G samples per step; ``micro``: samples per rank per forward;
-    ``accumulation``: A micro-batches per rank per step (G = micro * A * dp);
-    ``first_sample``: this rank's first sample index in the global batch.
-    """
-
-    global_batch: int
-    micro: int
-    accumulation: int
-    dp_size: int
-    dp_rank: int
-
-    @classmethod
-    def from_config(cls, train: TrainLoopConfig, dp_size: int, dp_rank: int) -> "StepSchedule":
-        G = train.global_batch_size
-        if G % dp_size:
-            raise ConfigError(f"config key 'train.global_batch_size': got {G}; it must be a multiple of the "
-                              f"data-parallel size dp={dp_size} (world size / (tp * pp))")
-        micro = train.micro_batch_size if train.micro_batch_size is not None else G // dp_size
-        if G % (micro * dp_size):
-            raise ConfigError(f"config key 'train.global_batch_size': got {G}; it must be a multiple of "
-                              f"train.micro_batch_size x dp = {micro} x {dp_size} = {micro * dp_size} "
-                              "(gradient accumulation steps = global / (micro x dp) must be a whole number)")
-        return cls(G, micro, G // (micro * dp_size), dp_size, dp_rank)
-
-    @property
-    def first_sample(self) -> int:
-        return self.dp_rank * self.micro * self.accumulation
-
-    def micro_index(self, m: int) -> int:
-        """Index of this rank's micro-batch ``m`` among all micro-batches of the global batch."""
-        return self.dp_rank * self.accumulation + m
-
-    def describe(self) -> str:
-        return (f"global batch {self.global_batch} = micro {self.micro} x accumulation {self.accumulation} "
-                f"x dp {self.dp_size}")
 
 
 def _model_config(cfg: TrainConfig) -> Dict:
@@ -163,8 +126,6 @@ class Trainer:
         self._log_fn = log
         self.schedule = StepSchedule.from_config(cfg.train, groups.dims.dp, groups.dp_rank)
         seed_everything(cfg.train.seed)
-        from .layout import check_pipeline
-
         self.stage_plan = check_pipeline(cfg, self.world) if groups.dims.pp > 1 else None
         self.task = task if task is not None else make_task(cfg, groups, self.device, task_builder,
                                                             pipeline=self.stage_plan)
@@ -502,13 +463,8 @@ def run(cfg: TrainConfig, *, task_builder: Optional[Callable] = None,
     ``result.stopped_by`` is set when SIGTERM/SIGINT stopped the run early
     (``moe.trainer.preemption``; ``python -m moe.train`` then exits with ``EXIT_PREEMPTED``).
     """
-    from parallel.launch import build_groups, explain_timeout, init_distributed
-    from parallel.tensor import clear_megatron_state
-
     ctx = init_distributed(cfg.parallel.backend, device=cfg.train.device, timeout_s=cfg.parallel.timeout_s)
     try:
-        from .layout import check_layout
-
         check_layout(cfg, dist.get_world_size())  # also for Python callers that skipped python -m moe.train
         p = cfg.parallel
         groups = build_groups(p.ep, tp=p.tp, pp=p.pp, etp=p.etp, sequence_parallel=p.sequence_parallel,

@@ -13,15 +13,17 @@ from __future__ import annotations
 import tempfile
 from typing import Dict, List
 
+from parallel.launch import build_groups
+from parallel.spawn import run_distributed
+
+from .config import load_config
+from .layout import check_layout
+from .loop import Trainer
+
 __all__ = ["measure"]
 
 
 def _one_rank(rank: int, world: int, config: str, overrides: List[str], out_dir: str) -> Dict[str, int]:
-    from moe.trainer.config import load_config
-    from moe.trainer.layout import check_layout
-    from moe.trainer.loop import Trainer
-    from parallel.launch import build_groups
-
     quiet = ["telemetry.tensorboard=false", "telemetry.plots=false", "telemetry.progress_bar=false",
              "telemetry.gpu_stats=false", "train.device=cpu", f"train.out_dir={out_dir}"]
     cfg = load_config(config, list(overrides) + quiet)
@@ -38,7 +40,5 @@ def _one_rank(rank: int, world: int, config: str, overrides: List[str], out_dir:
 
 def measure(config: str, world: int, overrides: List[str]) -> List[Dict[str, int]]:
     """Every rank's ``engine.memory()`` after one step at learning rate 0 (see the module doc)."""
-    from parallel.spawn import run_distributed
-
     with tempfile.TemporaryDirectory() as out_dir:
         return run_distributed(_one_rank, world, config, list(overrides), out_dir, timeout=600)

@@ -11,13 +11,17 @@ from typing import Callable, Optional
 
 import torch
 
+from parallel.dims import ProcessGroups
+from parallel.stages import StagePlan
+
+from ..tasks import build_task
 from .config import TrainConfig
 
 __all__ = ["make_task"]
 
 
-def make_task(cfg: TrainConfig, groups, device: torch.device, task_builder: Optional[Callable] = None,
-              pipeline=None):
+def make_task(cfg: TrainConfig, groups: Optional[ProcessGroups], device: torch.device,
+              task_builder: Optional[Callable] = None, pipeline: Optional[StagePlan] = None):
     """Build the task: ``task_builder`` if given, a ``module:function`` name, or ``moe.tasks.build_task``.
 
     Every builder is called as ``builder(name, model_cfg, data_cfg, groups=..., device=...)``, plus
@@ -32,6 +36,6 @@ def make_task(cfg: TrainConfig, groups, device: torch.device, task_builder: Opti
             except (ImportError, AttributeError) as e:
                 raise ValueError(f"config key 'task.name': cannot import task builder {name!r} ({e})") from None
         else:
-            from moe.tasks import build_task as task_builder
+            task_builder = build_task
     extra = {} if pipeline is None else {"pipeline": pipeline}
     return task_builder(name, dict(cfg.model), dict(cfg.data), groups=groups, device=str(device), **extra)
