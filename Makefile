@@ -26,9 +26,11 @@ $(BUILD): $(STAMP) setup.py $(CSRC)
 
 setup: $(BUILD)
 
-# ruff only needs the pinned dependencies, not the C++ build; settings in pyproject.toml.
+# ruff, then mypy over moe/ and parallel/ (moe/_C.pyi types the extension): both only need the
+# pinned dependencies, not the C++ build; settings in pyproject.toml. .pre-commit-config.yaml runs the same.
 lint: $(STAMP)
 	$(VPY) -m ruff check .
+	$(VPY) -m mypy
 
 # pytest settings (testpaths, markers, timeout) are in pyproject.toml.
 # A subset: make test PYTEST_ARGS='-m "not distributed"'

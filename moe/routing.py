@@ -29,7 +29,7 @@ Choices where papers and implementations differ (documented, and tested):
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -53,7 +53,7 @@ def validate_modality(modality: Optional[torch.Tensor], num_tokens: int, num_mod
                          f"allowed ids are 0..{num_modalities - 1} (num_modalities={num_modalities})")
 
 
-def rng_device(generator: Optional[torch.Generator]) -> str:
+def rng_device(generator: Optional[torch.Generator]) -> Union[str, torch.device]:
     """Where random numbers are drawn: the generator's device, else the default CPU RNG.
 
     Drawing there (and moving the result) keeps a seeded run reproducible on any device.

@@ -35,6 +35,10 @@ from typing import Optional
 import torch
 
 SHARD_GROUPS = ("tp", "etp")
+# The markers are plain attributes set on the tensor object (torch.Tensor declares neither),
+# written by mark_* and read back by shard_of / partial_grad_group under these names.
+TENSOR_SHARD_ATTR = "tensor_shard"
+PARTIAL_GRAD_ATTR = "partial_grad_group"
 
 
 @dataclass(frozen=True)
@@ -73,24 +77,25 @@ def mark_shard(param: torch.Tensor, *, dim: int, rank: int, size: int, group: st
     if dim < 0:
         dim += param.dim()
     local = param.shape[dim]
-    param.tensor_shard = TensorShard(dim, rank, size, group, local * size if global_len is None else global_len)
+    setattr(param, TENSOR_SHARD_ATTR,
+            TensorShard(dim, rank, size, group, local * size if global_len is None else global_len))
     return param
 
 
 def shard_of(param: torch.Tensor) -> Optional[TensorShard]:
     """The ``TensorShard`` of a parameter, or None when it is not split (replicated)."""
-    shard = getattr(param, "tensor_shard", None)
+    shard = getattr(param, TENSOR_SHARD_ATTR, None)
     return shard if shard is not None and shard.size > 1 else None
 
 
 def mark_partial_grad(param: torch.Tensor, group: str = "tp") -> torch.Tensor:
     """Mark ``param`` as having a partial gradient on each rank of ``group`` (summed by ``parallel.grads``)."""
-    param.partial_grad_group = group
+    setattr(param, PARTIAL_GRAD_ATTR, group)
     return param
 
 
 def partial_grad_group(param: torch.Tensor) -> Optional[str]:
-    return getattr(param, "partial_grad_group", None)
+    return getattr(param, PARTIAL_GRAD_ATTR, None)
 
 
 @torch.no_grad()

@@ -140,7 +140,8 @@ def split_corpus(data: bytes, val_fraction: float = 0.05, block_size: int = 8192
     rng = data_rng(seed, 104729)
     val_blocks = set(rng.choice(n_blocks, size=n_val, replace=False).tolist()) if n_val else set()
     arr = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
-    train_parts, val_parts = [], []
+    train_parts: list[torch.Tensor] = []
+    val_parts: list[torch.Tensor] = []
     for b in range(n_blocks):
         (val_parts if b in val_blocks else train_parts).append(arr[b * block_size : (b + 1) * block_size])
     empty = torch.zeros(0, dtype=torch.uint8)

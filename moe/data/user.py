@@ -85,6 +85,7 @@ class ImageCaptionDataset(Dataset):
                     if key in obj and not isinstance(obj[key], str):
                         raise ValueError(f"{self._where(line_no)}: {key!r} must be a string, got {obj[key]!r}")
                 label = check_int(f"{self._where(line_no)}: label", obj.get("label", -1))
+                assert label is not None  # allow_none is off: check_int returned an int or raised
                 path = Path(obj["image"])
                 if not path.is_absolute():
                     path = self.image_root / path
@@ -112,10 +113,10 @@ class ImageCaptionDataset(Dataset):
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(record.image_path) as im:
-                im = im.convert("RGB")
+            with Image.open(record.image_path) as f:
+                im = f.convert("RGB")
                 if im.size != (self.image_size, self.image_size):
-                    im = im.resize((self.image_size, self.image_size), Image.BILINEAR)
+                    im = im.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
                 arr = np.asarray(im, dtype=np.float32) / 255.0
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(

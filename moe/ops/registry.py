@@ -1,9 +1,9 @@
 """Backend registry: which implementation of the MoE ops runs for a given device.
 
 A backend is a small object with the four ops of ``moe.ops.reference``
-(router_topk, assign_slots, permute_rows, unpermute_rows). ``auto`` picks the
-fastest available backend for the device type (cpu: cpp > torch; cuda: cuda >
-triton > torch); an explicitly requested backend that is not available raises a
+(router_topk, assign_slots, permute_rows, unpermute_rows: the ``MoEOps`` protocol).
+``auto`` picks the fastest available backend for the device type (cpu: cpp > torch;
+cuda: cuda > triton > torch); an explicitly requested backend that is not available raises a
 ``RuntimeError`` saying what to build or install. Fallback is automatic only by
 device type, never silent on a missing fast kernel.
 
@@ -14,13 +14,29 @@ under ``TRITON_INTERPRET=1``, and never chosen by ``auto`` there).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
+from torch import Tensor
 
 from . import cpp, cuda, reference, triton
 from parallel.checks import check_choice
 from .library import OpSet
+
+
+class MoEOps(Protocol):
+    """The four MoE ops a backend provides, with the signatures of ``moe.ops.reference``
+    (the module itself is one; ``OpSet(impl)`` of ``moe.ops.library`` is the other kind)."""
+
+    def router_topk(self, logits_TE: Tensor, k: int, score: str = "softmax", normalize: bool = True,
+                    bias_E: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]: ...
+
+    def assign_slots(self, experts_TK: Tensor, order_N: Tensor, dispatched_TK: Tensor, num_experts: int,
+                     capacity: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]: ...
+
+    def permute_rows(self, x_TD: Tensor, dest_TK: Tensor, num_rows: int) -> Tensor: ...
+
+    def unpermute_rows(self, rows_ND: Tensor, dest_TK: Tensor, weights_TK: Tensor) -> Tensor: ...
 
 
 def _always_available(device_type: Optional[str] = None) -> Optional[str]:
@@ -32,7 +48,8 @@ class Backend:
     """One implementation of the four MoE ops.
 
     name: the ``MoEConfig.backend`` value that selects it.
-    ops: module or namespace with router_topk, assign_slots, permute_rows, unpermute_rows.
+    ops: the ops (``MoEOps``): a module or object with router_topk, assign_slots, permute_rows,
+        unpermute_rows.
     device_types: device types it runs on when asked for by name.
     priority: higher wins under "auto".
     unavailable_reason: ``f(device_type) -> None`` when usable on that device type (or
@@ -41,7 +58,7 @@ class Backend:
     """
 
     name: str
-    ops: object
+    ops: MoEOps
     device_types: Tuple[str, ...]
     priority: int
     unavailable_reason: Callable[[Optional[str]], Optional[str]] = _always_available

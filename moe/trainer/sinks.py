@@ -121,7 +121,7 @@ class ScalarWriter:
     def enabled(self) -> bool:
         return self._w is not None
 
-    def scalars(self, prefix: str, values: Dict[str, float], step: int) -> None:
+    def scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
         if self._w is None:
             return
         for k, v in values.items():

@@ -21,12 +21,13 @@ Where the numbers go (JSONL, TensorBoard, the console) is ``moe.trainer.sinks``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
+from moe.layer import MoELayer
 from moe.recompute import is_recomputing
 
 
@@ -132,7 +133,7 @@ class _LayerAccumulator:
 class RoutingRecorder:
     """Adds up each MoE layer's routing after every forward (see module doc)."""
 
-    def __init__(self, layers: Sequence[nn.Module], names: Optional[Sequence[str]] = None, *,
+    def __init__(self, layers: Sequence[MoELayer], names: Optional[Sequence[str]] = None, *,
                  training: Optional[bool] = None):
         """``training``: count only forwards in train mode (True), eval mode (False) or both (None)."""
         self.layers = list(layers)
@@ -225,7 +226,8 @@ class GPUMonitor:
     """NVML counters of this process's GPU; ``available`` False on CPU (with ``reason``)."""
 
     def __init__(self, device: torch.device, enabled: bool = True):
-        self.available, self.reason, self._handle, self._nvml = False, "", None, None
+        self.available, self.reason, self._handle = False, "", None
+        self._nvml: Optional[ModuleType] = None  # pynvml, once NVML is initialised
         if not enabled:
             self.reason = "disabled in the config (telemetry.gpu_stats: false)"
             return
@@ -247,22 +249,28 @@ class GPUMonitor:
         except Exception as e:  # noqa: BLE001 - missing library / driver: telemetry just goes off
             self.reason = f"NVML unavailable ({type(e).__name__}: {e})"
 
+    def _live(self) -> Optional[ModuleType]:
+        """pynvml while the counters are on (``available``), else None."""
+        return self._nvml if self.available else None
+
     @property
     def name(self) -> Optional[str]:
         """NVML's name of this GPU (e.g. "NVIDIA H100 80GB HBM3"), or None when off."""
-        if not self.available:
+        nvml = self._live()
+        if nvml is None:
             return None
         try:
-            name = self._nvml.nvmlDeviceGetName(self._handle)
+            name = nvml.nvmlDeviceGetName(self._handle)
         except Exception:  # noqa: BLE001
             return None
         return name.decode() if isinstance(name, bytes) else str(name)
 
     def read(self) -> Dict[str, float]:
         """{gpu_util_pct, gpu_mem_used_gb, gpu_mem_total_gb, gpu_power_w} or {} when off."""
-        if not self.available:
+        n = self._live()
+        if n is None:
             return {}
-        n, h, out = self._nvml, self._handle, {}
+        h, out = self._handle, {}
         try:
             out["gpu_util_pct"] = float(n.nvmlDeviceGetUtilizationRates(h).gpu)
             mem = n.nvmlDeviceGetMemoryInfo(h)
@@ -274,9 +282,10 @@ class GPUMonitor:
         return out
 
     def close(self) -> None:
-        if self.available:
+        nvml = self._live()
+        if nvml is not None:
             try:
-                self._nvml.nvmlShutdown()
+                nvml.nvmlShutdown()
             except Exception:  # noqa: BLE001
                 pass
             self.available = False
