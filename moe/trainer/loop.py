@@ -34,30 +34,29 @@ one go or N/2 + resume + N/2 give the same losses and parameters.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Protocol, Tuple, Union, runtime_checkable
 
 import torch
 import torch.distributed as dist
 
 from moe.models import compile_blocks
 from moe.models.activation_checkpointing import apply_activation_checkpointing
-from moe.models.flops import TRAIN_FLOPS_PER_FORWARD
 from parallel.dims import ProcessGroups
-from parallel.grads import is_expert_param
+from parallel.engine import LossFn
 from parallel.launch import build_groups, explain_timeout, init_distributed
 from parallel.objects import all_gather_objects
+from parallel.pipeline import PipelineEngine
 from parallel.precision import LossScaler, Precision
 from parallel.rng import micro_batch_scope, micro_batch_seed, seed_everything
 from parallel.tensor import clear_megatron_state
 
 from ..modes import eval_mode
+from ..tasks.base import Task
 from . import checkpoint as ckpt
-from . import plots
+from . import plots, report
 from . import resume as start
 from .config import ConfigError, TrainConfig, resolve_sections
 from .fused import fuse_norms
@@ -67,24 +66,21 @@ from .layout import check_layout, check_pipeline
 from .optim import lr_at
 from .profiling import StepProfiler
 from .preemption import StopSignals
+from .report import TrainResult
 from .schedule import StepSchedule
 from .setup import make_task
-from .sinks import Sinks, train_row
-from .telemetry import GPUMonitor, RoutingRecorder, all_reduce_mean, peak_tflops_for
+from .sinks import Sinks
+from .telemetry import GPUMonitor, LayerRouting, RoutingRecorder, all_reduce_mean
+
+__all__ = ["Trainer", "TrainResult", "StepSchedule", "run"]
 
 
-@dataclass
-class TrainResult:
-    """What ``fit`` returns on every rank (``history`` and plots are filled on rank 0)."""
+@runtime_checkable
+class _LossEngine(Protocol):
+    """An engine that runs ``loss_fn(m)`` itself for every micro-batch m: every engine but the pipeline's
+    (``parallel.pipeline.PipelineEngine`` takes the micro-batch inputs instead)."""
 
-    step: int
-    losses: List[float] = field(default_factory=list)  # this rank's mean micro-batch loss of every step run
-    history: List[Dict[str, float]] = field(default_factory=list)
-    final_metrics: Dict[str, float] = field(default_factory=dict)
-    checkpoint: Optional[str] = None
-    plots: List[str] = field(default_factory=list)
-    out_dir: str = ""
-    stopped_by: Optional[str] = None  # "SIGTERM" / "SIGINT": stopped early by a signal (moe.trainer.preemption)
+    def forward_backward(self, num_micro: int, loss_fn: LossFn) -> List[Dict[str, float]]: ...
 
 
 def _model_config(cfg: TrainConfig) -> Dict:
@@ -98,24 +94,20 @@ def _model_config(cfg: TrainConfig) -> Dict:
     return {"task": cfg.task.name, "model": model}
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f}"
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
-
-
 # --------------------------------------------------------------------------------------
 class Trainer:
     """Runs ``cfg.train.steps`` optimizer steps of ``task`` (see the module docstring).
 
     ``groups``: the rank's ``parallel.ProcessGroups`` (``parallel.launch.build_groups``;
-    world-1 groups for one process). ``task``: an already-built task, else built from the config.
+    world-1 groups for one process). ``device``: where the model trains. ``task``: an
+    already-built task (``moe.tasks.Task``), else built from the config (``task_builder``:
+    the builder to call, ``moe.trainer.setup.make_task``). ``log``: the console function.
+    What the run reports and when: ``moe.trainer.report``.
     """
 
-    def __init__(self, cfg: TrainConfig, *, groups: ProcessGroups, device="cpu", task=None,
-                 task_builder: Optional[Callable] = None, log: Optional[Callable[[str], None]] = None):
+    def __init__(self, cfg: TrainConfig, *, groups: ProcessGroups, device: Union[str, torch.device] = "cpu",
+                 task: Optional[Task] = None, task_builder: Optional[Callable] = None,
+                 log: Optional[Callable[[str], None]] = None):
         if not isinstance(groups, ProcessGroups):
             raise TypeError("Trainer: groups must be a parallel.ProcessGroups (parallel.launch.build_groups() "
                             f"gives world-1 groups for one process), got {type(groups).__name__}")
@@ -165,7 +157,7 @@ class Trainer:
         self.stop = StopSignals(self.world)
 
     @property
-    def dp_group(self):
+    def dp_group(self) -> dist.ProcessGroup:
         return self.groups.dp_group
 
     def _barrier(self) -> None:
@@ -209,27 +201,6 @@ class Trainer:
         return metrics
 
     # ---- the loop --------------------------------------------------------------------
-    def _describe(self) -> str:
-        n_all = sum(p.numel() for p in self.model.parameters())
-        n_exp = sum(p.numel() for p in self.model.parameters() if is_expert_param(p))
-        dims = self.groups.dims.sizes()
-        layout = ", ".join(f"{k}={dims[k]}" for k in ("dp", "tp", "ep", "etp", "edp") if k in ("dp", "ep", "edp")
-                           or dims[k] > 1)
-        if self.groups.dims.sequence_parallel and dims["tp"] > 1:
-            layout += ", sequence parallel"
-        if self.cfg.parallel.zero_stage > 0:
-            layout += f", ZeRO stage {self.cfg.parallel.zero_stage} on {self.cfg.parallel.zero_engine_name}"
-        if self.stage_plan is not None:
-            p = self.cfg.parallel
-            layout += (f", pp={dims['pp']} ({p.pp_schedule}"
-                       + (f", {p.virtual_stages} virtual stages" if p.virtual_stages > 1 else "")
-                       + f"; {self.stage_plan.describe()})")
-        where = " on this pipeline stage" if self.stage_plan is not None else ""
-        return (f"task {self.cfg.task.name}: {len(self.moe_layers)} MoE layer(s){where}, params on this rank "
-                f"{_count(n_all)} ({_count(n_exp)} in experts); world {self.world} ({layout}); "
-                f"device {self.device}; {self.schedule.describe()}; steps {self.cfg.train.steps}; "
-                f"precision {self.precision.name}")
-
     def fit(self) -> TrainResult:
         cfg = self.cfg
         result = TrainResult(step=0, out_dir=self.out_dir)
@@ -250,25 +221,28 @@ class Trainer:
         gpu = GPUMonitor(self.device, enabled=cfg.telemetry.gpu_stats)
         self.stop.arm()  # SIGTERM/SIGINT from here on: stop after a step, with a checkpoint
         try:
-            sinks.line(self._describe())
-            sinks.line(f"precision {self.precision.name}: {self.precision.describe(cfg.engine_kind)}")
-            sinks.line(self.fused.describe())
-            if not gpu.available:
-                sinks.line(f"GPU telemetry off: {gpu.reason}")
-            self._set_peak(sinks, gpu)
-            for note in notes:
-                sinks.line(note)
+            description = report.describe_run(cfg, self.model, self.groups, moe_layers=len(self.moe_layers),
+                                              stage_plan=self.stage_plan, device=self.device,
+                                              schedule=self.schedule, precision=self.precision)
+            self.peak_flops = report.report_start(sinks, cfg, description=description, precision=self.precision,
+                                                  fused=self.fused, gpu=gpu, flops_per_sample=self.flops_per_sample,
+                                                  world=self.world, samples_per_step=self.schedule.global_batch,
+                                                  notes=notes)
             sinks.open_bar(self.step)
             self._train_steps(result, sinks, gpu)
             sinks.close_bar()
             if self.stop.stopped_by is None:
                 result.final_metrics = self.evaluate(sinks, result)
             here = os.path.abspath(ckpt.step_dir(self.ckpt_root, self.step))
-            if result.checkpoint is None or os.path.abspath(result.checkpoint) != here:
-                result.checkpoint = self.save()
-            result.step, result.stopped_by = self.step, self.stop.stopped_by
+            checkpoint = result.checkpoint
+            if checkpoint is None or os.path.abspath(checkpoint) != here:
+                checkpoint = self.save()
+            result.checkpoint, result.step, result.stopped_by = checkpoint, self.step, self.stop.stopped_by
             if self.is_main:
-                self._finish(result, sinks)
+                stopped = (self.stop.stopped_line(self.step, cfg.train.steps, os.path.abspath(checkpoint))
+                           if result.stopped_by else None)
+                report.report_end(sinks, cfg, result, checkpoint=checkpoint, plot_dir=self.plot_dir,
+                                  out_dir=self.out_dir, stopped_line=stopped)
             if result.stopped_by:  # no rank exits (75) before rank 0 printed its last line
                 self._barrier()
             return result
@@ -280,13 +254,13 @@ class Trainer:
             self.train_rec.close()
             self.eval_rec.close()
 
-    def _micro_input(self, m: int):
+    def _micro_input(self, m: int) -> Tuple[dict, int]:
         """This rank's micro-batch ``m`` of the current step and its torch seed."""
         sched, seed = self.schedule, self.cfg.train.seed
         batch = self.task.micro_batch(self.step, sched.first_sample + m * sched.micro, sched.micro, seed=seed)
         return batch, micro_batch_seed(seed, self.step, sched.micro_index(m))
 
-    def _micro_loss(self, m: int):
+    def _micro_loss(self, m: int) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Forward of this rank's micro-batch ``m`` of the current step: (loss, logs)."""
         batch, seed = self._micro_input(m)
         with micro_batch_scope(seed), self.precision.autocast(self.device.type):
@@ -301,14 +275,18 @@ class Trainer:
                                      f"{m}); stopping (the last checkpoint under {self.ckpt_root} is intact)")
 
     def _forward_backward(self) -> List[Dict[str, float]]:
-        if self.stage_plan is None:
-            return self.engine.forward_backward(self.schedule.accumulation, self._micro_loss)
-        logs = self.engine.forward_backward(self.schedule.accumulation, self._micro_input)
-        for m, entry in enumerate(logs):  # the same logs on every stage: every rank stops together
-            self._check_finite(entry["loss"], m)
-        return logs
+        engine, num_micro = self.engine, self.schedule.accumulation
+        if isinstance(engine, PipelineEngine):  # pp > 1: the stages run the micro-batches' forwards themselves
+            logs = engine.forward_backward(num_micro, self._micro_input)
+            for m, entry in enumerate(logs):  # the same logs on every stage: every rank stops together
+                self._check_finite(entry["loss"], m)
+            return logs
+        if not isinstance(engine, _LossEngine):
+            raise TypeError(f"{type(engine).__name__} has no forward_backward(num_micro, loss_fn): not an engine "
+                            "the trainer can drive (moe.trainer.engines.build_engine)")
+        return engine.forward_backward(num_micro, self._micro_loss)
 
-    def _optimizer_step(self, lr: float):
+    def _optimizer_step(self, lr: float) -> Tuple[List[Dict[str, float]], float, bool]:
         """Forward/backward of the step's micro-batches, clip, update: (micro logs, grad norm, skipped).
 
         fp16 (``parallel.precision.LossScaler``): the losses are scaled before the backward, the
@@ -332,42 +310,13 @@ class Trainer:
             layer.apply_expert_bias_update()
         return micro_logs, grad_norm, False
 
-    def _stage_routing(self, routing):
+    def _stage_routing(self, routing: List[LayerRouting]) -> List[LayerRouting]:
         """Routing statistics of every pipeline stage's MoE layers (in block order), from this stage's."""
         if self.stage_plan is None:
             return routing
         every = all_gather_objects(routing, self.groups.pp_group)
         merged = [r for part in every for r in part]
         return sorted(merged, key=lambda r: [int(t) if t.isdigit() else t for t in r.name.split(".")])
-
-    def _set_peak(self, sinks: Sinks, gpu: GPUMonitor) -> None:
-        """The device peak behind ``train/mfu``: ``telemetry.peak_tflops``, else the GPU's known peak."""
-        peak, source = self.cfg.telemetry.peak_tflops, "telemetry.peak_tflops"
-        if peak is None:
-            peak, source = peak_tflops_for(gpu.name), f"the dense bf16 peak of {gpu.name}"
-        if peak is None or self.flops_per_sample is None:
-            return
-        self.peak_flops = peak * 1e12 * self.world
-        flops = TRAIN_FLOPS_PER_FORWARD * self.flops_per_sample * self.schedule.global_batch
-        sinks.line(f"model FLOPs per step {flops:.3e} (3 x forward, active parameters); MFU against "
-                   f"{peak:g} TFLOP/s per device ({source}) x {self.world} device(s)")
-
-    def _report_memory(self, sinks: Sinks) -> None:
-        """Every rank's bytes of parameters, gradients and optimizer state (``engine.memory()``, live tensors
-        after the first step): one line on the console, every rank in ``<out_dir>/memory.json``."""
-        mine = {k: int(v) for k, v in self.engine.memory().items()}
-        every = all_gather_objects(mine) if self.world > 1 else [mine]
-        self.memory = every
-        if not self.is_main:
-            return
-        with open(os.path.join(self.out_dir, "memory.json"), "w") as f:
-            json.dump({"step": self.step, "bytes_per_rank": every}, f, indent=1)
-        parts = []
-        for key, name in (("params", "params"), ("grads", "grads"), ("optimizer", "optimizer state")):
-            low, high = min(m[key] for m in every), max(m[key] for m in every)
-            parts.append(f"{name} {_mib(low)}" + (f"-{_mib(high)}" if high != low else "") + " MiB")
-        sinks.line(f"memory per rank after step {self.step} ({self.world} rank(s), each in memory.json): "
-                   + ", ".join(parts))
 
     def _train_steps(self, result: TrainResult, sinks: Sinks, gpu: GPUMonitor) -> None:
         cfg, tcfg = self.cfg, self.cfg.train
@@ -381,9 +330,7 @@ class Trainer:
             lr = lr_at(self.step, cfg.optim, tcfg.steps)
             micro_logs, grad_norm, skipped = self._optimizer_step(lr)
             if skipped:
-                sinks.line(f"step {self.step + 1}: gradients overflowed in fp16, the step is skipped (parameters "
-                           f"unchanged); loss scale -> {self.scaler.scale:g}, {self.scaler.skipped_steps} skipped "
-                           "so far (train/skipped_steps)")
+                sinks.line(self._skipped_line())
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             busy += time.perf_counter() - t0
@@ -392,7 +339,9 @@ class Trainer:
             if traced:
                 sinks.line(traced)
             if self.memory is None:  # after this run's first step every buffer exists
-                self._report_memory(sinks)
+                self.memory = self._gather_memory()
+                if self.is_main:
+                    report.report_memory(sinks, self.memory, step=self.step, out_dir=self.out_dir)
             keys = set.intersection(*(set(logs) for logs in micro_logs))
             step_logs = {k: sum(logs[k] for logs in micro_logs) / len(micro_logs) for k in keys}
             step_logs["grad_norm"] = grad_norm
@@ -414,7 +363,25 @@ class Trainer:
             if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
                 result.checkpoint = self.save()
 
-    def _log_window(self, result, sinks, gpu, window, n, elapsed, lr) -> None:
+    def _skipped_line(self) -> str:
+        """What the job prints after a step the fp16 loss scaler skipped."""
+        scaler = self.scaler
+        assert scaler is not None, "only the fp16 loss scaler skips a step"
+        return (f"step {self.step + 1}: gradients overflowed in fp16, the step is skipped (parameters "
+                f"unchanged); loss scale -> {scaler.scale:g}, {scaler.skipped_steps} skipped "
+                "so far (train/skipped_steps)")
+
+    def _gather_memory(self) -> List[Dict[str, int]]:
+        """Every rank's ``engine.memory()`` (bytes of parameters, gradients, optimizer state), in rank
+        order. Collective over the world."""
+        mine = {k: int(v) for k, v in self.engine.memory().items()}
+        return all_gather_objects(mine) if self.world > 1 else [mine]
+
+    def _log_window(self, result: TrainResult, sinks: Sinks, gpu: GPUMonitor, window: Dict[str, float], n: int,
+                    elapsed: float, lr: float) -> None:
+        """The log window of the last ``n`` steps (``window``: their summed logs; ``elapsed``: seconds
+        of training): the means over the steps and the dp ranks and the routing counts of the whole job
+        (collective), reported on rank 0 (``moe.trainer.report.report_window``)."""
         keys = sorted(window)
         if self.world > 1:  # ranks must agree on the keys they reduce
             every = all_gather_objects(keys)
@@ -425,31 +392,10 @@ class Trainer:
         routing = self._stage_routing(self.train_rec.reduce(self.dp_group))
         if not self.is_main:
             return
-        row = train_row(self.step, lr, means, seconds=elapsed, samples=n * self.schedule.global_batch,
-                        routing=routing, hardware=gpu.read(), flops_per_sample=self.flops_per_sample,
-                        samples_per_step=self.schedule.global_batch, peak_flops=self.peak_flops)
-        health, warnings = self.health.update(self.step, n, routing)
-        row.update(health)
-        result.history.append(row)
-        sinks.train(row, routing)
-        for line in warnings:
-            sinks.line(line)
-
-    def _finish(self, result: TrainResult, sinks: Sinks) -> None:
-        if self.cfg.telemetry.plots and result.history:
-            result.plots.append(plots.plot_history(result.history, os.path.join(self.plot_dir, "history.png"),
-                                                   title=f"{self.cfg.task.name}"))
-        sinks.line(f"checkpoint: {os.path.abspath(result.checkpoint)}")
-        if result.plots:
-            sinks.line(f"plots: {os.path.abspath(self.plot_dir)} (latest: {os.path.basename(result.plots[-1])}"
-                       + (f", {os.path.basename(result.plots[-2])}" if len(result.plots) > 1 else "") + ")")
-        if self.cfg.telemetry.tensorboard:
-            sinks.line(f"tensorboard: tensorboard --logdir {os.path.abspath(os.path.join(self.out_dir, 'tb'))}")
-        acc = result.final_metrics.get("zero_shot_accuracy")
-        if acc is not None:
-            sinks.line(f"zero-shot accuracy: {acc:.2f}")
-        if result.stopped_by:
-            sinks.line(self.stop.stopped_line(self.step, self.cfg.train.steps, os.path.abspath(result.checkpoint)))
+        report.report_window(sinks, result.history, self.health, step=self.step, lr=lr, means=means,
+                             routing=routing, steps=n, seconds=elapsed, hardware=gpu.read(),
+                             samples_per_step=self.schedule.global_batch, flops_per_sample=self.flops_per_sample,
+                             peak_flops=self.peak_flops)
 
 
 # --------------------------------------------------------------------------------------
