@@ -12,24 +12,38 @@ permutation, exchange with the splits swapped), so combine(dispatch(rows)) puts
 every row back where it started. Both exchanges are differentiable: the backward
 of an all-to-all is the reverse all-to-all.
 
+A single rank (no ep group, or a group of one rank) is one case, decided once by the
+dispatcher (``AllToAllDispatcher.ep_size == 1``): its plans hold one ``_Keep`` step,
+which moves nothing and counts every row as kept; nothing pretends to communicate.
+
 Traffic statistics (``ExchangeStats``) count rows only, exactly: rows x row
 elements x itemsize, no padding and no count messages. Rows a rank keeps for its
-own experts ("self-sends") are *not* in ``bytes_sent`` / ``bytes_received``; they
-are counted separately in ``bytes_local``. Backward traffic is not counted.
+own experts ("self-sends", and every row on a single rank) are *not* in ``bytes_sent``
+/ ``bytes_received``; they are counted separately in ``bytes_local``. Backward
+traffic is not counted.
+
+The all-to-all pieces (``AllToAll``, ``exchange_equal``, ``Permute``, ``is_identity``) are
+shared with expert tensor parallelism (``moe.expert_tp``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from parallel.checks import check_int, fail
-from parallel.objects import all_gather_objects
+from parallel.objects import all_gather_objects, group_rank, group_size
+
+from .config import MoEConfig
+
+__all__ = ["AllToAll", "AllToAllDispatcher", "DispatchContext", "ExchangeStats", "HierarchicalAllToAllDispatcher",
+           "Permute", "block_permutation", "build_dispatcher", "exchange_equal", "is_identity", "new_node_groups",
+           "split_counts", "world_node_groups"]
 
 ExpertFn = Callable[[Tensor, Tensor], Tensor]  # (rows[N_l, D], counts[E_l]) -> out[N_l, D']
 
@@ -57,7 +71,7 @@ def block_permutation(counts: Tensor, dims: Sequence[int]) -> Tensor:
     return torch.arange(total, dtype=torch.long) + shift
 
 
-def _is_identity(shape: Sequence[int], dims: Sequence[int]) -> bool:
+def is_identity(shape: Sequence[int], dims: Sequence[int]) -> bool:
     """True if permuting axes ``dims`` of blocks shaped ``shape`` moves no block."""
     moved = [d for d in dims if shape[d] > 1]
     return moved == sorted(moved)
@@ -74,22 +88,12 @@ def split_counts(counts_E: Tensor, num_chunks: int) -> Tensor:
     return base.unsqueeze(1) + extra
 
 
-def _group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _group_rank(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
-
-
-def _exchange_equal(t: Tensor, group, device: torch.device) -> Tensor:
-    """Equal-split all-to-all along dim 0 (t[R, ...] -> [R, ...]; block i from rank i).
+def exchange_equal(t: Tensor, group: dist.ProcessGroup, device: torch.device) -> Tensor:
+    """Equal-split all-to-all along dim 0 over ``group`` (t[R, ...] -> [R, ...]; block i from rank i).
 
     Travels on ``device`` (the rows' device, which the group's backend handles);
-    returns a CPU tensor.
+    returns a CPU tensor. Callers exchange over groups of two or more ranks only.
     """
-    if _group_size(group) == 1:
-        return t.clone()
     t = t.to(device).contiguous()
     out = torch.empty_like(t)
     dist.all_to_all_single(out, t, group=group)
@@ -99,8 +103,9 @@ def _exchange_equal(t: Tensor, group, device: torch.device) -> Tensor:
 class _Pending:
     """An async all-to-all in flight: wait() before reading ``output``."""
 
-    def __init__(self, work, keep_alive: Tensor):
-        self.work, self.keep_alive = work, keep_alive
+    def __init__(self, work: Any, keep_alive: Tensor):
+        self.work = work  # torch's Work handle of the async all_to_all_single
+        self.keep_alive: Optional[Tensor] = keep_alive
 
     def wait(self) -> None:
         if self.work is not None:
@@ -108,7 +113,7 @@ class _Pending:
             self.work = self.keep_alive = None
 
 
-class _AllToAll(torch.autograd.Function):
+class AllToAll(torch.autograd.Function):
     """Uneven all_to_all_single along dim 0 with autograd.
 
     x[sum(in_splits), ...] -> out[sum(out_splits), ...]. With ``pending`` (a list)
@@ -130,7 +135,7 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_in = _AllToAll.apply(grad_out, ctx.group, ctx.in_splits, ctx.out_splits, None)
+        grad_in = AllToAll.apply(grad_out, ctx.group, ctx.in_splits, ctx.out_splits, None)
         return grad_in, None, None, None, None
 
 
@@ -138,34 +143,58 @@ class _AllToAll(torch.autograd.Function):
 
 
 @dataclass
-class _Permute:
+class Permute:
     """rows -> rows[index] (index LongTensor[n] on the rows' device)."""
 
     index: Tensor
 
-    def apply(self, x: Tensor, pending: Optional[list] = None) -> Tensor:
+    def apply(self, x: Tensor, pending: Optional[List[_Pending]] = None) -> Tensor:
         return x.index_select(0, self.index)
 
-    def reverse(self) -> "_Permute":
+    def reverse(self) -> "Permute":
         inverse = torch.empty_like(self.index)
         inverse[self.index] = torch.arange(self.index.numel(), device=self.index.device)
-        return _Permute(inverse)
+        return Permute(inverse)
+
+    def count(self, stats: "ExchangeStats", x: Tensor) -> None:
+        """A permutation moves no row between ranks: nothing to count."""
 
 
 @dataclass
 class _Exchange:
-    """An uneven all-to-all in ``group``; ``me`` is this rank's index in it."""
+    """An uneven all-to-all in ``group`` (two or more ranks); ``me`` is this rank's index in it."""
 
-    group: object
-    out_splits: list
-    in_splits: list
+    group: dist.ProcessGroup
+    out_splits: List[int]
+    in_splits: List[int]
     me: int
 
-    def apply(self, x: Tensor, pending: Optional[list] = None) -> Tensor:
-        return _AllToAll.apply(x, self.group, self.out_splits, self.in_splits, pending)
+    def apply(self, x: Tensor, pending: Optional[List[_Pending]] = None) -> Tensor:
+        return AllToAll.apply(x, self.group, self.out_splits, self.in_splits, pending)
 
     def reverse(self) -> "_Exchange":
         return _Exchange(self.group, self.in_splits, self.out_splits, self.me)
+
+    def count(self, stats: "ExchangeStats", x: Tensor) -> None:
+        stats.add(self, _row_bytes(x))
+
+
+@dataclass
+class _Keep:
+    """The exchange of a single rank: every row stays where it is (no communication), counted as
+    kept (``bytes_local``). The plans' only step when the ep group has one rank."""
+
+    def apply(self, x: Tensor, pending: Optional[List[_Pending]] = None) -> Tensor:
+        return x
+
+    def reverse(self) -> "_Keep":
+        return self
+
+    def count(self, stats: "ExchangeStats", x: Tensor) -> None:
+        stats.keep(x.shape[0], _row_bytes(x))
+
+
+_Step = Union[Permute, _Exchange, _Keep]
 
 
 @dataclass
@@ -185,10 +214,19 @@ class ExchangeStats:
     bytes_local: int = 0
 
     def add(self, step: _Exchange, row_bytes: int) -> None:
+        """An exchange of rows of ``row_bytes`` bytes: its self-sends count as local."""
         local = step.in_splits[step.me]
         self.rows_sent += sum(step.in_splits) - local
         self.rows_received += sum(step.out_splits) - step.out_splits[step.me]
         self.rows_local += local
+        self._bytes(row_bytes)
+
+    def keep(self, rows: int, row_bytes: int) -> None:
+        """``rows`` rows of ``row_bytes`` bytes kept on a single rank (``_Keep``)."""
+        self.rows_local += rows
+        self._bytes(row_bytes)
+
+    def _bytes(self, row_bytes: int) -> None:
         self.bytes_sent = self.rows_sent * row_bytes
         self.bytes_received = self.rows_received * row_bytes
         self.bytes_local = self.rows_local * row_bytes
@@ -198,12 +236,12 @@ class ExchangeStats:
 class _Plan:
     """How one batch of rows travels: steps, and the local counts at the end."""
 
-    steps: list
+    steps: List[_Step]
     local_counts: Tensor  # LongTensor[E_l]
     num_rows: int  # N, rows before dispatch
     num_local_rows: int  # N_l, rows after dispatch
 
-    def reversed_steps(self) -> list:
+    def reversed_steps(self) -> List[_Step]:
         return [s.reverse() for s in reversed(self.steps)]
 
 
@@ -219,11 +257,10 @@ def _row_bytes(x: Tensor) -> int:
     return math.prod(x.shape[1:]) * x.element_size()
 
 
-def _run(steps: list, x: Tensor, stats: Optional[ExchangeStats]) -> Tensor:
+def _run(steps: List[_Step], x: Tensor, stats: ExchangeStats) -> Tensor:
     """Apply ``steps`` to ``x`` synchronously, recording exchanges in ``stats``."""
     for step in steps:
-        if stats is not None and isinstance(step, _Exchange):
-            stats.add(step, _row_bytes(x))
+        step.count(stats, x)
         x = step.apply(x)
     return x
 
@@ -231,17 +268,17 @@ def _run(steps: list, x: Tensor, stats: Optional[ExchangeStats]) -> Tensor:
 class _InFlight:
     """Steps applied up to (and including) an async exchange; ``finish`` runs the rest."""
 
-    def __init__(self, steps: list, x: Tensor, stats: ExchangeStats):
-        self.stats, self.pending = stats, []
+    def __init__(self, steps: List[_Step], x: Tensor, stats: ExchangeStats):
+        self.stats = stats
+        self.pending: List[_Pending] = []
+        self.rest: List[_Step] = []
         for i, step in enumerate(steps):
+            step.count(stats, x)
             if isinstance(step, _Exchange):
-                stats.add(step, _row_bytes(x))
                 x = step.apply(x, self.pending)
                 self.rest = steps[i + 1 :]
                 break
             x = step.apply(x)
-        else:
-            self.rest = []
         self.x = x
 
     def finish(self) -> Tensor:
@@ -257,18 +294,22 @@ class AllToAllDispatcher:
     """Sends each routed row to the rank holding its expert and brings results back.
 
     ``ep_group``: the expert-parallel process group (``None``: no expert
-    parallelism, everything stays local). ``num_experts`` (E) must be a multiple of
-    the group size R. ``num_chunks`` (Q) is used by ``dispatch_compute_combine``.
+    parallelism). ``num_experts`` (E) must be a multiple of the group size R.
+    ``num_chunks`` (Q) is used by ``dispatch_compute_combine``.
+
+    A single rank (``ep_group`` None or of one rank, ``ep_size == 1``) is decided here,
+    once: nothing travels, every row stays and counts as kept (``bytes_local``); the
+    contract (row order, counts, chunking, statistics) is the same.
 
     After every call the dispatcher keeps ``dispatch_stats`` / ``combine_stats``
     (``ExchangeStats``); ``bytes_sent``, ``bytes_received`` and ``bytes_local`` are
     those of the last dispatch.
     """
 
-    def __init__(self, ep_group, num_experts: int, *, num_chunks: int = 1):
+    def __init__(self, ep_group: Optional[dist.ProcessGroup], num_experts: int, *, num_chunks: int = 1):
         self.group = ep_group
-        self.ep_size = _group_size(ep_group)
-        self.ep_rank = _group_rank(ep_group)
+        self.ep_size = 1 if ep_group is None else group_size(ep_group)
+        self.ep_rank = 0 if ep_group is None else group_rank(ep_group)
         check_int("num_experts", num_experts, minimum=1)
         if num_experts % self.ep_size != 0:
             raise ValueError(
@@ -295,24 +336,32 @@ class AllToAllDispatcher:
     def bytes_local(self) -> int:
         return self.dispatch_stats.bytes_local
 
-    # -- planning (subclasses change how rows travel)
-    def _plans(self, send_QREl: Tensor, device: torch.device) -> list[_Plan]:
-        """Exchange counts and build one plan per chunk.
+    # -- planning (subclasses change how rows travel between two or more ranks)
+    def _plans(self, send_QREl: Tensor, device: torch.device) -> List[_Plan]:
+        """One plan per chunk. send_QREl: LongTensor[Q, R, E_l] (CPU), rows this rank sends per
+        chunk, dst rank and local expert. A single rank keeps its rows (``_Keep``); otherwise
+        ``_exchange_plans``."""
+        if self.ep_size == 1:
+            return [_Plan([_Keep()], send_REl.sum(0), int(send_REl.sum()), int(send_REl.sum()))
+                    for send_REl in send_QREl]
+        return self._exchange_plans(send_QREl, device)
 
-        send_QREl: LongTensor[Q, R, E_l] (CPU), rows this rank sends per chunk, dst
-        rank and local expert. All chunks' counts travel in one exchange (on
-        ``device``, the rows' device); permutation indices are put on ``device``.
+    def _exchange_plans(self, send_QREl: Tensor, device: torch.device) -> List[_Plan]:
+        """Exchange counts and build one plan per chunk (R >= 2).
+
+        All chunks' counts travel in one exchange (on ``device``, the rows' device);
+        permutation indices are put on ``device``.
         """
+        assert self.group is not None, "ep_size > 1 comes from a process group"
         Q, R, El = send_QREl.shape
-        recv_RQEl = _exchange_equal(send_QREl.transpose(0, 1), self.group, device)  # [src, Q, E_l]
+        recv_RQEl = exchange_equal(send_QREl.transpose(0, 1), self.group, device)  # [src, Q, E_l]
         plans = []
         for c in range(Q):
             send_REl, recv_REl = send_QREl[c], recv_RQEl[:, c]
-            steps = []
-            if R > 1:
-                steps.append(_Exchange(self.group, recv_REl.sum(1).tolist(), send_REl.sum(1).tolist(), self.ep_rank))
-            if not _is_identity(recv_REl.shape, (1, 0)):
-                steps.append(_Permute(block_permutation(recv_REl, (1, 0)).to(device)))
+            steps: List[_Step] = [_Exchange(self.group, recv_REl.sum(1).tolist(), send_REl.sum(1).tolist(),
+                                            self.ep_rank)]
+            if not is_identity(recv_REl.shape, (1, 0)):
+                steps.append(Permute(block_permutation(recv_REl, (1, 0)).to(device)))
             plans.append(_Plan(steps, recv_REl.sum(0), int(send_REl.sum()), int(recv_REl.sum())))
         return plans
 
@@ -337,7 +386,7 @@ class AllToAllDispatcher:
         return split_counts(counts_E, num_chunks).T.reshape(num_chunks, self.ep_size, self.num_local_experts)
 
     # -- public API
-    def dispatch(self, rows: Tensor, tokens_per_expert: Tensor):
+    def dispatch(self, rows: Tensor, tokens_per_expert: Tensor) -> Tuple[Tensor, Tensor, DispatchContext]:
         """Send rows to their experts' ranks.
 
         rows[N, D]: expert-major over all E experts; tokens_per_expert: LongTensor[E].
@@ -350,8 +399,6 @@ class AllToAllDispatcher:
         ctx = DispatchContext(plan)
         local_rows = _run(plan.steps, rows, ctx.stats)
         self.dispatch_stats = ctx.stats
-        if self.ep_size == 1:
-            ctx.stats.add(_Exchange(None, [plan.num_rows], [plan.num_rows], 0), _row_bytes(rows))
         return local_rows, plan.local_counts.to(tokens_per_expert.device), ctx
 
     def combine(self, out: Tensor, ctx: DispatchContext) -> Tensor:
@@ -364,8 +411,6 @@ class AllToAllDispatcher:
             )
         stats = ExchangeStats()
         back = _run(ctx.plan.reversed_steps(), out, stats)
-        if self.ep_size == 1:
-            stats.add(_Exchange(None, [out.shape[0]], [out.shape[0]], 0), _row_bytes(out))
         self.combine_stats = stats
         return back
 
@@ -384,11 +429,12 @@ class AllToAllDispatcher:
         parts_EQ = split_counts(counts, Q)
         plans = self._plans(parts_EQ.T.reshape(Q, self.ep_size, self.num_local_experts), rows.device)
         # Gather rows chunk-major: blocks (expert, chunk) -> (chunk, expert).
-        to_chunks = _Permute(block_permutation(parts_EQ, (1, 0)).to(rows.device))
+        to_chunks = Permute(block_permutation(parts_EQ, (1, 0)).to(rows.device))
         chunks = to_chunks.apply(rows).split(parts_EQ.sum(0).tolist())
         d_stats, c_stats = ExchangeStats(), ExchangeStats()
         device = tokens_per_expert.device
-        outs, flight = [], _InFlight(plans[0].steps, chunks[0], d_stats)
+        outs: List[_InFlight] = []
+        flight = _InFlight(plans[0].steps, chunks[0], d_stats)
         for c in range(Q):
             local_rows = flight.finish()
             if c + 1 < Q:
@@ -399,59 +445,17 @@ class AllToAllDispatcher:
             outs.append(_InFlight(plans[c].reversed_steps(), y, c_stats))
         back = torch.cat([o.finish() for o in outs])
         self.dispatch_stats, self.combine_stats = d_stats, c_stats
-        if self.ep_size == 1:
-            d_stats.add(_Exchange(None, [rows.shape[0]], [rows.shape[0]], 0), _row_bytes(rows))
-            c_stats.add(_Exchange(None, [back.shape[0]], [back.shape[0]], 0), _row_bytes(back))
         return to_chunks.reverse().apply(back)
 
 
-# ----------------------------------------------------------------------------- expert tensor parallelism
+# ----------------------------------------------------------------------------- multi-node
 
 
-def etp_compute(experts, rows: Tensor, counts_El: Tensor, etp_group, *,
-                padded_capacity: Optional[int] = None) -> Tensor:
-    """``experts(rows, counts_El)`` with each expert's hidden units split over ``etp_group``.
-
-    ``experts``: a ``moe.Experts`` holding piece ``etp_rank`` of P (``Experts(etp_size=P)``);
-    rows[N, D] expert-major by counts[E_l] (this rank's rows, e.g. after the ep dispatch;
-    the other etp ranks hold the same E_l experts and their own rows). Steps:
-
-    1. the per-expert counts are exchanged ([P, E_l]) and every rank's rows are all-gathered
-       (an uneven all-to-all sending the same rows to every peer), then reordered
-       expert-major (expert 0's rows of rank 0, rank 1, ..., then expert 1, ...);
-    2. this rank computes its slice of the hidden units for all of them (b1 piece
-       added, b2 not): a partial output per row;
-    3. the partial outputs go back to the rank that owns each row (the reverse
-       all-to-all) and are summed there (a reduce-scatter), then b2 is added once.
-
-    Differentiable (the backward of each all-to-all is the reverse one; the input
-    gradient of the row copies is summed). Collective over ``etp_group``: every rank
-    calls it, also with zero rows. ``padded_capacity=C``: every expert has C rows on
-    every rank (then C * P after the gather). Returns out[N, D].
-    """
-    P = _group_size(etp_group)
-    if P == 1:
-        return experts(rows, counts_El, padded_capacity=padded_capacity)
-    device = rows.device
-    counts = counts_El.detach().to("cpu", torch.long)
-    counts_PEl = _exchange_equal(counts.unsqueeze(0).expand(P, -1), etp_group, device)  # [src, E_l]
-    n, from_each = rows.shape[0], counts_PEl.sum(1).tolist()
-    gathered = _AllToAll.apply(torch.cat([rows] * P), etp_group, from_each, [n] * P, None)
-    to_expert_major = None
-    if not _is_identity(counts_PEl.shape, (1, 0)):
-        to_expert_major = _Permute(block_permutation(counts_PEl, (1, 0)).to(device))
-        gathered = to_expert_major.apply(gathered)
-    partial = experts(gathered, counts_PEl.sum(0).to(counts_El.device), output_bias=False,
-                      padded_capacity=None if padded_capacity is None else padded_capacity * P)
-    if to_expert_major is not None:
-        partial = to_expert_major.reverse().apply(partial)
-    back = _AllToAll.apply(partial, etp_group, [n] * P, from_each, None)  # [P * N]: block p from rank p
-    out = back.view(P, n, *back.shape[1:]).sum(0)
-    return experts.add_output_bias(out, counts_El)
+NodeGroups = Tuple[Optional[dist.ProcessGroup], Optional[dist.ProcessGroup]]  # (intra-node, inter-node)
 
 
 def new_node_groups(ep_groups_ranks: Sequence[Sequence[int]], ranks_per_node: int, *,
-                    timeout: Optional[timedelta] = None):
+                    timeout: Optional[timedelta] = None) -> NodeGroups:
     """Create the intra-node and inter-node groups of every ep group; return this rank's.
 
     ``ep_groups_ranks``: the global ranks of *every* ep group in the job (e.g.
@@ -463,7 +467,7 @@ def new_node_groups(ep_groups_ranks: Sequence[Sequence[int]], ranks_per_node: in
     None: torch's default.
     """
     me = dist.get_rank()
-    mine = (None, None)
+    mine: NodeGroups = (None, None)
     for ranks in ep_groups_ranks:
         ranks = list(ranks)
         if ranks_per_node < 1 or len(ranks) % ranks_per_node != 0:
@@ -493,59 +497,71 @@ class HierarchicalAllToAllDispatcher(AllToAllDispatcher):
 
     ``node_groups``: ``(intra_group, inter_group)`` from ``new_node_groups``; if
     omitted, ``ep_group`` must span the whole world and the groups are created
-    here (so the constructor then has to run on every rank).
+    here (so the constructor then has to run on every rank). A single rank
+    (``ep_size == 1``) makes no hops and needs no node groups.
     """
 
-    def __init__(self, ep_group, num_experts: int, ranks_per_node: int, *, num_chunks: int = 1, node_groups=None):
+    def __init__(self, ep_group: Optional[dist.ProcessGroup], num_experts: int, ranks_per_node: int, *,
+                 num_chunks: int = 1, node_groups: Optional[NodeGroups] = None):
         super().__init__(ep_group, num_experts, num_chunks=num_chunks)
         check_int("ranks_per_node", ranks_per_node, minimum=1)
         if self.ep_size % ranks_per_node != 0:
             fail("ranks_per_node", ranks_per_node, f"it must divide the ep group size {self.ep_size}")
         self.ranks_per_node = ranks_per_node
         self.num_nodes = self.ep_size // ranks_per_node
+        self.intra_group: Optional[dist.ProcessGroup] = None  # None on a single rank: no hops
+        self.inter_group: Optional[dist.ProcessGroup] = None
+        if self.ep_size == 1 or ep_group is None:
+            return
         if node_groups is None:
-            if ep_group is None:
-                node_groups = (None, None)
-            elif self.ep_size != dist.get_world_size():
+            if self.ep_size != dist.get_world_size():
                 raise ValueError(
                     "HierarchicalAllToAllDispatcher: ep_group is not the whole world, so pass "
                     "node_groups=new_node_groups(<every ep group's ranks>, ranks_per_node), called on all ranks"
                 )
-            else:
-                node_groups = new_node_groups([dist.get_process_group_ranks(ep_group)], ranks_per_node)
+            node_groups = new_node_groups([dist.get_process_group_ranks(ep_group)], ranks_per_node)
+        for name, group, size in (("intra", node_groups[0], ranks_per_node), ("inter", node_groups[1], self.num_nodes)):
+            if group is None or group_size(group) != size:
+                got = "no group" if group is None else f"a group of {group_size(group)} ranks"
+                raise ValueError(f"node_groups: the {name}-node group is {got}, expected {size} ranks "
+                                 "(moe.dispatch.new_node_groups)")
         self.intra_group, self.inter_group = node_groups
-        for name, group, size in (("intra", self.intra_group, ranks_per_node), ("inter", self.inter_group, self.num_nodes)):
-            if _group_size(group) != size:
-                raise ValueError(f"node_groups: {name}-node group has {_group_size(group)} ranks, expected {size}")
 
-    def _plans(self, send_QREl: Tensor, device: torch.device) -> list[_Plan]:
+    def _exchange_plans(self, send_QREl: Tensor, device: torch.device) -> List[_Plan]:
+        intra, inter = self.intra_group, self.inter_group
+        assert intra is not None and inter is not None, "node groups are set whenever ep_size > 1"
         Q, R, El = send_QREl.shape
         Nn, G = self.num_nodes, self.ranks_per_node
         send = send_QREl.view(Q, Nn, G, El)  # [Q, dst node, dst local, E_l]
-        # Counts follow the rows' two hops (all chunks at once).
-        recv1 = _exchange_equal(send.permute(2, 0, 1, 3), self.intra_group, device)  # [src local, Q, dst node, E_l]
-        recv2 = _exchange_equal(recv1.permute(2, 1, 0, 3), self.inter_group, device)  # [src node, Q, src local, E_l]
-        intra_me, inter_me = _group_rank(self.intra_group), _group_rank(self.inter_group)
+        # Counts follow the rows' two hops (all chunks at once); a hop within one rank moves nothing.
+        recv1 = send.permute(2, 0, 1, 3)  # [src local, Q, dst node, E_l]
+        if G > 1:
+            recv1 = exchange_equal(recv1, intra, device)
+        recv2 = recv1.permute(2, 1, 0, 3)  # [src node, Q, src local, E_l]
+        if Nn > 1:
+            recv2 = exchange_equal(recv2, inter, device)
+        intra_me, inter_me = group_rank(intra), group_rank(inter)
         plans = []
         for c in range(Q):
             s, r1, r2 = send[c], recv1[:, c], recv2[:, c]  # [Nn, G, E_l], [G, Nn, E_l], [Nn, G, E_l]
-            steps = []
-            if not _is_identity(s.shape, (1, 0, 2)):
-                steps.append(_Permute(block_permutation(s, (1, 0, 2)).to(device)))  # -> [dst local, dst node, E_l]
+            steps: List[_Step] = []
+            if not is_identity(s.shape, (1, 0, 2)):
+                steps.append(Permute(block_permutation(s, (1, 0, 2)).to(device)))  # -> [dst local, dst node, E_l]
             if G > 1:
-                steps.append(_Exchange(self.intra_group, r1.sum((1, 2)).tolist(), s.sum((0, 2)).tolist(), intra_me))
-            if not _is_identity(r1.shape, (1, 0, 2)):
-                steps.append(_Permute(block_permutation(r1, (1, 0, 2)).to(device)))  # -> [dst node, src local, E_l]
+                steps.append(_Exchange(intra, r1.sum((1, 2)).tolist(), s.sum((0, 2)).tolist(), intra_me))
+            if not is_identity(r1.shape, (1, 0, 2)):
+                steps.append(Permute(block_permutation(r1, (1, 0, 2)).to(device)))  # -> [dst node, src local, E_l]
             if Nn > 1:
-                steps.append(_Exchange(self.inter_group, r2.sum((1, 2)).tolist(), r1.sum((0, 2)).tolist(), inter_me))
+                steps.append(_Exchange(inter, r2.sum((1, 2)).tolist(), r1.sum((0, 2)).tolist(), inter_me))
             r2_REl = r2.reshape(R, El)  # [src ep rank, E_l]
-            if not _is_identity(r2_REl.shape, (1, 0)):
-                steps.append(_Permute(block_permutation(r2_REl, (1, 0)).to(device)))
+            if not is_identity(r2_REl.shape, (1, 0)):
+                steps.append(Permute(block_permutation(r2_REl, (1, 0)).to(device)))
             plans.append(_Plan(steps, r2_REl.sum(0), int(s.sum()), int(r2.sum())))
         return plans
 
 
-def world_node_groups(ep_group, ranks_per_node: int, *, timeout: Optional[timedelta] = None):
+def world_node_groups(ep_group: dist.ProcessGroup, ranks_per_node: int, *,
+                      timeout: Optional[timedelta] = None) -> NodeGroups:
     """``new_node_groups`` for every ep group of the job, learnt from ``ep_group`` alone.
 
     Each rank all-gathers its ep group's ranks over the default (world) group, so the
@@ -557,7 +573,8 @@ def world_node_groups(ep_group, ranks_per_node: int, *, timeout: Optional[timede
     return new_node_groups(sorted({tuple(r) for r in everyone}), ranks_per_node, timeout=timeout)
 
 
-def build_dispatcher(ep_group, config, *, node_groups=None) -> AllToAllDispatcher:
+def build_dispatcher(ep_group: Optional[dist.ProcessGroup], config: MoEConfig, *,
+                     node_groups: Optional[NodeGroups] = None) -> AllToAllDispatcher:
     """The dispatcher ``config`` (a ``moe.MoEConfig``) asks for on ``ep_group``.
 
     ``config.dispatcher``: "flat" -> ``AllToAllDispatcher``; "hierarchical" ->
@@ -566,6 +583,8 @@ def build_dispatcher(ep_group, config, *, node_groups=None) -> AllToAllDispatche
     world). ``config.overlap_chunks`` is the chunk count of the overlapped exchange.
     """
     if config.dispatcher == "hierarchical":
+        if config.node_size is None:  # MoEConfig refuses it; a config changed after its check
+            fail("node_size", None, "set it (ep ranks per node, dividing the ep size) when dispatcher='hierarchical'")
         return HierarchicalAllToAllDispatcher(ep_group, config.num_experts, config.node_size,
                                               num_chunks=config.overlap_chunks, node_groups=node_groups)
     return AllToAllDispatcher(ep_group, config.num_experts, num_chunks=config.overlap_chunks)

@@ -10,7 +10,7 @@ b1 [E_l, F_l] (SwiGLU: [E_l, 2 F_l]), b2 [E_l, D].
 Expert tensor parallelism (``etp_size`` P > 1): this rank holds piece ``etp_rank`` of
 every expert's hidden units (w1 columns, w2 rows, b1; marked with
 ``parallel.shards.mark_shard(group="etp")``), so its output for a row is a PARTIAL sum
-over its units; ``moe.dispatch.etp_compute`` sums the pieces over the etp group and
+over its units; ``moe.expert_tp.etp_compute`` sums the pieces over the etp group and
 adds b2 once (``forward(..., output_bias=False)`` leaves b2 out here). b2 is replicated
 and its gradient is partial per etp rank (``parallel.shards.mark_partial_grad``).
 The unit-major SwiGLU layout makes a contiguous piece of w1 hold whole units.

@@ -28,7 +28,7 @@ Expert tensor parallelism (``etp_group`` of P ranks, holding the same experts): 
 expert's hidden units are split over the group (``Experts(etp_rank, etp_size)``);
 after the ep dispatch the rows are all-gathered over etp, each rank computes its
 units for all of them and the partial outputs are summed back on the rows' owner
-(``moe.dispatch.etp_compute``).
+(``moe.expert_tp.etp_compute``).
 
 ``torch.compile(layer, fullgraph=True)`` traces the forward when a capacity is set
 (without expert or tensor parallelism): expert buffers are then padded to the capacity, so
@@ -69,7 +69,8 @@ from parallel.precision import compute_dtype
 
 from . import losses, recompute
 from .config import MoEConfig
-from .dispatch import AllToAllDispatcher, build_dispatcher, etp_compute
+from .dispatch import AllToAllDispatcher, build_dispatcher
+from .expert_tp import etp_compute
 from .experts import Experts
 from .ops.library import OpSet
 from .permute import PermutePlan, make_plan, permute, unpermute
