@@ -1,6 +1,6 @@
 """Routing policies: from router logits to experts, weights and kept slots.
 
-Legend: T tokens, k choices per token, E experts, N = T*k assignments.
+Legend: T tokens, k choices per token (``K`` in shape suffixes), E experts, N = T*k assignments.
 
 ``route`` is the functional API. The policy picks experts and weights; the drop
 policy fixes the order in which assignments are served; ``assign_slots`` then

@@ -7,8 +7,8 @@ Each model config answers for its own FLOPs with these formulas:
 This module is a leaf: it knows the formulas, not the configs.
 
 Legend: D model width, L sequence length (tokens attended over), E experts, k experts per
-token, F an FFN's hidden width, V vocabulary size, K shared embedding width, P patches
-per image, p patch side, I image channels.
+token, F an FFN's hidden width, V vocabulary size, J shared (contrastive) embedding width,
+P patches per image, p patch side, I image channels.
 
 A multiply-add counts 2 FLOPs. Forward FLOPs of one token in block i:
 
@@ -22,7 +22,7 @@ A multiply-add counts 2 FLOPs. Forward FLOPs of one token in block i:
 Training FLOPs are 3x the forward (the backward computes two products per forward one);
 activation recomputation is not counted (model FLOPs, not hardware FLOPs). Embedding
 lookups, norms, softmax and the losses are left out; the LM head (2 D V per token) and
-LIMoE's patch embedding (2 p^2 I D per patch) and projections (2 D K per pooled
+LIMoE's patch embedding (2 p^2 I D per patch) and projections (2 D J per pooled
 embedding) are in.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def router_flops(d_model: int, num_experts: int) -> int:
 
 
 def projection_flops(d_in: int, d_out: int) -> int:
-    """One vector through a [d_in, d_out] linear map: the LM head (D -> V), LIMoE's projections (D -> K)."""
+    """One vector through a [d_in, d_out] linear map: the LM head (D -> V), LIMoE's projections (D -> J)."""
     return 2 * d_in * d_out
 
 

@@ -1,9 +1,9 @@
 """LIMoE: one shared (MoE) transformer tower for images and text, trained contrastively.
 
 Legend: B batch, I image channels (``in_channels``), S image side (``image_size``),
-p patch side, P = (S/p)^2 patches, L text length, D model width, K shared embedding
-width, T tokens routed by an MoE layer (all image patches + the real text tokens of
-the batch), W data-parallel world size, Y zero-shot classes.
+p patch side, P = (S/p)^2 patches, L text length, D model width, J shared (joint)
+embedding width, T tokens routed by an MoE layer (all image patches + the real text
+tokens of the batch), W data-parallel world size, Y zero-shot classes.
 
 Images are cut into patches by a strided conv (ViT), text bytes are embedded;
 each gets learned positions and a learned modality embedding (image=0, text=1).
@@ -18,7 +18,7 @@ are masked out as attention keys), so they do not change routing, capacity or th
 losses, and the text embedding does not depend on how much padding there is.
 
 Embeddings: image = mean of the patch outputs, text = mean of the real-token
-outputs (after the final LayerNorm), each linearly projected to K and
+outputs (after the final LayerNorm), each linearly projected to J and
 L2-normalised. Contrastive loss (CLIP):
 ``logits = exp(logit_scale) * u v^T``, ``loss = (CE(logits, arange) + CE(logits^T, arange)) / 2``,
 ``exp(logit_scale)`` starts at ``1/0.07`` and is clamped to at most 100.
@@ -93,7 +93,7 @@ class LIMoEConfig(FlatModelConfig):
         strided patch conv; a pixel-level nonlinearity, so a shape's outline can be seen
         apart from its colour, as in "early convolutions" ViTs).
       stem_channels: C, the width of the ``"conv"`` stem.
-      embed_dim: K, the shared embedding width.
+      embed_dim: J, the shared embedding width.
       logit_scale_init: initial ``exp(logit_scale)`` (CLIP: 1/0.07); logit_scale_max: its clamp (100).
       joint_load_balancing: coefficient of a Switch load-balancing loss over the image
         AND text tokens of each MoE layer together (logged as ``load_balancing_joint``).
@@ -174,7 +174,7 @@ class LIMoEConfig(FlatModelConfig):
 
     def flops_per_sample(self) -> int:
         """Forward FLOPs of one image-caption pair (``moe.models.flops``): P patches through the patchifier
-        and every block, the padded caption's L tokens through every block, and the two projections to K."""
+        and every block, the padded caption's L tokens through every block, and the two projections to J."""
         t = self.transformer
         P, L, D = self.num_patches, self.text_length, t.d_model
         image = P * (sum(t.block_flops_per_token(P)) + flops.patch_embedding_flops(self.patch_size, self.in_channels, D))
@@ -182,15 +182,15 @@ class LIMoEConfig(FlatModelConfig):
         return image + text + 2 * flops.projection_flops(D, self.embed_dim)
 
 
-def contrastive_loss(u_BK: torch.Tensor, v_BK: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+def contrastive_loss(u_BJ: torch.Tensor, v_BJ: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """CLIP loss for matched rows: ``(CE(s u v^T, arange) + CE(s v u^T, arange)) / 2`` (fp32)."""
-    logits = (u_BK.float() @ v_BK.float().t()) * scale
-    target = torch.arange(u_BK.shape[0], device=u_BK.device)
+    logits = (u_BJ.float() @ v_BJ.float().t()) * scale
+    target = torch.arange(u_BJ.shape[0], device=u_BJ.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
 class _GatherRows(torch.autograd.Function):
-    """x[b, K] on every rank of ``group`` -> cat over ranks [W*b, K]; backward: the sum over
+    """x[b, J] on every rank of ``group`` -> cat over ranks [W*b, J]; backward: the sum over
     ranks of the gradient w.r.t. this rank's rows (every rank's loss used them)."""
 
     @staticmethod
@@ -208,7 +208,7 @@ class _GatherRows(torch.autograd.Function):
 
 
 class LIMoEModel(TransformerModel):
-    """``u, v, aux = model(images, tokens, mask)``: L2-normalised embeddings u[B, K], v[B, K]."""
+    """``u, v, aux = model(images, tokens, mask)``: L2-normalised embeddings u[B, J], v[B, J]."""
 
     # Its blocks run as ``attend`` (images, then text) + ``feed_forward``, not through ``Block.forward``:
     # ZeRO on FSDP2 (moe.models.sharding) shards their dense parameters in the root unit, not per block.
@@ -383,23 +383,23 @@ class LIMoEModel(TransformerModel):
     # ------------------------------------------------------------------ API
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
                 ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
-        """images[B, I, S, S], tokens[B, L], mask[B, L] -> (u[B, K], v[B, K], aux), rows L2-normalised, fp32."""
+        """images[B, I, S, S], tokens[B, L], mask[B, L] -> (u[B, J], v[B, J], aux), rows L2-normalised, fp32."""
         if mask is None:
             raise ValueError("mask must be a bool tensor of the tokens' shape")
         (u, v, _), aux = self.run_pieces(images, tokens, mask)
         return u, v, aux
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """images[B, I, S, S] -> u[B, K] (an image-only forward; aux discarded)."""
+        """images[B, I, S, S] -> u[B, J] (an image-only forward; aux discarded)."""
         return self.run_pieces(images, None, None)[0][0]
 
     def encode_text(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """tokens[B, L], mask[B, L] -> v[B, K] (a text-only forward; aux discarded)."""
+        """tokens[B, L], mask[B, L] -> v[B, J] (a text-only forward; aux discarded)."""
         if mask is None:
             raise ValueError("mask must be a bool tensor of the tokens' shape")
         return self.run_pieces(None, tokens, mask)[0][1]
 
-    def contrastive_loss(self, u_BK: torch.Tensor, v_BK: torch.Tensor) -> torch.Tensor:
+    def contrastive_loss(self, u_BJ: torch.Tensor, v_BJ: torch.Tensor) -> torch.Tensor:
         """CLIP loss with the learned temperature; over the global batch when gathering negatives.
 
         With ``gather_negatives`` and a data-parallel group of size W > 1 (every rank
@@ -413,13 +413,13 @@ class LIMoEModel(TransformerModel):
         group = self.dp_group
         if not (self.config.gather_negatives and group is not None and dist.is_initialized()
                 and dist.get_world_size(group) > 1):
-            return contrastive_loss(u_BK, v_BK, scale)
-        u_all = _GatherRows.apply(u_BK, group)
-        v_all = _GatherRows.apply(v_BK, group)
-        b = u_BK.shape[0]
-        target = dist.get_rank(group) * b + torch.arange(b, device=u_BK.device)
-        li = F.cross_entropy((u_BK.float() @ v_all.float().t()) * scale, target)
-        lt = F.cross_entropy((v_BK.float() @ u_all.float().t()) * scale, target)
+            return contrastive_loss(u_BJ, v_BJ, scale)
+        u_all = _GatherRows.apply(u_BJ, group)
+        v_all = _GatherRows.apply(v_BJ, group)
+        b = u_BJ.shape[0]
+        target = dist.get_rank(group) * b + torch.arange(b, device=u_BJ.device)
+        li = F.cross_entropy((u_BJ.float() @ v_all.float().t()) * scale, target)
+        lt = F.cross_entropy((v_BJ.float() @ u_all.float().t()) * scale, target)
         return 0.5 * (li + lt)
 
 
@@ -435,7 +435,7 @@ def zero_shot_predictions(model: LIMoEModel, images: torch.Tensor, prompts: Sequ
     check_int("batch_size", batch_size, minimum=1)
     with eval_mode(model):
         ids, mask = model.tokenize(prompts)
-        v = model.encode_text(ids, mask)                                        # [Y, K]
+        v = model.encode_text(ids, mask)                                        # [Y, J]
         preds = [(model.encode_image(images[start:start + batch_size].to(v.device)) @ v.t()).argmax(-1).cpu()
                  for start in range(0, images.shape[0], batch_size)]            # [b] each
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)

@@ -1,6 +1,7 @@
 """torch.library custom ops for the fast MoE kernels, with fake impls and autograd.
 
-Legend: T tokens, k choices per token, E experts, N rows (permuted assignments), D width.
+Legend: T tokens, k choices per token (``K`` in shape suffixes), E experts, N rows
+(permuted assignments), D width.
 
 Every op takes a trailing ``impl`` string naming the kernel family that runs it:
 "cpp" (``moe._C`` CPU kernels), "cuda" (``moe._C`` CUDA kernels) or "triton"

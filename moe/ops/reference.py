@@ -1,7 +1,8 @@
 """Reference (plain torch) implementations of the MoE kernels: readable, differentiable.
 
 They are the CPU fallback and the oracle every fast backend is tested against.
-Legend: T tokens, k choices per token, E experts, N rows (permuted assignments), D width.
+Legend: T tokens, k choices per token (``K`` in shape suffixes), E experts, N rows
+(permuted assignments), D width.
 
 The four ops:
   router_topk    logits[T,E] -> weights[T,k], experts[T,k], scores[T,E], counts[E], score_sums[E]
