@@ -258,7 +258,7 @@ def _row_bytes(x: Tensor) -> int:
 
 
 def _run(steps: List[_Step], x: Tensor, stats: ExchangeStats) -> Tensor:
-    """Apply ``steps`` to ``x`` synchronously, recording exchanges in ``stats``."""
+    """Apply ``steps`` to ``x`` synchronously, recording what each one moves or keeps in ``stats``."""
     for step in steps:
         step.count(stats, x)
         x = step.apply(x)
