@@ -28,7 +28,7 @@ from parallel.zero_fsdp import FSDP2Engine
 
 from ..models.sharding import sharding_plan
 from ..models.transformer import TransformerModel
-from ..tasks import Task
+from ..tasks import ModelTask, Task
 from .config import OptimConfig, TrainConfig
 from .optim import build_optimizer
 
@@ -46,13 +46,14 @@ def build_engine(cfg: TrainConfig, task: Task, groups: ProcessGroups, *, device:
 
     ``optimizer_kind``: the AdamW implementation (``FusedChoice.optimizer``); ``num_micro``: the
     micro-batches per step on this rank (gradient accumulation); ``micro_batch_size``: samples per
-    micro-batch. Under ``parallel.pp > 1`` the model must be a ``moe.models.TransformerModel``
-    built for this rank's stage (its ``pipe``, a ``parallel.pipeline.StageRole``).
+    micro-batch. Under ``parallel.pp > 1`` the task must be a ``moe.tasks.ModelTask`` (the model inputs and
+    output loss the pipeline calls) whose model is a ``TransformerModel`` built for this rank's stage (its
+    ``pipe``, a ``parallel.pipeline.StageRole``).
     """
     model, p = task.model, cfg.parallel
     make_optimizer = optimizer_builder(cfg.optim, optimizer_kind)
     if groups.dims.pp > 1:
-        if not isinstance(model, TransformerModel) or model.pipe is None:
+        if not isinstance(task, ModelTask) or not isinstance(model, TransformerModel) or model.pipe is None:
             raise ValueError("parallel.pp > 1 needs a task whose model was built for its pipeline stage "
                              "(moe.tasks built-in tasks)")
         sample = task.micro_batch(0, 0, micro_batch_size, seed=cfg.train.seed)
