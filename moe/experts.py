@@ -2,12 +2,12 @@
 
 Legend: E_l experts held here (``El`` in shape suffixes; E_l = E without expert
 parallelism), N rows (expert-major), D model width, F expert width (global),
-P the expert-tensor-parallel (etp) size, F_l = F / P the width held here.
+R the expert-tensor-parallel (etp) size, F_l = F / R the width held here.
 Weights: w1_ElDF [E_l, D, F_l] (SwiGLU: [E_l, D, 2 F_l], unit-major: columns 2f and
 2f+1 are the gate and the up projection of hidden unit f), w2_ElFD [E_l, F_l, D],
 b1 [E_l, F_l] (SwiGLU: [E_l, 2 F_l]), b2 [E_l, D].
 
-Expert tensor parallelism (``etp_size`` P > 1): this rank holds piece ``etp_rank`` of
+Expert tensor parallelism (``etp_size`` R > 1): this rank holds piece ``etp_rank`` of
 every expert's hidden units (w1 columns, w2 rows, b1; marked with
 ``parallel.shards.mark_shard(group="etp")``), so its output for a row is a PARTIAL sum
 over its units; ``moe.expert_tp.etp_compute`` sums the pieces over the etp group and
@@ -70,9 +70,9 @@ def loop_matmul(a_ND: torch.Tensor, b_ElDF: torch.Tensor, counts_El: torch.Tenso
 class Experts(nn.Module):
     """``num_local`` expert MLPs; global expert index = ``first_expert + local index``.
 
-    ``d_ffn`` is the global expert width F; with ``etp_size`` P > 1 this module holds
-    the hidden units ``[etp_rank * F / P, (etp_rank + 1) * F / P)`` of every expert
-    (F divisible by P). ``last_rows``: rows the last ``forward`` computed (padding rows
+    ``d_ffn`` is the global expert width F; with ``etp_size`` R > 1 this module holds
+    the hidden units ``[etp_rank * F / R, (etp_rank + 1) * F / R)`` of every expert
+    (F divisible by R). ``last_rows``: rows the last ``forward`` computed (padding rows
     included; 0 before the first call).
     """
 

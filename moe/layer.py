@@ -24,7 +24,7 @@ Statistics (``last_stats``, the expert-bias load) are those of the full routing,
 same on every tp rank. Random routing draws (Switch jitter, GShard's random 2nd
 choice, noisy top-k) must be the same on every tp rank: the same generator state.
 
-Expert tensor parallelism (``etp_group`` of P ranks, holding the same experts): each
+Expert tensor parallelism (``etp_group`` of R ranks, holding the same experts): each
 expert's hidden units are split over the group (``Experts(etp_rank, etp_size)``);
 after the ep dispatch the rows are all-gathered over etp, each rank computes its
 units for all of them and the partial outputs are summed back on the rows' owner

@@ -92,7 +92,7 @@ class LIMoEConfig(FlatModelConfig):
         ``"conv"`` (a 3x3 conv to ``stem_channels`` + GELU at full resolution first, then the
         strided patch conv; a pixel-level nonlinearity, so a shape's outline can be seen
         apart from its colour, as in "early convolutions" ViTs).
-      stem_channels: C, the width of the ``"conv"`` stem.
+      stem_channels: the width of the ``"conv"`` stem.
       embed_dim: J, the shared embedding width.
       logit_scale_init: initial ``exp(logit_scale)`` (CLIP: 1/0.07); logit_scale_max: its clamp (100).
       joint_load_balancing: coefficient of a Switch load-balancing loss over the image
@@ -227,7 +227,7 @@ class LIMoEModel(TransformerModel):
         D = cfg.transformer.d_model
         if first:  # the embeddings live on the first pipeline stage
             patch_in = cfg.in_channels
-            if cfg.image_stem == "conv":  # [B, I, S, S] -> [B, C, S, S]
+            if cfg.image_stem == "conv":  # [B, I, S, S] -> [B, stem_channels, S, S]
                 self.stem = nn.Sequential(nn.Conv2d(cfg.in_channels, cfg.stem_channels, 3, padding=1), nn.GELU())
                 patch_in = cfg.stem_channels
             self.patch_embed = nn.Conv2d(patch_in, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -267,7 +267,7 @@ class LIMoEModel(TransformerModel):
                              f"got {tuple(images_BISS.shape)}")
         x = images_BISS.to(self.patch_embed.weight.dtype)
         if cfg.image_stem == "conv":
-            x = self.stem(x)                                                     # [B, C, S, S]
+            x = self.stem(x)                                                     # [B, stem_channels, S, S]
         x = self.patch_embed(x).flatten(2).transpose(1, 2)                      # [B, P, D]
         return x + self.image_pos_embed + self.modality_embed.weight[IMAGE]
 
