@@ -48,6 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.pipeline import StageRole
 from parallel.rng import init_generator, seed_block
 from parallel.shards import shard_of, take_piece
 from parallel.tensor import TensorParallel
@@ -551,7 +552,7 @@ class TransformerModel(nn.Module):
     """
 
     transformer: Transformer
-    pipe = None
+    pipe: Optional[StageRole] = None
 
     @property
     def blocks(self):

@@ -8,21 +8,21 @@ data_cfg)`` validates the two YAML sections without building anything.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Type
 
 from parallel.checks import fail
 from .base import ModelTask, Task
 from .limoe import LIMoEDataConfig, LIMoETask
 from .lm import LMDataConfig, LMTask
 
-TASKS: Dict[str, type] = {"lm": LMTask, "limoe": LIMoETask}
+TASKS: Dict[str, Type[ModelTask]] = {"lm": LMTask, "limoe": LIMoETask}
 TASK_NAMES = tuple(TASKS)
 
 __all__ = ["TASKS", "TASK_NAMES", "Task", "ModelTask", "task_class", "build_task", "LIMoEDataConfig", "LIMoETask",
            "LMDataConfig", "LMTask"]
 
 
-def task_class(name: str, path: str = "task.name") -> type:
+def task_class(name: str, path: str = "task.name") -> Type[ModelTask]:
     """``TASKS[name]``; an unknown name raises ``ConfigError`` naming ``path`` and the task names."""
     if not isinstance(name, str) or name not in TASKS:
         fail(path, name, f"allowed values: {', '.join(map(repr, TASK_NAMES))}")

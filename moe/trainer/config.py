@@ -46,7 +46,7 @@ import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union, overload
 
 import yaml
 
@@ -89,16 +89,25 @@ MAX_TIMEOUT_S = 7 * 24 * 3600.0  # parallel.timeout_s: a week; a collective wait
 
 # --------------------------------------------------------------------------------------
 # Value checks of the sections: ``moe.checks`` plus the YAML forms a section accepts.
+@overload
+def _int(path: str, value: Any, *, minimum: Optional[int] = None, optional: Literal[False] = False) -> int: ...
+@overload
+def _int(path: str, value: Any, *, minimum: Optional[int] = None, optional: bool) -> Optional[int]: ...
 def _int(path: str, value: Any, *, minimum: Optional[int] = None, optional: bool = False) -> Optional[int]:
-    """An int >= ``minimum``; None too where ``optional``."""
+    """An int >= ``minimum``; None too where ``optional`` (the overloads: an ``int`` where not)."""
     if value is None and optional:
         return None
     return check_int(path, value, minimum=minimum)
 
 
+@overload
+def _float(path: str, value: Any, *, optional: Literal[False] = False, **bounds: Any) -> float: ...
+@overload
+def _float(path: str, value: Any, *, optional: bool, **bounds: Any) -> Optional[float]: ...
 def _float(path: str, value: Any, *, optional: bool = False, **bounds: Any) -> Optional[float]:
     """A finite number as a float, also from a string (YAML 1.1 reads "3e-4", no dot, as one);
-    None too where ``optional``. ``bounds``: those of ``check_number``, checked on the float."""
+    None too where ``optional`` (the overloads: a ``float`` where not). ``bounds``: those of
+    ``check_number``, checked on the float."""
     if value is None and optional:
         return None
     if isinstance(value, str):
@@ -110,7 +119,12 @@ def _float(path: str, value: Any, *, optional: bool = False, **bounds: Any) -> O
     return check_number(path, value, **bounds) if bounds else value
 
 
+@overload
+def _str(path: str, value: Any, *, optional: Literal[False] = False) -> str: ...
+@overload
+def _str(path: str, value: Any, *, optional: bool) -> Optional[str]: ...
 def _str(path: str, value: Any, *, optional: bool = False) -> Optional[str]:
+    """A string; None too where ``optional`` (the overloads: a ``str`` where not)."""
     if value is None and optional:
         return None
     if not isinstance(value, str):
@@ -201,7 +215,7 @@ class ParallelConfig(FromDict):
         if self.pp_blocks is not None:
             if not isinstance(self.pp_blocks, (list, tuple)):
                 fail(f"{p}.pp_blocks", self.pp_blocks, "it must be a list", wrong_type=True)
-            self.pp_blocks = [check_int(f"{p}.pp_blocks[{i}]", k) for i, k in enumerate(self.pp_blocks)]
+            self.pp_blocks = [_int(f"{p}.pp_blocks[{i}]", k) for i, k in enumerate(self.pp_blocks)]
         self.zero_stage = check_choice(f"{p}.zero_stage", check_int(f"{p}.zero_stage", self.zero_stage), ZERO_STAGES)
         self.zero_engine = _choice(f"{p}.zero_engine", self.zero_engine, ZERO_ENGINES)
         self.backend = _choice(f"{p}.backend", self.backend, DIST_BACKENDS)
@@ -273,7 +287,7 @@ class OptimConfig(FromDict):
         self.weight_decay = _float(f"{p}.weight_decay", self.weight_decay, minimum=0.0)
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
             fail(f"{p}.betas", self.betas, "it must be a list of 2 values", wrong_type=True)
-        self.betas = tuple(_float(f"{p}.betas[{i}]", b) for i, b in enumerate(self.betas))
+        self.betas = (_float(f"{p}.betas[0]", self.betas[0]), _float(f"{p}.betas[1]", self.betas[1]))
         self.eps = _float(f"{p}.eps", self.eps, minimum=0.0, min_open=True)
         self.warmup_steps = _int(f"{p}.warmup_steps", self.warmup_steps, minimum=0)
         self.schedule = _choice(f"{p}.schedule", self.schedule, SCHEDULES)
@@ -450,7 +464,8 @@ class TrainConfig(FromDict):
         """The engine this job runs on: "pipeline", "deepspeed", "fsdp2" or "replicated"."""
         if self.parallel.pp > 1:
             return "pipeline"
-        return self.parallel.zero_engine_name if self.parallel.zero_stage > 0 else "replicated"
+        zero_engine = self.parallel.zero_engine_name  # None exactly at zero_stage 0
+        return "replicated" if zero_engine is None else zero_engine
 
     def task_configs(self) -> Optional[Tuple[Any, Any]]:
         """The ``model`` and ``data`` sections typed through the task's config classes:

@@ -29,7 +29,7 @@ its own business). On success it returns the ``parallel.ParallelDims`` of the jo
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 
@@ -38,7 +38,8 @@ from parallel.pipeline import check_schedule
 from parallel.stages import StagePlan, plan_stages
 
 from parallel.checks import ConfigError, fail
-from ..tasks import TASKS
+from ..models import LIMoEConfig, LMConfig
+from ..tasks import TASKS, LMDataConfig
 from .config import TrainConfig, from_dict
 from .schedule import StepSchedule
 
@@ -118,10 +119,19 @@ def stage_plan(cfg: TrainConfig) -> Optional[StagePlan]:
         fail("parallel.pp", p.pp, f"pipeline parallelism needs a built-in task ({', '.join(sorted(TASKS))}): "
              f"the pipeline stages are cut from their models; task {cfg.task.name!r} can use tp, ep and dp")
     model, data = TASKS[cfg.task.name].configs_from_dicts(cfg.model, cfg.data)
-    seq_len = getattr(data, "seq_len", None) or getattr(model, "max_seq_len", None) or \
-        getattr(model, "num_patches", 1)
-    return plan_stages(model.transformer.block_flops_per_token(seq_len), p.pp, virtual_stages=p.virtual_stages,
-                       counts=p.pp_blocks)
+    return plan_stages(model.transformer.block_flops_per_token(_attention_len(model, data)), p.pp,
+                       virtual_stages=p.virtual_stages, counts=p.pp_blocks)
+
+
+def _attention_len(model: Any, data: Any) -> int:
+    """How many tokens a block attends over, for the pipeline's stage costs: the LM's ``data.seq_len``
+    (default ``model.max_seq_len``), LIMoE's image patches (``model.num_patches``)."""
+    if isinstance(model, LMConfig) and isinstance(data, LMDataConfig):
+        return data.seq_len or model.max_seq_len
+    if isinstance(model, LIMoEConfig):
+        return model.num_patches
+    raise TypeError(f"no attention length for a {type(model).__name__} model config (built-in tasks: "
+                    f"{', '.join(sorted(TASKS))})")
 
 
 def check_pipeline(cfg: TrainConfig, world_size: int) -> Optional[StagePlan]:

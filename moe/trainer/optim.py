@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Dict, List
 
 import torch
 from torch import nn
@@ -40,11 +41,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, kind: str = "torch") 
     implementation (``moe.trainer.fused``: "torch", "torch-fused" or "apex").
     """
     stacked = {id(p) for m in model.modules() if isinstance(m, Experts) for p in m.parameters(recurse=False)}
-    decay, no_decay = [], []
+    decay: List[nn.Parameter] = []
+    no_decay: List[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if _is_matrix(p, id(p) in stacked) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    param_groups: List[Dict[str, Any]] = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return make_adamw(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, kind=kind)
+        param_groups.append({"params": no_decay, "weight_decay": 0.0})
+    return make_adamw(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, kind=kind)

@@ -43,6 +43,7 @@ from typing import Any, Callable, List, Mapping, Optional
 import torch.distributed as dist
 from torch import nn
 
+from parallel.dims import ProcessGroups
 from parallel.engine import EngineBase
 from parallel.objects import broadcast_object, group_rank, group_size
 from parallel.precision import LossScaler
@@ -61,7 +62,7 @@ class Start:
 
 
 def resume_run(*, resume: Optional[str], overwrite: bool, steps: int, out_dir: str, root: str,
-               model: nn.Module, engine: EngineBase, groups, model_config: Mapping[str, Any],
+               model: nn.Module, engine: EngineBase, groups: ProcessGroups, model_config: Mapping[str, Any],
                scaler: Optional[LossScaler], say: Callable[[str], None], process_group=None) -> Start:
     """Continue from the checkpoint ``train.resume`` asks for, into ``model`` and ``engine``'s optimizer.
 
@@ -165,11 +166,11 @@ def _inside(path: str, root: str) -> bool:
 
 def conflicts(root: str, resume: Optional[str], path: Optional[str], run_id: str) -> List[str]:
     """The ``step_<N>`` directories under ``root`` this run must not write over (module doc)."""
-    found = ckpt.checkpoint_dirs(root)
+    steps = ckpt.checkpoint_steps(root)
     if path is None or not _inside(path, root):
-        return found
+        return [d for _, d in steps]
     step = ckpt.step_of(path)
-    later = [d for d in found if step is None or ckpt.step_of(d) > step]
+    later = [d for s, d in steps if step is None or s > step]
     if resume == "auto":
         return [d for d in later if ckpt.run_of(d) != run_id]
     return later
@@ -191,13 +192,14 @@ def refusal(out_dir: str, resume: Optional[str], path: Optional[str], found: Lis
         what = (f"{root} holds later checkpoints ({_names(found)}) not written by the run of {path}, which "
                 "train.resume: auto continues: this run would overwrite them")
         ways = "move them away, give this run a fresh train.out_dir"
-    elif _inside(path, root):
-        what = (f"train.resume {resume} continues from step {ckpt.step_of(path)}, but {root} also holds later "
-                f"checkpoints ({_names(found)}): this run would overwrite them")
-        ways = "give this run a fresh train.out_dir"
-    else:
-        what = (f"train.out_dir {out_dir} already holds checkpoints of an earlier run ({_names(found)} in {root}): "
-                f"this run, continuing {path}, would overwrite them and mix its metrics into theirs")
+    else:  # a path: pick_checkpoint resolved it to a checkpoint (or raised)
+        assert path is not None, "train.resume names a path, so the run continues a checkpoint"
+        if _inside(path, root):
+            what = (f"train.resume {resume} continues from step {ckpt.step_of(path)}, but {root} also holds "
+                    f"later checkpoints ({_names(found)}): this run would overwrite them")
+        else:
+            what = (f"train.out_dir {out_dir} already holds checkpoints of an earlier run ({_names(found)} in "
+                    f"{root}): this run, continuing {path}, would overwrite them and mix its metrics into theirs")
         ways = "give this run a fresh train.out_dir"
     return f"{what}. To go on: {ways}, or set train.overwrite: true to delete them first"
 

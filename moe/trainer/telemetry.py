@@ -89,7 +89,7 @@ class _LayerAccumulator:
         self.bytes = self.forwards = self.seen = self.skipped = 0
 
     @torch.no_grad()
-    def add(self, layer) -> None:
+    def add(self, layer: MoELayer) -> None:
         routing = layer.last_routing
         if routing is None:
             return
@@ -106,9 +106,8 @@ class _LayerAccumulator:
         s[E + M * E + 1] += routing.kept.sum()
         s[E + M * E + 2] += routing.entropy().to(s.device, torch.float64)
         s[E + M * E + 3] += routing.zero_weight_count().to(s.device, torch.float64)
-        dispatcher = getattr(layer, "dispatcher", None)
-        if dispatcher is not None:
-            self.bytes += int(getattr(dispatcher, "bytes_sent", 0))
+        if layer.dispatcher is not None:
+            self.bytes += int(layer.dispatcher.bytes_sent)
         self.forwards += 1
         self.seen += routing.num_tokens
         self.skipped += int(routing.skipped)

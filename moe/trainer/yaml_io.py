@@ -26,7 +26,7 @@ class YAMLLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that rejects a key repeated in one mapping (naming it and its lines)
     and reads ``1e-3`` (no dot) as the float it means, as YAML 1.2 does."""
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: Any, deep: bool = False) -> Dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):
             seen: Dict[Any, int] = {}
             for key_node, _ in node.value:

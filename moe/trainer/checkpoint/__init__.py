@@ -25,13 +25,13 @@ from .errors import CheckpointError, CorruptCheckpointError
 from .io import load_checkpoint, save_checkpoint
 from .mismatch import config_differences
 from .state import LAYOUT_VERSION, full_state_dict, model_state_dict, optimizer_state_dict
-from .store import (INFO, LATEST, MANIFEST, UNKNOWN_RUN, checkpoint_dirs, checkpoint_info, latest_checkpoint,
-                    list_checkpoints, resolve_checkpoint, resume_candidates, run_of, step_dir, step_of,
-                    verify_checkpoint)
+from .store import (INFO, LATEST, MANIFEST, UNKNOWN_RUN, checkpoint_dirs, checkpoint_info, checkpoint_steps,
+                    latest_checkpoint, list_checkpoints, resolve_checkpoint, resume_candidates, run_of, step_dir,
+                    step_of, verify_checkpoint)
 
 __all__ = [
     "CheckpointError", "CorruptCheckpointError", "INFO", "LATEST", "LAYOUT_VERSION", "MANIFEST", "UNKNOWN_RUN",
-    "checkpoint_dirs", "checkpoint_info", "config_differences", "full_state_dict", "latest_checkpoint",
+    "checkpoint_dirs", "checkpoint_info", "checkpoint_steps", "config_differences", "full_state_dict", "latest_checkpoint",
     "list_checkpoints", "load_checkpoint", "model_state_dict", "optimizer_state_dict", "resolve_checkpoint",
     "resume_candidates", "run_of", "save_checkpoint", "step_dir", "step_of", "verify_checkpoint",
 ]

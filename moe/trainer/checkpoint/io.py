@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from parallel.dims import ProcessGroups
 from parallel.objects import all_gather_objects, broadcast_object, group_rank, group_size
 
 from .errors import CheckpointError
@@ -60,7 +61,7 @@ def _quiet_single_process():
 
 def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     *, meta: Optional[Dict[str, Any]] = None, keep: int = 0, process_group=None,
-                    groups=None, run_id: Optional[str] = None) -> str:
+                    groups: Optional[ProcessGroups] = None, run_id: Optional[str] = None) -> str:
     """Save a checkpoint of ``step`` under ``root`` (collective: every rank calls it).
 
     Returns the checkpoint directory. ``meta`` (JSON-able) goes into
@@ -120,7 +121,8 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: Optional[
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                    *, process_group=None, groups=None, model_config: Optional[Mapping[str, Any]] = None,
+                    *, process_group=None, groups: Optional[ProcessGroups] = None,
+                    model_config: Optional[Mapping[str, Any]] = None,
                     verify: bool = True) -> int:
     """Load ``path`` (a checkpoint, or a root holding checkpoints) in place; returns its step.
 

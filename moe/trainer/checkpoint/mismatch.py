@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from parallel.objects import all_gather_objects
 
@@ -64,7 +65,7 @@ def _say_difference(d: Tuple[str, Any, Any]) -> str:
     return f"{d[0]} (saved {d[1]!r}, now {d[2]!r})"
 
 
-def _read_metadata(path: str):
+def _read_metadata(path: str) -> Metadata:
     """DCP's ``.metadata`` of ``path`` (the stored keys and global shapes)."""
     try:
         return dcp.FileSystemReader(path).read_metadata()
@@ -121,9 +122,10 @@ def check_against(path: str, sd: Dict[str, Any], process_group=None,
             continue
         if k in index:
             covered[index[k] >> 3] |= 1 << (index[k] & 7)
-        size = getattr(stored[k], "size", None)
-        if isinstance(v, torch.Tensor) and size is not None and tuple(size) != tuple(v.shape):
-            shapes.append(f"'{k}' has shape {tuple(size)}, the model has {tuple(v.shape)}")
+        meta = stored[k]  # a tensor's global shape, or an object's bytes (no shape)
+        if isinstance(v, torch.Tensor) and isinstance(meta, TensorStorageMetadata) and \
+                tuple(meta.size) != tuple(v.shape):
+            shapes.append(f"'{k}' has shape {tuple(meta.size)}, the model has {tuple(v.shape)}")
     every = all_gather_objects((bytes(covered), missing, shapes), process_group)
     union = bytearray(len(covered))
     for mask, _, _ in every:

@@ -72,6 +72,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from moe.experts import Experts
+from parallel.dims import ProcessGroups
 from parallel.grads import is_expert_param
 from parallel.shards import TensorShard, shard_of
 
@@ -100,9 +101,9 @@ def _param_names(model: nn.Module) -> Dict[int, str]:
 class _Pieces:
     """Wraps tensor-parallel pieces as DTensors at their global offsets (one mesh per group)."""
 
-    def __init__(self, groups) -> None:
+    def __init__(self, groups: Optional[ProcessGroups]) -> None:
         self.groups = groups
-        self._meshes: Dict[Tuple[str, str], Any] = {}
+        self._meshes: Dict[Tuple[str, str], DeviceMesh] = {}
 
     def _mesh(self, name: str, shard: TensorShard, device_type: str):
         key = (shard.group, device_type)
@@ -111,7 +112,7 @@ class _Pieces:
                 raise CheckpointError(
                     f"'{name}' is a tensor-parallel piece ({shard}); pass groups= (the parallel.ProcessGroups "
                     f"of this run) to save or load it at its global offset")
-            group = getattr(self.groups, f"{shard.group}_group")
+            group = {"tp": self.groups.tp_group, "etp": self.groups.etp_group}[shard.group]  # SHARD_GROUPS
             self._meshes[key] = DeviceMesh.from_group(group, device_type)
         mesh = self._meshes[key]
         if mesh.size() != shard.size or mesh.get_local_rank() != shard.rank:
@@ -172,7 +173,7 @@ def _dense(name: str, t: torch.Tensor, shard: Optional[TensorShard]) -> torch.Te
     return t
 
 
-def model_state_dict(model: nn.Module, groups=None) -> Dict[str, torch.Tensor]:
+def model_state_dict(model: nn.Module, groups: Optional[ProcessGroups] = None) -> Dict[str, torch.Tensor]:
     """The model's tensors under global-expert keys (views of the live tensors).
 
     Dense parameters and buffers keep their ``state_dict`` names; every stacked
@@ -217,7 +218,8 @@ def _ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
                     st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, groups=None) -> Dict[str, torch.Tensor]:
+def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer,
+                         groups: Optional[ProcessGroups] = None) -> Dict[str, torch.Tensor]:
     """Optimizer state under the model's global-expert keys (views of the live tensors).
 
     State shaped like its parameter (exp_avg, exp_avg_sq) is split and sharded like
@@ -247,7 +249,7 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, gro
                     for i in range(held.shape[0]):
                         key = f"{name}.expert_{first_of[id(p)] + first + i}.{k}"
                         # scalar state (step) is shared by every expert slice of the stack
-                        out[key] = pieces.wrap(key, rows[i], slice_shard) if like_param else v
+                        out[key] = pieces.wrap(key, rows[i], slice_shard) if rows is not None else v
                 else:
                     key = f"{name}.{k}"
                     out[key] = pieces.wrap(key, _dense(key, v, shard) if like_param else v,
@@ -256,7 +258,7 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, gro
 
 
 def full_state_dict(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], step: int,
-                    groups=None) -> Dict[str, Any]:
+                    groups: Optional[ProcessGroups] = None) -> Dict[str, Any]:
     """Everything a training checkpoint holds, with ``model.`` / ``optim.`` / ``trainer.`` prefixes.
 
     ``groups`` (a ``parallel.ProcessGroups``) is needed when the model holds

@@ -61,12 +61,18 @@ def _is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, ".metadata"))
 
 
-def checkpoint_dirs(root: str) -> List[str]:
-    """Every ``step_<N>`` directory under ``root``, complete or not, by step (no ``.tmp`` / ``.old``)."""
+def checkpoint_steps(root: str) -> List[Tuple[int, str]]:
+    """``(step, directory)`` of every ``step_<N>`` directory under ``root``, complete or not, by step
+    (no ``.tmp`` / ``.old``)."""
     if not os.path.isdir(root):
         return []
-    found = sorted((step_of(n), os.path.join(root, n)) for n in os.listdir(root) if step_of(n) is not None)
-    return [p for _, p in found if os.path.isdir(p)]
+    found = sorted((step, os.path.join(root, n)) for n in os.listdir(root) if (step := step_of(n)) is not None)
+    return [(step, p) for step, p in found if os.path.isdir(p)]
+
+
+def checkpoint_dirs(root: str) -> List[str]:
+    """Every ``step_<N>`` directory under ``root``, complete or not, by step (no ``.tmp`` / ``.old``)."""
+    return [p for _, p in checkpoint_steps(root)]
 
 
 def list_checkpoints(root: str) -> List[str]:
