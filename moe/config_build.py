@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import re
 import typing
+from types import MappingProxyType
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Type, TypeVar, Union
 
 from parallel.checks import ConfigError, build_at, check_keys, join
@@ -37,16 +38,24 @@ from parallel.checks import ConfigError, build_at, check_keys, join
 __all__ = ["FromDict", "from_dict", "build_sections", "construct"]
 
 T = TypeVar("T")
+C = TypeVar("C", bound="FromDict")
+
+# The default of from_dict's owned / defaults / forced: no values (read-only, shared).
+_NONE: Mapping[str, Any] = MappingProxyType({})
 
 
 class FromDict:
     """Base of every config dataclass: ``cls.from_dict(d, path)`` and its two hooks (module docstring)."""
 
+    # Every subclass is a dataclass (annotation only, set by @dataclass on the subclass): what
+    # lets the type checker accept ``dataclasses.fields(cls)`` here.
+    __dataclass_fields__: ClassVar[Dict[str, dataclasses.Field[Any]]]
+
     # from_dict's default path; None: the class name (where __post_init__ roots its errors).
     DICT_PATH: ClassVar[Optional[str]] = None
 
     @classmethod
-    def from_dict(cls: Type[T], d: Mapping[str, Any], path: Optional[str] = None, **options: Any) -> T:
+    def from_dict(cls: Type[C], d: Mapping[str, Any], path: Optional[str] = None, **options: Any) -> C:
         """Build from a mapping; errors name ``path.<key>`` (``options``: see the module's ``from_dict``)."""
         if path is None:
             path = cls.DICT_PATH if cls.DICT_PATH is not None else cls.__name__
@@ -63,8 +72,8 @@ class FromDict:
         return build_sections(cls, kw, path)
 
 
-def from_dict(cls: Type[T], d: Mapping[str, Any], path: str, *, owned: Mapping[str, Any] = (),
-              defaults: Mapping[str, Any] = (), forced: Mapping[str, Any] = ()) -> T:
+def from_dict(cls: Type[C], d: Mapping[str, Any], path: str, *, owned: Mapping[str, Any] = _NONE,
+              defaults: Mapping[str, Any] = _NONE, forced: Mapping[str, Any] = _NONE) -> C:
     """The config ``cls`` (a ``FromDict`` dataclass) read from ``d``; every error names its path under ``path``.
 
     ``owned``: field values the caller sets, which ``d`` may not hold (a transformer's

@@ -18,7 +18,7 @@ The unit-major SwiGLU layout makes a contiguous piece of w1 hold whole units.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,9 @@ from parallel.precision import compute_dtype
 from parallel.shards import TensorShard, mark_partial_grad, mark_shard, take_piece
 
 from .ops import get_backend
+from .ops.registry import FusedExpertOps, TokenExpertOps, has_fused_expert_mlp, has_token_expert_mlp
 
-_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+_ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -75,6 +76,11 @@ class Experts(nn.Module):
     included; 0 before the first call).
     """
 
+    w1: nn.Parameter
+    w2: nn.Parameter
+    b1: Optional[nn.Parameter]  # None without bias
+    b2: Optional[nn.Parameter]
+
     def __init__(self, num_local: int, d_model: int, d_ffn: int, activation: str = "gelu", *,
                  first_expert: int = 0, bias: bool = False, init_std: float = 0.02,
                  etp_rank: int = 0, etp_size: int = 1,
@@ -96,11 +102,10 @@ class Experts(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(num_local, units * self.d_ffn_local, **kw)) if bias else None
         self.b2 = nn.Parameter(torch.zeros(num_local, d_model, **kw)) if bias else None
         if etp_size > 1:
-            shard = dict(rank=etp_rank, size=etp_size, group="etp")
-            mark_shard(self.w1, dim=2, **shard)
-            mark_shard(self.w2, dim=1, **shard)
-            if bias:
-                mark_shard(self.b1, dim=1, **shard)
+            mark_shard(self.w1, dim=2, rank=etp_rank, size=etp_size, group="etp")
+            mark_shard(self.w2, dim=1, rank=etp_rank, size=etp_size, group="etp")
+            if self.b1 is not None and self.b2 is not None:  # bias
+                mark_shard(self.b1, dim=1, rank=etp_rank, size=etp_size, group="etp")
                 mark_partial_grad(self.b2, "etp")
         self.init_std = init_std
         # False: ``forward`` runs one matmul per expert (the readable twin; for benchmarks).
@@ -175,20 +180,20 @@ class Experts(nn.Module):
             return self._compute_fused(fused, rows, counts_El, output_bias).to(rows_ND.dtype)
         return self._compute(rows_ND, counts_El, grouped_matmul if self.grouped_gemm else loop_matmul, output_bias)
 
-    def _fused_ops(self, rows_ND: torch.Tensor):
+    def _fused_ops(self, rows_ND: torch.Tensor) -> Optional[FusedExpertOps]:
         """The op set whose fused ``expert_mlp`` runs this call, or None (torch path): eager
         only, grouped GEMM on, and a backend with kernels for these inputs."""
         if torch.compiler.is_compiling() or not self.grouped_gemm:
             return None
         ops = get_backend(self.backend, rows_ND.device).ops
-        supported = getattr(ops, "expert_mlp_supported", None)
         # zero-size probes of the weights in the rows' dtype (the call casts them): no copy of the weights here
         w1, w2 = (w.detach()[:0].to(rows_ND.dtype) for w in (self.w1, self.w2))
-        if supported is None or not supported(rows_ND, w1, w2):
+        if not has_fused_expert_mlp(ops) or not ops.expert_mlp_supported(rows_ND, w1, w2):
             return None
         return ops
 
-    def _compute_fused(self, ops, rows_ND, counts_El, output_bias):
+    def _compute_fused(self, ops: FusedExpertOps, rows_ND: torch.Tensor, counts_El: torch.Tensor,
+                       output_bias: bool) -> torch.Tensor:
         if rows_ND.shape[0] != int(counts_El.sum()):
             raise ValueError(f"rows has {rows_ND.shape[0]} rows but counts sum to {int(counts_El.sum())}")
         self.last_rows = rows_ND.shape[0]
@@ -197,14 +202,14 @@ class Experts(nn.Module):
         b2 = None if self.b2 is None or not output_bias else self.b2.to(dtype)
         return ops.expert_mlp(rows_ND, counts_El, self.w1.to(dtype), b1, self.w2.to(dtype), b2, self.activation)
 
-    def token_ops(self, x_TD: torch.Tensor):
+    def token_ops(self, x_TD: torch.Tensor) -> Optional[TokenExpertOps]:
         """The op set whose token-level fused expert MLP (``expert_mlp_tokens``: rows gathered from x
         in place, outputs combined with the routing weights inside the op) runs x, or None."""
         probe = x_TD.detach()[:0].to(compute_dtype(x_TD))  # the rows' dtype under autocast, without a copy of x
         ops = self._fused_ops(probe)
-        return ops if ops is not None and hasattr(ops, "expert_mlp_tokens") else None
+        return ops if ops is not None and has_token_expert_mlp(ops) else None
 
-    def forward_tokens(self, ops, x_TD: torch.Tensor, dest_TK: torch.Tensor, weights_TK: torch.Tensor,
+    def forward_tokens(self, ops: TokenExpertOps, x_TD: torch.Tensor, dest_TK: torch.Tensor, weights_TK: torch.Tensor,
                        counts_El: torch.Tensor) -> torch.Tensor:
         """y[t] = sum_j weights[t, j] * (expert owning row dest[t, j])(x[t]): permute -> ``forward`` ->
         unpermute in one op (``ops`` from ``token_ops``), without the permuted [N, D] copies.

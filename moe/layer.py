@@ -57,13 +57,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from parallel import comm
+from parallel.dims import ProcessGroups
 from parallel.grads import mark_expert_params
 from parallel.precision import compute_dtype
 
@@ -71,14 +72,11 @@ from . import losses, recompute
 from .config import MoEConfig
 from .dispatch import AllToAllDispatcher, build_dispatcher, etp_compute
 from .experts import Experts
-from .ops.library import OpSet
+from .ops.registry import TokenExpertOps
 from .permute import PermutePlan, make_plan, permute, unpermute
 from .router import Router
 from .routing import validate_modality
 from .routing_types import Routing
-
-if TYPE_CHECKING:  # parallel.dims still imports moe.checks (which runs moe/__init__): a type, no import cycle
-    from parallel.dims import ProcessGroups
 
 __all__ = ["MoELayer", "MoEGroups"]
 
@@ -134,7 +132,7 @@ class _ExpertPath:
     """
 
     kind: str
-    token_ops: Optional[OpSet] = None  # the op set of the fused path (``Experts.token_ops``)
+    token_ops: Optional[TokenExpertOps] = None  # the op set of the fused path (``Experts.token_ops``)
 
 
 class MoELayer(nn.Module):
@@ -263,6 +261,7 @@ class MoELayer(nn.Module):
         x_mine = comm.split(x_TD, 0, tp_group)
         path = self._expert_path(routing, x_mine)
         if path.kind == "fused":  # permute -> experts -> combine in one op, no [N, D] copies (moe::expert_mlp_tokens)
+            assert path.token_ops is not None  # _expert_path: the fused path carries its op set
             plan = make_plan(mine, backend=backend)
             y_mine = self.experts.forward_tokens(path.token_ops, x_mine, plan.dest, mine.weights, plan.rows_per_expert)
         else:
@@ -285,20 +284,21 @@ class MoELayer(nn.Module):
         """[ep dispatch] -> local experts -> [ep combine exchange]: permuted rows[N, D] -> outputs[N, D]."""
         if self.dispatcher is None:
             return self._experts(rows, plan.rows_per_expert, plan.padded_capacity)
-        return self._exchange(rows, plan.rows_per_expert)
+        return self._exchange(self.dispatcher, rows, plan.rows_per_expert)
 
-    def _exchange(self, rows: torch.Tensor, rows_per_expert: torch.Tensor) -> torch.Tensor:
-        """The rows to the ranks holding their experts (all-to-all), computed there, and back."""
+    def _exchange(self, dispatcher: AllToAllDispatcher, rows: torch.Tensor,
+                  rows_per_expert: torch.Tensor) -> torch.Tensor:
+        """The rows to the ranks holding their experts (all-to-all by ``dispatcher``), computed there, and back."""
         dtype = compute_dtype(rows)
         if dtype != rows.dtype and self.etp_size == 1:
             # mixed precision: the experts compute in the autocast dtype anyway, so the all-to-alls can move
             # rows (and, backward, their gradients) in it: half the bytes, the same numbers (the casts are
             # exact where they move; under etp the partial outputs are summed in fp32, so not there)
-            return self._exchange(rows.to(dtype), rows_per_expert).to(rows.dtype)
-        if self.dispatcher.num_chunks > 1:  # exchange of chunk c+1 overlaps compute of chunk c
-            return self.dispatcher.dispatch_compute_combine(rows, rows_per_expert, self._experts)
-        local_rows, local_counts, ctx = self.dispatcher.dispatch(rows, rows_per_expert)
-        return self.dispatcher.combine(self._experts(local_rows, local_counts), ctx)
+            return self._exchange(dispatcher, rows.to(dtype), rows_per_expert).to(rows.dtype)
+        if dispatcher.num_chunks > 1:  # exchange of chunk c+1 overlaps compute of chunk c
+            return dispatcher.dispatch_compute_combine(rows, rows_per_expert, self._experts)
+        local_rows, local_counts, ctx = dispatcher.dispatch(rows, rows_per_expert)
+        return dispatcher.combine(self._experts(local_rows, local_counts), ctx)
 
     def _experts(self, rows: torch.Tensor, counts: torch.Tensor,
                  padded_capacity: Optional[int] = None) -> torch.Tensor:
@@ -325,14 +325,15 @@ class MoELayer(nn.Module):
             yield
             return
         d = self.dispatcher
-        kept = (self.experts.last_rows, d.dispatch_stats if d is not None else None,
-                d.combine_stats if d is not None else None)
+        last_rows = self.experts.last_rows
+        exchange = None if d is None else (d, d.dispatch_stats, d.combine_stats)
         try:
             yield
         finally:
-            self.experts.last_rows = kept[0]
-            if d is not None:
-                d.dispatch_stats, d.combine_stats = kept[1], kept[2]
+            self.experts.last_rows = last_rows
+            if exchange is not None:
+                dispatcher, dispatch_stats, combine_stats = exchange
+                dispatcher.dispatch_stats, dispatcher.combine_stats = dispatch_stats, combine_stats
 
     def _after_forward(self, routing: Routing) -> None:
         """The side effects of a forward (never of its recompute): the expert-bias load (and, not

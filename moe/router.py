@@ -11,8 +11,9 @@ Legend: T tokens, D model width, E experts.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -47,8 +48,25 @@ class RouteRecord:
                                "gradient would be wrong. Is the router input non-deterministic?")
 
 
+@contextlib.contextmanager
+def _state_kept(generator: Optional[torch.Generator]) -> Iterator[None]:
+    """Puts ``generator``'s state back on exit (nothing to keep for None: torch's global RNG is not kept)."""
+    if generator is None:
+        yield
+        return
+    state = generator.get_state()
+    try:
+        yield
+    finally:
+        generator.set_state(state)
+
+
 class Router(nn.Module):
     """W_r [E, D] (and W_noise for noisy top-k, the expert bias for aux-loss-free balancing)."""
+
+    weight: nn.Parameter
+    noise_weight: Optional[nn.Parameter]  # policy noisy_topk only
+    expert_bias: torch.Tensor  # a buffer (saved with the model under policy expert_bias only)
 
     def __init__(self, config: MoEConfig, *, name: str = "moe", dtype=None, device=None):
         super().__init__()
@@ -108,15 +126,14 @@ class Router(nn.Module):
             tape.add(record)
             return routing
         record = tape.next(self.name)
-        caller_state = None if generator is None else generator.get_state()
-        try:
+        with _state_kept(generator):
             if generator is not None:
+                if record.generator_state is None:
+                    raise RuntimeError(f"{self.name}: activation checkpointing recomputes a routing with a "
+                                       "generator that the first forward did not route with")
                 generator.set_state(record.generator_state)
             torch.set_rng_state(record.cpu_rng_state)
             routing = self(x_TD, modality, generator=generator, expert_bias=record.expert_bias)
-        finally:
-            if generator is not None:
-                generator.set_state(caller_state)
         record.check(routing)
         return routing
 

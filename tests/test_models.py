@@ -24,6 +24,9 @@ from moe.models import (
     resolve_model_config,
     zero_shot_accuracy,
 )
+from parallel.pipeline import StageRole
+from parallel.shards import partial_grad_group
+from parallel.stages import StagePlan
 
 torch.set_num_threads(1)
 
@@ -227,6 +230,20 @@ def test_lm_sequence_level_aux_sees_whole_sequences():
     per_seq = [moe.losses.load_balancing_loss(r.probs[i * 16:(i + 1) * 16], r.experts[i * 16:(i + 1) * 16], 4)
                for i in range(3)]
     torch.testing.assert_close(aux["sequence_aux"].detach(), torch.stack(per_seq).mean().detach())
+
+
+def test_tied_lm_pipeline_stages_hold_their_embedding_copies():
+    """Tied embeddings over pp=3: the first and the last stage hold the token embedding (marked as
+    the tied pair, "pp_ends"); a middle stage holds neither it nor a head (and builds)."""
+    cfg = LMConfig.from_dict({"d_model": 32, "n_layers": 3, "n_heads": 2, "d_ffn": 32, "max_seq_len": 16})
+    plan = StagePlan(pp=3, virtual_stages=1, chunks=((0,), (1,), (2,)))
+    first, middle, last = (LanguageModel(cfg, pipe=StageRole(plan=plan, rank=r)) for r in range(3))
+    assert middle.tok_embed is None and middle.head is None and middle.pos_embed is None
+    assert middle.blocks.indices() == [1]
+    for stage in (first, last):
+        assert stage.head is None and partial_grad_group(stage.tok_embed.weight) == "pp_ends"
+    with pytest.raises(RuntimeError, match="no embeddings"):
+        middle.pipe_embed(torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_init_depends_only_on_seed_and_global_expert_index():

@@ -433,7 +433,8 @@ class ShapesDataset(Dataset):
             raise TypeError(f"config must be a ShapesConfig, got {type(self.config).__name__}")
         self.classes: tuple[Combo, ...] = self.config.combos_for(split)  # validates split
         self.split = split
-        self.size = check_int("ShapesDataset.size", size, minimum=1)
+        check_int("ShapesDataset.size", size, minimum=1)
+        self.size = size
         if not self.classes:
             raise ValueError(
                 f"split={split!r} has no shape-colour combos (heldout_fraction={self.config.heldout_fraction}, "
@@ -510,7 +511,8 @@ class ImageTextCollator:
         add_eos: bool = True,
         tokenizer: Optional[ByteTokenizer] = None,
     ) -> None:
-        self.text_length = check_int("ImageTextCollator.text_length", text_length, minimum=1)
+        check_int("ImageTextCollator.text_length", text_length, minimum=1)
+        self.text_length = text_length
         self.add_bos = add_bos
         self.add_eos = add_eos
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()

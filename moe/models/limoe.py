@@ -271,7 +271,7 @@ class LIMoEModel(TransformerModel):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)                      # [B, P, D]
         return x + self.image_pos_embed + self.modality_embed.weight[IMAGE]
 
-    def _embed_text(self, tokens_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+    def _embed_text(self, tokens_BL: torch.Tensor, mask_BL: Optional[torch.Tensor]) -> torch.Tensor:
         cfg = self.config
         if tokens_BL.dim() != 2 or tokens_BL.shape[1] > cfg.text_length:
             raise ValueError(f"tokens must have shape [B, L] with L <= text_length={cfg.text_length}, "

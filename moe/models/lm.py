@@ -99,6 +99,10 @@ class LanguageModel(TransformerModel):
     dispatcher's node groups; the job's, ``parallel.ProcessGroups.timeout``; None: torch's default).
     """
 
+    tok_embed: Optional[nn.Module]  # on the first stage (and, tied, the last): None on a middle pipeline stage
+    pos_embed: Optional[nn.Parameter]  # on the first stage
+    head: Optional[nn.Module]  # on the last stage of an untied model
+
     def __init__(self, cfg: LMConfig, *, ep_group=None, dp_group=None, tp: Optional[TensorParallel] = None,
                  pipe=None, group_timeout: Optional[timedelta] = None):
         super().__init__()
@@ -120,8 +124,8 @@ class LanguageModel(TransformerModel):
         if not cfg.tie_embeddings and last:  # weight [V, D] either way: a linear head is an embedding-shaped matrix
             self.head = tp.vocab_embedding(cfg.vocab_size, D) if tp.enabled else nn.Linear(D, cfg.vocab_size,
                                                                                           bias=False)
-        if pipe is not None and cfg.tie_embeddings and not (first and last):
-            pipe.mark_tied(self.tok_embed.weight)
+        if pipe is not None and cfg.tie_embeddings and not (first and last) and self.tok_embed is not None:
+            pipe.mark_tied(self.tok_embed.weight)  # the first and the last stage's copies (a middle one has none)
         init_weights(self, cfg.init_seed, std=cfg.transformer.init_std, n_layers=cfg.transformer.n_layers)
 
     def _check_ids(self, ids_BL: torch.Tensor) -> None:
@@ -138,6 +142,8 @@ class LanguageModel(TransformerModel):
     # ---- pipeline pieces (moe.models.transformer): the state is (x[B, L, D],), a sequence piece under SP
     def pipe_embed(self, ids_BL: torch.Tensor) -> Tuple[torch.Tensor]:
         self._check_ids(ids_BL)
+        if self.tok_embed is None or self.pos_embed is None:
+            raise RuntimeError("this pipeline stage has no embeddings (they are held by the first stage)")
         x = self.tok_embed(ids_BL) + self.pos_embed[:ids_BL.shape[1]]
         return (self.transformer.enter(x),)
 
@@ -147,7 +153,10 @@ class LanguageModel(TransformerModel):
 
     def pipe_head(self, state, inputs) -> Tuple[torch.Tensor]:
         h = self.transformer.exit(state[0])
-        return (vocab_logits(h, self.tok_embed if self.head is None else self.head, self.tp),)
+        head = self.tok_embed if self.head is None else self.head
+        if head is None:
+            raise RuntimeError("this pipeline stage has no output head (it is held by the last stage)")
+        return (vocab_logits(h, head, self.tp),)
 
     def state_shapes(self, inputs) -> list:
         B, L = inputs[0].shape

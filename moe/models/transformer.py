@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 from datetime import timedelta
 
 import torch
@@ -193,7 +193,7 @@ class TransformerConfig(FromDict):
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether block ``i`` (0-based) has an MoE FFN (a sparse one: more than one expert)."""
-        return self.is_moe_position(i) and self.moe.num_experts > 1
+        return self.is_moe_position(i) and self.moe_config(i).num_experts > 1
 
     def is_moe_position(self, i: int) -> bool:
         """Whether block ``i`` takes its FFN from ``moe`` (MoE, or its one-expert dense stand-in)."""
@@ -201,12 +201,13 @@ class TransformerConfig(FromDict):
 
     def ffn_width(self, i: int) -> int:
         """Width of block ``i``'s FFN (each expert's width for MoE blocks)."""
-        return self.moe.d_ffn if self.is_moe_position(i) else self.d_ffn
+        return self.moe_config(i).d_ffn if self.is_moe_position(i) else self.d_ffn
 
     def moe_config(self, i: int) -> MoEConfig:
         """The ``moe.MoEConfig`` of MoE block ``i`` (the same for every MoE block)."""
         if not self.is_moe_position(i):
             raise ValueError(f"block {i} is not an MoE block (moe_every={self.moe_every})")
+        assert self.moe is not None  # __post_init__: moe_every > 0 needs a moe section
         return self.moe
 
     # ---- forward FLOPs (the formulas: moe.models.flops)
@@ -214,7 +215,7 @@ class TransformerConfig(FromDict):
         """Forward FLOPs of block ``i``'s FFN on one token: an MoE block counts ``k`` experts of width
         ``F_expert`` (the nominal ``top_k``: ACTIVE parameters; GShard's random routing skips some 2nd
         choices, and drops skip more, so the realised count is at most this), a dense block its MLP."""
-        k = self.moe.router.top_k if self.is_moe_layer(i) else 1
+        k = self.moe_config(i).router.top_k if self.is_moe_layer(i) else 1
         return flops.ffn_flops(self.activation, self.ffn_width(i), self.d_model, k)
 
     def block_flops_per_token(self, seq_len: int) -> List[int]:
@@ -224,7 +225,7 @@ class TransformerConfig(FromDict):
         for i in range(self.n_layers):
             cost = flops.attention_flops(self.d_model, seq_len) + self.ffn_flops_per_token(i)
             if self.is_moe_layer(i):
-                cost += flops.router_flops(self.d_model, self.moe.num_experts)
+                cost += flops.router_flops(self.d_model, self.moe_config(i).num_experts)
             out.append(cost)
         return out
 
@@ -276,7 +277,7 @@ def dense_equivalent(cfg: TransformerConfig) -> TransformerConfig:
     ``top_k * F_expert`` (so a top-2 model's baseline MLP is twice as wide as
     one expert); dense blocks are unchanged. No balancing losses remain.
     """
-    if not cfg.moe_every or cfg.moe.num_experts == 1:
+    if cfg.moe is None or cfg.moe.num_experts == 1:  # moe is None exactly when moe_every == 0
         return cfg
     width = cfg.moe.router.top_k * cfg.moe.d_ffn
     dense = MoEConfig(d_model=cfg.d_model, d_ffn=width, num_experts=1, router=RouterConfig(top_k=1, policy="topk"),
@@ -286,6 +287,10 @@ def dense_equivalent(cfg: TransformerConfig) -> TransformerConfig:
 
 
 # ----------------------------------------------------------------------------- modules
+
+# The element-wise activations of a dense MLP (SwiGLU, which pairs the hidden units, is MLP.forward's own).
+_ACTIVATION_FNS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
 
 class MLP(nn.Module):
     """Dense FFN: x[..., D] -> w_out(act(w_in(x)))[..., D].
@@ -309,7 +314,7 @@ class MLP(nn.Module):
             units = h.view(*h.shape[:-1], -1, 2)
             h = F.silu(units[..., 0]) * units[..., 1]
         else:
-            h = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[self.activation](h)
+            h = _ACTIVATION_FNS[self.activation](h)
         return self.w_out(h)
 
 
@@ -360,6 +365,11 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     """Pre-LN block: ``x + attn(ln1(x))`` then ``x + ffn(ln2(x))``; FFN = ``mlp`` or ``moe``."""
+
+    index: int
+    attn: Attention
+    moe: MoELayer  # set on an MoE block (``is_moe``)
+    mlp: MLP  # set on a dense block
 
     def __init__(self, cfg: TransformerConfig, index: int, *, groups: Optional[MoEGroups] = None,
                  prefix: str = "blocks", tp: Optional[TensorParallel] = None):
@@ -449,7 +459,7 @@ class BlockStack(nn.ModuleDict):
     block index, like the ``nn.ModuleList`` it replaces; a pipeline stage holds a subset.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module]):
+    def __init__(self, blocks: Sequence[Block]):
         super().__init__({str(b.index): b for b in sorted(blocks, key=lambda b: b.index)})
 
     def __iter__(self):
@@ -490,9 +500,11 @@ class Transformer(nn.Module):
         self.config = cfg
         self.tp = tp = tp or TensorParallel()
         node_groups = None
+        moe = cfg.moe
         if (ep_group is not None and any(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
-                and cfg.moe.dispatcher == "hierarchical"):
-            node_groups = world_node_groups(ep_group, cfg.moe.node_size, timeout=group_timeout)
+                and moe is not None and moe.dispatcher == "hierarchical"):
+            assert moe.node_size is not None  # MoEConfig: node_size is set exactly when dispatcher='hierarchical'
+            node_groups = world_node_groups(ep_group, moe.node_size, timeout=group_timeout)
         ids = range(cfg.n_layers) if block_ids is None else sorted(block_ids)
         bad = [i for i in ids if not 0 <= i < cfg.n_layers]
         if bad:
@@ -597,6 +609,11 @@ def _normal_(p: torch.Tensor, std: float, g: torch.Generator) -> None:
         p.copy_(take_piece(torch.randn(shape, generator=g, dtype=torch.float32).mul_(std), shard).to(p.dtype))
 
 
+def _expert_generators(seed: int, module_name: str) -> Callable[[str, int], torch.Generator]:
+    """``Experts.reset_parameters``' ``generator_for``: one generator per (parameter, global expert)."""
+    return lambda pname, expert: init_generator(seed, f"{module_name}.{pname}", expert)
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, seed: int = 0, *, std: float = 0.02, n_layers: int = 1) -> None:
     """Initialise every parameter from ``(seed, parameter name)`` alone.
@@ -613,11 +630,11 @@ def init_weights(model: nn.Module, seed: int = 0, *, std: float = 0.02, n_layers
     its constructor value.
     """
     out_std = std / math.sqrt(2.0 * max(1, n_layers))
-    handled = set()
+    handled: Set[int] = set()
     for mod_name, module in model.named_modules():
         if isinstance(module, Experts):
             handled.update(id(p) for p in module.parameters(recurse=False))
-            module.reset_parameters(lambda pname, g, _n=mod_name: init_generator(seed, f"{_n}.{pname}", g))
+            module.reset_parameters(_expert_generators(seed, mod_name))
         elif isinstance(module, MoELayer):
             router = module.router
             handled.add(id(router.weight))
@@ -653,7 +670,8 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     routing has data-dependent shapes and runs with graph breaks. ``compile_kwargs``
     go to ``torch.compile`` (e.g. ``backend="aot_eager"``).
     """
-    blocks = model.transformer.blocks if hasattr(model, "transformer") else getattr(model, "blocks", None)
+    owner = model.transformer if hasattr(model, "transformer") else model
+    blocks: Optional[Iterable[Block]] = getattr(owner, "blocks", None)
     if blocks is None:
         raise TypeError(f"model must have transformer blocks (.transformer.blocks or .blocks), "
                         f"got {type(model).__name__}")
@@ -661,6 +679,6 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
         raise ValueError("compile_blocks: these blocks use activation checkpointing (moe.recompute), which "
                          "torch.compile does not support here; turn it off (mode 'none') or do not compile")
     for block in blocks:
-        block.attend = torch.compile(block.attend, **compile_kwargs)
-        block.feed_forward = torch.compile(block.feed_forward, **compile_kwargs)
+        for half in ("attend", "feed_forward"):  # compiled callables in instance attributes, shadowing the methods
+            setattr(block, half, torch.compile(getattr(block, half), **compile_kwargs))
     return model

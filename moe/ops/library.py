@@ -258,7 +258,8 @@ def _expert_mlp_backward(grad_out: Tensor, x: Tensor, h: Tensor, counts: Tensor,
                          need_b2: bool, impl: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _kernel(impl, "expert_mlp_backward")(grad_out, x, h, counts, w1, w2, ACTIVATION_CODES[activation],
                                                  need_x, need_w1, need_b1, need_w2, need_b2, EXPERT_MLP_ROW_TILE)
-    return tuple(_empty_if_none(g, x) for g in grads)
+    gx, gw1, gb1, gw2, gb2 = (_empty_if_none(g, x) for g in grads)
+    return gx, gw1, gb1, gw2, gb2
 
 
 @_expert_mlp_backward.register_fake
@@ -318,7 +319,8 @@ def _expert_mlp_tokens_backward(grad_y: Tensor, x: Tensor, h: Tensor, dest: Tens
     grads = _kernel(impl, "expert_mlp_tokens_backward")(
         grad_y, x, h, dest, weights, counts, w1, w2, b2, ACTIVATION_CODES[activation], need_x, need_weights,
         need_w1, need_b1, need_w2, need_b2, EXPERT_MLP_ROW_TILE)
-    return tuple(_empty_if_none(g, x) for g in grads)
+    gx, gweights, gw1, gb1, gw2, gb2 = (_empty_if_none(g, x) for g in grads)
+    return gx, gweights, gw1, gb1, gw2, gb2
 
 
 @_expert_mlp_tokens_backward.register_fake

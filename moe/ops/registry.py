@@ -14,7 +14,7 @@ under ``TRITON_INTERPRET=1``, and never chosen by ``auto`` there).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple, TypeGuard
 
 import torch
 from torch import Tensor
@@ -37,6 +37,38 @@ class MoEOps(Protocol):
     def permute_rows(self, x_TD: Tensor, dest_TK: Tensor, num_rows: int) -> Tensor: ...
 
     def unpermute_rows(self, rows_ND: Tensor, dest_TK: Tensor, weights_TK: Tensor) -> Tensor: ...
+
+
+class FusedExpertOps(Protocol):
+    """The fused expert MLP an op set may have beside the four ops (``OpSet`` of ``moe.ops.library``
+    has it; the torch backend has not): ``moe.experts.Experts`` runs ``expert_mlp`` on the inputs
+    ``expert_mlp_supported`` accepts. ``has_fused_expert_mlp(ops)`` tells."""
+
+    def expert_mlp_supported(self, rows_ND: Tensor, w1: Tensor, w2: Tensor) -> bool: ...
+
+    def expert_mlp(self, rows_ND: Tensor, counts_El: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+                   b2: Optional[Tensor], activation: str) -> Tensor: ...
+
+
+class TokenExpertOps(FusedExpertOps, Protocol):
+    """A ``FusedExpertOps`` with the token-level fused expert MLP too (rows read from x in place,
+    outputs combined with the routing weights inside the op; ``moe.layer``'s fused path).
+    ``has_token_expert_mlp(ops)`` tells."""
+
+    def expert_mlp_tokens(self, x_TD: Tensor, dest_TK: Tensor, weights_TK: Tensor, counts_El: Tensor, w1: Tensor,
+                          b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], activation: str) -> Tensor: ...
+
+
+# Plain attribute look-ups, not isinstance on runtime-checkable protocols: these run in every
+# MoE forward, and a protocol isinstance costs ~100x more.
+def has_fused_expert_mlp(ops: object) -> TypeGuard[FusedExpertOps]:
+    """Whether the op set ``ops`` has the fused expert MLP (``FusedExpertOps``)."""
+    return hasattr(ops, "expert_mlp_supported")
+
+
+def has_token_expert_mlp(ops: FusedExpertOps) -> TypeGuard[TokenExpertOps]:
+    """Whether the fused op set ``ops`` has the token-level one too (``TokenExpertOps``)."""
+    return hasattr(ops, "expert_mlp_tokens")
 
 
 def _always_available(device_type: Optional[str] = None) -> Optional[str]:

@@ -35,7 +35,7 @@ none of the task classes.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Protocol, Tuple, runtime_checkable
+from typing import Any, Dict, Mapping, Optional, Protocol, Tuple, Type, runtime_checkable
 
 import torch
 
@@ -82,8 +82,8 @@ class ModelTask:
     """
 
     name: str
-    config_cls: type
-    data_config_cls: type
+    config_cls: Type[FromDict]  # the model section's config (a ``moe.models.transformer.FlatModelConfig``)
+    data_config_cls: Type[DataConfig]
     model_cls: type
 
     def __init__(self, model_config, data_config, *, groups: Optional[ProcessGroups] = None, device="cpu",
@@ -159,6 +159,10 @@ class ModelTask:
         """Samples ``start .. start + count - 1`` of the global batch of ``step`` (see ``Task``)."""
         check_micro_batch_args(step, start, count, seed)
         return self.make_batch(step, range(start, start + count), seed=seed)
+
+    def make_batch(self, step: int, indices: range, *, seed: int) -> Dict[str, torch.Tensor]:
+        """The batch of the samples ``indices`` of step ``step``'s global batch (the subclass's; class doc)."""
+        raise NotImplementedError
 
 
 def check_micro_batch_args(step: int, start: int, count: int, seed: int) -> None:

@@ -29,7 +29,7 @@ validation images (seen combos) among all prompts. ``zero_shot_classes`` is the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -89,6 +89,8 @@ class LIMoETask(ModelTask):
     """Contrastive image-text training of a ``LIMoEModel``; see ``moe.tasks.base.Task``."""
 
     name, config_cls, data_config_cls, model_cls = "limoe", LIMoEConfig, LIMoEDataConfig, LIMoEModel
+    shapes_config: Optional[ShapesConfig]  # the synthetic data's config (data.source 'shapes'), else None
+    train_set: Union[ShapesDataset, ImageCaptionDataset]
 
     def __init__(self, model_config: LIMoEConfig, data_config: LIMoEDataConfig, *,
                  groups: Optional[ProcessGroups] = None, device="cpu", pipeline: Optional[StagePlan] = None):
@@ -152,8 +154,8 @@ class LIMoETask(ModelTask):
             if dc.val_jsonl is None:
                 out["val"] = []
             else:
-                val = ImageCaptionDataset(dc.val_jsonl, dc.image_root, image_size=self.model_config.image_size)
-                out["val"] = [val[i] for i in range(min(len(val), dc.val_size))]
+                user_val = ImageCaptionDataset(dc.val_jsonl, dc.image_root, image_size=self.model_config.image_size)
+                out["val"] = [user_val[i] for i in range(min(len(user_val), dc.val_size))]
             items = out["val"]
             if dc.prompts is not None and items and all(0 <= it["label"] < len(dc.prompts) for it in items):
                 out["zs_prompts"] = list(dc.prompts)
@@ -167,15 +169,16 @@ class LIMoETask(ModelTask):
         self._eval_cache = out
         return out
 
-    def _all_class_scores(self, images: torch.Tensor, labels: torch.Tensor, bs: int) -> Dict[str, float]:
-        """The held-out images classified among ALL shape-colour prompts, and where the errors lie.
+    def _all_class_scores(self, shapes: ShapesConfig, images: torch.Tensor, labels: torch.Tensor,
+                          bs: int) -> Dict[str, float]:
+        """The held-out images classified among ALL shape-colour prompts of ``shapes``, and where the errors lie.
 
         ``zero_shot_accuracy_all``: share named exactly; ``zero_shot_colour_accuracy_all`` /
         ``zero_shot_shape_accuracy_all``: share whose predicted class has the right colour / shape;
         ``zero_shot_seen_rate_all``: share predicted as a combo seen in training.
         """
-        combos = list(self.shapes_config.all_combos())
-        held = set(self.shapes_config.heldout_combos())
+        combos = list(shapes.all_combos())
+        held = set(shapes.heldout_combos())
         pred = zero_shot_predictions(self.model, images, class_prompts(combos), batch_size=bs).tolist()
         true = labels.tolist()
         n = max(1, len(true))
@@ -200,12 +203,13 @@ class LIMoETask(ModelTask):
                 out["zero_shot_accuracy"] = zero_shot_accuracy(self.model, images, labels, sets["zs_prompts"],
                                                                batch_size=bs)
                 out["zero_shot_classes"] = float(len(sets["zs_prompts"]))
-                if "zs_labels_all" in sets:
-                    out.update(self._all_class_scores(images, sets["zs_labels_all"][:limit], bs))
+                shapes = self.shapes_config
+                if "zs_labels_all" in sets and shapes is not None:  # the shapes source: all its combos known
+                    out.update(self._all_class_scores(shapes, images, sets["zs_labels_all"][:limit], bs))
                     # Seen combos (val images) among all prompts: what the model learnt of its training combos.
                     val_items = sets["val"][:limit]
                     if val_items:
-                        combos = list(self.shapes_config.all_combos())
+                        combos = list(shapes.all_combos())
                         val_labels = torch.tensor([combos.index((it["shape"], it["colour"])) for it in val_items])
                         out["val_accuracy_all"] = zero_shot_accuracy(
                             self.model, torch.stack([it["image"] for it in val_items]), val_labels,
