@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, Mapping, NoReturn, Optional
+from typing import Any, Iterable, Literal, Mapping, NoReturn, Optional, Tuple, Type, TypeVar, overload
 
 __all__ = [
     "ConfigError", "ConfigTypeError", "fail", "join", "build_at", "check_int", "check_number", "check_bool", "check_str",
@@ -45,7 +45,7 @@ class ConfigError(ValueError):
     def at(cls, path: str, tail: str) -> "ConfigError":
         return cls(f"config key '{path}'{tail}", path=path, tail=tail)
 
-    def __reduce__(self):  # picklable across processes, keeping path and tail
+    def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:  # picklable across processes, keeping path and tail
         return (_rebuild, (type(self), str(self), self.path, self.tail))
 
     def rebased(self, old_root: str, new_root: str) -> "ConfigError":
@@ -57,7 +57,7 @@ class ConfigError(ValueError):
         return type(self).at(new_root + p[len(old_root):] if new_root else p[len(old_root) + 1:], tail)
 
 
-def _rebuild(cls, message, path, tail):
+def _rebuild(cls: Type[ConfigError], message: str, path: Optional[str], tail: Optional[str]) -> ConfigError:
     return cls(message, path=path, tail=tail)
 
 
@@ -75,11 +75,16 @@ def join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def build_at(path: str, cls, /, **kwargs):
+T = TypeVar("T")
+
+
+def build_at(path: str, cls: Type[T], /, **kwargs: Any) -> T:
     """``cls(**kwargs)`` with the errors of its ``__post_init__`` re-rooted from ``cls.__name__`` at ``path``.
 
     A required field (no default) missing from ``kwargs`` is reported as ``path.<field>``.
     """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"build_at: {cls!r} is not a dataclass")
     for f in dataclasses.fields(cls):
         if (f.init and f.name not in kwargs and f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING):
@@ -90,7 +95,10 @@ def build_at(path: str, cls, /, **kwargs):
         raise e.rebased(cls.__name__, path) from None
 
 
-def _bounds(minimum, maximum, min_open: bool, max_open: bool) -> str:
+Bound = Optional[float]  # an int bound is a float bound too (PEP 484's numeric tower)
+
+
+def _bounds(minimum: Bound, maximum: Bound, min_open: bool, max_open: bool) -> str:
     if minimum is not None and maximum is not None:
         return f"it must be in {'(' if min_open else '['}{minimum}, {maximum}{')' if max_open else ']'}"
     if minimum is not None:
@@ -98,15 +106,21 @@ def _bounds(minimum, maximum, min_open: bool, max_open: bool) -> str:
     return f"it must be {'<' if max_open else '<='} {maximum}"
 
 
-def _in_bounds(v, minimum, maximum, min_open: bool, max_open: bool) -> bool:
+def _in_bounds(v: float, minimum: Bound, maximum: Bound, min_open: bool, max_open: bool) -> bool:
     if minimum is not None and (v < minimum or (min_open and v == minimum)):
         return False
     return not (maximum is not None and (v > maximum or (max_open and v == maximum)))
 
 
+@overload
+def check_int(path: str, value: Any, *, minimum: Optional[int] = ..., maximum: Optional[int] = ...,
+              allow_none: Literal[False] = ...) -> int: ...
+@overload
+def check_int(path: str, value: Any, *, minimum: Optional[int] = ..., maximum: Optional[int] = ...,
+              allow_none: bool) -> Optional[int]: ...
 def check_int(path: str, value: Any, *, minimum: Optional[int] = None, maximum: Optional[int] = None,
               allow_none: bool = False) -> Optional[int]:
-    """An int (not a bool) in ``[minimum, maximum]`` (either bound optional)."""
+    """An int (not a bool) in ``[minimum, maximum]`` (either bound optional); ``int`` unless ``allow_none``."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
@@ -116,6 +130,12 @@ def check_int(path: str, value: Any, *, minimum: Optional[int] = None, maximum: 
     return int(value)
 
 
+@overload
+def check_number(path: str, value: Any, *, minimum: Optional[float] = ..., maximum: Optional[float] = ...,
+                 min_open: bool = ..., max_open: bool = ..., allow_none: Literal[False] = ...) -> float: ...
+@overload
+def check_number(path: str, value: Any, *, minimum: Optional[float] = ..., maximum: Optional[float] = ...,
+                 min_open: bool = ..., max_open: bool = ..., allow_none: bool) -> Optional[float]: ...
 def check_number(path: str, value: Any, *, minimum: Optional[float] = None, maximum: Optional[float] = None,
                  min_open: bool = False, max_open: bool = False, allow_none: bool = False) -> Optional[float]:
     """A finite int or float (not a bool) within the bounds; ``min_open`` / ``max_open`` exclude them."""
@@ -136,6 +156,10 @@ def check_bool(path: str, value: Any) -> bool:
     return value
 
 
+@overload
+def check_str(path: str, value: Any, *, allow_none: Literal[False] = ..., what: str = ...) -> str: ...
+@overload
+def check_str(path: str, value: Any, *, allow_none: bool, what: str = ...) -> Optional[str]: ...
 def check_str(path: str, value: Any, *, allow_none: bool = False, what: str = "a non-empty string") -> Optional[str]:
     """A non-empty string; ``what`` describes it in the error."""
     if value is None and allow_none:

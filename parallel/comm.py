@@ -20,11 +20,13 @@ travel padded to the longest one. With a group of one rank every op is the ident
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+Group = Optional[dist.ProcessGroup]  # None: no group (one rank), unlike torch's None (the world)
 
 
 def bounds(n: int, size: int, rank: int) -> Tuple[int, int]:
@@ -34,11 +36,11 @@ def bounds(n: int, size: int, rank: int) -> Tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def _size(group) -> int:
+def _size(group: Group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def _rank(group) -> int:
+def _rank(group: Group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
@@ -46,12 +48,12 @@ def _lengths(n: int, size: int) -> List[int]:
     return [bounds(n, size, r)[1] - bounds(n, size, r)[0] for r in range(size)]
 
 
-def _piece(x: Tensor, dim: int, group) -> Tensor:
+def _piece(x: Tensor, dim: int, group: Group) -> Tensor:
     start, end = bounds(x.shape[dim], _size(group), _rank(group))
     return x.narrow(dim, start, end - start).contiguous()
 
 
-def _all_gather(x: Tensor, dim: int, group, total: int) -> Tensor:
+def _all_gather(x: Tensor, dim: int, group: Group, total: int) -> Tensor:
     """Pieces of every rank (piece r has length ``bounds(total, R, r)``) concatenated along ``dim``."""
     R = _size(group)
     lengths = _lengths(total, R)
@@ -65,7 +67,7 @@ def _all_gather(x: Tensor, dim: int, group, total: int) -> Tensor:
     return torch.cat(parts).movedim(0, dim)
 
 
-def _reduce_scatter(x: Tensor, dim: int, group) -> Tensor:
+def _reduce_scatter(x: Tensor, dim: int, group: Group) -> Tensor:
     """Sum over the group, then keep piece r along ``dim``."""
     R, n = _size(group), x.shape[dim]
     lengths = _lengths(n, R)
@@ -81,12 +83,12 @@ def _reduce_scatter(x: Tensor, dim: int, group) -> Tensor:
 
 class _Split(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, group):
+    def forward(ctx: Any, x: Tensor, dim: int, group: Group) -> Tensor:
         ctx.dim, ctx.group, ctx.n = dim, group, x.shape[dim]
         return _piece(x, dim, group)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None, None]:
         return _all_gather(grad, ctx.dim, ctx.group, ctx.n), None, None
 
 
@@ -96,33 +98,33 @@ class _Gather(torch.autograd.Function):
     (the gradients are replicated)."""
 
     @staticmethod
-    def forward(ctx, x, dim, group, total, sum_grad):
+    def forward(ctx: Any, x: Tensor, dim: int, group: Group, total: int, sum_grad: bool) -> Tensor:
         ctx.dim, ctx.group, ctx.sum_grad = dim, group, sum_grad
         return _all_gather(x, dim, group, total)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None, None, None, None]:
         piece = _reduce_scatter(grad, ctx.dim, ctx.group) if ctx.sum_grad else _piece(grad, ctx.dim, ctx.group)
         return piece, None, None, None, None
 
 
 class _ReduceScatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, group):
+    def forward(ctx: Any, x: Tensor, dim: int, group: Group) -> Tensor:
         ctx.dim, ctx.group, ctx.n = dim, group, x.shape[dim]
         return _reduce_scatter(x, dim, group)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None, None]:
         return _all_gather(grad, ctx.dim, ctx.group, ctx.n), None, None
 
 
-def split(x: Tensor, dim: int, group) -> Tensor:
+def split(x: Tensor, dim: int, group: Group) -> Tensor:
     """This rank's piece of ``x`` along ``dim``; backward all-gathers the gradient."""
     return x if _size(group) == 1 else _Split.apply(x, dim, group)
 
 
-def gather(x: Tensor, dim: int, group, total: int | None = None) -> Tensor:
+def gather(x: Tensor, dim: int, group: Group, total: int | None = None) -> Tensor:
     """All pieces concatenated along ``dim`` (``total``: the full length, default R * local);
     backward keeps this rank's piece of the (replicated) gradient."""
     if _size(group) == 1:
@@ -130,13 +132,13 @@ def gather(x: Tensor, dim: int, group, total: int | None = None) -> Tensor:
     return _Gather.apply(x, dim, group, total if total is not None else x.shape[dim] * _size(group), False)
 
 
-def gather_sum_grad(x: Tensor, dim: int, group, total: int | None = None) -> Tensor:
+def gather_sum_grad(x: Tensor, dim: int, group: Group, total: int | None = None) -> Tensor:
     """All pieces concatenated along ``dim``; backward sums the (partial) gradients and keeps this piece."""
     if _size(group) == 1:
         return x
     return _Gather.apply(x, dim, group, total if total is not None else x.shape[dim] * _size(group), True)
 
 
-def reduce_scatter(x: Tensor, dim: int, group) -> Tensor:
+def reduce_scatter(x: Tensor, dim: int, group: Group) -> Tensor:
     """Sum of ``x`` over the group, this rank's piece along ``dim``; backward all-gathers."""
     return x if _size(group) == 1 else _ReduceScatter.apply(x, dim, group)

@@ -22,7 +22,7 @@ ranks (``groups.pp_ends_group``) and is counted once, on the first stage.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,10 @@ from .dims import ProcessGroups
 from .shards import partial_grad_group, shard_of
 
 EXPERT_GROUP_PREFIX = "ep_size_"
+# DeepSpeed's MoE markers: plain attributes set on the parameter object (torch.Tensor declares neither),
+# written by mark_expert_params and read back by is_expert_param / allreduce_gradients under these names.
+ALLREDUCE_ATTR = "allreduce"
+GROUP_NAME_ATTR = "group_name"
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -40,7 +44,7 @@ def expert_group_name(ep_size: int) -> str:
     return f"{EXPERT_GROUP_PREFIX}{ep_size}"
 
 
-def mark_expert_params(module_or_params: Union[nn.Module, Iterable[nn.Parameter]], ep_size: int) -> list:
+def mark_expert_params(module_or_params: Union[nn.Module, Iterable[nn.Parameter]], ep_size: int) -> List[nn.Parameter]:
     """Mark parameters as expert parameters (sharded over ``ep_size`` ranks).
 
     Sets ``param.allreduce = False`` and ``param.group_name = "ep_size_<ep_size>"``
@@ -51,30 +55,33 @@ def mark_expert_params(module_or_params: Union[nn.Module, Iterable[nn.Parameter]
     for p in params:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"mark_expert_params: expected parameters, got {type(p).__name__}")
-        p.allreduce = False
-        p.group_name = expert_group_name(ep_size)
+        setattr(p, ALLREDUCE_ATTR, False)
+        setattr(p, GROUP_NAME_ATTR, expert_group_name(ep_size))
     return params
 
 
 def is_expert_param(param: torch.Tensor) -> bool:
     """True if ``param`` was marked by ``mark_expert_params``."""
-    return getattr(param, "allreduce", True) is False
+    return getattr(param, ALLREDUCE_ATTR, True) is False
 
 
-def _average_(grads: list[torch.Tensor], group, size: int, bucket_numel: int, divisor: int) -> None:
+def _average_(grads: List[torch.Tensor], group: Optional[dist.ProcessGroup], size: int, bucket_numel: int,
+              divisor: int) -> None:
     """All-reduce-sum ``grads`` in place over ``group`` (of ``size`` ranks) and divide by
     ``divisor``, a few flat buckets at a time."""
     if not grads or (size == 1 and divisor == 1):
         return
-    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    by_kind: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = {}
     for g in grads:
         by_kind.setdefault((g.dtype, g.device), []).append(g)
     for kind_grads in by_kind.values():
-        bucket, numel = [], 0
-        for g in kind_grads + [None]:  # None flushes the last bucket
-            if g is not None and (numel == 0 or numel + g.numel() <= bucket_numel):
-                bucket.append(g)
-                numel += g.numel()
+        bucket: List[torch.Tensor] = []
+        numel = 0
+        pending: List[Optional[torch.Tensor]] = [*kind_grads, None]  # None flushes the last bucket
+        for nxt in pending:
+            if nxt is not None and (numel == 0 or numel + nxt.numel() <= bucket_numel):
+                bucket.append(nxt)
+                numel += nxt.numel()
                 continue
             flat = torch.cat([b.reshape(-1) for b in bucket])
             if size > 1:
@@ -84,8 +91,8 @@ def _average_(grads: list[torch.Tensor], group, size: int, bucket_numel: int, di
             for b in bucket:
                 b.copy_(flat[offset : offset + b.numel()].view_as(b))
                 offset += b.numel()
-            if g is not None:
-                bucket, numel = [g], g.numel()
+            if nxt is not None:
+                bucket, numel = [nxt], nxt.numel()
 
 
 def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Parameter]], groups: ProcessGroups, *,
@@ -107,12 +114,14 @@ def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Parameter]], groups:
     """
     params = list(model.parameters() if isinstance(model, nn.Module) else model)
     expected = expert_group_name(groups.dims.ep)
-    dense, expert = [], []
+    dense: List[torch.Tensor] = []
+    expert: List[torch.Tensor] = []
+    trainable: List[Tuple[nn.Parameter, torch.Tensor]] = []  # (parameter, its gradient)
     for p in params:
         if not p.requires_grad:
             continue
         if is_expert_param(p):
-            name = getattr(p, "group_name", None)
+            name = getattr(p, GROUP_NAME_ATTR, None)
             if name != expected:
                 raise ValueError(
                     f"allreduce_gradients: expert parameter marked group_name={name!r}, but the "
@@ -120,9 +129,11 @@ def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Parameter]], groups:
                 )
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        (expert if is_expert_param(p) else dense).append(p.grad)
+        grad = p.grad
+        trainable.append((p, grad))
+        (expert if is_expert_param(p) else dense).append(grad)
     for name in ("tp", "etp", "pp_ends"):  # partial gradients (sequence / expert-tensor pieces, tied copies)
-        partial = [p.grad for p in params if p.requires_grad and partial_grad_group(p) == name]
+        partial = [g for p, g in trainable if partial_grad_group(p) == name]
         size = (2 if groups.dims.pp > 1 else 1) if name == "pp_ends" else getattr(groups.dims, name)
         if partial and size > 1:
             _average_(partial, getattr(groups, f"{name}_group"), size, bucket_numel, 1)
@@ -143,22 +154,24 @@ def global_grad_norm(model: Union[nn.Module, Iterable[nn.Parameter]], groups: Pr
     ("pp_ends") counted on the first stage only.
     """
     pp = groups.dims.pp
-    params = [p for p in (model.parameters() if isinstance(model, nn.Module) else model) if p.grad is not None
-              and not (pp > 1 and partial_grad_group(p) == "pp_ends" and groups.pp_rank != 0)]
-    device = params[0].grad.device if params else torch.device("cpu")
+    grads = [(p, g) for p in (model.parameters() if isinstance(model, nn.Module) else model) if (g := p.grad) is not None
+             and not (pp > 1 and partial_grad_group(p) == "pp_ends" and groups.pp_rank != 0)]
+    device = grads[0][1].device if grads else torch.device("cpu")
     if pp > 1 and dist.get_backend(groups.pp_group) == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
     # (expert?, sharded?) -> squared norm; each sum is reduced over the groups that split it
     sums = {key: torch.zeros((), dtype=torch.float64, device=device)
             for key in ((False, False), (False, True), (True, False), (True, True))}
-    for p in params:
-        sums[(is_expert_param(p), shard_of(p) is not None)] += p.grad.detach().double().pow(2).sum()
+    for p, g in grads:
+        sums[(is_expert_param(p), shard_of(p) is not None)] += g.detach().double().pow(2).sum()
     reductions = {(False, True): ["tp"], (True, False): ["ep"], (True, True): ["ep", "etp"]}
     for key, names in reductions.items():
         for name in names:
             if getattr(groups.dims, name) > 1:
                 dist.all_reduce(sums[key], group=getattr(groups, f"{name}_group"))
-    total = sum(sums.values())
+    total = torch.zeros((), dtype=torch.float64, device=device)  # what sum() adds them to (0 + ...: exact)
+    for part in sums.values():
+        total = total + part
     if pp > 1:
         dist.all_reduce(total, group=groups.pp_group)
     return total.sqrt()

@@ -85,7 +85,7 @@ def _split_top_level(text: str) -> List[str]:
 
 
 def _expand_ranges(body: str) -> List[str]:
-    out = []
+    out: List[str] = []
     for item in body.split(","):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", item.strip())
         if not m:
@@ -283,7 +283,8 @@ def explain_timeout(exc: BaseException, timeout_s: float) -> bool:
     return True
 
 
-def attempt_store(launch: LaunchEnv, timeout: timedelta, env: Optional[Mapping[str, str]] = None):
+def attempt_store(launch: LaunchEnv, timeout: timedelta,
+                  env: Optional[Mapping[str, str]] = None) -> Optional[dist.Store]:
     """The store of a torchrun worker's process group, keyed by its attempt; None: ``env://`` as usual.
 
     torchrun's agent shares its TCP store with its workers (``TORCHELASTIC_USE_AGENT_STORE=True``:
@@ -308,6 +309,9 @@ def attempt_store(launch: LaunchEnv, timeout: timedelta, env: Optional[Mapping[s
                               "connect through it; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the environment of "
                               "every torchrun (with --rdzv-backend=c10d) so each restart gets a fresh store")
         return None
+    if launch.master_port is None:
+        raise LaunchError("torchrun shares its agent store (TORCHELASTIC_USE_AGENT_STORE=True) but MASTER_PORT is "
+                          "not set: the store's port is unknown")
     store = dist.TCPStore(launch.master_addr or "127.0.0.1", launch.master_port, launch.world_size,
                           is_master=False, timeout=timeout)
     return dist.PrefixStore(f"moe/attempt_{attempt}", store)
@@ -346,8 +350,7 @@ def init_distributed(backend: str = "auto", *, device: str = "auto",
         name = "gloo"
     timeout = timedelta(seconds=timeout_s)
     if launch.source == "single":
-        store = dist.HashStore()
-        dist.init_process_group(name, store=store, rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(name, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     elif launch.source == "torchrun" and launch.world_size == 1 and not launch.master_addr:
         dist.init_process_group(name, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:

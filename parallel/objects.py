@@ -13,22 +13,22 @@ resume, whether a directory may be written) and for small logs and statistics.
 """
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, Optional
 
 import torch.distributed as dist
 
 
-def group_size(group=None) -> int:
+def group_size(group: Optional[dist.ProcessGroup] = None) -> int:
     """Members of ``group`` (None: the world); 1 when ``torch.distributed`` is not initialised."""
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-def group_rank(group=None) -> int:
+def group_rank(group: Optional[dist.ProcessGroup] = None) -> int:
     """This rank's index in ``group`` (None: the world); 0 when ``torch.distributed`` is not initialised."""
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
 
 
-def broadcast_object(obj: Any, group=None, src: int = 0) -> Any:
+def broadcast_object(obj: Any, group: Optional[dist.ProcessGroup] = None, src: int = 0) -> Any:
     """The ``obj`` of group rank ``src``, on every member of ``group`` (collective).
 
     ``src`` counts in ``group`` (``dist.get_group_rank`` turns a global rank into it).
@@ -41,7 +41,7 @@ def broadcast_object(obj: Any, group=None, src: int = 0) -> Any:
     return box[0]
 
 
-def all_gather_objects(obj: Any, group=None) -> List[Any]:
+def all_gather_objects(obj: Any, group: Optional[dist.ProcessGroup] = None) -> List[Any]:
     """Every member's ``obj``, in group rank order (collective); ``[obj]`` for a group of one."""
     size = group_size(group)
     if size == 1:

@@ -33,8 +33,14 @@ rank sees the whole loss.
 
 The engine passes all stage shapes to ``PipelineStage`` (``input_args`` /
 ``output_args`` / ``input_grads`` / ``output_grads``): without them each stage runs an
-extra forward to infer shapes, which would double-count MoE load statistics and
-expert-bias updates (``../shared/ENGINES.md``).
+extra forward to infer shapes, which would push tokens through the MoE layers once more:
+their load statistics would count it and the aux-loss-free expert bias would move on it
+(``docs/pipeline_parallelism.md``, "How a micro-batch runs").
+
+What the engine needs from the task and its model is typed here, not imported: ``PipelineTask``
+(``model``, ``model_inputs``, ``fp32_output_loss``) and ``StagedModel``, the pipeline protocol
+(``pipe_embed``, ``pipe_blocks``, ``pipe_head``, ``state_shapes``; ``moe.models.transformer.
+TransformerModel`` implements it), which a model must implement besides being an ``nn.Module``.
 
 Mixed precision (``parallel.precision``): each chunk runs under the precision's autocast, the
 last chunk's loss in fp32 (``fp32_output_loss``). The stage tensors keep the parameters' dtype,
@@ -46,7 +52,7 @@ by ``loss_scale`` before the backward.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -62,12 +68,62 @@ from .rng import micro_batch_scope
 from .shards import mark_partial_grad
 from .stages import StagePlan
 
-__all__ = ["SCHEDULES", "StageRole", "AttachAux", "PipelineEngine", "check_schedule"]
+__all__ = ["SCHEDULES", "StageRole", "AttachAux", "PipelineEngine", "PipelineTask", "StagedModel", "StageState",
+           "check_schedule"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
 # MicroFn(m) -> (batch dict, torch seed) of this rank's micro-batch m of the current step
 MicroFn = Callable[[int], Tuple[dict, int]]
+# The state passed between chunks: the model's streams (None where a part is absent, e.g. LIMoE's text)
+StageState = Tuple[Optional[torch.Tensor], ...]
+
+
+@runtime_checkable
+class StagedModel(Protocol):
+    """The pipeline protocol: a model cut into stages, besides being an ``nn.Module`` (module doc)."""
+
+    def pipe_embed(self, *inputs: Any) -> StageState:
+        """The first chunk: model inputs -> the state entering its first block."""
+        ...
+
+    def pipe_blocks(self, state: StageState, inputs: tuple,
+                    block_ids: Sequence[int]) -> Tuple[StageState, Dict[str, torch.Tensor]]:
+        """Blocks ``block_ids`` on the state: (state, aux losses summed by name)."""
+        ...
+
+    def pipe_head(self, state: StageState, inputs: tuple) -> tuple:
+        """The last chunk: the state after the last block -> the model's outputs."""
+        ...
+
+    def state_shapes(self, inputs: tuple) -> list:
+        """The shape of each state tensor for these inputs (None where a part is absent)."""
+        ...
+
+
+class PipelineTask(Protocol):
+    """What ``PipelineEngine`` needs from a task (``moe.tasks.base.Task``)."""
+
+    @property
+    def model(self) -> nn.Module:
+        """This rank's stage of the model (a ``StagedModel``)."""
+        ...
+
+    def model_inputs(self, batch: dict) -> tuple:
+        """The model's positional inputs taken from a batch."""
+        ...
+
+    def fp32_output_loss(self, outputs: tuple, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """(task loss in fp32, extra float logs) of the model's outputs on a batch."""
+        ...
+
+
+def _staged(model: nn.Module, who: str) -> StagedModel:
+    """``model`` as the ``StagedModel`` it must be (``who`` names the caller in the error)."""
+    if not isinstance(model, StagedModel):
+        raise TypeError(f"{who}: {type(model).__name__} does not implement the pipeline protocol (pipe_embed, "
+                        "pipe_blocks, pipe_head, state_shapes: parallel.pipeline.StagedModel)")
+    return model
 
 
 def check_schedule(schedule: str, pp: int, virtual_stages: int, num_micro: int) -> Optional[str]:
@@ -102,8 +158,8 @@ class StageRole:
 
     plan: StagePlan
     rank: int
-    group: Optional[dist.ProcessGroup] = field(repr=False, default=None)
-    group_ranks: Sequence[int] = ()
+    group: dist.ProcessGroup = field(repr=False)
+    group_ranks: Sequence[int]
 
     @classmethod
     def from_groups(cls, plan: StagePlan, groups: ProcessGroups) -> StageRole:
@@ -134,7 +190,8 @@ class StageRole:
         return self.group_ranks[self.plan.rank_of_chunk(chunk)]
 
     @torch.no_grad()
-    def relay(self, model: nn.Module, inputs: tuple, then: Optional[Callable] = None):
+    def relay(self, model: nn.Module, inputs: tuple,
+              then: Optional[Callable[[tuple], Any]] = None) -> Tuple[Any, Dict[str, torch.Tensor]]:
         """The whole model's ``(outputs, aux)`` without gradients: each chunk on its rank, the
         state sent on point to point, the last stage's outputs broadcast to every pp rank.
 
@@ -145,24 +202,27 @@ class StageRole:
         if torch.is_grad_enabled() and model.training:
             raise RuntimeError("under pipeline parallelism the model trains through parallel.pipeline."
                                "PipelineEngine; a direct forward runs without gradients (evaluation)")
-        shapes = model.state_shapes(inputs)
+        pieces = _staged(model, "StageRole.relay")
+        shapes = pieces.state_shapes(inputs)
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
-        state, aux, outputs = None, {}, None
+        aux: Dict[str, torch.Tensor] = {}
+        outputs: Any = None
         last = self.plan.num_chunks - 1
         for c in self.chunks:
+            state: StageState
             if c == 0:
-                state = model.pipe_embed(*inputs)
+                state = pieces.pipe_embed(*inputs)
             else:
                 state = tuple(None if s is None else torch.empty(s, dtype=dtype, device=device) for s in shapes)
                 for t in state:
                     if t is not None:
                         dist.recv(t, src=self._global(c - 1), group=self.group)
-            state, a = model.pipe_blocks(state, inputs, self.plan.chunks[c])
+            state, a = pieces.pipe_blocks(state, inputs, self.plan.chunks[c])
             for k, v in a.items():
                 aux[k] = aux[k] + v if k in aux else v
             if c == last:
-                outputs = model.pipe_head(state, inputs)
+                outputs = pieces.pipe_head(state, inputs)
                 if then is not None:
                     outputs = then(outputs)
             else:
@@ -177,12 +237,12 @@ class AttachAux(torch.autograd.Function):
     gradient 1, as if ``aux`` had been added to the final loss."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
         return x
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         shape, dtype, device = ctx.aux_meta
         return grad, torch.ones(shape, dtype=dtype, device=device)
 
@@ -200,33 +260,32 @@ class _Chunk(nn.Module):
         self.block_ids = plan.chunks[chunk]
         self.first, self.last = chunk == 0, chunk == plan.num_chunks - 1
 
-    def forward(self, *state: torch.Tensor, mb: torch.Tensor):
+    def forward(self, *state: torch.Tensor, mb: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
         engine = self._engine[0]
-        model, task = engine.model, engine.task
+        model, task = engine.pieces, engine.task
         m = int(mb.reshape(-1)[0])
         batch, seed = engine.micro_batch(m)
         inputs = task.model_inputs(batch)
         with micro_batch_scope(seed), engine.precision.autocast(engine.device.type):
-            if self.first:
-                state = model.pipe_embed(*inputs)
-            state, aux = model.pipe_blocks(tuple(state), inputs, self.block_ids)
-            head = model.pipe_head(state, inputs) if self.last else None
+            current: StageState = tuple(model.pipe_embed(*inputs) if self.first else state)
+            current, aux = model.pipe_blocks(current, inputs, self.block_ids)
+            head = model.pipe_head(current, inputs) if self.last else None
         logs = engine.logs.setdefault(m, {"aux": {}})
         for k, v in aux.items():
             logs["aux"][k] = logs["aux"].get(k, 0.0) + float(v.detach())
         scale = engine.loss_scale  # fp16 loss scaling: every loss term scaled before the backward
-        if self.last:
+        if head is not None:  # the last chunk
             task_loss, extra = task.fp32_output_loss(head, batch)
             logs["task_loss"], logs["extra"] = float(task_loss.detach()), extra
             total = task_loss
             for v in aux.values():
                 total = total + v
             return total if scale == 1.0 else total * scale
-        state = tuple(t for t in state if t is not None)
+        out = tuple(t for t in current if t is not None)
         if aux:
-            total = sum(aux.values())
-            state = (AttachAux.apply(state[0], total if scale == 1.0 else total * scale),) + state[1:]
-        return state if len(state) > 1 else state[0]
+            aux_total = sum(aux.values())
+            out = (AttachAux.apply(out[0], aux_total if scale == 1.0 else aux_total * scale),) + out[1:]
+        return out if len(out) > 1 else out[0]
 
 
 class PipelineEngine(EngineBase):
@@ -238,7 +297,7 @@ class PipelineEngine(EngineBase):
     (to size the stage tensors); ``make_optimizer`` as for ``ReplicatedEngine``.
     """
 
-    def __init__(self, task, groups: ProcessGroups, role: StageRole, make_optimizer: MakeOptimizer,
+    def __init__(self, task: PipelineTask, groups: ProcessGroups, role: StageRole, make_optimizer: MakeOptimizer,
                  *, schedule: str, num_micro: int, sample_batch: dict, device: torch.device | str,
                  precision: Precision = FP32):
         from torch.distributed.pipelining import (
@@ -253,6 +312,7 @@ class PipelineEngine(EngineBase):
         if problem:
             raise ValueError(f"PipelineEngine: {problem}")
         self.task, self.model, self.groups, self.role = task, task.model, groups, role
+        self.pieces = _staged(self.model, "PipelineEngine")  # the model again, as its pipeline protocol
         self.num_micro, self.precision = num_micro, precision
         self.device = torch.device(device)
         sync_replicas(self.model, groups)
@@ -261,12 +321,14 @@ class PipelineEngine(EngineBase):
         self._micro: Optional[MicroFn] = None
         self._cache: Dict[int, Tuple[dict, int]] = {}
         dtype = next(self.model.parameters()).dtype
-        shapes = [s for s in self.model.state_shapes(task.model_inputs(sample_batch)) if s is not None]
+        shapes = [s for s in self.pieces.state_shapes(task.model_inputs(sample_batch)) if s is not None]
 
-        def metas(grad: bool = True):  # activations require grad (the stages send gradients back), grads not
+        # activations require grad (the stages send gradients back), grads not
+        def metas(grad: bool = True) -> Tuple[torch.Tensor, ...]:
             return tuple(torch.empty(s, dtype=dtype, device=self.device, requires_grad=grad) for s in shapes)
 
-        self.chunks, stages = [], []
+        self.chunks: List[_Chunk] = []
+        stages: List[PipelineStage] = []
         plan = role.plan
         for c in role.chunks:
             chunk = _Chunk(self, c)
@@ -284,6 +346,9 @@ class PipelineEngine(EngineBase):
         self.holds_last = any(c.last for c in self.chunks)
 
     def micro_batch(self, m: int) -> Tuple[dict, int]:
+        """Micro-batch ``m`` of the running step and its seed (fetched once: every chunk of this rank asks)."""
+        if self._micro is None:
+            raise RuntimeError("PipelineEngine.micro_batch: called outside forward_backward (no step is running)")
         if m not in self._cache:
             self._cache[m] = self._micro(m)
         return self._cache[m]
@@ -313,10 +378,11 @@ class PipelineEngine(EngineBase):
 
     def _merge_logs(self, num_micro: int) -> List[Dict[str, float]]:
         every: List[Dict[int, dict]] = all_gather_objects(self.logs, self.role.group)
-        out = []
+        out: List[Dict[str, float]] = []
         for m in range(num_micro):
             aux: Dict[str, float] = {}
-            task_loss, extra = None, {}
+            task_loss: Optional[float] = None
+            extra: Dict[str, float] = {}
             for logs in every:
                 entry = logs.get(m)
                 if entry is None:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Optional, Type
 
 import torch
 import torch.distributed as dist
@@ -48,7 +48,7 @@ from torch import nn
 from . import comm
 from .rng import tp_rank_fork
 from .dims import ProcessGroups
-from .shards import mark_partial_grad, mark_shard
+from .shards import mark_partial_grad, mark_shard, shard_of
 
 SEQ_DIM = 1  # activations are [B, L, D]: sequence parallelism splits dim 1
 
@@ -109,7 +109,7 @@ class TensorParallel:
         Sequence parallelism requires L divisible by tp, so the pieces are equal."""
         return comm.gather(x, SEQ_DIM, self.group) if self.sp else x
 
-    def rank_rng(self, active: bool = True):
+    def rank_rng(self, active: bool = True) -> contextlib.AbstractContextManager[None]:
         """Context for random draws on tensor-parallel PIECES (attention dropout on this rank's
         heads, dropout on a sequence piece): torch's RNG forked and seeded per tp rank, so the
         pieces get independent masks, while the replicated stream outside stays identical on
@@ -151,7 +151,7 @@ def padded_vocab(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // tp) * tp
 
 
-def _megatron_config(tp: TensorParallel):
+def _megatron_config(tp: TensorParallel) -> Any:  # megatron.core.ModelParallelConfig (megatron-core is untyped)
     from megatron.core import ModelParallelConfig
 
     # Weights are created on the CPU and not initialised by megatron: moe.models.init_weights
@@ -160,12 +160,12 @@ def _megatron_config(tp: TensorParallel):
                                perform_initialization=False, sequence_parallel=False)
 
 
-def _no_init(_weight) -> None:
+def _no_init(_weight: torch.Tensor) -> None:
     return None
 
 
 @functools.cache
-def _classes() -> dict:
+def _classes() -> Dict[str, Type[nn.Module]]:
     """The megatron-core subclasses, defined on first use (importing megatron-core takes seconds)."""
     from megatron.core import tensor_parallel as mtp
 
@@ -174,7 +174,7 @@ def _classes() -> dict:
 
         tp_linear = True
 
-        def __init__(self, in_features, out_features, *, bias, tp: TensorParallel):
+        def __init__(self, in_features: int, out_features: int, *, bias: bool, tp: TensorParallel):
             super().__init__(in_features, out_features, config=_megatron_config(tp), init_method=_no_init,
                              bias=bias, gather_output=False, skip_bias_add=False,
                              disable_grad_reduce=tp.sp, tp_group=tp.group)
@@ -185,7 +185,7 @@ def _classes() -> dict:
                 with torch.no_grad():
                     self.bias.zero_()
 
-        def forward(self, x):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             if self.tp.sp:  # x is a sequence piece: gather it; dx is partial, so its backward sums
                 x = comm.gather_sum_grad(x, SEQ_DIM, self.tp.group)
             return super().forward(x)[0]
@@ -195,7 +195,7 @@ def _classes() -> dict:
 
         tp_linear = True
 
-        def __init__(self, in_features, out_features, *, bias, tp: TensorParallel):
+        def __init__(self, in_features: int, out_features: int, *, bias: bool, tp: TensorParallel):
             # With SP, megatron's "explicit communication" mode (is_expert) leaves the partial
             # sums to us: we reduce-scatter them along the sequence (its own SP path needs CUDA).
             super().__init__(in_features, out_features, config=_megatron_config(tp), init_method=_no_init,
@@ -209,7 +209,7 @@ def _classes() -> dict:
                 if tp.sp:
                     mark_partial_grad(self.bias, "tp")
 
-        def forward(self, y):
+        def forward(self, y: torch.Tensor) -> torch.Tensor:
             out, bias = super().forward(y)
             if not self.tp.sp:
                 return out
@@ -221,7 +221,7 @@ def _classes() -> dict:
 
         tp_linear = True
 
-        def __init__(self, vocab_size, dim, *, tp: TensorParallel):
+        def __init__(self, vocab_size: int, dim: int, *, tp: TensorParallel):
             super().__init__(padded_vocab(vocab_size, tp.size), dim, init_method=_no_init,
                              config=_megatron_config(tp), tp_group=tp.group)
             self.vocab_size, self.tp = vocab_size, tp
@@ -232,7 +232,16 @@ def _classes() -> dict:
     return {"column": ColumnLinear, "row": RowLinear, "vocab": VocabEmbedding}
 
 
-def install_megatron_state(tp_group) -> None:
+def _set_megatron_tp_state(parallel_state: Any, group: Optional[dist.ProcessGroup], size: Optional[int],
+                           rank: Optional[int]) -> None:
+    """Write megatron-core's tensor-parallel globals (``parallel_state``: the module ``megatron.core.parallel_state``,
+    typed ``Any``: megatron-core ships no type information)."""
+    parallel_state._TENSOR_MODEL_PARALLEL_GROUP = group
+    parallel_state._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE = size
+    parallel_state._MPU_TENSOR_MODEL_PARALLEL_RANK = rank
+
+
+def install_megatron_state(tp_group: Optional[dist.ProcessGroup]) -> None:
     """Point megatron-core's ``parallel_state`` tensor-parallel group at ``tp_group`` (ours).
 
     megatron's ``vocab_parallel_cross_entropy`` has no group argument; everything else
@@ -240,35 +249,48 @@ def install_megatron_state(tp_group) -> None:
     """
     from megatron.core import parallel_state
 
-    parallel_state._TENSOR_MODEL_PARALLEL_GROUP = tp_group
-    parallel_state._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE = dist.get_world_size(tp_group)
-    parallel_state._MPU_TENSOR_MODEL_PARALLEL_RANK = dist.get_rank(tp_group)
+    _set_megatron_tp_state(parallel_state, tp_group, dist.get_world_size(tp_group), dist.get_rank(tp_group))
 
 
 def clear_megatron_state() -> None:
+    """Undo ``install_megatron_state`` (nothing to do when megatron-core was never imported)."""
     import sys
 
     parallel_state = sys.modules.get("megatron.core.parallel_state")
     if parallel_state is not None:
-        parallel_state._TENSOR_MODEL_PARALLEL_GROUP = None
-        parallel_state._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE = None
-        parallel_state._MPU_TENSOR_MODEL_PARALLEL_RANK = None
+        _set_megatron_tp_state(parallel_state, None, None, None)
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"vocab_logits: the head {type(module).__name__} has no weight tensor (got "
+                        f"{type(weight).__name__})")
+    return weight
 
 
 def vocab_logits(h: torch.Tensor, embedding: nn.Module, tp: TensorParallel) -> torch.Tensor:
     """Tied output head: h[B, L(/R), D] -> logits of this rank's vocabulary piece [B, L, V_pad/R]
-    (the whole vocabulary [B, L, V] without tp). Padding logits are set to the dtype's minimum."""
+    (the whole vocabulary [B, L, V] without tp). Padding logits are set to the dtype's minimum.
+
+    ``embedding``: a module whose ``weight`` is [V, D] (an ``nn.Embedding`` or ``nn.Linear``) without tp,
+    a ``vocab_embedding`` with tp (its weight's ``TensorShard`` gives V: ``global_len``)."""
+    weight = _weight_of(embedding)
     if not tp.enabled:
-        return h @ embedding.weight.t()
+        return h @ weight.t()
+    shard = shard_of(weight)
+    if shard is None:
+        raise ValueError(f"vocab_logits: under tensor parallelism the head must be a TensorParallel.vocab_embedding "
+                         f"(its weight a marked vocabulary piece), got {type(embedding).__name__}")
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
     if tp.sp:  # a sequence piece: gather it; the vocabulary pieces' input gradients are summed
         h = comm.gather_sum_grad(h, SEQ_DIM, tp.group)
     else:
         h = copy_to_tensor_model_parallel_region(h, group=tp.group)
-    logits = h @ embedding.weight.t()
-    per_rank = embedding.weight.shape[0]
-    real = embedding.vocab_size - tp.rank * per_rank
+    logits = h @ weight.t()
+    per_rank = weight.shape[0]
+    real = shard.global_len - tp.rank * per_rank  # V rows in all, the last ones padding
     if real < per_rank:
         pad = torch.arange(per_rank, device=logits.device) >= max(real, 0)
         logits = logits.masked_fill(pad, torch.finfo(logits.dtype).min)

@@ -90,9 +90,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Type
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .checks import check_int
@@ -102,13 +103,16 @@ from .grads import expert_group_name, is_expert_param
 from .precision import FP32, Precision
 from .shards import partial_grad_group, shard_of
 
+if TYPE_CHECKING:  # the type only: deepspeed is imported when an engine is built (_import_deepspeed)
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
 __all__ = ["DeepSpeedEngine", "ADAM_KEYS"]
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 _BUCKET_NUMEL = 50_000_000  # elements per reduce / all-gather bucket (DeepSpeed's default 5e8 = 2 GB fp32)
 
 
-def _import_deepspeed():
+def _import_deepspeed() -> Any:  # the deepspeed module (untyped)
     """``deepspeed``, quiet, without its shared-memory comm op: that op (JIT-built, ~60 s on the
     first run) serves only ``inference_all_reduce``, which training never calls."""
     import importlib
@@ -117,12 +121,13 @@ def _import_deepspeed():
     from deepspeed.utils import logger as ds_logger
 
     # by module path: the attribute ``deepspeed.comm.torch`` is the torch package itself
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    comm_torch: Any = importlib.import_module("deepspeed.comm.torch")  # deepspeed ships no type information
+    comm_torch.build_shm_op = lambda: None
     ds_logger.setLevel(logging.WARNING)
     return deepspeed
 
 
-def _set_local_rank(device) -> None:
+def _set_local_rank(device: torch.device | str) -> None:
     """DeepSpeed refuses to start without ``LOCAL_RANK`` and picks its CUDA device from it: set it from
     ``device`` when no launcher did (our SLURM and test launches), and check it otherwise."""
     device = torch.device(device)
@@ -144,28 +149,28 @@ class _MPU:
     def __init__(self, groups: ProcessGroups):
         self._g = groups
 
-    def get_data_parallel_group(self):
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
         return self._g.dp_group
 
-    def get_data_parallel_world_size(self):
+    def get_data_parallel_world_size(self) -> int:
         return self._g.dims.dp
 
-    def get_data_parallel_rank(self):
+    def get_data_parallel_rank(self) -> int:
         return self._g.dp_rank
 
-    def get_data_parallel_group_ranks(self):
+    def get_data_parallel_group_ranks(self) -> List[int]:
         return list(self._g.group_ranks["dp"])
 
-    def get_tensor_model_parallel_group(self):
+    def get_tensor_model_parallel_group(self) -> dist.ProcessGroup:
         return self._g.tp_group
 
-    def get_tensor_model_parallel_world_size(self):
+    def get_tensor_model_parallel_world_size(self) -> int:
         return self._g.dims.tp
 
-    def get_tensor_model_parallel_rank(self):
+    def get_tensor_model_parallel_rank(self) -> int:
         return self._g.tp_rank
 
-    def get_tensor_model_parallel_src_rank(self):
+    def get_tensor_model_parallel_src_rank(self) -> int:
         return self._g.group_ranks["tp"][0]
 
     get_model_parallel_group = get_tensor_model_parallel_group
@@ -173,13 +178,13 @@ class _MPU:
     get_model_parallel_rank = get_tensor_model_parallel_rank
     get_model_parallel_src_rank = get_tensor_model_parallel_src_rank
 
-    def get_pipeline_model_parallel_group(self):
+    def get_pipeline_model_parallel_group(self) -> dist.ProcessGroup:
         return self._g.pp_group
 
-    def get_pipeline_model_parallel_world_size(self):
+    def get_pipeline_model_parallel_world_size(self) -> int:
         return 1
 
-    def get_pipeline_model_parallel_rank(self):
+    def get_pipeline_model_parallel_rank(self) -> int:
         return 0
 
     get_pipe_parallel_group = get_pipeline_model_parallel_group
@@ -187,7 +192,7 @@ class _MPU:
     get_pipe_parallel_rank = get_pipeline_model_parallel_rank
 
 
-def _marker_class():
+def _marker_class() -> Type[nn.Module]:
     from deepspeed.moe.layer import MoE
 
     class _MoEMarker(MoE):
@@ -204,7 +209,7 @@ def _marker_class():
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
             """The groups are ours, written into DeepSpeed's dicts before ``deepspeed.initialize``."""
 
-        def forward(self, *args, **kwargs):
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("_MoEMarker only marks a model for DeepSpeed; it is never called")
 
     return _MoEMarker
@@ -217,7 +222,7 @@ class _Wrapped(nn.Module):
         super().__init__()
         self.model, self.marker = model, marker
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
 
@@ -235,6 +240,9 @@ def _register_expert_groups(groups: ProcessGroups) -> str:
 
 _LINEAR = "torch.nn.modules.linear.Linear"
 _COMM_DTYPE_ATTR = "comm_dtype"  # deepspeed.runtime.torch_autocast.PARAM_COMM_DTYPE_ATTR_NAME
+# DeepSpeed's marker of a model-parallel piece (its norm sums the piece's squares over the mp group): a plain
+# attribute set on the parameter object, which torch.Tensor does not declare
+_MODEL_PARALLEL_ATTR = "tensor_model_parallel"
 
 
 def _check_reduce_dtype(precision: Precision, reduce_dtype: torch.dtype) -> None:
@@ -254,13 +262,13 @@ def low_precision_comm_modules(model: nn.Module) -> List[str]:
 
 
 def precision_config(precision: Precision, reduce_dtype: torch.dtype = torch.float32,
-                     low_precision_modules: Sequence[str] = ()) -> dict:
+                     low_precision_modules: Sequence[str] = ()) -> Dict[str, Any]:
     """DeepSpeed's precision sections for ``precision`` (see the module doc): its ``fp16`` / ``bf16``
     modes stay off (parameters, gradients and partitions fp32); bf16 turns on ``torch_autocast``,
     whose lower-precision gradient reduction covers ``low_precision_modules`` (the model's
     ``low_precision_comm_modules``) when ``reduce_dtype`` is bf16 and nothing otherwise."""
     _check_reduce_dtype(precision, reduce_dtype)
-    config = {"fp16": {"enabled": False}, "bf16": {"enabled": False}}
+    config: Dict[str, Any] = {"fp16": {"enabled": False}, "bf16": {"enabled": False}}
     if precision.name == "bf16":
         modules = list(low_precision_modules) if reduce_dtype == torch.bfloat16 else []
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": modules}
@@ -276,7 +284,7 @@ def _clear_stale_comm_dtypes(model: nn.Module) -> None:
             delattr(p, _COMM_DTYPE_ATTR)
 
 
-def _check_scale(name: str, value) -> float:
+def _check_scale(name: str, value: float) -> float:
     value = float(value)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"DeepSpeedEngine: {name} must be a finite number > 0, got {value!r}")
@@ -339,8 +347,9 @@ class DeepSpeedEngine(EngineBase):
         if dims.tp > 1:  # the norm: tp pieces and experts differ between the model-parallel ranks
             for p in model.parameters():
                 if is_expert_param(p) or shard_of(p) is not None:
-                    p.tensor_model_parallel = True
+                    setattr(p, _MODEL_PARALLEL_ATTR, True)
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
         _register_expert_groups(groups)
         wrapped = _Wrapped(model, _marker_class()(_global_experts(model, dims.ep), dims.ep))
@@ -361,9 +370,13 @@ class DeepSpeedEngine(EngineBase):
             "wall_clock_breakdown": False,
         }
         _clear_stale_comm_dtypes(model)
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=wrapped, optimizer=torch_optim, config=config,
-                                                             mpu=_MPU(groups), dist_init_required=False)
-        self._zero = self.optimizer  # DeepSpeed's ZeRO optimizer (its .optimizer is the torch AdamW)
+        self.ds, zero, _, _ = deepspeed.initialize(model=wrapped, optimizer=torch_optim, config=config,
+                                                   mpu=_MPU(groups), dist_init_required=False)
+        if not isinstance(zero, DeepSpeedZeroOptimizer):
+            raise RuntimeError(f"DeepSpeedEngine: deepspeed.initialize built a {type(zero).__name__}, not its ZeRO "
+                               "stage 1/2 optimizer (DeepSpeedZeroOptimizer) this engine reads")
+        self.optimizer = zero
+        self._zero: DeepSpeedZeroOptimizer = zero  # DeepSpeed's ZeRO optimizer (its .optimizer is the torch AdamW)
         self._view: Optional[torch.optim.AdamW] = None
 
     # ---- the verbs -----------------------------------------------------------------

@@ -60,7 +60,7 @@ stage and any ep size.
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -86,13 +86,17 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _enter(model: nn.Module, name: str) -> None:
     """Make ``model.<name>`` run FSDP's pre/post-forward hooks of the root like ``forward`` does (the
-    outermost call only: a ``forward`` that calls ``run_pieces`` runs them once)."""
+    outermost call only: a ``forward`` that calls ``run_pieces`` runs them once). ``model``: the root
+    after ``fully_shard`` (its class is then both the model's and ``FSDPModule``)."""
+    if not isinstance(model, FSDPModule):
+        raise TypeError(f"FSDP2Engine: entry method {name!r}: the root {type(model).__name__} is not a fully_shard "
+                        "unit")
     method = getattr(model, name)
     state = model._get_fsdp_state()
     depth = [0]
 
     @functools.wraps(method)
-    def entry(*args, **kwargs):
+    def entry(*args: Any, **kwargs: Any) -> Any:
         from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
 
         if depth[0] or state._training_state == TrainingState.FORWARD:  # already inside the root's forward
@@ -140,7 +144,7 @@ class FSDP2Engine(EngineBase):
         edp_mesh = DeviceMesh.from_group(groups.edp_group, device_type)
         experts, blocks = list(plan.experts), list(plan.blocks)
         routers = list(plan.fp32_units) if precision.mixed else []
-        units: List[nn.Module] = []
+        units: List[FSDPModule] = []
         for m in experts:
             units.append(fully_shard(m, mesh=edp_mesh, reshard_after_forward=reshard, mp_policy=mp))
         for m in routers:  # the router stays fp32 under every precision (parallel.precision)
