@@ -70,7 +70,7 @@ from parallel.precision import compute_dtype
 
 from . import losses, recompute
 from .config import MoEConfig
-from .dispatch import AllToAllDispatcher, build_dispatcher
+from .dispatch import AllToAllDispatcher, NodeGroups, build_dispatcher
 from .expert_tp import etp_compute
 from .experts import Experts
 from .ops.registry import TokenExpertOps
@@ -80,9 +80,6 @@ from .routing import validate_modality
 from .routing_types import Routing
 
 __all__ = ["MoELayer", "MoEGroups"]
-
-NodeGroups = Tuple[dist.ProcessGroup, dist.ProcessGroup]  # (intra-node, inter-node), moe.dispatch.world_node_groups
-
 
 @dataclass(frozen=True)
 class MoEGroups:
