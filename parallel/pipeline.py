@@ -153,13 +153,15 @@ class StageRole:
     """This rank's place in the pipeline: what ``model.pipe`` holds.
 
     ``plan``: the ``StagePlan``; ``rank``: this rank's index in the pp group;
-    ``group`` / ``group_ranks``: the pp group and its global ranks (stage order).
+    ``group`` / ``group_ranks``: the pp group and its global ranks (stage order). A stage's model
+    built without processes (a test, a memory estimate) leaves them out; running the pipeline
+    (``relay``, the engine) needs them.
     """
 
     plan: StagePlan
     rank: int
-    group: dist.ProcessGroup = field(repr=False)
-    group_ranks: Sequence[int]
+    group: Optional[dist.ProcessGroup] = field(default=None, repr=False)
+    group_ranks: Sequence[int] = ()
 
     @classmethod
     def from_groups(cls, plan: StagePlan, groups: ProcessGroups) -> StageRole:
@@ -189,6 +191,13 @@ class StageRole:
     def _global(self, chunk: int) -> int:
         return self.group_ranks[self.plan.rank_of_chunk(chunk)]
 
+    def pp_group(self) -> dist.ProcessGroup:
+        """The pp group, which running the pipeline needs (``from_groups`` sets it)."""
+        if self.group is None or not self.group_ranks:
+            raise RuntimeError("StageRole: this stage was built without its pp group (StageRole.from_groups "
+                               "gives it one); it can build the stage's model but not run the pipeline")
+        return self.group
+
     @torch.no_grad()
     def relay(self, model: nn.Module, inputs: tuple,
               then: Optional[Callable[[tuple], Any]] = None) -> Tuple[Any, Dict[str, torch.Tensor]]:
@@ -202,6 +211,7 @@ class StageRole:
         if torch.is_grad_enabled() and model.training:
             raise RuntimeError("under pipeline parallelism the model trains through parallel.pipeline."
                                "PipelineEngine; a direct forward runs without gradients (evaluation)")
+        group = self.pp_group()
         pieces = _staged(model, "StageRole.relay")
         shapes = pieces.state_shapes(inputs)
         dtype = next(model.parameters()).dtype
@@ -217,7 +227,7 @@ class StageRole:
                 state = tuple(None if s is None else torch.empty(s, dtype=dtype, device=device) for s in shapes)
                 for t in state:
                     if t is not None:
-                        dist.recv(t, src=self._global(c - 1), group=self.group)
+                        dist.recv(t, src=self._global(c - 1), group=group)
             state, a = pieces.pipe_blocks(state, inputs, self.plan.chunks[c])
             for k, v in a.items():
                 aux[k] = aux[k] + v if k in aux else v
@@ -228,8 +238,8 @@ class StageRole:
             else:
                 for t in state:
                     if t is not None:
-                        dist.send(t.contiguous(), dst=self._global(c + 1), group=self.group)
-        return broadcast_object(outputs, self.group, src=dist.get_group_rank(self.group, self._global(last))), aux
+                        dist.send(t.contiguous(), dst=self._global(c + 1), group=group)
+        return broadcast_object(outputs, group, src=dist.get_group_rank(group, self._global(last))), aux
 
 
 class AttachAux(torch.autograd.Function):
@@ -337,7 +347,7 @@ class PipelineEngine(EngineBase):
                 else metas()
             stages.append(PipelineStage(chunk, c, plan.num_chunks, self.device, input_args=ins, output_args=outs,
                                         input_grads=() if chunk.first else metas(False),
-                                        output_grads=(None,) if chunk.last else metas(False), group=role.group))
+                                        output_grads=(None,) if chunk.last else metas(False), group=role.pp_group()))
             self.chunks.append(chunk)
         kinds = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
         first = stages if schedule == "interleaved_1f1b" else stages[0]
@@ -377,7 +387,7 @@ class PipelineEngine(EngineBase):
         return self._merge_logs(num_micro)
 
     def _merge_logs(self, num_micro: int) -> List[Dict[str, float]]:
-        every: List[Dict[int, dict]] = all_gather_objects(self.logs, self.role.group)
+        every: List[Dict[int, dict]] = all_gather_objects(self.logs, self.role.pp_group())
         out: List[Dict[str, float]] = []
         for m in range(num_micro):
             aux: Dict[str, float] = {}

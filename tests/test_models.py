@@ -244,6 +244,8 @@ def test_tied_lm_pipeline_stages_hold_their_embedding_copies():
         assert stage.head is None and partial_grad_group(stage.tok_embed.weight) == "pp_ends"
     with pytest.raises(RuntimeError, match="no embeddings"):
         middle.pipe_embed(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="built without its pp group"):  # builds, but cannot run the pipeline
+        middle.eval().pipe.relay(middle, (torch.zeros(1, 4, dtype=torch.long),))
 
 
 def test_init_depends_only_on_seed_and_global_expert_index():

@@ -670,11 +670,11 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     routing has data-dependent shapes and runs with graph breaks. ``compile_kwargs``
     go to ``torch.compile`` (e.g. ``backend="aot_eager"``).
     """
-    owner = model.transformer if hasattr(model, "transformer") else model
-    blocks: Optional[Iterable[Block]] = getattr(owner, "blocks", None)
-    if blocks is None:
-        raise TypeError(f"model must have transformer blocks (.transformer.blocks or .blocks), "
+    owner = model.transformer if isinstance(model, TransformerModel) else model
+    if not isinstance(owner, Transformer):
+        raise TypeError(f"model must have transformer blocks (a TransformerModel or a Transformer), "
                         f"got {type(model).__name__}")
+    blocks: Iterable[Block] = owner.blocks
     if any(block.recompute or (block.is_moe and block.moe.recompute) for block in blocks):
         raise ValueError("compile_blocks: these blocks use activation checkpointing (moe.recompute), which "
                          "torch.compile does not support here; turn it off (mode 'none') or do not compile")

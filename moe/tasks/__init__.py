@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping, Optional, Type
 
 from parallel.checks import fail
+from parallel.dims import ProcessGroups
 from .base import ModelTask, Task
 from .limoe import LIMoEDataConfig, LIMoETask
 from .lm import LMDataConfig, LMTask
@@ -30,15 +31,15 @@ def task_class(name: str, path: str = "task.name") -> Type[ModelTask]:
 
 
 def build_task(name: str, model_cfg: Optional[Mapping[str, Any]], data_cfg: Optional[Mapping[str, Any]], *,
-               groups=None, device="cpu", pipeline=None) -> Task:
+               groups: Optional[ProcessGroups] = None, device="cpu", pipeline=None) -> Task:
     """Build task ``name`` (a key of ``TASKS``) from the ``model`` and ``data`` YAML sections.
 
     ``model_cfg`` may name a preset: ``{"preset": "tiny_limoe", "n_layers": 2}``.
-    ``groups``: None (single process) or an object with ``ep_group`` and ``dp_group``.
+    ``groups``: None (single process) or this rank's ``parallel.ProcessGroups``.
     ``pipeline``: a ``parallel.stages.StagePlan`` (pp > 1: build only this rank's stage).
     """
     cls = task_class(name)
-    if groups is not None and not (hasattr(groups, "ep_group") and hasattr(groups, "dp_group")):
-        raise TypeError(f"groups must have ep_group and dp_group attributes (parallel.ProcessGroups), "
+    if groups is not None and not isinstance(groups, ProcessGroups):
+        raise TypeError(f"groups must be a parallel.ProcessGroups (the task reads its ep_group and dp_group), "
                         f"got {type(groups).__name__}")
     return cls.from_dicts(model_cfg or {}, data_cfg or {}, groups=groups, device=device, pipeline=pipeline)
