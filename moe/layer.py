@@ -324,14 +324,13 @@ class MoELayer(nn.Module):
             return
         d = self.dispatcher
         last_rows = self.experts.last_rows
-        exchange = None if d is None else (d, d.dispatch_stats, d.combine_stats)
+        stats = None if d is None else (d.dispatch_stats, d.combine_stats)
         try:
             yield
         finally:
             self.experts.last_rows = last_rows
-            if exchange is not None:
-                dispatcher, dispatch_stats, combine_stats = exchange
-                dispatcher.dispatch_stats, dispatcher.combine_stats = dispatch_stats, combine_stats
+            if d is not None and stats is not None:
+                d.dispatch_stats, d.combine_stats = stats
 
     def _after_forward(self, routing: Routing) -> None:
         """The side effects of a forward (never of its recompute): the expert-bias load (and, not

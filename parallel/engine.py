@@ -127,7 +127,18 @@ class EngineBase:
         self.optimizer.step()
 
 
-class ReplicatedEngine(EngineBase):
+class LossEngine(EngineBase):
+    """An engine that runs the loop's ``loss_fn(m)`` itself for every micro-batch m: the replicated
+    and the ZeRO engines (``parallel.pipeline.PipelineEngine`` splits the forward and takes the
+    micro-batch inputs instead)."""
+
+    def forward_backward(self, num_micro: int, loss_fn: LossFn) -> List[Dict[str, float]]:
+        """Back-propagate ``loss_fn(m) / num_micro`` for every micro-batch m and leave the reduced
+        gradient of the global-batch mean loss in ``.grad``; returns each micro-batch's logs."""
+        raise NotImplementedError
+
+
+class ReplicatedEngine(LossEngine):
     """Replicated parameters and optimizer over the data-parallel ranks (see the module doc).
 
     ``model``: the rank's model (expert parameters marked by ``parallel.grads``);

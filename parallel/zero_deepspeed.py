@@ -98,7 +98,7 @@ from torch import nn
 
 from .checks import check_int
 from .dims import ProcessGroups
-from .engine import EngineBase, LossFn, MakeOptimizer
+from .engine import LossEngine, LossFn, MakeOptimizer
 from .grads import expert_group_name, is_expert_param
 from .precision import FP32, Precision
 from .shards import partial_grad_group, shard_of
@@ -314,7 +314,7 @@ def _global_experts(model: nn.Module, ep: int) -> int:
     return max([p.shape[0] * ep for p in model.parameters() if is_expert_param(p) and p.dim() > 0] or [ep])
 
 
-class DeepSpeedEngine(EngineBase):
+class DeepSpeedEngine(LossEngine):
     """ZeRO stage 1 or 2 on DeepSpeed (see the module doc).
 
     ``model``: the rank's model (expert parameters marked by ``parallel.grads``); ``groups``: its

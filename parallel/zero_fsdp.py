@@ -71,7 +71,7 @@ from torch.distributed.tensor import DTensor
 
 from .checks import check_int
 from .dims import ProcessGroups
-from .engine import EngineBase, LossFn, MakeOptimizer
+from .engine import LossEngine, LossFn, MakeOptimizer
 from .grads import allreduce_gradients, is_expert_param, mark_expert_params, sync_replicas
 from .precision import FP32, Precision
 from .sharding import ShardingPlan
@@ -111,7 +111,7 @@ def _enter(model: nn.Module, name: str) -> None:
     setattr(model, name, entry)
 
 
-class FSDP2Engine(EngineBase):
+class FSDP2Engine(LossEngine):
     """ZeRO stage 2 or 3 of ``model`` on FSDP2 (see the module doc).
 
     ``groups``: the rank's ``parallel.ProcessGroups`` (tp = pp = etp = 1); ``make_optimizer``:

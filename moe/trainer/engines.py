@@ -17,10 +17,12 @@ Every engine gets the optimizer as ``make_optimizer(model)``: the job's AdamW
 """
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
 from parallel.dims import ProcessGroups
-from parallel.engine import EngineBase, MakeOptimizer, ReplicatedEngine
+from parallel.engine import LossEngine, MakeOptimizer, ReplicatedEngine
 from parallel.pipeline import PipelineEngine
 from parallel.precision import Precision
 from parallel.zero_deepspeed import DeepSpeedEngine
@@ -41,7 +43,7 @@ def optimizer_builder(cfg: OptimConfig, kind: str = "torch") -> MakeOptimizer:
 
 
 def build_engine(cfg: TrainConfig, task: Task, groups: ProcessGroups, *, device: torch.device, precision: Precision,
-                 optimizer_kind: str, num_micro: int, micro_batch_size: int) -> EngineBase:
+                 optimizer_kind: str, num_micro: int, micro_batch_size: int) -> Union[PipelineEngine, LossEngine]:
     """The engine that trains ``task.model`` under ``cfg`` on this rank (see the module doc).
 
     ``optimizer_kind``: the AdamW implementation (``FusedChoice.optimizer``); ``num_micro``: the

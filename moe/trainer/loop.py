@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Callable, Dict, List, Optional, Protocol, Tuple, Union, runtime_checkable
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -45,7 +45,6 @@ import torch.distributed as dist
 from moe.models import compile_blocks
 from moe.models.activation_checkpointing import apply_activation_checkpointing
 from parallel.dims import ProcessGroups
-from parallel.engine import LossFn
 from parallel.launch import build_groups, explain_timeout, init_distributed
 from parallel.objects import all_gather_objects
 from parallel.pipeline import PipelineEngine
@@ -73,14 +72,6 @@ from .sinks import Sinks
 from .telemetry import GPUMonitor, LayerRouting, RoutingRecorder, all_reduce_mean
 
 __all__ = ["Trainer", "TrainResult", "StepSchedule", "run"]
-
-
-@runtime_checkable
-class _LossEngine(Protocol):
-    """An engine that runs ``loss_fn(m)`` itself for every micro-batch m: every engine but the pipeline's
-    (``parallel.pipeline.PipelineEngine`` takes the micro-batch inputs instead)."""
-
-    def forward_backward(self, num_micro: int, loss_fn: LossFn) -> List[Dict[str, float]]: ...
 
 
 def _model_config(cfg: TrainConfig) -> Dict:
@@ -281,9 +272,6 @@ class Trainer:
             for m, entry in enumerate(logs):  # the same logs on every stage: every rank stops together
                 self._check_finite(entry["loss"], m)
             return logs
-        if not isinstance(engine, _LossEngine):
-            raise TypeError(f"{type(engine).__name__} has no forward_backward(num_micro, loss_fn): not an engine "
-                            "the trainer can drive (moe.trainer.engines.build_engine)")
         return engine.forward_backward(num_micro, self._micro_loss)
 
     def _optimizer_step(self, lr: float) -> Tuple[List[Dict[str, float]], float, bool]:
